@@ -1,0 +1,1 @@
+//! Empty: the models live in `tests/`.

@@ -1,0 +1,33 @@
+//! dsplane: the traffic-management dataplane of a smart-metering Data Service Provider.
+//!
+//! The crate is split the way quinn splits `quinn-proto` from its socket glue:
+//!
+//! * a **sans-IO core**, plain data structures driven by explicit time (`now` is always an
+//!   argument, in [`Nanos`]) and tested without sockets or sleeps:
+//!   [`wire`] (the 64-byte frame header and the streaming decoder), [`config`] (the TOML file of
+//!   ENGINE.md §10 and its validation), [`classify`] (priority levels from rules), [`limiter`]
+//!   (per-Service-User token buckets with the release ramp);
+//! * the **concurrent pieces**, whose every atomic and cell comes from [`sync`] so that loom can
+//!   model them: [`ring`] (the lock-free MPSC priority ring that carries work between cores).
+//!
+//! Domain identifiers shared by all of them (EUI-64, SRV, mode, level) are in [`ids`].
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+pub mod classify;
+pub mod config;
+pub mod ids;
+pub mod limiter;
+pub mod ring;
+pub mod sync;
+pub mod wire;
+
+/// Time on the message path: nanoseconds from an arbitrary, monotonic origin.
+///
+/// The sans-IO core never reads a clock; the I/O layer passes `now` in. Wall-clock values that go on
+/// the wire (`created_ns`) are also nanoseconds, but since the Unix epoch.
+pub type Nanos = u64;
+
+/// Nanoseconds in one second.
+pub const NANOS_PER_SEC: Nanos = 1_000_000_000;

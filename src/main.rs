@@ -1,0 +1,2 @@
+//! The `dsplane` command.
+fn main() {}
