@@ -1,1 +1,1234 @@
-//! (being written)
+//! The configuration file (ENGINE.md §10): parsing, defaults and validation.
+//!
+//! # Two stages
+//!
+//! The TOML text is first read into *raw* structs ([`RawConfig`]) that mirror the file: every key
+//! has a default (`#[serde(default)]`) and unknown keys are refused (`deny_unknown_fields`), so a
+//! typo is an error with its line and column, not a silently ignored setting. The raw form is then
+//! *validated* into a [`Config`] whose fields are typed ([`Eui64`], [`Srv`], [`Level`],
+//! [`SocketAddr`], [`Duration`]) and whose relations hold (`window_reserved_top < window`,
+//! `nms_per_su <= nms_total`, every level at most `levels`, …). Code that holds a `Config` never
+//! re-checks anything ("parse, don't validate").
+//!
+//! # Errors
+//!
+//! A validation error is a [`ConfigError::Invalid`] naming the key (`service_user[2].id`,
+//! `priority.rules[0].level`), the bad value as written and what was expected. Nothing in a config
+//! file can make dsplane panic.
+//!
+//! # Limits
+//!
+//! Every numeric setting has a ceiling named `*_MAX` below; they keep derived arithmetic (rates in
+//! nanoseconds, ring sizes, memory budgets) far from overflow and catch a misplaced zero.
+//!
+//! # Secrets
+//!
+//! Tokens are held in [`Secret`], whose `Debug` never shows the value, and
+//! [`Config::effective_toml`] prints them redacted, so neither a log line nor `check-config` leaks
+//! one. A token may come from the environment (`token_env`) instead of the file.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{Eui64, Level, Mode, Srv, LEVELS_MAX, LEVELS_MIN};
+
+/// The embedded default configuration, used by `dsplane run` with no `--config`.
+pub const DEFAULT_TOML: &str = include_str!("default.toml");
+
+/// Largest payload a configuration may allow: PROTOCOL.md's hard ceiling of 16 MiB.
+pub const PAYLOAD_BYTES_CEILING: u32 = 16 * 1024 * 1024;
+/// Most worker cores a configuration may ask for.
+pub const CORES_MAX: u32 = 1024;
+/// Longest group-commit interval: beyond a second, `batch` would hold ACKs longer than any
+/// adapter's timeout.
+pub const FLUSH_INTERVAL_MS_MAX: u32 = 1000;
+/// Longest idle timeout: one day.
+pub const IDLE_TIMEOUT_S_MAX: u32 = 86_400;
+/// Highest delivery or intake rate, messages per second, for one SU, one CSP link or the engine.
+pub const RATE_PER_S_MAX: u32 = 10_000_000;
+/// Largest burst, messages.
+pub const BURST_MAX: u32 = 1_000_000;
+/// Largest in-flight window, frames.
+pub const WINDOW_FRAMES_MAX: u32 = 65_536;
+/// Largest Northbound Message Store, frames, in all.
+pub const NMS_FRAMES_MAX: u64 = 100_000_000;
+/// Longest release ramp, seconds: one hour.
+pub const RELEASE_RAMP_S_MAX: u32 = 3_600;
+/// Longest retention, hours: thirty days.
+pub const RETENTION_H_MAX: u32 = 720;
+/// Longest alert-storm window, seconds: one day.
+pub const STORM_WINDOW_S_MAX: u32 = 86_400;
+/// Most (device, alert code) keys the storm detector may track.
+pub const STORM_TRACKED_KEYS_MAX: u64 = 100_000_000;
+/// Most priority rules.
+pub const RULES_MAX: usize = 4_096;
+/// Most Service Users in one configuration.
+pub const SERVICE_USERS_MAX: usize = 65_536;
+/// Most CSP links.
+pub const CSPS_MAX: usize = 64;
+/// Longest token, bytes (PROTOCOL.md: a HELLO token is 1–256 bytes).
+pub const TOKEN_BYTES_MAX: usize = 256;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The text is not TOML, or has an unknown key or a value of the wrong type.
+    #[error("config is not valid: {0}")]
+    Toml(#[from] toml::de::Error),
+    /// A key has a value outside what it allows.
+    #[error("config key `{key}` = {value}: {expected}")]
+    Invalid {
+        /// The key's path, e.g. `service_user[1].id`.
+        key: String,
+        /// The value as written (tokens are never shown).
+        value: String,
+        /// What would have been accepted.
+        expected: String,
+    },
+}
+
+fn invalid(
+    key: impl Into<String>,
+    value: impl fmt::Display,
+    expected: impl Into<String>,
+) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        value: value.to_string(),
+        expected: expected.into(),
+    }
+}
+
+/// A token whose value never appears in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a token.
+    pub fn new(token: impl Into<String>) -> Self {
+        Secret(token.into())
+    }
+
+    /// The token's bytes, for a constant-time comparison.
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+
+    /// The token as text, for printing the demo tokens at start-up.
+    pub fn expose_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw form: mirrors the file.
+
+/// The file as written, with defaults filled in. See [`Config`] for the validated form.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RawConfig {
+    pub engine: RawEngine,
+    pub listen: RawListen,
+    pub admin: RawAdmin,
+    pub delivery: RawDelivery,
+    pub service_requests: RawServiceRequests,
+    pub service_user: Vec<RawServiceUser>,
+    pub csp: Vec<RawCsp>,
+    pub priority: RawPriority,
+    pub alert_storm: RawAlertStorm,
+}
+
+/// `[engine]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RawEngine {
+    pub cores: u32,
+    pub levels: u8,
+    pub data_dir: PathBuf,
+    pub durability: String,
+    pub flush_interval_ms: u32,
+    pub max_payload: u32,
+    pub idle_timeout_s: u32,
+    pub scheduling: String,
+}
+
+impl Default for RawEngine {
+    fn default() -> Self {
+        RawEngine {
+            cores: 0,
+            levels: 4,
+            data_dir: PathBuf::from("./dsplane-data"),
+            durability: "batch".into(),
+            flush_interval_ms: 2,
+            max_payload: 65_536,
+            idle_timeout_s: 60,
+            scheduling: "priority".into(),
+        }
+    }
+}
+
+/// `[listen]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RawListen {
+    pub su: String,
+    pub csp: String,
+    pub admin: String,
+}
+
+impl Default for RawListen {
+    fn default() -> Self {
+        RawListen {
+            su: "127.0.0.1:7100".into(),
+            csp: "127.0.0.1:7200".into(),
+            admin: "127.0.0.1:7300".into(),
+        }
+    }
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RawAdmin {
+    pub token: String,
+    pub token_env: Option<String>,
+}
+
+/// `[delivery]`: northbound defaults for every SU.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RawDelivery {
+    pub rate: u32,
+    pub burst: u32,
+    pub window: u32,
+    pub window_reserved_top: u32,
+    pub nms_per_su: u64,
+    pub nms_total: u64,
+    pub release_start: f64,
+    pub release_ramp_s: u32,
+    pub retention_h: u32,
+}
+
+impl Default for RawDelivery {
+    fn default() -> Self {
+        RawDelivery {
+            rate: 1000,
+            burst: 100,
+            window: 64,
+            window_reserved_top: 8,
+            nms_per_su: 10_000,
+            nms_total: 1_000_000,
+            release_start: 0.1,
+            release_ramp_s: 30,
+            retention_h: 48,
+        }
+    }
+}
+
+/// `[service_requests]`: southbound intake (SECMP0067).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RawServiceRequests {
+    pub capacity: u32,
+    pub operating_threshold: f64,
+    pub sr_rate: u32,
+    pub sr_burst: u32,
+}
+
+impl Default for RawServiceRequests {
+    fn default() -> Self {
+        RawServiceRequests {
+            capacity: 100_000,
+            operating_threshold: 0.8,
+            sr_rate: 500,
+            sr_burst: 100,
+        }
+    }
+}
+
+/// One `[[service_user]]`. Absent overrides take the `[delivery]` / `[service_requests]` value.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RawServiceUser {
+    pub id: String,
+    pub name: Option<String>,
+    pub token: Option<String>,
+    pub token_env: Option<String>,
+    pub rate: Option<u32>,
+    pub burst: Option<u32>,
+    pub window: Option<u32>,
+    pub sr_rate: Option<u32>,
+    pub sr_burst: Option<u32>,
+}
+
+/// One `[[csp]]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RawCsp {
+    pub name: String,
+    pub token: Option<String>,
+    pub token_env: Option<String>,
+    pub rate: Option<u32>,
+    pub burst: Option<u32>,
+    pub window: Option<u32>,
+    pub device_ranges: Vec<String>,
+}
+
+/// `[priority]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RawPriority {
+    pub default_level: u8,
+    pub scheduled_response_level: Option<u8>,
+    pub alert_level: u8,
+    pub rules: Vec<RawRule>,
+    pub high_priority_alerts: Vec<RawAlertLevel>,
+}
+
+impl Default for RawPriority {
+    fn default() -> Self {
+        RawPriority {
+            default_level: 4,
+            // Absent means "the lowest level", whatever `levels` is.
+            scheduled_response_level: None,
+            alert_level: 3,
+            rules: Vec::new(),
+            high_priority_alerts: Vec::new(),
+        }
+    }
+}
+
+/// One entry of `priority.rules`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RawRule {
+    pub srv: String,
+    #[serde(default)]
+    pub mode: Option<String>,
+    pub level: u8,
+}
+
+/// One entry of `priority.high_priority_alerts`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RawAlertLevel {
+    pub code: u16,
+    pub level: u8,
+}
+
+/// `[alert_storm]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RawAlertStorm {
+    pub threshold: u32,
+    pub window_s: u32,
+    pub exclusions: Vec<u16>,
+    pub max_tracked_keys: u64,
+}
+
+impl Default for RawAlertStorm {
+    fn default() -> Self {
+        RawAlertStorm {
+            threshold: 10,
+            window_s: 60,
+            exclusions: Vec::new(),
+            max_tracked_keys: 4_000_000,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated form.
+
+/// How durable a frame must be before dsplane ACKs it (ENGINE.md §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// In memory only.
+    None,
+    /// Written and flushed in groups every `flush_interval`.
+    Batch,
+    /// Flushed before each ACK.
+    Sync,
+}
+
+/// Delivery order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheduling {
+    /// Strict priority by level, FIFO within a level.
+    Priority,
+    /// First come, first served with no levels: how DSPs deliver today, for comparison.
+    Fifo,
+}
+
+/// A validated configuration. Build it with [`Config::from_toml`], [`Config::load`] or
+/// [`Config::embedded_default`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `[engine]`.
+    pub engine: Engine,
+    /// `[listen]`.
+    pub listen: Listen,
+    /// Bearer token for the admin interface; `None` = no token asked (loopback only).
+    pub admin_token: Option<Secret>,
+    /// `[delivery]` defaults (each SU has its resolved copy in [`ServiceUser::delivery`]).
+    pub delivery: Delivery,
+    /// `[service_requests]`.
+    pub service_requests: ServiceRequests,
+    /// Every configured SU, in file order.
+    pub service_users: Vec<ServiceUser>,
+    /// Every CSP link, in file order.
+    pub csps: Vec<Csp>,
+    /// `[priority]`.
+    pub priority: Priority,
+    /// `[alert_storm]`.
+    pub alert_storm: AlertStorm,
+    raw: RawConfig,
+}
+
+/// `[engine]`, validated.
+#[derive(Debug, Clone)]
+#[allow(missing_docs)]
+pub struct Engine {
+    /// Worker cores; 0 = all.
+    pub cores: u32,
+    pub levels: u8,
+    pub data_dir: PathBuf,
+    pub durability: Durability,
+    pub flush_interval: Duration,
+    /// `max_payload`: the largest payload a frame may carry.
+    pub payload_bytes_max: u32,
+    pub idle_timeout: Duration,
+    pub scheduling: Scheduling,
+}
+
+/// `[listen]`, validated.
+#[derive(Debug, Clone, Copy)]
+#[allow(missing_docs)]
+pub struct Listen {
+    pub su: SocketAddr,
+    pub csp: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// Northbound delivery settings for one SU.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[allow(missing_docs)]
+pub struct Delivery {
+    pub rate: u32,
+    pub burst: u32,
+    pub window: u32,
+    pub window_reserved_top: u32,
+    pub nms_per_su: u64,
+    pub nms_total: u64,
+    /// Fraction of `rate` a release starts at, in (0, 1].
+    pub release_start: f64,
+    pub release_ramp: Duration,
+    pub retention: Duration,
+}
+
+/// `[service_requests]`, validated.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[allow(missing_docs)]
+pub struct ServiceRequests {
+    pub capacity: u32,
+    pub operating_threshold: f64,
+    pub sr_rate: u32,
+    pub sr_burst: u32,
+}
+
+/// One Service User.
+#[derive(Debug, Clone)]
+pub struct ServiceUser {
+    /// Its EUI-64.
+    pub id: Eui64,
+    /// A label for logs; defaults to the id.
+    pub name: String,
+    /// The token it must present in HELLO.
+    pub token: Secret,
+    /// Its northbound settings, overrides applied.
+    pub delivery: Delivery,
+    /// Its Service Request allocation, requests/s.
+    pub sr_rate: u32,
+    /// Its Service Request burst.
+    pub sr_burst: u32,
+}
+
+/// An inclusive range of device EUI-64s routed to one CSP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceRange {
+    /// First device in the range.
+    pub first: Eui64,
+    /// Last device in the range (inclusive).
+    pub last: Eui64,
+}
+
+impl DeviceRange {
+    /// Whether `device` is in the range.
+    pub fn contains(&self, device: Eui64) -> bool {
+        self.first <= device && device <= self.last
+    }
+}
+
+/// One CSP link.
+#[derive(Debug, Clone)]
+pub struct Csp {
+    /// Its name, as it appears in logs and metrics.
+    pub name: String,
+    /// The token it must present in HELLO.
+    pub token: Secret,
+    /// Southbound rate to it, requests/s.
+    pub rate: u32,
+    /// Southbound burst.
+    pub burst: u32,
+    /// Southbound in-flight window.
+    pub window: u32,
+    /// The devices it serves; empty = every device no other CSP claims.
+    pub device_ranges: Vec<DeviceRange>,
+}
+
+/// How a rule matches an SRV.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SrvPattern {
+    /// Exactly this SRV (`"2.2"`, `"4.1.1"`).
+    Exact(Srv),
+    /// Every SRV with this major (`"7.*"`).
+    Major(u8),
+    /// Every SRV with this major and minor (`"8.1.*"`).
+    MajorMinor(u8, u8),
+}
+
+impl SrvPattern {
+    /// Parses `"2.2"`, `"4.1.1"`, `"7.*"` or `"8.1.*"`.
+    pub fn parse(text: &str) -> Option<SrvPattern> {
+        if let Some(prefix) = text.strip_suffix(".*") {
+            let parts: Vec<&str> = prefix.split('.').collect();
+            let num = |s: &str| -> Option<u8> {
+                if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                s.parse().ok()
+            };
+            return match parts.as_slice() {
+                [major] => Some(SrvPattern::Major(num(major)?)),
+                [major, minor] => Some(SrvPattern::MajorMinor(num(major)?, num(minor)?)),
+                _ => None,
+            };
+        }
+        text.parse::<Srv>().ok().map(SrvPattern::Exact)
+    }
+
+    /// Whether the pattern matches `srv`.
+    pub fn matches(self, srv: Srv) -> bool {
+        match self {
+            SrvPattern::Exact(s) => s == srv,
+            SrvPattern::Major(major) => srv.major() == major,
+            SrvPattern::MajorMinor(major, minor) => srv.major() == major && srv.minor() == minor,
+        }
+    }
+}
+
+impl fmt::Display for SrvPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SrvPattern::Exact(s) => s.fmt(f),
+            SrvPattern::Major(major) => write!(f, "{major}.*"),
+            SrvPattern::MajorMinor(major, minor) => write!(f, "{major}.{minor}.*"),
+        }
+    }
+}
+
+/// One REQUEST classification rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rule {
+    /// Which SRVs it matches.
+    pub srv: SrvPattern,
+    /// Which mode it matches; `None` = any.
+    pub mode: Option<Mode>,
+    /// The level it gives.
+    pub level: Level,
+}
+
+/// `[priority]`, validated.
+#[derive(Debug, Clone)]
+pub struct Priority {
+    /// The number of levels (copied from `[engine]`).
+    pub levels: u8,
+    /// Level of a REQUEST no rule matches.
+    pub default_level: Level,
+    /// Level of a RESPONSE to a DCC-scheduled request.
+    pub scheduled_response_level: Level,
+    /// Level of an alert not in `high_priority_alerts`.
+    pub alert_level: Level,
+    /// REQUEST rules.
+    pub rules: Vec<Rule>,
+    /// Alert codes with their own level.
+    pub high_priority_alerts: Vec<(u16, Level)>,
+}
+
+/// `[alert_storm]`, validated.
+#[derive(Debug, Clone)]
+pub struct AlertStorm {
+    /// A key storms after more than this many alerts within `window`.
+    pub threshold: u32,
+    /// The counting window.
+    pub window: Duration,
+    /// Alert codes never throttled.
+    pub exclusions: Vec<u16>,
+    /// Most keys tracked at once.
+    pub max_tracked_keys: u64,
+}
+
+impl Config {
+    /// The embedded default ([`DEFAULT_TOML`]), validated.
+    pub fn embedded_default() -> Result<Config, ConfigError> {
+        Config::from_toml(DEFAULT_TOML)
+    }
+
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text)
+    }
+
+    /// Parses and validates TOML text, taking `token_env` values from the process environment.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_with_env(text, |name| std::env::var(name).ok())
+    }
+
+    /// Parses and validates TOML text, looking `token_env` names up with `env`.
+    pub fn from_toml_with_env(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text)?;
+        Config::validate(raw, &env)
+    }
+
+    /// The configuration as a TOML file, with defaults and per-SU overrides filled in and every
+    /// token redacted: what `dsplane check-config` prints.
+    pub fn effective_toml(&self) -> String {
+        // `self.raw` had its tokens redacted when it was validated.
+        let mut raw = self.raw.clone();
+        for (su, resolved) in raw.service_user.iter_mut().zip(&self.service_users) {
+            su.name = Some(resolved.name.clone());
+            su.rate = Some(resolved.delivery.rate);
+            su.burst = Some(resolved.delivery.burst);
+            su.window = Some(resolved.delivery.window);
+            su.sr_rate = Some(resolved.sr_rate);
+            su.sr_burst = Some(resolved.sr_burst);
+        }
+        for (csp, resolved) in raw.csp.iter_mut().zip(&self.csps) {
+            csp.rate = Some(resolved.rate);
+            csp.burst = Some(resolved.burst);
+            csp.window = Some(resolved.window);
+        }
+        raw.priority.scheduled_response_level = Some(self.priority.scheduled_response_level.get());
+        toml::to_string_pretty(&raw).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+    }
+
+    /// The SU with this id.
+    pub fn service_user(&self, id: Eui64) -> Option<&ServiceUser> {
+        self.service_users.iter().find(|su| su.id == id)
+    }
+
+    fn validate(
+        raw: RawConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let engine = validate_engine(&raw.engine)?;
+        let listen = validate_listen(&raw.listen)?;
+        let admin_token =
+            resolve_optional_token("admin", &raw.admin.token, &raw.admin.token_env, env)?;
+        if admin_token.is_none() && !listen.admin.ip().is_loopback() {
+            return Err(invalid(
+                "admin.token",
+                "\"\"",
+                format!(
+                    "a token is required when the admin interface listens beyond loopback ({})",
+                    listen.admin
+                ),
+            ));
+        }
+        let delivery = validate_delivery(&raw.delivery)?;
+        let service_requests = validate_service_requests(&raw.service_requests)?;
+        let service_users =
+            validate_service_users(&raw.service_user, &delivery, &service_requests, env)?;
+        let csps = validate_csps(&raw.csp, env)?;
+        let priority = validate_priority(&raw.priority, engine.levels)?;
+        let alert_storm = validate_alert_storm(&raw.alert_storm)?;
+        // Keep the file's form for `effective_toml`, but never a token in it: the validated
+        // tokens live in `Secret`s.
+        let mut raw = raw;
+        const REDACTED: &str = "<redacted>";
+        if !raw.admin.token.is_empty() {
+            raw.admin.token = REDACTED.into();
+        }
+        for token in raw
+            .service_user
+            .iter_mut()
+            .map(|su| &mut su.token)
+            .chain(raw.csp.iter_mut().map(|csp| &mut csp.token))
+        {
+            if token.is_some() {
+                *token = Some(REDACTED.into());
+            }
+        }
+        Ok(Config {
+            engine,
+            listen,
+            admin_token,
+            delivery,
+            service_requests,
+            service_users,
+            csps,
+            priority,
+            alert_storm,
+            raw,
+        })
+    }
+}
+
+fn check_range<T: PartialOrd + fmt::Display + Copy>(
+    key: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError> {
+    if value < min || value > max {
+        return Err(invalid(key, value, format!("expected {min} to {max}")));
+    }
+    Ok(value)
+}
+
+fn check_fraction(key: &str, value: f64) -> Result<f64, ConfigError> {
+    // Written as a negated range test so that NaN is refused too.
+    if !(value > 0.0 && value <= 1.0) {
+        return Err(invalid(
+            key,
+            value,
+            "expected a fraction greater than 0 and at most 1",
+        ));
+    }
+    Ok(value)
+}
+
+fn validate_engine(raw: &RawEngine) -> Result<Engine, ConfigError> {
+    let durability = match raw.durability.as_str() {
+        "none" => Durability::None,
+        "batch" => Durability::Batch,
+        "sync" => Durability::Sync,
+        other => {
+            return Err(invalid(
+                "engine.durability",
+                format!("{other:?}"),
+                "expected none, batch or sync",
+            ))
+        }
+    };
+    let scheduling = match raw.scheduling.as_str() {
+        "priority" => Scheduling::Priority,
+        "fifo" => Scheduling::Fifo,
+        other => {
+            return Err(invalid(
+                "engine.scheduling",
+                format!("{other:?}"),
+                "expected priority or fifo",
+            ))
+        }
+    };
+    if raw.data_dir.as_os_str().is_empty() {
+        return Err(invalid(
+            "engine.data_dir",
+            "\"\"",
+            "expected a directory path",
+        ));
+    }
+    Ok(Engine {
+        cores: check_range("engine.cores", raw.cores, 0, CORES_MAX)?,
+        levels: check_range("engine.levels", raw.levels, LEVELS_MIN, LEVELS_MAX)?,
+        data_dir: raw.data_dir.clone(),
+        durability,
+        flush_interval: Duration::from_millis(u64::from(check_range(
+            "engine.flush_interval_ms",
+            raw.flush_interval_ms,
+            1,
+            FLUSH_INTERVAL_MS_MAX,
+        )?)),
+        payload_bytes_max: check_range(
+            "engine.max_payload",
+            raw.max_payload,
+            1,
+            PAYLOAD_BYTES_CEILING,
+        )?,
+        idle_timeout: Duration::from_secs(u64::from(check_range(
+            "engine.idle_timeout_s",
+            raw.idle_timeout_s,
+            1,
+            IDLE_TIMEOUT_S_MAX,
+        )?)),
+        scheduling,
+    })
+}
+
+fn validate_listen(raw: &RawListen) -> Result<Listen, ConfigError> {
+    let addr = |key: &str, text: &str| -> Result<SocketAddr, ConfigError> {
+        text.parse().map_err(|_| {
+            invalid(
+                key,
+                format!("{text:?}"),
+                "expected IP:port, like 127.0.0.1:7100",
+            )
+        })
+    };
+    let listen = Listen {
+        su: addr("listen.su", &raw.su)?,
+        csp: addr("listen.csp", &raw.csp)?,
+        admin: addr("listen.admin", &raw.admin)?,
+    };
+    let ports = [
+        ("listen.su", listen.su),
+        ("listen.csp", listen.csp),
+        ("listen.admin", listen.admin),
+    ];
+    for (i, (key, a)) in ports.iter().enumerate() {
+        for (other_key, b) in &ports[..i] {
+            // Port 0 asks the OS for a free port, so two zeros do not collide.
+            if a == b && a.port() != 0 {
+                return Err(invalid(*key, a, format!("already used by {other_key}")));
+            }
+        }
+    }
+    Ok(listen)
+}
+
+fn validate_rate(key: &str, rate: u32) -> Result<u32, ConfigError> {
+    check_range(key, rate, 1, RATE_PER_S_MAX)
+}
+
+fn validate_burst(key: &str, burst: u32) -> Result<u32, ConfigError> {
+    check_range(key, burst, 1, BURST_MAX)
+}
+
+fn validate_window(key: &str, window: u32, reserved_top: u32) -> Result<u32, ConfigError> {
+    let window = check_range(key, window, 1, WINDOW_FRAMES_MAX)?;
+    if reserved_top >= window {
+        return Err(invalid(
+            key,
+            window,
+            format!("expected more than delivery.window_reserved_top ({reserved_top}), so routine frames have room"),
+        ));
+    }
+    Ok(window)
+}
+
+fn validate_delivery(raw: &RawDelivery) -> Result<Delivery, ConfigError> {
+    let window_reserved_top = check_range(
+        "delivery.window_reserved_top",
+        raw.window_reserved_top,
+        0,
+        WINDOW_FRAMES_MAX - 1,
+    )?;
+    let nms_total = check_range("delivery.nms_total", raw.nms_total, 1, NMS_FRAMES_MAX)?;
+    let nms_per_su = check_range("delivery.nms_per_su", raw.nms_per_su, 1, NMS_FRAMES_MAX)?;
+    if nms_per_su > nms_total {
+        return Err(invalid(
+            "delivery.nms_per_su",
+            nms_per_su,
+            format!("expected at most delivery.nms_total ({nms_total})"),
+        ));
+    }
+    Ok(Delivery {
+        rate: validate_rate("delivery.rate", raw.rate)?,
+        burst: validate_burst("delivery.burst", raw.burst)?,
+        window: validate_window("delivery.window", raw.window, window_reserved_top)?,
+        window_reserved_top,
+        nms_per_su,
+        nms_total,
+        release_start: check_fraction("delivery.release_start", raw.release_start)?,
+        release_ramp: Duration::from_secs(u64::from(check_range(
+            "delivery.release_ramp_s",
+            raw.release_ramp_s,
+            0,
+            RELEASE_RAMP_S_MAX,
+        )?)),
+        retention: Duration::from_secs(
+            3600 * u64::from(check_range(
+                "delivery.retention_h",
+                raw.retention_h,
+                1,
+                RETENTION_H_MAX,
+            )?),
+        ),
+    })
+}
+
+fn validate_service_requests(raw: &RawServiceRequests) -> Result<ServiceRequests, ConfigError> {
+    let capacity = validate_rate("service_requests.capacity", raw.capacity)?;
+    let sr_rate = validate_rate("service_requests.sr_rate", raw.sr_rate)?;
+    Ok(ServiceRequests {
+        capacity,
+        operating_threshold: check_fraction(
+            "service_requests.operating_threshold",
+            raw.operating_threshold,
+        )?,
+        sr_rate,
+        sr_burst: validate_burst("service_requests.sr_burst", raw.sr_burst)?,
+    })
+}
+
+/// A token from the file or the environment; exactly one of the two must be given.
+fn resolve_token(
+    key: &str,
+    token: &Option<String>,
+    token_env: &Option<String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Secret, ConfigError> {
+    let value = match (token, token_env) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                format!("{key}.token_env"),
+                "(set)",
+                "give either token or token_env, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(invalid(
+                format!("{key}.token"),
+                "(missing)",
+                "a token or token_env is required",
+            ))
+        }
+        (Some(token), None) => token.clone(),
+        (None, Some(name)) => env(name).ok_or_else(|| {
+            invalid(
+                format!("{key}.token_env"),
+                format!("{name:?}"),
+                "expected the name of a set environment variable",
+            )
+        })?,
+    };
+    check_token(key, &value)?;
+    Ok(Secret(value))
+}
+
+fn check_token(key: &str, value: &str) -> Result<(), ConfigError> {
+    if value.is_empty() || value.len() > TOKEN_BYTES_MAX {
+        return Err(invalid(
+            format!("{key}.token"),
+            format!("({} bytes)", value.len()),
+            format!("expected 1 to {TOKEN_BYTES_MAX} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+fn resolve_optional_token(
+    key: &str,
+    token: &str,
+    token_env: &Option<String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<Secret>, ConfigError> {
+    if token.is_empty() && token_env.is_none() {
+        return Ok(None);
+    }
+    let token = (!token.is_empty()).then(|| token.to_owned());
+    resolve_token(key, &token, token_env, env).map(Some)
+}
+
+fn validate_service_users(
+    raw: &[RawServiceUser],
+    delivery: &Delivery,
+    requests: &ServiceRequests,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<ServiceUser>, ConfigError> {
+    if raw.len() > SERVICE_USERS_MAX {
+        return Err(invalid(
+            "service_user",
+            raw.len(),
+            format!("expected at most {SERVICE_USERS_MAX} entries"),
+        ));
+    }
+    let mut seen = HashMap::new();
+    let mut users = Vec::with_capacity(raw.len());
+    for (i, su) in raw.iter().enumerate() {
+        let key = format!("service_user[{i}]");
+        let id: Eui64 = su.id.parse().map_err(|_| {
+            invalid(
+                format!("{key}.id"),
+                format!("{:?}", su.id),
+                "expected an EUI-64 like 90-B3-D5-1F-30-01-00-00",
+            )
+        })?;
+        if let Some(first) = seen.insert(id, i) {
+            return Err(invalid(
+                format!("{key}.id"),
+                id,
+                format!("duplicate of service_user[{first}].id"),
+            ));
+        }
+        let token = resolve_token(&key, &su.token, &su.token_env, env)?;
+        let mut mine = *delivery;
+        if let Some(rate) = su.rate {
+            mine.rate = validate_rate(&format!("{key}.rate"), rate)?;
+        }
+        if let Some(burst) = su.burst {
+            mine.burst = validate_burst(&format!("{key}.burst"), burst)?;
+        }
+        if let Some(window) = su.window {
+            mine.window = validate_window(
+                &format!("{key}.window"),
+                window,
+                delivery.window_reserved_top,
+            )?;
+        }
+        let sr_rate = match su.sr_rate {
+            Some(rate) => validate_rate(&format!("{key}.sr_rate"), rate)?,
+            None => requests.sr_rate,
+        };
+        let sr_burst = match su.sr_burst {
+            Some(burst) => validate_burst(&format!("{key}.sr_burst"), burst)?,
+            None => requests.sr_burst,
+        };
+        users.push(ServiceUser {
+            id,
+            name: su.name.clone().unwrap_or_else(|| id.to_string()),
+            token,
+            delivery: mine,
+            sr_rate,
+            sr_burst,
+        });
+    }
+    Ok(users)
+}
+
+fn parse_device_range(key: &str, text: &str) -> Result<DeviceRange, ConfigError> {
+    let expected =
+        "expected FIRST..LAST EUI-64s, like 00-00-00-00-00-00-00-00..7F-FF-FF-FF-FF-FF-FF-FF";
+    let (first, last) = text
+        .split_once("..")
+        .ok_or_else(|| invalid(key, format!("{text:?}"), expected))?;
+    let first: Eui64 = first
+        .trim()
+        .parse()
+        .map_err(|_| invalid(key, format!("{text:?}"), expected))?;
+    let last: Eui64 = last
+        .trim()
+        .parse()
+        .map_err(|_| invalid(key, format!("{text:?}"), expected))?;
+    if first > last {
+        return Err(invalid(
+            key,
+            format!("{text:?}"),
+            "expected the first device not above the last",
+        ));
+    }
+    Ok(DeviceRange { first, last })
+}
+
+fn validate_csps(
+    raw: &[RawCsp],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<Csp>, ConfigError> {
+    if raw.len() > CSPS_MAX {
+        return Err(invalid(
+            "csp",
+            raw.len(),
+            format!("expected at most {CSPS_MAX} entries"),
+        ));
+    }
+    let mut names = HashSet::new();
+    let mut csps: Vec<Csp> = Vec::with_capacity(raw.len());
+    let mut default_route: Option<usize> = None;
+    for (i, csp) in raw.iter().enumerate() {
+        let key = format!("csp[{i}]");
+        if csp.name.is_empty() {
+            return Err(invalid(format!("{key}.name"), "\"\"", "expected a name"));
+        }
+        if !names.insert(csp.name.clone()) {
+            return Err(invalid(
+                format!("{key}.name"),
+                format!("{:?}", csp.name),
+                "duplicate CSP name",
+            ));
+        }
+        let token = resolve_token(&key, &csp.token, &csp.token_env, env)?;
+        let mut ranges = Vec::with_capacity(csp.device_ranges.len());
+        for (j, text) in csp.device_ranges.iter().enumerate() {
+            let range_key = format!("{key}.device_ranges[{j}]");
+            let range = parse_device_range(&range_key, text)?;
+            for (other_index, other) in csps.iter().enumerate() {
+                if other
+                    .device_ranges
+                    .iter()
+                    .any(|o| o.first <= range.last && range.first <= o.last)
+                {
+                    return Err(invalid(
+                        range_key,
+                        format!("{text:?}"),
+                        format!("overlaps a device range of csp[{other_index}]"),
+                    ));
+                }
+            }
+            ranges.push(range);
+        }
+        if ranges.is_empty() {
+            if let Some(first) = default_route {
+                return Err(invalid(
+                    format!("{key}.device_ranges"),
+                    "[]",
+                    format!("csp[{first}] already takes every unclaimed device; give this CSP its ranges"),
+                ));
+            }
+            default_route = Some(i);
+        }
+        csps.push(Csp {
+            name: csp.name.clone(),
+            token,
+            rate: validate_rate(&format!("{key}.rate"), csp.rate.unwrap_or(5000))?,
+            burst: validate_burst(&format!("{key}.burst"), csp.burst.unwrap_or(100))?,
+            window: check_range(
+                &format!("{key}.window"),
+                csp.window.unwrap_or(256),
+                1,
+                WINDOW_FRAMES_MAX,
+            )?,
+            device_ranges: ranges,
+        });
+    }
+    Ok(csps)
+}
+
+fn validate_level(key: &str, level: u8, levels: u8) -> Result<Level, ConfigError> {
+    match Level::new(level) {
+        Some(l) if level <= levels => Ok(l),
+        _ => Err(invalid(
+            key,
+            level,
+            format!("expected a level from 1 to engine.levels ({levels})"),
+        )),
+    }
+}
+
+fn validate_priority(raw: &RawPriority, levels: u8) -> Result<Priority, ConfigError> {
+    if raw.rules.len() > RULES_MAX {
+        return Err(invalid(
+            "priority.rules",
+            raw.rules.len(),
+            format!("expected at most {RULES_MAX} rules"),
+        ));
+    }
+    let mut rules = Vec::with_capacity(raw.rules.len());
+    let mut seen = HashMap::new();
+    for (i, rule) in raw.rules.iter().enumerate() {
+        let key = format!("priority.rules[{i}]");
+        let srv = SrvPattern::parse(&rule.srv).ok_or_else(|| {
+            invalid(
+                format!("{key}.srv"),
+                format!("{:?}", rule.srv),
+                "expected an SRV like \"2.2\" or \"4.1.1\", or a prefix like \"7.*\"",
+            )
+        })?;
+        let mode = match &rule.mode {
+            None => None,
+            Some(text) => Some(text.parse::<Mode>().map_err(|_| {
+                invalid(
+                    format!("{key}.mode"),
+                    format!("{text:?}"),
+                    "expected on-demand, future-dated or dcc-scheduled",
+                )
+            })?),
+        };
+        let level = validate_level(&format!("{key}.level"), rule.level, levels)?;
+        if let Some(first) = seen.insert((srv, mode), i) {
+            return Err(invalid(
+                format!("{key}.srv"),
+                format!("{:?}", rule.srv),
+                format!("same SRV and mode as priority.rules[{first}]"),
+            ));
+        }
+        rules.push(Rule { srv, mode, level });
+    }
+    let mut alerts = Vec::with_capacity(raw.high_priority_alerts.len());
+    let mut seen_codes = HashMap::new();
+    for (i, alert) in raw.high_priority_alerts.iter().enumerate() {
+        let key = format!("priority.high_priority_alerts[{i}]");
+        let level = validate_level(&format!("{key}.level"), alert.level, levels)?;
+        if let Some(first) = seen_codes.insert(alert.code, i) {
+            return Err(invalid(
+                format!("{key}.code"),
+                format!("{:#06X}", alert.code),
+                format!("duplicate of priority.high_priority_alerts[{first}]"),
+            ));
+        }
+        alerts.push((alert.code, level));
+    }
+    Ok(Priority {
+        levels,
+        default_level: validate_level("priority.default_level", raw.default_level, levels)?,
+        scheduled_response_level: validate_level(
+            "priority.scheduled_response_level",
+            raw.scheduled_response_level.unwrap_or(levels),
+            levels,
+        )?,
+        alert_level: validate_level("priority.alert_level", raw.alert_level, levels)?,
+        rules,
+        high_priority_alerts: alerts,
+    })
+}
+
+fn validate_alert_storm(raw: &RawAlertStorm) -> Result<AlertStorm, ConfigError> {
+    let mut exclusions = raw.exclusions.clone();
+    exclusions.sort_unstable();
+    exclusions.dedup();
+    Ok(AlertStorm {
+        threshold: check_range("alert_storm.threshold", raw.threshold, 1, BURST_MAX)?,
+        window: Duration::from_secs(u64::from(check_range(
+            "alert_storm.window_s",
+            raw.window_s,
+            1,
+            STORM_WINDOW_S_MAX,
+        )?)),
+        exclusions,
+        max_tracked_keys: check_range(
+            "alert_storm.max_tracked_keys",
+            raw.max_tracked_keys,
+            1,
+            STORM_TRACKED_KEYS_MAX,
+        )?,
+    })
+}

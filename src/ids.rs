@@ -272,7 +272,10 @@ mod tests {
             "9-0B3-D5-1F-30-01-00-00",
             "90-B3-D5-1F-30-01-00-€",
         ] {
-            assert!(matches!(bad.parse::<Eui64>(), Err(IdError::Eui64(_))), "{bad:?}");
+            assert!(
+                matches!(bad.parse::<Eui64>(), Err(IdError::Eui64(_))),
+                "{bad:?}"
+            );
         }
     }
 
@@ -287,8 +290,13 @@ mod tests {
 
     #[test]
     fn srv_rejects_malformed() {
-        for bad in ["", "2", "2.", ".2", "2.2.2.2", "256.1", "a.b", "2.-1", "2.+1", "2 .2"] {
-            assert!(matches!(bad.parse::<Srv>(), Err(IdError::Srv(_))), "{bad:?}");
+        for bad in [
+            "", "2", "2.", ".2", "2.2.2.2", "256.1", "a.b", "2.-1", "2.+1", "2 .2",
+        ] {
+            assert!(
+                matches!(bad.parse::<Srv>(), Err(IdError::Srv(_))),
+                "{bad:?}"
+            );
         }
     }
 

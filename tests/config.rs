@@ -1,0 +1,516 @@
+//! The config file of ENGINE.md §10: defaults, the embedded config, and every validation error
+//! naming its key and value.
+
+use std::time::Duration;
+
+use dsplane::config::{
+    Config, ConfigError, Durability, Scheduling, SrvPattern, PAYLOAD_BYTES_CEILING,
+};
+use dsplane::ids::{Eui64, Level, Mode, Srv};
+
+const SU: &str = "[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-00\"\ntoken = \"t\"\n";
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::from_toml_with_env(text, no_env)
+}
+
+/// The (key, value) of the validation error `text` must produce.
+fn invalid(text: &str) -> (String, String) {
+    match parse(text) {
+        Err(ConfigError::Invalid { key, value, .. }) => (key, value),
+        Err(other) => panic!("expected a validation error, got {other}"),
+        Ok(_) => panic!("expected a validation error for:\n{text}"),
+    }
+}
+
+fn assert_invalid(text: &str, key: &str, value: &str) {
+    let (k, v) = invalid(text);
+    assert_eq!((k.as_str(), v.as_str()), (key, value), "for:\n{text}");
+}
+
+#[test]
+fn empty_file_gives_every_documented_default() {
+    let c = parse("").unwrap();
+    assert_eq!(c.engine.cores, 0);
+    assert_eq!(c.engine.levels, 4);
+    assert_eq!(c.engine.data_dir.to_str(), Some("./dsplane-data"));
+    assert_eq!(c.engine.durability, Durability::Batch);
+    assert_eq!(c.engine.flush_interval, Duration::from_millis(2));
+    assert_eq!(c.engine.payload_bytes_max, 65_536);
+    assert_eq!(c.engine.idle_timeout, Duration::from_secs(60));
+    assert_eq!(c.engine.scheduling, Scheduling::Priority);
+    assert_eq!(c.listen.su.to_string(), "127.0.0.1:7100");
+    assert_eq!(c.listen.csp.to_string(), "127.0.0.1:7200");
+    assert_eq!(c.listen.admin.to_string(), "127.0.0.1:7300");
+    assert!(c.admin_token.is_none());
+    let d = c.delivery;
+    assert_eq!(
+        (d.rate, d.burst, d.window, d.window_reserved_top),
+        (1000, 100, 64, 8)
+    );
+    assert_eq!((d.nms_per_su, d.nms_total), (10_000, 1_000_000));
+    assert_eq!(d.release_start, 0.1);
+    assert_eq!(d.release_ramp, Duration::from_secs(30));
+    assert_eq!(d.retention, Duration::from_secs(48 * 3600));
+    let s = c.service_requests;
+    assert_eq!(
+        (s.capacity, s.operating_threshold, s.sr_rate, s.sr_burst),
+        (100_000, 0.8, 500, 100)
+    );
+    assert_eq!(c.priority.default_level.get(), 4);
+    assert_eq!(c.priority.scheduled_response_level.get(), 4);
+    assert_eq!(c.priority.alert_level.get(), 3);
+    assert_eq!(c.alert_storm.threshold, 10);
+    assert_eq!(c.alert_storm.window, Duration::from_secs(60));
+    assert_eq!(c.alert_storm.max_tracked_keys, 4_000_000);
+    assert!(c.service_users.is_empty() && c.csps.is_empty());
+}
+
+#[test]
+fn scheduled_response_level_defaults_to_the_lowest_level() {
+    let c = parse("[engine]\nlevels = 6\n[priority]\ndefault_level = 6\n").unwrap();
+    assert_eq!(c.priority.scheduled_response_level.get(), 6);
+}
+
+#[test]
+fn embedded_default_is_valid_and_has_the_demo_peers() {
+    let c = Config::embedded_default().unwrap();
+    assert_eq!(c.service_users.len(), 1);
+    assert_eq!(c.service_users[0].id, Eui64(0x90B3_D51F_3001_0000));
+    assert_eq!(c.service_users[0].token.expose_str(), "demo-su-token");
+    assert_eq!(c.csps.len(), 1);
+    assert!(c.csps[0].device_ranges.is_empty());
+    assert!(
+        c.listen.su.ip().is_loopback()
+            && c.listen.csp.ip().is_loopback()
+            && c.listen.admin.ip().is_loopback()
+    );
+    // The shipped exclusion list must not hold 0x8F75 (strong magnetic field): it was removed
+    // from the industry's list in 2024.
+    assert!(!c.alert_storm.exclusions.is_empty());
+    assert!(!c.alert_storm.exclusions.contains(&0x8F75));
+    assert!(c
+        .priority
+        .rules
+        .iter()
+        .any(|r| r.srv == SrvPattern::Major(7) && r.level == Level::URGENT));
+}
+
+#[test]
+fn engine_md_example_is_valid() {
+    let text = r#"
+[engine]
+cores = 0
+levels = 4
+data_dir = "./dsplane-data"
+durability = "batch"
+flush_interval_ms = 2
+max_payload = 65536
+idle_timeout_s = 60
+scheduling = "priority"
+
+[listen]
+su = "127.0.0.1:7100"
+csp = "127.0.0.1:7200"
+admin = "127.0.0.1:7300"
+
+[admin]
+token = ""
+
+[delivery]
+rate = 1000
+burst = 100
+window = 64
+window_reserved_top = 8
+nms_per_su = 10000
+nms_total = 1000000
+release_start = 0.1
+release_ramp_s = 30
+retention_h = 48
+
+[service_requests]
+capacity = 100000
+operating_threshold = 0.8
+sr_rate = 500
+sr_burst = 100
+
+[[service_user]]
+id = "90-B3-D5-1F-30-01-00-00"
+token = "change-me"
+rate = 200
+
+[[csp]]
+name = "csp-north"
+token = "change-me-too"
+rate = 5000
+device_ranges = []
+
+[priority]
+default_level = 4
+scheduled_response_level = 4
+alert_level = 3
+rules = [ { srv = "2.2", level = 1 }, { srv = "7.*", level = 1 }, { srv = "4.1.1", mode = "on-demand", level = 3 } ]
+high_priority_alerts = [ { code = 0x8F1C, level = 1 } ]
+
+[alert_storm]
+threshold = 10
+window_s = 60
+exclusions = [ ]
+max_tracked_keys = 4000000
+"#;
+    let c = parse(text).unwrap();
+    let su = &c.service_users[0];
+    assert_eq!(su.delivery.rate, 200, "the SU's override");
+    assert_eq!(su.delivery.burst, 100, "the [delivery] default");
+    assert_eq!(su.sr_rate, 500);
+    assert_eq!(c.priority.rules.len(), 3);
+    assert_eq!(
+        c.priority.rules[0].srv,
+        SrvPattern::Exact(Srv::new(2, 2, 0))
+    );
+    assert_eq!(c.priority.rules[2].mode, Some(Mode::OnDemand));
+    assert_eq!(
+        c.priority.high_priority_alerts,
+        vec![(0x8F1C, Level::URGENT)]
+    );
+    assert_eq!(c.csps[0].rate, 5000);
+}
+
+#[test]
+fn levels_outside_two_to_sixteen_are_refused() {
+    assert_invalid("[engine]\nlevels = 0\n", "engine.levels", "0");
+    assert_invalid("[engine]\nlevels = 1\n", "engine.levels", "1");
+    assert_invalid("[engine]\nlevels = 17\n", "engine.levels", "17");
+    let c = parse("[engine]\nlevels = 16\n").unwrap();
+    assert_eq!(c.engine.levels, 16);
+}
+
+#[test]
+fn unknown_modes_are_refused() {
+    assert_invalid(
+        "[engine]\ndurability = \"fast\"\n",
+        "engine.durability",
+        "\"fast\"",
+    );
+    assert_invalid(
+        "[engine]\nscheduling = \"lifo\"\n",
+        "engine.scheduling",
+        "\"lifo\"",
+    );
+    assert_invalid(
+        "[priority]\nrules = [{ srv = \"4.1.1\", mode = \"scheduled\", level = 2 }]\n",
+        "priority.rules[0].mode",
+        "\"scheduled\"",
+    );
+}
+
+#[test]
+fn levels_above_engine_levels_are_refused() {
+    assert_invalid(
+        "[priority]\nrules = [{ srv = \"2.2\", level = 5 }]\n",
+        "priority.rules[0].level",
+        "5",
+    );
+    assert_invalid(
+        "[priority]\nrules = [{ srv = \"2.2\", level = 0 }]\n",
+        "priority.rules[0].level",
+        "0",
+    );
+    assert_invalid(
+        "[priority]\ndefault_level = 5\n",
+        "priority.default_level",
+        "5",
+    );
+    assert_invalid("[priority]\nalert_level = 9\n", "priority.alert_level", "9");
+    assert_invalid(
+        "[priority]\nscheduled_response_level = 5\n",
+        "priority.scheduled_response_level",
+        "5",
+    );
+    assert_invalid(
+        "[priority]\nhigh_priority_alerts = [{ code = 0x8F1C, level = 7 }]\n",
+        "priority.high_priority_alerts[0].level",
+        "7",
+    );
+    // With more levels the same rule is fine.
+    parse("[engine]\nlevels = 5\n[priority]\nrules = [{ srv = \"2.2\", level = 5 }]\n").unwrap();
+}
+
+#[test]
+fn rule_patterns_parse_and_bad_ones_are_refused() {
+    let c = parse("[priority]\nrules = [{ srv = \"8.1.*\", level = 2 }, { srv = \"4.1.1\", mode = \"dcc-scheduled\", level = 4 }]\n").unwrap();
+    assert_eq!(c.priority.rules[0].srv, SrvPattern::MajorMinor(8, 1));
+    assert_eq!(c.priority.rules[1].mode, Some(Mode::DccScheduled));
+    for bad in ["7", "*", "7.*.*", "x.1", "300.1", "7.", ""] {
+        let text = format!("[priority]\nrules = [{{ srv = \"{bad}\", level = 2 }}]\n");
+        assert_invalid(&text, "priority.rules[0].srv", &format!("{bad:?}"));
+    }
+    assert_invalid(
+        "[priority]\nrules = [{ srv = \"7.*\", level = 1 }, { srv = \"7.*\", level = 2 }]\n",
+        "priority.rules[1].srv",
+        "\"7.*\"",
+    );
+    // Same SRV with a different mode is a different rule.
+    parse("[priority]\nrules = [{ srv = \"4.1.1\", level = 4 }, { srv = \"4.1.1\", mode = \"on-demand\", level = 3 }]\n").unwrap();
+    assert_invalid(
+        "[priority]\nhigh_priority_alerts = [{ code = 0x8F1C, level = 1 }, { code = 0x8F1C, level = 2 }]\n",
+        "priority.high_priority_alerts[1].code",
+        "0x8F1C",
+    );
+}
+
+#[test]
+fn service_user_ids_must_be_eui64_and_unique() {
+    assert_invalid(
+        "[[service_user]]\nid = \"90-B3-D5-1F-30-01-00\"\ntoken = \"t\"\n",
+        "service_user[0].id",
+        "\"90-B3-D5-1F-30-01-00\"",
+    );
+    assert_invalid(
+        "[[service_user]]\nid = \"90:B3:D5:1F:30:01:00:00\"\ntoken = \"t\"\n",
+        "service_user[0].id",
+        "\"90:B3:D5:1F:30:01:00:00\"",
+    );
+    let dup = format!("{SU}[[service_user]]\nid = \"90-b3-d5-1f-30-01-00-00\"\ntoken = \"u\"\n");
+    assert_invalid(&dup, "service_user[1].id", "90-B3-D5-1F-30-01-00-00");
+}
+
+#[test]
+fn tokens_come_from_the_file_or_the_environment() {
+    let text = "[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-00\"\ntoken_env = \"DSPLANE_TEST_SU_TOKEN\"\n";
+    assert_invalid(
+        text,
+        "service_user[0].token_env",
+        "\"DSPLANE_TEST_SU_TOKEN\"",
+    );
+    let c = Config::from_toml_with_env(text, |name| {
+        (name == "DSPLANE_TEST_SU_TOKEN").then(|| "from-env".to_owned())
+    })
+    .unwrap();
+    assert_eq!(c.service_users[0].token.expose_str(), "from-env");
+    assert_invalid(
+        "[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-00\"\n",
+        "service_user[0].token",
+        "(missing)",
+    );
+    assert_invalid(
+        "[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-00\"\ntoken = \"a\"\ntoken_env = \"B\"\n",
+        "service_user[0].token_env",
+        "(set)",
+    );
+    assert_invalid(
+        "[[csp]]\nname = \"c\"\ntoken = \"\"\n",
+        "csp[0].token",
+        "(0 bytes)",
+    );
+    let long = "x".repeat(257);
+    assert_invalid(
+        &format!("[[csp]]\nname = \"c\"\ntoken = \"{long}\"\n"),
+        "csp[0].token",
+        "(257 bytes)",
+    );
+    let max = "x".repeat(256);
+    parse(&format!("[[csp]]\nname = \"c\"\ntoken = \"{max}\"\n")).unwrap();
+}
+
+#[test]
+fn tokens_never_show_in_debug_or_effective_config() {
+    let text = format!("{SU}[[csp]]\nname = \"c\"\ntoken = \"csp-secret-xyz\"\n[admin]\ntoken = \"admin-secret-xyz\"\n");
+    let text = text.replace("token = \"t\"", "token = \"su-secret-xyz\"");
+    let c = parse(&text).unwrap();
+    let shown = format!("{c:?}\n{}", c.effective_toml());
+    assert!(!shown.contains("secret-xyz"), "{shown}");
+    assert!(shown.contains("<redacted>"));
+}
+
+#[test]
+fn effective_config_round_trips_with_overrides_filled_in() {
+    let text = format!("{SU}rate = 7\n[delivery]\nburst = 9\n");
+    let c = parse(&text).unwrap();
+    let printed = c.effective_toml();
+    let again = parse(&printed).unwrap();
+    assert_eq!(again.service_users[0].delivery, c.service_users[0].delivery);
+    assert_eq!(again.service_users[0].delivery.rate, 7);
+    assert_eq!(again.service_users[0].delivery.burst, 9);
+    assert_eq!(
+        again.priority.scheduled_response_level,
+        c.priority.scheduled_response_level
+    );
+}
+
+#[test]
+fn unknown_keys_and_wrong_types_are_refused_with_their_name() {
+    let e = parse("[engine]\nlevles = 4\n").unwrap_err().to_string();
+    assert!(e.contains("levles"), "{e}");
+    let e = parse("[engine]\nlevels = \"four\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("levels"), "{e}");
+    let e = parse("[engine]\nlevels = 300\n").unwrap_err().to_string();
+    assert!(e.contains("levels"), "{e}");
+    let e = parse("[delivery]\nrate = -1\n").unwrap_err().to_string();
+    assert!(e.contains("rate"), "{e}");
+}
+
+#[test]
+fn payload_limit_is_checked_at_its_edges() {
+    assert_invalid("[engine]\nmax_payload = 0\n", "engine.max_payload", "0");
+    let at = parse(&format!(
+        "[engine]\nmax_payload = {PAYLOAD_BYTES_CEILING}\n"
+    ))
+    .unwrap();
+    assert_eq!(at.engine.payload_bytes_max, PAYLOAD_BYTES_CEILING);
+    let over = PAYLOAD_BYTES_CEILING + 1;
+    assert_invalid(
+        &format!("[engine]\nmax_payload = {over}\n"),
+        "engine.max_payload",
+        &over.to_string(),
+    );
+}
+
+#[test]
+fn delivery_relations_are_checked() {
+    assert_invalid(
+        "[delivery]\nwindow = 8\nwindow_reserved_top = 8\n",
+        "delivery.window",
+        "8",
+    );
+    parse("[delivery]\nwindow = 9\nwindow_reserved_top = 8\n").unwrap();
+    assert_invalid(&format!("{SU}window = 4\n"), "service_user[0].window", "4");
+    assert_invalid(
+        "[delivery]\nnms_per_su = 11\nnms_total = 10\n",
+        "delivery.nms_per_su",
+        "11",
+    );
+    assert_invalid("[delivery]\nrate = 0\n", "delivery.rate", "0");
+    assert_invalid("[delivery]\nburst = 0\n", "delivery.burst", "0");
+    assert_invalid(
+        "[delivery]\nrelease_start = 0.0\n",
+        "delivery.release_start",
+        "0",
+    );
+    assert_invalid(
+        "[delivery]\nrelease_start = 1.5\n",
+        "delivery.release_start",
+        "1.5",
+    );
+    assert_invalid(
+        "[delivery]\nrelease_start = nan\n",
+        "delivery.release_start",
+        "NaN",
+    );
+    parse("[delivery]\nrelease_start = 1.0\nrelease_ramp_s = 0\n").unwrap();
+    assert_invalid("[delivery]\nretention_h = 0\n", "delivery.retention_h", "0");
+    assert_invalid(
+        "[service_requests]\noperating_threshold = 0\n",
+        "service_requests.operating_threshold",
+        "0",
+    );
+    assert_invalid(
+        "[service_requests]\ncapacity = 0\n",
+        "service_requests.capacity",
+        "0",
+    );
+    assert_invalid(
+        &format!("{SU}sr_rate = 0\n"),
+        "service_user[0].sr_rate",
+        "0",
+    );
+    assert_invalid(
+        "[engine]\nidle_timeout_s = 0\n",
+        "engine.idle_timeout_s",
+        "0",
+    );
+    assert_invalid(
+        "[engine]\nflush_interval_ms = 0\n",
+        "engine.flush_interval_ms",
+        "0",
+    );
+    assert_invalid(
+        "[alert_storm]\nthreshold = 0\n",
+        "alert_storm.threshold",
+        "0",
+    );
+    assert_invalid("[alert_storm]\nwindow_s = 0\n", "alert_storm.window_s", "0");
+    assert_invalid(
+        "[alert_storm]\nmax_tracked_keys = 0\n",
+        "alert_storm.max_tracked_keys",
+        "0",
+    );
+}
+
+#[test]
+fn listen_addresses_are_checked() {
+    assert_invalid(
+        "[listen]\nsu = \"localhost\"\n",
+        "listen.su",
+        "\"localhost\"",
+    );
+    assert_invalid(
+        "[listen]\ncsp = \"127.0.0.1:7100\"\n",
+        "listen.csp",
+        "127.0.0.1:7100",
+    );
+    // Port 0 asks the OS for a free port; two of them are fine.
+    parse("[listen]\nsu = \"127.0.0.1:0\"\ncsp = \"127.0.0.1:0\"\n").unwrap();
+    assert_invalid(
+        "[listen]\nadmin = \"0.0.0.0:7300\"\n",
+        "admin.token",
+        "\"\"",
+    );
+    parse("[listen]\nadmin = \"0.0.0.0:7300\"\n[admin]\ntoken = \"x\"\n").unwrap();
+}
+
+#[test]
+fn csp_device_ranges_are_parsed_and_may_not_overlap() {
+    let text = r#"
+[[csp]]
+name = "north"
+token = "a"
+device_ranges = ["00-00-00-00-00-00-00-00..7F-FF-FF-FF-FF-FF-FF-FF"]
+[[csp]]
+name = "south"
+token = "b"
+device_ranges = ["80-00-00-00-00-00-00-00..FF-FF-FF-FF-FF-FF-FF-FF"]
+"#;
+    let c = parse(text).unwrap();
+    assert!(c.csps[0].device_ranges[0].contains(Eui64(0x7FFF_FFFF_FFFF_FFFF)));
+    assert!(!c.csps[0].device_ranges[0].contains(Eui64(0x8000_0000_0000_0000)));
+    assert!(c.csps[1].device_ranges[0].contains(Eui64(u64::MAX)));
+    let overlap = text.replace("80-00-00-00-00-00-00-00..", "7F-FF-FF-FF-FF-FF-FF-FF..");
+    assert_invalid(
+        &overlap,
+        "csp[1].device_ranges[0]",
+        "\"7F-FF-FF-FF-FF-FF-FF-FF..FF-FF-FF-FF-FF-FF-FF-FF\"",
+    );
+    assert_invalid(
+        "[[csp]]\nname = \"c\"\ntoken = \"a\"\ndevice_ranges = [\"10-00-00-00-00-00-00-00..01-00-00-00-00-00-00-00\"]\n",
+        "csp[0].device_ranges[0]",
+        "\"10-00-00-00-00-00-00-00..01-00-00-00-00-00-00-00\"",
+    );
+    assert_invalid(
+        "[[csp]]\nname = \"c\"\ntoken = \"a\"\ndevice_ranges = [\"10-00\"]\n",
+        "csp[0].device_ranges[0]",
+        "\"10-00\"",
+    );
+    assert_invalid(
+        "[[csp]]\nname = \"a\"\ntoken = \"a\"\n[[csp]]\nname = \"b\"\ntoken = \"b\"\n",
+        "csp[1].device_ranges",
+        "[]",
+    );
+    assert_invalid(
+        "[[csp]]\nname = \"a\"\ntoken = \"a\"\ndevice_ranges = [\"00-00-00-00-00-00-00-00..00-00-00-00-00-00-00-01\"]\n[[csp]]\nname = \"a\"\ntoken = \"b\"\n",
+        "csp[1].name",
+        "\"a\"",
+    );
+}
+
+#[test]
+fn errors_read_well() {
+    let e = parse("[engine]\nlevels = 0\n").unwrap_err().to_string();
+    assert_eq!(e, "config key `engine.levels` = 0: expected 2 to 16");
+}
