@@ -36,6 +36,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{Eui64, Level, Mode, Srv, LEVELS_MAX, LEVELS_MIN};
+use crate::limiter::ReleaseStart;
 
 /// The embedded default configuration, used by `dsplane run` with no `--config`.
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
@@ -49,16 +50,20 @@ pub const CORES_MAX: u32 = 1024;
 pub const FLUSH_INTERVAL_MS_MAX: u32 = 1000;
 /// Longest idle timeout: one day.
 pub const IDLE_TIMEOUT_S_MAX: u32 = 86_400;
-/// Highest delivery or intake rate, messages per second, for one SU, one CSP link or the engine.
-pub const RATE_PER_S_MAX: u32 = 10_000_000;
-/// Largest burst, messages.
-pub const BURST_MAX: u32 = 1_000_000;
+/// Highest delivery or intake rate, messages per second, for one SU, one CSP link or the engine:
+/// the limiter's own limit, so that whatever validates here builds a limiter.
+pub const RATE_PER_S_MAX: u32 = crate::limiter::RATE_PER_S_MAX;
+/// Largest burst, messages (the limiter's limit).
+pub const BURST_MAX: u32 = crate::limiter::BURST_MAX;
 /// Largest in-flight window, frames.
 pub const WINDOW_FRAMES_MAX: u32 = 65_536;
 /// Largest Northbound Message Store, frames, in all.
 pub const NMS_FRAMES_MAX: u64 = 100_000_000;
-/// Longest release ramp, seconds: one hour.
+/// Longest release ramp, seconds: one hour (the limiter's limit).
 pub const RELEASE_RAMP_S_MAX: u32 = 3_600;
+const _: () = assert!(
+    RELEASE_RAMP_S_MAX as u64 * crate::NANOS_PER_SEC == crate::limiter::RELEASE_RAMP_NS_MAX
+);
 /// Longest retention, hours: thirty days.
 pub const RETENTION_H_MAX: u32 = 720;
 /// Longest alert-storm window, seconds: one day.
@@ -453,7 +458,7 @@ pub struct Delivery {
     pub nms_per_su: u64,
     pub nms_total: u64,
     /// Fraction of `rate` a release starts at, in (0, 1].
-    pub release_start: f64,
+    pub release_start: ReleaseStart,
     pub release_ramp: Duration,
     pub retention: Duration,
 }
@@ -735,6 +740,17 @@ fn check_range<T: PartialOrd + fmt::Display + Copy>(
     Ok(value)
 }
 
+fn check_release_start(key: &str, value: f64) -> Result<ReleaseStart, ConfigError> {
+    let share = check_fraction(key, value)?;
+    ReleaseStart::from_fraction(share).ok_or_else(|| {
+        invalid(
+            key,
+            value,
+            "expected a fraction greater than 0 and at most 1",
+        )
+    })
+}
+
 fn check_fraction(key: &str, value: f64) -> Result<f64, ConfigError> {
     // Written as a negated range test so that NaN is refused too.
     if !(value > 0.0 && value <= 1.0) {
@@ -879,7 +895,7 @@ fn validate_delivery(raw: &RawDelivery) -> Result<Delivery, ConfigError> {
         window_reserved_top,
         nms_per_su,
         nms_total,
-        release_start: check_fraction("delivery.release_start", raw.release_start)?,
+        release_start: check_release_start("delivery.release_start", raw.release_start)?,
         release_ramp: Duration::from_secs(u64::from(check_range(
             "delivery.release_ramp_s",
             raw.release_ramp_s,

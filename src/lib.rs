@@ -17,6 +17,7 @@
 
 pub mod classify;
 pub mod config;
+pub mod delivery;
 pub mod ids;
 pub mod limiter;
 pub mod ring;

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use dsplane::config::Config;
 
 #[derive(Parser)]
-#[command(name = "dsplane", version, about = "Traffic-management dataplane for a smart-metering DSP")]
+#[command(
+    name = "dsplane",
+    version,
+    about = "Traffic-management dataplane for a smart-metering DSP"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -53,7 +53,7 @@ fn empty_file_gives_every_documented_default() {
         (1000, 100, 64, 8)
     );
     assert_eq!((d.nms_per_su, d.nms_total), (10_000, 1_000_000));
-    assert_eq!(d.release_start, 0.1);
+    assert_eq!(d.release_start, dsplane::limiter::ReleaseStart::DEFAULT);
     assert_eq!(d.release_ramp, Duration::from_secs(30));
     assert_eq!(d.retention, Duration::from_secs(48 * 3600));
     let s = c.service_requests;
