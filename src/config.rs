@@ -42,7 +42,7 @@ use crate::limiter::ReleaseStart;
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
 
 /// Largest payload a configuration may allow: PROTOCOL.md's hard ceiling of 16 MiB.
-pub const PAYLOAD_BYTES_CEILING: u32 = 16 * 1024 * 1024;
+pub const PAYLOAD_BYTES_CEILING: u32 = crate::wire::PAYLOAD_BYTES_MAX_CEILING;
 /// Most worker cores a configuration may ask for.
 pub const CORES_MAX: u32 = 1024;
 /// Longest group-commit interval: beyond a second, `batch` would hold ACKs longer than any

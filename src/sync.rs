@@ -9,20 +9,27 @@
 //! (`with`, `with_mut`), so that it can track it. std's is wrapped here with the same interface,
 //! which compiles to a plain pointer access.
 
+// `allow(unused_imports)` below: the shim offers the whole set, and not every concurrent piece
+// needs every type (the ring uses only `AtomicU64`, `AtomicUsize`, `Arc` and `UnsafeCell`).
+
 #[cfg(loom)]
 pub(crate) use loom::cell::UnsafeCell;
 #[cfg(loom)]
+#[allow(unused_imports)]
 pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 #[cfg(loom)]
 pub(crate) use loom::sync::Arc;
 #[cfg(loom)]
+#[allow(unused_imports)]
 pub(crate) use loom::thread;
 
 #[cfg(not(loom))]
+#[allow(unused_imports)]
 pub(crate) use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 #[cfg(not(loom))]
 pub(crate) use std::sync::Arc;
 #[cfg(not(loom))]
+#[allow(unused_imports)]
 pub(crate) use std::thread;
 
 /// `std::cell::UnsafeCell` with loom's closure-based interface.
