@@ -16,8 +16,10 @@
 #![warn(missing_docs)]
 
 pub mod classify;
+pub mod client;
 pub mod config;
 pub mod delivery;
+pub mod engine;
 pub mod ids;
 pub mod limiter;
 pub mod ring;

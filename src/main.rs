@@ -1,10 +1,15 @@
 //! The `dsplane` command: `run` and `check-config` (ENGINE.md §8).
 
+mod client_cmd;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use dsplane::config::Config;
+use dsplane::engine::Engine;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 #[derive(Parser)]
 #[command(
@@ -25,6 +30,10 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// A protocol client: `client su` prints what an SU receives, `client csp` sends it a mix of
+    /// traffic (defaults: the embedded demo configuration's ports, ids and tokens).
+    #[command(subcommand)]
+    Client(client_cmd::ClientCommand),
     /// Validate a configuration file and print the effective configuration, tokens redacted.
     CheckConfig {
         /// The TOML configuration file.
@@ -39,9 +48,11 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Client(command) => client_cmd::run(command),
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(config) => {
                 print!("{}", config.effective_toml());
@@ -54,6 +65,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
+            let embedded = config.is_none();
             let loaded = match &config {
                 Some(path) => Config::load(path),
                 None => Config::embedded_default(),
@@ -65,25 +77,67 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            run(config)
+            run(config, embedded)
         }
     }
 }
 
-fn run(config: Config) -> ExitCode {
+fn run(config: Config, embedded: bool) -> ExitCode {
+    if embedded {
+        // The demo configuration's ids and tokens, so that a newcomer can connect at once.
+        eprintln!("dsplane: no --config given; running the embedded demo configuration");
+        for su in &config.service_users {
+            eprintln!(
+                "  demo Service User {} token {:?} on {}",
+                su.id,
+                su.token.expose_str(),
+                config.listen.su
+            );
+        }
+        for csp in &config.csps {
+            eprintln!(
+                "  demo CSP {:?} token {:?} on {}",
+                csp.name,
+                csp.token.expose_str(),
+                config.listen.csp
+            );
+        }
+    }
     for su in &config.service_users {
         tracing::info!(su = %su.id, name = %su.name, rate = su.delivery.rate, "service user configured");
     }
     for csp in &config.csps {
         tracing::info!(csp = %csp.name, rate = csp.rate, "CSP link configured");
     }
-    // The network engine (issue 3) is not built yet: today `run` validates the configuration,
-    // reports what it would serve and stops.
-    eprintln!(
-        "dsplane: configuration valid ({} service users, {} CSP links, {} levels); the network engine is not built yet",
-        config.service_users.len(),
-        config.csps.len(),
-        config.engine.levels
-    );
+    let engine = match Engine::start(config) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("dsplane: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let stopper = engine.stopper();
+    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("dsplane: cannot install signal handlers: {e}");
+            engine.shutdown();
+            engine.join();
+            return ExitCode::FAILURE;
+        }
+    };
+    let handle = signals.handle();
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            tracing::info!(
+                signal,
+                "shutting down: no new connections, nothing new handed out"
+            );
+            stopper.stop();
+        }
+    });
+    engine.join();
+    handle.close();
+    tracing::info!("dsplane stopped");
     ExitCode::SUCCESS
 }

@@ -1,0 +1,308 @@
+//! The acceptor thread: accepts on the SU and CSP ports, runs the HELLO handshake, and hands
+//! each authenticated connection to the worker that owns its peer.
+//!
+//! Authentication happens here, off the workers, so that a slow or hostile client that never
+//! finishes its HELLO costs a worker nothing. A connection waits at most
+//! [`HANDSHAKE_TIMEOUT`] for its HELLO, and at most [`HANDSHAKES_PENDING_MAX`] wait at once.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+
+use super::shared::{token_eq, Adopt, Control, PeerRef, Shared};
+use crate::wire::{Frame, FrameDecoder, Kind, NackReason, Role};
+use crate::{Nanos, NANOS_PER_SEC};
+
+/// How long a new connection has to send its HELLO.
+pub(crate) const HANDSHAKE_TIMEOUT: Nanos = 10 * NANOS_PER_SEC;
+/// Most connections waiting for their HELLO at once; beyond it new ones are closed at once.
+pub(crate) const HANDSHAKES_PENDING_MAX: usize = 1024;
+/// How long a refused connection is kept, half-closed, so the peer reads its NACK.
+const LINGER: Nanos = NANOS_PER_SEC;
+
+const SU_LISTENER: Token = Token(0);
+const CSP_LISTENER: Token = Token(1);
+pub(crate) const ACCEPTOR_WAKER: Token = Token(2);
+const FIRST_PENDING: usize = 3;
+
+struct Pending {
+    stream: TcpStream,
+    decoder: FrameDecoder,
+    role: Role,
+    addr: SocketAddr,
+    deadline: Nanos,
+    /// Refused: draining until the peer closes or the deadline.
+    refused: bool,
+}
+
+pub(crate) struct Acceptor {
+    poll: Poll,
+    su: TcpListener,
+    csp: TcpListener,
+    shared: Arc<Shared>,
+    pending: Vec<Option<Pending>>,
+    origin: Instant,
+}
+
+impl Acceptor {
+    pub(crate) fn new(
+        poll: Poll,
+        mut su: TcpListener,
+        mut csp: TcpListener,
+        shared: Arc<Shared>,
+    ) -> io::Result<Acceptor> {
+        poll.registry()
+            .register(&mut su, SU_LISTENER, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut csp, CSP_LISTENER, Interest::READABLE)?;
+        Ok(Acceptor {
+            poll,
+            su,
+            csp,
+            shared,
+            pending: Vec::new(),
+            origin: Instant::now(),
+        })
+    }
+
+    fn now(&self) -> Nanos {
+        self.origin.elapsed().as_nanos() as Nanos
+    }
+
+    pub(crate) fn run(mut self) {
+        let mut events = Events::with_capacity(256);
+        while !self.shared.is_shutting_down() {
+            let timeout = self.next_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!(error = %e, "acceptor poll failed; no new connections");
+                    return;
+                }
+            }
+            for event in events.iter() {
+                match event.token() {
+                    SU_LISTENER => self.accept(Role::Su),
+                    CSP_LISTENER => self.accept(Role::Csp),
+                    ACCEPTOR_WAKER => {}
+                    Token(t) => self.readable(t - FIRST_PENDING),
+                }
+            }
+            self.expire();
+        }
+        tracing::info!("acceptor stopped: no new connections");
+    }
+
+    fn next_timeout(&self) -> Option<std::time::Duration> {
+        let now = self.now();
+        self.pending
+            .iter()
+            .flatten()
+            .map(|p| p.deadline)
+            .min()
+            .map(|d| std::time::Duration::from_nanos(d.saturating_sub(now)))
+    }
+
+    fn accept(&mut self, role: Role) {
+        loop {
+            let listener = match role {
+                Role::Su => &self.su,
+                Role::Csp => &self.csp,
+            };
+            let (stream, addr) = match listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and the like: log and try again on the next event rather than spin.
+                    tracing::warn!(error = %e, ?role, "accept failed");
+                    return;
+                }
+            };
+            let live = self.pending.iter().flatten().count();
+            if live >= HANDSHAKES_PENDING_MAX {
+                tracing::warn!(%addr, limit = HANDSHAKES_PENDING_MAX, "too many connections waiting for HELLO; closing");
+                continue;
+            }
+            if let Err(e) = super::tune_stream(&stream) {
+                tracing::debug!(error = %e, %addr, "socket options refused");
+            }
+            let slot = match self.pending.iter().position(Option::is_none) {
+                Some(i) => i,
+                None => {
+                    self.pending.push(None);
+                    self.pending.len() - 1
+                }
+            };
+            let mut pending = Pending {
+                stream,
+                decoder: FrameDecoder::new(self.shared.config.engine.payload_bytes_max),
+                role,
+                addr,
+                deadline: self.now() + HANDSHAKE_TIMEOUT,
+                refused: false,
+            };
+            if let Err(e) = self.poll.registry().register(
+                &mut pending.stream,
+                Token(slot + FIRST_PENDING),
+                Interest::READABLE,
+            ) {
+                tracing::warn!(error = %e, %addr, "cannot register connection");
+                continue;
+            }
+            self.pending[slot] = Some(pending);
+            // Bytes may already be there; edge-triggered readiness would not report them again.
+            self.readable(slot);
+        }
+    }
+
+    fn readable(&mut self, slot: usize) {
+        let Some(Some(mut p)) = self.pending.get_mut(slot).map(Option::take) else {
+            return;
+        };
+        loop {
+            if p.refused {
+                // Discard what the refused peer still sends until it closes.
+                let mut sink = [0u8; 4096];
+                match io::Read::read(&mut p.stream, &mut sink) {
+                    Ok(0) => return self.drop_pending(p),
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => return self.drop_pending(p),
+                }
+            }
+            match p.decoder.next_frame() {
+                Ok(Some(frame)) => match self.handshake(&mut p, &frame) {
+                    Ok(peer) => return self.hand_off(p, peer),
+                    Err((msg_id, reason, detail)) => {
+                        self.refuse(&mut p, msg_id, reason, detail);
+                        continue;
+                    }
+                },
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::info!(addr = %p.addr, error = %e, "malformed frame before HELLO");
+                    self.refuse(&mut p, e.msg_id, NackReason::Malformed, &e.to_string());
+                    continue;
+                }
+            }
+            match p.decoder.fill_from(&mut p.stream, usize::MAX) {
+                Ok(0) => return self.drop_pending(p),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return self.drop_pending(p),
+            }
+        }
+        self.pending[slot] = Some(p);
+    }
+
+    /// Checks a connection's first frame: it must be a HELLO for this port's role with a
+    /// known identity and its token.
+    fn handshake(
+        &self,
+        p: &mut Pending,
+        frame: &Frame,
+    ) -> Result<PeerRef, (u64, NackReason, &'static str)> {
+        let msg_id = frame.header.msg_id;
+        if frame.header.kind != Kind::Hello {
+            return Err((msg_id, NackReason::UnexpectedKind, "send HELLO first"));
+        }
+        if frame.header.role() != Some(p.role) {
+            return Err((
+                msg_id,
+                NackReason::UnexpectedKind,
+                "HELLO role does not match this port",
+            ));
+        }
+        let token = frame.payload.as_ref();
+        let token_ok = !token.is_empty() && token.len() <= crate::wire::TOKEN_BYTES_MAX;
+        match p.role {
+            Role::Su => {
+                let su = self.shared.su(frame.header.su_id);
+                // Compare even for an unknown SU, so the time taken does not tell which SU ids
+                // exist.
+                let expected = su
+                    .and_then(|i| self.shared.su_token(i))
+                    .map_or(&b"\0unknown-service-user"[..], |t| t.expose());
+                let matches = token_eq(expected, token);
+                match su {
+                    Some(i) if matches && token_ok => Ok(PeerRef::Su(i)),
+                    _ => {
+                        tracing::warn!(addr = %p.addr, su = %frame.header.su_id, "SU HELLO refused: unknown SU or bad token");
+                        Err((msg_id, NackReason::Unauthorised, "unknown SU or bad token"))
+                    }
+                }
+            }
+            Role::Csp => match self.shared.csp_by_token(token) {
+                Some(i) if token_ok => Ok(PeerRef::Csp(i)),
+                _ => {
+                    tracing::warn!(addr = %p.addr, "CSP HELLO refused: bad token");
+                    Err((msg_id, NackReason::Unauthorised, "bad token"))
+                }
+            },
+        }
+    }
+
+    fn refuse(&self, p: &mut Pending, msg_id: u64, reason: NackReason, detail: &str) {
+        let nack = Frame::nack(msg_id, reason, detail);
+        let mut bytes = Vec::with_capacity(nack.wire_len());
+        bytes.extend_from_slice(&nack.header_bytes());
+        bytes.extend_from_slice(&nack.payload);
+        // A fresh socket's send buffer takes a 64-byte frame; if it does not, the close says
+        // enough.
+        let _ = io::Write::write_all(&mut p.stream, &bytes);
+        let _ = p.stream.shutdown(std::net::Shutdown::Write);
+        p.refused = true;
+        p.deadline = self.now() + LINGER;
+    }
+
+    fn hand_off(&mut self, mut p: Pending, peer: PeerRef) {
+        if let Err(e) = self.poll.registry().deregister(&mut p.stream) {
+            tracing::warn!(error = %e, "deregister failed");
+        }
+        let owner = match peer {
+            PeerRef::Su(i) => self.shared.sus[i as usize].owner,
+            PeerRef::Csp(i) => self.shared.csps[i as usize].owner,
+        };
+        let link = &self.shared.workers[owner];
+        let adopt = Adopt {
+            stream: p.stream,
+            decoder: p.decoder,
+            peer,
+            addr: p.addr,
+        };
+        if link.control.send(Control::Adopt(adopt)).is_err() {
+            tracing::warn!("worker gone; connection dropped");
+            return;
+        }
+        if let Err(e) = link.waker.wake() {
+            tracing::warn!(error = %e, "cannot wake worker");
+        }
+    }
+
+    fn drop_pending(&mut self, mut p: Pending) {
+        let _ = self.poll.registry().deregister(&mut p.stream);
+    }
+
+    fn expire(&mut self) {
+        let now = self.now();
+        for slot in 0..self.pending.len() {
+            let expired = self.pending[slot]
+                .as_ref()
+                .is_some_and(|p| p.deadline <= now);
+            if expired {
+                if let Some(p) = self.pending[slot].take() {
+                    if !p.refused {
+                        tracing::info!(addr = %p.addr, "no HELLO in time; closing");
+                    }
+                    self.drop_pending(p);
+                }
+            }
+        }
+    }
+}

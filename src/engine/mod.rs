@@ -1,0 +1,231 @@
+//! The running dataplane: an acceptor thread and one pinned worker per core (ENGINE.md §6).
+//!
+//! # Shape
+//!
+//! ```text
+//!            SU port ─┐                     ┌─ worker 0: Poll, SU/CSP connections it owns,
+//!  acceptor  CSP port ─┤ HELLO, token check  │   their schedulers, its classifier
+//!  (thread)            └─ hand-off ─────────▶├─ worker 1: …
+//!                                            └─ …
+//!  worker A reads a frame for a peer owned by worker B
+//!      ──▶ B's MPSC priority ring (lock-free) ──▶ mio::Waker ──▶ B schedules and sends it
+//! ```
+//!
+//! Every SU and CSP link is owned by one worker (an SU by a hash of its id, a CSP link by its
+//! index), so its scheduler, limiter and in-flight table are touched by one thread only, without
+//! locks. The only things shared are the rings (one consumer each: the owner), the control
+//! channels that carry new connections from the acceptor, and relaxed admission counters that
+//! bound what dsplane holds for each receiver (a frame is ACKed only once it is admitted and in a
+//! ring, so an ACKed frame always has a place).
+//!
+//! The sans-IO pieces do the deciding: [`crate::wire`] (framing), [`crate::classify`] (levels),
+//! [`crate::delivery`] (strict priority, window, rate, ramp) and [`crate::limiter`]; the code here
+//! only moves bytes and envelopes between them.
+
+mod acceptor;
+mod conn;
+mod shared;
+mod worker;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use mio::{Poll, Waker};
+
+use crate::config::Config;
+use crate::ids::Level;
+use crate::ring;
+use shared::{Envelope, Shared, WorkerLink};
+
+/// Frames each worker's ring holds per level. At 1 µs per frame a worker drains a full level in
+/// 8 ms; beyond that, intake answers NACK 5 rather than buffer without bound.
+pub const RING_FRAMES_PER_LEVEL: usize = 8192;
+/// Listen backlog of the SU and CSP ports.
+const LISTEN_BACKLOG: i32 = 1024;
+/// Socket send and receive buffers asked for, bytes.
+const SOCKET_BUFFER_BYTES: usize = 1 << 20;
+
+/// A running engine. Dropping it does not stop it; call [`Engine::shutdown`] and
+/// [`Engine::join`].
+#[derive(Debug)]
+pub struct Engine {
+    shared: Arc<Shared>,
+    su_addr: SocketAddr,
+    csp_addr: SocketAddr,
+    acceptor_waker: Arc<Waker>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Binds the SU and CSP ports and starts the acceptor and the workers.
+    ///
+    /// # Errors
+    ///
+    /// A port that cannot be bound, or a thread or poll that cannot be created.
+    pub fn start(config: Config) -> io::Result<Engine> {
+        let available = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = match config.engine.cores {
+            0 => available,
+            n => n as usize,
+        };
+        if config.engine.durability != crate::config::Durability::None {
+            tracing::warn!(
+                durability = ?config.engine.durability,
+                "the write-ahead log is not built yet: frames are held in memory only and a crash loses them"
+            );
+        }
+        let su_listener = listen(config.listen.su)?;
+        let csp_listener = listen(config.listen.csp)?;
+        let su_addr = su_listener.local_addr()?;
+        let csp_addr = csp_listener.local_addr()?;
+
+        let mut links = Vec::with_capacity(workers);
+        let mut parts = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let poll = Poll::new()?;
+            let waker = Arc::new(Waker::new(poll.registry(), worker::WORKER_WAKER)?);
+            let (producer, consumer) =
+                ring::channel(usize::from(config.engine.levels), RING_FRAMES_PER_LEVEL)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+            let (control_tx, control_rx) = mpsc::channel();
+            links.push(WorkerLink {
+                ring: producer,
+                waker,
+                control: control_tx,
+            });
+            parts.push((poll, consumer, control_rx));
+        }
+        let shared = Arc::new(Shared::new(config, links));
+
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let mut threads = Vec::with_capacity(workers + 1);
+        for (index, (poll, consumer, control_rx)) in parts.into_iter().enumerate() {
+            let shared = Arc::clone(&shared);
+            let core = cores.get(index % cores.len().max(1)).copied();
+            let handle = std::thread::Builder::new()
+                .name(format!("dsplane-worker-{index}"))
+                .spawn(move || {
+                    match core {
+                        Some(id) if core_affinity::set_for_current(id) => {
+                            tracing::info!(worker = index, core = id.id, "worker pinned");
+                        }
+                        _ => {
+                            tracing::info!(worker = index, "core pinning refused; running unpinned")
+                        }
+                    }
+                    worker::Worker::new(index, poll, shared, consumer, control_rx).run();
+                })?;
+            threads.push(handle);
+        }
+
+        let poll = Poll::new()?;
+        let acceptor_waker = Arc::new(Waker::new(poll.registry(), acceptor::ACCEPTOR_WAKER)?);
+        let acceptor = acceptor::Acceptor::new(
+            poll,
+            mio::net::TcpListener::from_std(su_listener),
+            mio::net::TcpListener::from_std(csp_listener),
+            Arc::clone(&shared),
+        )?;
+        threads.push(
+            std::thread::Builder::new()
+                .name("dsplane-acceptor".into())
+                .spawn(move || acceptor.run())?,
+        );
+        tracing::info!(su = %su_addr, csp = %csp_addr, workers, "dsplane running");
+        Ok(Engine {
+            shared,
+            su_addr,
+            csp_addr,
+            acceptor_waker,
+            threads,
+        })
+    }
+
+    /// The address the SU port is bound to (useful with port 0).
+    pub fn su_addr(&self) -> SocketAddr {
+        self.su_addr
+    }
+
+    /// The address the CSP port is bound to.
+    pub fn csp_addr(&self) -> SocketAddr {
+        self.csp_addr
+    }
+
+    /// A handle that can stop the engine from another thread (e.g. a signal handler thread).
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            shared: Arc::clone(&self.shared),
+            acceptor_waker: Arc::clone(&self.acceptor_waker),
+        }
+    }
+
+    /// Asks every thread to stop: no new connections, nothing new handed out.
+    pub fn shutdown(&self) {
+        self.stopper().stop();
+    }
+
+    /// Waits for every thread to finish.
+    pub fn join(self) {
+        for t in self.threads {
+            if t.join().is_err() {
+                tracing::error!("an engine thread panicked");
+            }
+        }
+    }
+}
+
+/// Stops an [`Engine`] from anywhere.
+#[derive(Debug, Clone)]
+pub struct Stopper {
+    shared: Arc<Shared>,
+    acceptor_waker: Arc<Waker>,
+}
+
+impl Stopper {
+    /// Asks the engine to stop.
+    pub fn stop(&self) {
+        self.shared.request_shutdown();
+        let _ = self.acceptor_waker.wake();
+    }
+}
+
+/// Pushes an envelope into a worker's ring at `level`, waking the worker if it sleeps. Hands the
+/// envelope back when that level is full.
+fn push(link: &WorkerLink, level: Level, envelope: Envelope) -> Result<(), Envelope> {
+    match link.ring.push(level.index(), envelope) {
+        Ok(wake) => {
+            if wake.is_needed() {
+                if let Err(e) = link.waker.wake() {
+                    tracing::warn!(error = %e, "cannot wake worker");
+                }
+            }
+            Ok(())
+        }
+        Err(e) => Err(e.into_inner()),
+    }
+}
+
+fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Socket options for a peer connection: no Nagle delay (frames are small and latency
+/// matters), and large buffers so that one `writev` moves many frames.
+fn tune_stream(stream: &mio::net::TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let socket = socket2::SockRef::from(stream);
+    socket.set_send_buffer_size(SOCKET_BUFFER_BYTES)?;
+    socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES)?;
+    Ok(())
+}

@@ -1,0 +1,282 @@
+//! What every thread of the engine can see: the directory of peers (immutable after start-up),
+//! the links into each worker (its ring, its waker, its control channel), and the admission
+//! counters that bound what dsplane holds for each receiver.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+use mio::Waker;
+
+use crate::classify::Rules;
+use crate::config::{Config, Csp, DeviceRange, Secret, ServiceUser};
+use crate::ids::{Eui64, Level};
+use crate::ring;
+use crate::wire::Frame;
+
+/// A connection handed from the acceptor to the worker that owns its peer.
+#[derive(Debug)]
+pub(crate) struct Adopt {
+    pub stream: mio::net::TcpStream,
+    pub decoder: crate::wire::FrameDecoder,
+    pub peer: PeerRef,
+    pub addr: std::net::SocketAddr,
+}
+
+/// What the acceptor (and, later, the admin interface) tells a worker.
+#[derive(Debug)]
+pub(crate) enum Control {
+    /// Take this authenticated connection.
+    Adopt(Adopt),
+}
+
+/// Work crossing to the worker that owns its receiver.
+#[derive(Debug)]
+pub(crate) enum Envelope {
+    /// A RESPONSE or alert for Service User `su`; the owner classifies it (a response inherits
+    /// its request's level from the owner's in-flight table).
+    Northbound { su: u32, frame: Frame },
+    /// A REQUEST for CSP link `csp`, already classified at intake.
+    Southbound {
+        csp: u32,
+        level: Level,
+        frame: Frame,
+    },
+}
+
+/// A peer, by its index in the directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum PeerRef {
+    /// A Service User.
+    Su(u32),
+    /// A CSP link.
+    Csp(u32),
+}
+
+/// One configured Service User.
+#[derive(Debug)]
+pub(crate) struct SuEntry {
+    pub config: ServiceUser,
+    /// The worker that owns it.
+    pub owner: usize,
+    /// Frames admitted for it and not yet acknowledged by it.
+    pub held: AtomicU64,
+    /// Most frames held for it: its NMS share (`nms_per_su`).
+    pub held_max: u64,
+}
+
+/// One configured CSP link.
+#[derive(Debug)]
+pub(crate) struct CspEntry {
+    pub config: Csp,
+    pub owner: usize,
+    pub held: AtomicU64,
+    pub held_max: u64,
+}
+
+/// The way into one worker.
+#[derive(Debug)]
+pub(crate) struct WorkerLink {
+    pub ring: ring::Producer<Envelope>,
+    pub waker: Arc<Waker>,
+    pub control: Sender<Control>,
+}
+
+/// Everything shared. Built once; only atomics change afterwards.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub config: Config,
+    pub rules: Arc<Rules>,
+    pub sus: Vec<SuEntry>,
+    su_index: HashMap<Eui64, u32>,
+    pub csps: Vec<CspEntry>,
+    /// (range, CSP index), in file order.
+    routes: Vec<(DeviceRange, u32)>,
+    /// The CSP that takes devices no range claims: the first one configured with no ranges.
+    default_csp: Option<u32>,
+    /// Frames held for every receiver together, and the bound on it (`nms_total`).
+    pub total_held: AtomicU64,
+    pub total_held_max: u64,
+    pub workers: Vec<WorkerLink>,
+    pub shutdown: AtomicBool,
+}
+
+/// Spreads SU ids over workers (a multiplicative hash, so consecutive ids do not all land on
+/// one worker).
+pub(crate) fn owner_of(su: Eui64, workers: usize) -> usize {
+    let mixed = su.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ((mixed >> 32) % workers.max(1) as u64) as usize
+}
+
+impl Shared {
+    pub(crate) fn new(config: Config, workers: Vec<WorkerLink>) -> Shared {
+        let n = workers.len();
+        let rules = Arc::new(Rules::new(&config.priority));
+        let sus: Vec<SuEntry> = config
+            .service_users
+            .iter()
+            .map(|su| SuEntry {
+                owner: owner_of(su.id, n),
+                held: AtomicU64::new(0),
+                held_max: su.delivery.nms_per_su,
+                config: su.clone(),
+            })
+            .collect();
+        let su_index = sus
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.config.id, i as u32))
+            .collect();
+        let csps: Vec<CspEntry> = config
+            .csps
+            .iter()
+            .enumerate()
+            .map(|(i, c)| CspEntry {
+                owner: i % n.max(1),
+                held: AtomicU64::new(0),
+                held_max: config.delivery.nms_total,
+                config: c.clone(),
+            })
+            .collect();
+        let routes = csps
+            .iter()
+            .enumerate()
+            .flat_map(|(i, c)| c.config.device_ranges.iter().map(move |r| (*r, i as u32)))
+            .collect();
+        let default_csp = csps
+            .iter()
+            .position(|c| c.config.device_ranges.is_empty())
+            .map(|i| i as u32);
+        Shared {
+            total_held_max: config.delivery.nms_total,
+            config,
+            rules,
+            sus,
+            su_index,
+            csps,
+            routes,
+            default_csp,
+            total_held: AtomicU64::new(0),
+            workers,
+            shutdown: AtomicBool::new(false),
+        }
+    }
+
+    /// The SU with this id.
+    pub(crate) fn su(&self, id: Eui64) -> Option<u32> {
+        self.su_index.get(&id).copied()
+    }
+
+    /// The CSP serving `device` (ENGINE.md §5): the first range containing it, else the CSP
+    /// with no ranges.
+    pub(crate) fn route(&self, device: Eui64) -> Option<u32> {
+        self.routes
+            .iter()
+            .find(|(range, _)| range.contains(device))
+            .map(|(_, csp)| *csp)
+            .or(self.default_csp)
+    }
+
+    /// The CSP whose token this is, comparing against every CSP's token in constant time each
+    /// (and all of them, so the time taken does not say which one matched).
+    pub(crate) fn csp_by_token(&self, token: &[u8]) -> Option<u32> {
+        let mut found = None;
+        for (i, c) in self.csps.iter().enumerate() {
+            if token_eq(c.config.token.expose(), token) && found.is_none() {
+                found = Some(i as u32);
+            }
+        }
+        found
+    }
+
+    fn held_of(&self, peer: PeerRef) -> Option<(&AtomicU64, u64)> {
+        match peer {
+            PeerRef::Su(i) => self.sus.get(i as usize).map(|s| (&s.held, s.held_max)),
+            PeerRef::Csp(i) => self.csps.get(i as usize).map(|c| (&c.held, c.held_max)),
+        }
+    }
+
+    /// Reserves room for one frame for `peer`, within its own bound and the total; `false`
+    /// means every buffer for it is full (NACK 5). Counters only: Relaxed read-modify-writes
+    /// are exact, and nothing else is published through them.
+    pub(crate) fn admit(&self, peer: PeerRef) -> bool {
+        let Some((held, max)) = self.held_of(peer) else {
+            return false;
+        };
+        if held.fetch_add(1, Ordering::Relaxed) >= max {
+            held.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        if self.total_held.fetch_add(1, Ordering::Relaxed) >= self.total_held_max {
+            self.total_held.fetch_sub(1, Ordering::Relaxed);
+            held.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Gives back room for `n` frames of `peer` (acknowledged by it, or refused after admission).
+    pub(crate) fn release(&self, peer: PeerRef, n: u64) {
+        if n == 0 {
+            return;
+        }
+        if let Some((held, _)) = self.held_of(peer) {
+            held.fetch_sub(n, Ordering::Relaxed);
+            self.total_held.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a shutdown was asked for. Acquire pairs with the Release store in
+    /// [`Shared::request_shutdown`].
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn request_shutdown(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        for w in &self.workers {
+            // A worker whose poll is gone has already stopped.
+            let _ = w.waker.wake();
+        }
+    }
+
+    /// The token the SU must present.
+    pub(crate) fn su_token(&self, su: u32) -> Option<&Secret> {
+        self.sus.get(su as usize).map(|s| &s.config.token)
+    }
+}
+
+/// Compares two tokens in time that depends only on their lengths, not on where they differ.
+pub(crate) fn token_eq(expected: &[u8], given: &[u8]) -> bool {
+    let mut diff = u8::from(expected.len() != given.len());
+    for (i, e) in expected.iter().enumerate() {
+        diff |= e ^ given.get(i).copied().unwrap_or(!e);
+    }
+    std::hint::black_box(diff) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(token_eq(b"secret", b"secret"));
+        assert!(!token_eq(b"secret", b"secreT"));
+        assert!(!token_eq(b"secret", b"secret2"));
+        assert!(!token_eq(b"secret", b"secre"));
+        assert!(!token_eq(b"secret", b""));
+        assert!(!token_eq(b"a", b"\x9e"));
+    }
+
+    #[test]
+    fn owners_spread_over_workers() {
+        let mut counts = [0usize; 4];
+        for i in 0..4_000u64 {
+            counts[owner_of(Eui64(0x90B3_D51F_3001_0000 + i), 4)] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+        assert_eq!(owner_of(Eui64(42), 1), 0);
+    }
+}

@@ -1,0 +1,138 @@
+//! The `dsplane` binary: `check-config`, and `run` serving traffic until SIGTERM, then exiting
+//! cleanly.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dsplane::client::Client;
+use dsplane::ids::Eui64;
+use dsplane::wire::{Frame, Header, Kind};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dsplane");
+
+fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("dsplane-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn check_config_names_the_bad_key_and_exits_2() {
+    let bad = temp_file("bad.toml", "[engine]\nlevels = 0\n");
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("engine.levels"), "{err}");
+
+    let good = temp_file("good.toml", "[engine]\nlevels = 6\n");
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("levels = 6"));
+}
+
+#[test]
+fn run_serves_traffic_and_stops_on_sigterm() {
+    let config = temp_file(
+        "run.toml",
+        r#"
+[engine]
+cores = 1
+durability = "none"
+[listen]
+su = "127.0.0.1:0"
+csp = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+[[service_user]]
+id = "90-B3-D5-1F-30-01-00-00"
+token = "t-su"
+[[csp]]
+name = "c"
+token = "t-csp"
+"#,
+    );
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("DSPLANE_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Find the bound ports in the "dsplane running" log line.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut addrs = None;
+    while addrs.is_none() {
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no 'dsplane running' line");
+        if line.contains("dsplane running") {
+            let field = |name: &str| -> std::net::SocketAddr {
+                let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
+                line[start..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            };
+            addrs = Some((field("su"), field("csp")));
+        }
+    }
+    let (su_addr, csp_addr) = addrs.unwrap();
+    let su_id: Eui64 = "90-B3-D5-1F-30-01-00-00".parse().unwrap();
+    let mut csp = Client::connect_csp(csp_addr, "t-csp").unwrap();
+    let mut h = Header::new(Kind::DeviceAlert);
+    h.su_id = su_id;
+    h.alert_code = 0x8F1C;
+    let id = csp
+        .send(Frame::new(h, Bytes::from_static(b"alert")).unwrap())
+        .unwrap();
+    csp.wait_ack(id, Duration::from_secs(10)).unwrap();
+    let mut su = Client::connect_su(su_addr, su_id, "t-su").unwrap();
+    let f = su.recv(Duration::from_secs(10)).unwrap().unwrap();
+    // No [priority] section: alerts get the default `alert_level`, 3.
+    assert_eq!((f.header.kind, f.header.priority), (Kind::DeviceAlert, 3));
+    assert_eq!(&f.payload[..], b"alert");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut saw_shutdown = false;
+    while let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+        saw_shutdown |= line.contains("shutting down");
+    }
+    assert!(saw_shutdown);
+}
