@@ -71,6 +71,9 @@ pub enum Blocked {
     Window,
     /// The rate limiter has no token until this instant.
     Rate(Nanos),
+    /// The most urgent waiting frames of this lane (queue index) are on disk only: load some
+    /// with [`DeliveryScheduler::load`] and ask again.
+    Load(usize),
 }
 
 /// A frame handed out for sending.
@@ -101,9 +104,11 @@ pub struct DeliveryScheduler<T> {
     settings: DeliverySettings,
     /// Per level (index 0 = level 1), or one queue when not prioritised: (level, frame, re-send).
     queues: Vec<VecDeque<(Level, T, bool)>>,
-    /// Bit i set = `queues[i]` is non-empty.
+    /// Bit i set = `queues[i]` is non-empty or lane i has spilled frames.
     nonempty: u32,
     waiting: usize,
+    /// Per lane: frames waiting on disk only (the SURB), behind those in `queues`.
+    spilled: Vec<u64>,
     /// In send order: (msg_id, level, frame).
     unacked: VecDeque<(u64, Level, T)>,
     next_msg_id: u64,
@@ -126,6 +131,7 @@ impl<T> DeliveryScheduler<T> {
             queues: (0..queue_count).map(|_| VecDeque::new()).collect(),
             nonempty: 0,
             waiting: 0,
+            spilled: vec![0; queue_count],
             unacked: VecDeque::new(),
             next_msg_id: 1,
             connected: false,
@@ -133,6 +139,74 @@ impl<T> DeliveryScheduler<T> {
             limiter,
             stats: DeliveryStats::default(),
         }
+    }
+
+    /// The lane (queue index) a level waits in: its own, or the one FIFO queue.
+    pub fn lane_of(&self, level: Level) -> usize {
+        self.queue_index(level)
+    }
+
+    /// Counts `n` frames of `level` as waiting on disk only, behind everything in memory.
+    pub fn add_spilled(&mut self, level: Level, n: u64) {
+        if n > 0 {
+            let i = self.queue_index(level);
+            self.spilled[i] += n;
+            self.nonempty |= 1 << i;
+        }
+    }
+
+    /// Counts `n` frames as waiting on disk only in a lane (after recovery, or to correct the
+    /// count when the disk holds fewer than counted).
+    pub fn set_spilled_lane(&mut self, lane: usize, n: u64) {
+        if let Some(count) = self.spilled.get_mut(lane) {
+            *count = n;
+            if n > 0 {
+                self.nonempty |= 1 << lane;
+            } else if self.queues[lane].is_empty() {
+                self.nonempty &= !(1 << lane);
+            }
+        }
+    }
+
+    /// Number of lanes (levels, or 1 in FIFO mode).
+    pub fn lanes(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Frames of a lane waiting on disk only.
+    pub fn spilled_in(&self, lane: usize) -> u64 {
+        self.spilled.get(lane).copied().unwrap_or(0)
+    }
+
+    /// A spilled frame of `level`, loaded back into memory: it joins the back of its lane (in
+    /// memory, everything before it has already been loaded or sent).
+    pub fn load(&mut self, level: Level, item: T) {
+        let i = self.queue_index(level);
+        self.spilled[i] = self.spilled[i].saturating_sub(1);
+        self.queues[i].push_back((level, item, false));
+        self.nonempty |= 1 << i;
+        self.waiting += 1;
+    }
+
+    /// Takes out, from the front of every lane, the waiting frames for which `expired` says
+    /// so (the oldest wait at the front); unacknowledged frames are left to their peer.
+    pub fn take_expired(&mut self, mut expired: impl FnMut(&T) -> bool) -> Vec<(Level, T)> {
+        let mut out = Vec::new();
+        for i in 0..self.queues.len() {
+            while self.queues[i]
+                .front()
+                .is_some_and(|(_, item, _)| expired(item))
+            {
+                if let Some((level, item, _)) = self.queues[i].pop_front() {
+                    out.push((level, item));
+                    self.waiting -= 1;
+                }
+            }
+            if self.queues[i].is_empty() && self.spilled[i] == 0 {
+                self.nonempty &= !(1 << i);
+            }
+        }
+        out
     }
 
     fn queue_index(&self, level: Level) -> usize {
@@ -155,14 +229,14 @@ impl<T> DeliveryScheduler<T> {
         Ok(())
     }
 
-    /// Frames held: waiting plus unacknowledged.
+    /// Frames held in memory: waiting plus unacknowledged.
     pub fn held(&self) -> usize {
         self.waiting + self.unacked.len()
     }
 
-    /// Frames waiting to be sent.
+    /// Frames waiting to be sent, in memory and spilled.
     pub fn waiting(&self) -> usize {
-        self.waiting
+        self.waiting + self.spilled.iter().sum::<u64>() as usize
     }
 
     /// Frames waiting at one level (in FIFO mode every frame is counted at its own level).
@@ -218,7 +292,7 @@ impl<T> DeliveryScheduler<T> {
     }
 
     fn start_release_if_backlog(&mut self, now: Nanos) {
-        if self.waiting > 0 {
+        if self.waiting() > 0 {
             // The ramp's length was validated with the configuration; a refusal here would only
             // mean no ramp, which is logged rather than allowed to stop delivery.
             if let Err(error) = self.limiter.start_release(
@@ -247,7 +321,12 @@ impl<T> DeliveryScheduler<T> {
         let i = self.nonempty.trailing_zeros() as usize;
         let level = match self.queues[i].front() {
             Some((level, _, _)) => *level,
-            None => return Err(Blocked::Empty),
+            None if self.spilled[i] > 0 => return Err(Blocked::Load(i)),
+            None => {
+                // Cannot happen (the bit says non-empty); repair the bitmap rather than stall.
+                self.nonempty &= !(1 << i);
+                return Err(Blocked::Empty);
+            }
         };
         let limit = if level == Level::URGENT || !self.settings.prioritised {
             self.settings.window
@@ -265,7 +344,7 @@ impl<T> DeliveryScheduler<T> {
         let Some((level, item, resend)) = self.queues[i].pop_front() else {
             return Err(Blocked::Empty);
         };
-        if self.queues[i].is_empty() {
+        if self.queues[i].is_empty() && self.spilled[i] == 0 {
             self.nonempty &= !(1 << i);
         }
         self.waiting -= 1;
@@ -312,8 +391,13 @@ impl<T> DeliveryScheduler<T> {
         for q in &mut self.queues {
             out.extend(q.drain(..).map(|(l, t, _)| (l, t)));
         }
-        self.nonempty = 0;
         self.waiting = 0;
+        self.nonempty = 0;
+        for (i, n) in self.spilled.iter().enumerate() {
+            if *n > 0 {
+                self.nonempty |= 1 << i;
+            }
+        }
         out
     }
 }
@@ -543,6 +627,37 @@ mod tests {
             idle.enqueue(level(4), i).unwrap();
         }
         assert_eq!(send_all(&mut idle, 0).len(), 100);
+    }
+
+    #[test]
+    fn spilled_frames_keep_their_place_in_strict_priority() {
+        let mut s = connected(settings());
+        s.enqueue(level(3), 30).unwrap();
+        s.add_spilled(level(2), 2);
+        assert_eq!(s.waiting(), 3);
+        // Level 2 has frames on disk only: ask for them before letting level 3 go.
+        assert_eq!(s.next_send(0).err(), Some(Blocked::Load(1)));
+        s.load(level(2), 20);
+        assert_eq!(*s.next_send(0).unwrap().item, 20);
+        assert_eq!(s.next_send(0).err(), Some(Blocked::Load(1)));
+        s.load(level(2), 21);
+        assert_eq!(send_all(&mut s, 0), vec![21, 30]);
+        assert_eq!(s.spilled_in(1), 0);
+        assert_eq!(s.next_send(0).err(), Some(Blocked::Empty));
+    }
+
+    #[test]
+    fn expired_frames_are_taken_from_the_front() {
+        let mut s = DeliveryScheduler::new(settings(), TokenBucket::new(10, 10, 0).unwrap());
+        for (l, item) in [(4, 1), (4, 2), (4, 9), (2, 3), (2, 8)] {
+            s.enqueue(level(l), item).unwrap();
+        }
+        // Items below 5 are "old"; 9 is not, so 2's neighbour behind it is not looked at.
+        let gone = s.take_expired(|&item| item < 5);
+        assert_eq!(gone, vec![(level(2), 3), (level(4), 1), (level(4), 2)]);
+        assert_eq!(s.waiting(), 2);
+        s.on_connect(0);
+        assert_eq!(send_all(&mut s, 0), vec![8, 9]);
     }
 
     #[test]

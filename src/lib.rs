@@ -23,7 +23,9 @@ pub mod engine;
 pub mod ids;
 pub mod limiter;
 pub mod ring;
+pub mod store;
 pub mod sync;
+pub mod wal;
 pub mod wire;
 
 /// Time on the message path: nanoseconds from an arbitrary, monotonic origin.

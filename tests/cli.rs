@@ -51,6 +51,7 @@ fn run_serves_traffic_and_stops_on_sigterm() {
 [engine]
 cores = 1
 durability = "none"
+data_dir = "DATA_DIR"
 [listen]
 su = "127.0.0.1:0"
 csp = "127.0.0.1:0"
@@ -63,6 +64,15 @@ name = "c"
 token = "t-csp"
 "#,
     );
+    let config = {
+        let text = std::fs::read_to_string(&config).unwrap();
+        let data = config.parent().unwrap().join("run-data");
+        let _ = std::fs::remove_dir_all(&data);
+        temp_file(
+            "run.toml",
+            &text.replace("DATA_DIR", &data.display().to_string()),
+        )
+    };
     let mut child = Command::new(BIN)
         .args(["run", "--config"])
         .arg(&config)

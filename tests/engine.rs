@@ -19,6 +19,7 @@ const T: Duration = Duration::from_secs(10);
 /// A config on ephemeral ports with two SUs and one CSP; `delivery` replaces the `[delivery]`
 /// body and `extra` is appended.
 fn config(delivery: &str, extra: &str) -> Config {
+    let data_dir = temp_data_dir();
     // No ramp unless a test asks for one, so that rates are steady from the first frame.
     let ramp = if delivery.contains("release_start") {
         ""
@@ -29,6 +30,7 @@ fn config(delivery: &str, extra: &str) -> Config {
         r#"
 [engine]
 cores = 2
+data_dir = "{data_dir}"
 durability = "none"
 [listen]
 su = "127.0.0.1:0"
@@ -56,11 +58,25 @@ high_priority_alerts = [ {{ code = 0x8F1C, level = 1 }} ]
     Config::from_toml(&text).unwrap()
 }
 
+/// A fresh data directory per engine, so tests running side by side never share a log.
+fn temp_data_dir() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("dsplane-engine-test-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir.display().to_string()
+}
+
 fn default_csp() -> &'static str {
     "[[csp]]\nname = \"csp-a\"\ntoken = \"csp-token\"\nrate = 100000\nburst = 1000\nwindow = 1000\n"
 }
 
 fn start(delivery: &str, extra: &str) -> Running {
+    // Warnings and errors go to the test's captured output, shown when it fails.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_test_writer()
+        .try_init();
     let extra = if extra.contains("[[csp]]") {
         extra.to_owned()
     } else {
@@ -511,30 +527,38 @@ fn a_reconnect_releases_the_backlog_on_a_ramp() {
 }
 
 #[test]
-fn a_full_nms_share_answers_nack_5_and_recovers_once_acknowledged() {
+fn beyond_its_nms_share_an_absent_sus_traffic_goes_to_disk_and_keeps_its_order() {
+    // A share of 5 frames in memory: the other 295 wait in the SURB, on disk only.
     let engine = start("nms_per_su = 5\nrate = 100000\nburst = 1000", "");
     let mut csp = engine.csp();
-    let ids: Vec<u64> = (0..8)
-        .map(|i| csp.send(response(SU1, "1.1.1", i)).unwrap())
-        .collect();
-    let others = csp.wait_ack(ids[7], T).unwrap();
-    let nacked: Vec<u64> = others
-        .iter()
-        .filter(|f| f.header.nack_reason() == Some(NackReason::Overloaded))
-        .map(|f| f.header.msg_id)
-        .collect();
-    assert_eq!(nacked, ids[5..].to_vec(), "the 6th frame on is refused");
+    let srvs = [("1.1.1", 4u8), ("4.1.1", 3), ("8.1.1", 2), ("2.2", 1)];
+    let last = csp
+        .send_batch((0..300u64).map(|i| response(SU1, srvs[(i * 5 % 4) as usize].0, i)))
+        .unwrap();
+    assert!(csp.wait_ack(last, T).unwrap().is_empty(), "nothing refused");
     let mut su = engine.su(SU1, "su1-token");
-    let got = recv_acking(&mut su, 5);
+    let got = recv_acking(&mut su, 300);
+    let order: Vec<(u8, u64)> = got
+        .iter()
+        .map(|f| (f.header.priority, f.header.counter))
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort();
     assert_eq!(
-        got.iter().map(|f| f.header.counter).collect::<Vec<_>>(),
-        (0..5).collect::<Vec<_>>()
+        order, sorted,
+        "strict level order, FIFO within level, across both tiers"
     );
-    // The SU acknowledged them: there is room again.
-    std::thread::sleep(Duration::from_millis(200));
-    let id = csp.send(response(SU1, "1.1.1", 99)).unwrap();
-    assert!(csp.wait_ack(id, T).unwrap().is_empty());
-    assert_eq!(recv_acking(&mut su, 1)[0].header.counter, 99);
+    for f in &got {
+        assert_eq!(
+            f.header.priority,
+            srvs[(f.header.counter * 5 % 4) as usize].1
+        );
+        assert_eq!(f.payload.as_ref(), payload(f.header.counter).as_slice());
+    }
+    assert!(
+        su.recv(Duration::from_millis(200)).unwrap().is_none(),
+        "no duplicates"
+    );
 }
 
 #[test]

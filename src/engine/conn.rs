@@ -47,6 +47,15 @@ pub(crate) struct Conn {
     pub ack_due: Option<u64>,
     pub state: ConnState,
     pub write_shut: bool,
+    /// Unique within its worker, so that a late durability ticket for a closed connection is
+    /// not applied to a new one in the same slot.
+    pub id: u64,
+    /// Data frames taken, in msg_id order, waiting to be durable (`false`) or durable (`true`):
+    /// the cumulative ACK advances over the durable prefix only.
+    pub pending: VecDeque<(u64, bool)>,
+    /// A frame that did not fit its owner's ring: (owner, ring level, envelope). While it is
+    /// here, nothing more is read from this connection.
+    pub stalled: Option<(usize, crate::ids::Level, Box<super::shared::Envelope>)>,
 }
 
 impl Conn {
@@ -56,6 +65,7 @@ impl Conn {
         peer: PeerRef,
         addr: std::net::SocketAddr,
         now: Nanos,
+        id: u64,
     ) -> Conn {
         Conn {
             stream,
@@ -69,6 +79,9 @@ impl Conn {
             ack_due: None,
             state: ConnState::Open,
             write_shut: false,
+            id,
+            pending: VecDeque::new(),
+            stalled: None,
         }
     }
 
@@ -94,6 +107,25 @@ impl Conn {
         let header = scratch.split().freeze();
         self.push_chunk(header);
         self.push_chunk(frame.payload.clone());
+    }
+
+    /// A pending frame's durability is known: `true` durable, `false` refused. Returns whether
+    /// the frame was pending here. Then advances the ACK over the durable prefix.
+    pub(crate) fn resolve(&mut self, msg_id: u64, durable: bool) -> bool {
+        let i = self.pending.partition_point(|(m, _)| *m < msg_id);
+        let found = self.pending.get(i).is_some_and(|(m, _)| *m == msg_id);
+        if found {
+            if durable {
+                self.pending[i].1 = true;
+            } else {
+                self.pending.remove(i);
+            }
+        }
+        while let Some(&(m, true)) = self.pending.front() {
+            self.ack_due = Some(m);
+            self.pending.pop_front();
+        }
+        found
     }
 
     /// Queues the ACK that is due, if any.

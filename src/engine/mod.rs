@@ -23,6 +23,7 @@
 //! only moves bytes and envelopes between them.
 
 mod acceptor;
+mod admin;
 mod conn;
 mod shared;
 mod worker;
@@ -55,6 +56,7 @@ pub struct Engine {
     shared: Arc<Shared>,
     su_addr: SocketAddr,
     csp_addr: SocketAddr,
+    admin_addr: SocketAddr,
     acceptor_waker: Arc<Waker>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -71,12 +73,6 @@ impl Engine {
             0 => available,
             n => n as usize,
         };
-        if config.engine.durability != crate::config::Durability::None {
-            tracing::warn!(
-                durability = ?config.engine.durability,
-                "the write-ahead log is not built yet: frames are held in memory only and a crash loses them"
-            );
-        }
         let su_listener = listen(config.listen.su)?;
         let csp_listener = listen(config.listen.csp)?;
         let su_addr = su_listener.local_addr()?;
@@ -98,11 +94,59 @@ impl Engine {
             });
             parts.push((poll, consumer, control_rx));
         }
+        let wakers: Vec<Arc<Waker>> = links.iter().map(|l| Arc::clone(&l.waker)).collect();
         let shared = Arc::new(Shared::new(config, links));
+
+        // Recovery: what the previous run took and its receivers did not acknowledge is
+        // re-written, per owner, into this run's logs before anything new is taken.
+        let engine = &shared.config.engine;
+        let fifo = engine.scheduling == crate::config::Scheduling::Fifo;
+        let expiry_path = engine.data_dir.join("expired-recovery.jsonl");
+        let (stores, report) = crate::store::recover(
+            &engine.data_dir,
+            crate::store::LogSettings {
+                workers,
+                durability: engine.durability,
+                flush_interval: engine.flush_interval,
+            },
+            |key| shared.owner_of_key(key),
+            move |level| if fifo { 0 } else { level.saturating_sub(1) },
+            |w| {
+                let waker = Arc::clone(&wakers[w]);
+                Box::new(move || {
+                    let _ = waker.wake();
+                })
+            },
+            |record| {
+                if let crate::wal::Record::Enqueue { peer, level, frame, .. } = record {
+                    tracing::warn!(?peer, level, counter = frame.header.counter, "recovered frame for a peer no longer configured; written to the expiry record");
+                    let line = format!(
+                        "{{\"reason\":\"receiver no longer configured\",\"peer\":\"{peer:?}\",\"level\":{level},\"kind\":\"{}\",\"counter\":{}}}\n",
+                        frame.header.kind, frame.header.counter
+                    );
+                    let _ = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&expiry_path)
+                        .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+                }
+            },
+        )
+        .map_err(|e| io::Error::other(e.to_string()))?;
+        tracing::info!(
+            frames = report.frames_recovered,
+            orphaned = report.frames_orphaned,
+            torn_tails = report.torn_tails.len(),
+            generation = report.generation,
+            data_dir = %engine.data_dir.display(),
+            "log recovered"
+        );
 
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let mut threads = Vec::with_capacity(workers + 1);
-        for (index, (poll, consumer, control_rx)) in parts.into_iter().enumerate() {
+        for (index, ((poll, consumer, control_rx), store)) in
+            parts.into_iter().zip(stores).enumerate()
+        {
             let shared = Arc::clone(&shared);
             let core = cores.get(index % cores.len().max(1)).copied();
             let handle = std::thread::Builder::new()
@@ -116,10 +160,18 @@ impl Engine {
                             tracing::info!(worker = index, "core pinning refused; running unpinned")
                         }
                     }
-                    worker::Worker::new(index, poll, shared, consumer, control_rx).run();
+                    worker::Worker::new(index, poll, shared, consumer, control_rx, store).run();
                 })?;
             threads.push(handle);
         }
+
+        let (admin, admin_addr) =
+            admin::Admin::bind(shared.config.listen.admin, Arc::clone(&shared))?;
+        threads.push(
+            std::thread::Builder::new()
+                .name("dsplane-admin".into())
+                .spawn(move || admin.run())?,
+        );
 
         let poll = Poll::new()?;
         let acceptor_waker = Arc::new(Waker::new(poll.registry(), acceptor::ACCEPTOR_WAKER)?);
@@ -134,11 +186,12 @@ impl Engine {
                 .name("dsplane-acceptor".into())
                 .spawn(move || acceptor.run())?,
         );
-        tracing::info!(su = %su_addr, csp = %csp_addr, workers, "dsplane running");
+        tracing::info!(su = %su_addr, csp = %csp_addr, admin = %admin_addr, workers, "dsplane running");
         Ok(Engine {
             shared,
             su_addr,
             csp_addr,
+            admin_addr,
             acceptor_waker,
             threads,
         })
@@ -147,6 +200,11 @@ impl Engine {
     /// The address the SU port is bound to (useful with port 0).
     pub fn su_addr(&self) -> SocketAddr {
         self.su_addr
+    }
+
+    /// The address the admin interface is bound to.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
     }
 
     /// The address the CSP port is bound to.
@@ -192,9 +250,9 @@ impl Stopper {
     }
 }
 
-/// Pushes an envelope into a worker's ring at `level`, waking the worker if it sleeps. Hands the
-/// envelope back when that level is full.
-fn push(link: &WorkerLink, level: Level, envelope: Envelope) -> Result<(), Envelope> {
+/// Pushes an envelope into a worker's ring at `level`, waking the worker if it sleeps. Hands
+/// the envelope back (boxed: the rare path pays the allocation) when that level is full.
+fn push(link: &WorkerLink, level: Level, envelope: Envelope) -> Result<(), Box<Envelope>> {
     match link.ring.push(level.index(), envelope) {
         Ok(wake) => {
             if wake.is_needed() {
@@ -204,7 +262,7 @@ fn push(link: &WorkerLink, level: Level, envelope: Envelope) -> Result<(), Envel
             }
             Ok(())
         }
-        Err(e) => Err(e.into_inner()),
+        Err(e) => Err(Box::new(e.into_inner())),
     }
 }
 

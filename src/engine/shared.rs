@@ -13,6 +13,7 @@ use crate::classify::Rules;
 use crate::config::{Config, Csp, DeviceRange, Secret, ServiceUser};
 use crate::ids::{Eui64, Level};
 use crate::ring;
+use crate::wal::PeerKey;
 use crate::wire::Frame;
 
 /// A connection handed from the acceptor to the worker that owns its peer.
@@ -24,25 +25,50 @@ pub(crate) struct Adopt {
     pub addr: std::net::SocketAddr,
 }
 
-/// What the acceptor (and, later, the admin interface) tells a worker.
+/// What the acceptor, the admin interface and other workers tell a worker.
 #[derive(Debug)]
 pub(crate) enum Control {
     /// Take this authenticated connection.
     Adopt(Adopt),
+    /// Frames this worker took in are now durable at their owner (`true`) or could not be
+    /// written (`false`: NACK 5).
+    Tickets(Vec<(Ticket, bool)>),
+    /// An operator paused (`true`) or resumed an SU.
+    Pause { su: u32, paused: bool },
+    /// An operator restricted (`true`) or restored the whole northbound side.
+    Restrict(bool),
+}
+
+/// Who to ACK once a frame is durable: the intake worker's connection and the frame's msg_id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ticket {
+    pub origin: u16,
+    pub slot: u32,
+    /// The connection's id, so that a ticket for a closed connection whose slot was reused is
+    /// recognised and dropped.
+    pub conn_id: u64,
+    pub msg_id: u64,
 }
 
 /// Work crossing to the worker that owns its receiver.
 #[derive(Debug)]
-pub(crate) enum Envelope {
+pub(crate) struct Envelope {
+    pub to: Destination,
+    pub frame: Frame,
+    /// Set when durability asks for the frame to be on disk before it is ACKed.
+    pub ticket: Option<Ticket>,
+    /// When dsplane took it, ns since the Unix epoch.
+    pub enqueued_unix_ns: u64,
+}
+
+/// The receiver of an [`Envelope`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Destination {
     /// A RESPONSE or alert for Service User `su`; the owner classifies it (a response inherits
     /// its request's level from the owner's in-flight table).
-    Northbound { su: u32, frame: Frame },
+    Northbound { su: u32 },
     /// A REQUEST for CSP link `csp`, already classified at intake.
-    Southbound {
-        csp: u32,
-        level: Level,
-        frame: Frame,
-    },
+    Southbound { csp: u32, level: Level },
 }
 
 /// A peer, by its index in the directory.
@@ -60,10 +86,10 @@ pub(crate) struct SuEntry {
     pub config: ServiceUser,
     /// The worker that owns it.
     pub owner: usize,
-    /// Frames admitted for it and not yet acknowledged by it.
-    pub held: AtomicU64,
-    /// Most frames held for it: its NMS share (`nms_per_su`).
+    /// Most frames held in memory for it: its NMS share (`nms_per_su`).
     pub held_max: u64,
+    /// Its key in the write-ahead log.
+    pub key: PeerKey,
 }
 
 /// One configured CSP link.
@@ -71,8 +97,8 @@ pub(crate) struct SuEntry {
 pub(crate) struct CspEntry {
     pub config: Csp,
     pub owner: usize,
-    pub held: AtomicU64,
     pub held_max: u64,
+    pub key: PeerKey,
 }
 
 /// The way into one worker.
@@ -95,9 +121,12 @@ pub(crate) struct Shared {
     routes: Vec<(DeviceRange, u32)>,
     /// The CSP that takes devices no range claims: the first one configured with no ranges.
     default_csp: Option<u32>,
-    /// Frames held for every receiver together, and the bound on it (`nms_total`).
-    pub total_held: AtomicU64,
-    pub total_held_max: u64,
+    /// Frames held in memory for every receiver together, and the bound on it (`nms_total`):
+    /// beyond it frames go to the SURB (disk) instead.
+    pub memory_frames: AtomicU64,
+    pub memory_frames_max: u64,
+    /// Whether frames are made durable before they are ACKed.
+    pub durable: bool,
     pub workers: Vec<WorkerLink>,
     pub shutdown: AtomicBool,
 }
@@ -118,8 +147,8 @@ impl Shared {
             .iter()
             .map(|su| SuEntry {
                 owner: owner_of(su.id, n),
-                held: AtomicU64::new(0),
                 held_max: su.delivery.nms_per_su,
+                key: PeerKey::Su(su.id),
                 config: su.clone(),
             })
             .collect();
@@ -134,8 +163,8 @@ impl Shared {
             .enumerate()
             .map(|(i, c)| CspEntry {
                 owner: i % n.max(1),
-                held: AtomicU64::new(0),
-                held_max: config.delivery.nms_total,
+                held_max: config.delivery.nms_per_su,
+                key: PeerKey::csp(&c.name),
                 config: c.clone(),
             })
             .collect();
@@ -149,7 +178,8 @@ impl Shared {
             .position(|c| c.config.device_ranges.is_empty())
             .map(|i| i as u32);
         Shared {
-            total_held_max: config.delivery.nms_total,
+            memory_frames_max: config.delivery.nms_total,
+            durable: config.engine.durability != crate::config::Durability::None,
             config,
             rules,
             sus,
@@ -157,7 +187,7 @@ impl Shared {
             csps,
             routes,
             default_csp,
-            total_held: AtomicU64::new(0),
+            memory_frames: AtomicU64::new(0),
             workers,
             shutdown: AtomicBool::new(false),
         }
@@ -190,40 +220,11 @@ impl Shared {
         found
     }
 
-    fn held_of(&self, peer: PeerRef) -> Option<(&AtomicU64, u64)> {
-        match peer {
-            PeerRef::Su(i) => self.sus.get(i as usize).map(|s| (&s.held, s.held_max)),
-            PeerRef::Csp(i) => self.csps.get(i as usize).map(|c| (&c.held, c.held_max)),
-        }
-    }
-
-    /// Reserves room for one frame for `peer`, within its own bound and the total; `false`
-    /// means every buffer for it is full (NACK 5). Counters only: Relaxed read-modify-writes
-    /// are exact, and nothing else is published through them.
-    pub(crate) fn admit(&self, peer: PeerRef) -> bool {
-        let Some((held, max)) = self.held_of(peer) else {
-            return false;
-        };
-        if held.fetch_add(1, Ordering::Relaxed) >= max {
-            held.fetch_sub(1, Ordering::Relaxed);
-            return false;
-        }
-        if self.total_held.fetch_add(1, Ordering::Relaxed) >= self.total_held_max {
-            self.total_held.fetch_sub(1, Ordering::Relaxed);
-            held.fetch_sub(1, Ordering::Relaxed);
-            return false;
-        }
-        true
-    }
-
-    /// Gives back room for `n` frames of `peer` (acknowledged by it, or refused after admission).
-    pub(crate) fn release(&self, peer: PeerRef, n: u64) {
-        if n == 0 {
-            return;
-        }
-        if let Some((held, _)) = self.held_of(peer) {
-            held.fetch_sub(n, Ordering::Relaxed);
-            self.total_held.fetch_sub(n, Ordering::Relaxed);
+    /// The worker owning the peer with this log key, if it is configured.
+    pub(crate) fn owner_of_key(&self, key: PeerKey) -> Option<usize> {
+        match key {
+            PeerKey::Su(id) => self.su(id).map(|i| self.sus[i as usize].owner),
+            PeerKey::Csp(_) => self.csps.iter().find(|c| c.key == key).map(|c| c.owner),
         }
     }
 

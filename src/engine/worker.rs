@@ -17,22 +17,26 @@
 //!    its window and [`OUT_BYTES_MAX`](super::conn::OUT_BYTES_MAX) allow, and write it out with
 //!    vectored writes.
 
-use std::io;
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use mio::{Events, Interest, Poll, Token};
 
 use super::conn::{Conn, ConnState};
-use super::shared::{Adopt, Control, Envelope, PeerRef, Shared};
+use super::shared::{Adopt, Control, Destination, Envelope, PeerRef, Shared, Ticket};
 use crate::classify::{Classifier, RequestId};
 use crate::config::Scheduling;
 use crate::delivery::{Blocked, DeliveryScheduler, DeliverySettings};
 use crate::ids::{Level, Mode};
 use crate::limiter::{ReleaseStart, TokenBucket};
 use crate::ring;
+use crate::store::{LogPos, Store, Stored};
+use crate::wal::PeerKey;
 use crate::wire::{Frame, Kind, NackReason};
 use crate::{Nanos, NANOS_PER_SEC};
 
@@ -50,12 +54,49 @@ const LINGER: Nanos = NANOS_PER_SEC;
 const INFLIGHT_REQUESTS_MAX: usize = 1 << 20;
 /// How long a request is remembered: future-dated requests are answered days later.
 const INFLIGHT_AGE_MAX: Nanos = 7 * 24 * 3600 * NANOS_PER_SEC;
+/// Spilled frames loaded back from disk at a time, per lane.
+const LOAD_BATCH: usize = 256;
+
+/// A frame waiting in memory for its peer.
+#[derive(Debug)]
+pub(crate) struct Held {
+    frame: Frame,
+    /// Its record in the log, if it has one.
+    stored: Option<Stored>,
+    /// When dsplane took it, ns since the Unix epoch (for `retention_h`).
+    enqueued_unix_ns: u64,
+}
 
 /// A peer this worker owns.
 struct PeerState {
-    sched: DeliveryScheduler<Frame>,
+    sched: DeliveryScheduler<Held>,
     /// Its connection's slot, while connected.
     conn: Option<usize>,
+    /// Its key in the log.
+    key: PeerKey,
+    /// Most frames held in memory for it (its NMS share); beyond, they spill to disk.
+    memory_max: usize,
+    /// Paused by an operator.
+    paused: bool,
+    /// How long a frame may wait.
+    retention: Nanos,
+    /// Frames staged for memory in the batch being written (not yet in `sched`).
+    staged_memory: usize,
+}
+
+/// A frame taken from the ring, written (or not) to the log, waiting for the write to succeed.
+struct Staged {
+    peer: PeerRef,
+    level: Level,
+    held: Held,
+    spill: bool,
+    ticket: Option<Ticket>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 pub(crate) struct Worker {
@@ -73,19 +114,38 @@ pub(crate) struct Worker {
     popped: Vec<(usize, Envelope)>,
     /// Connections whose read budget ran out with data left.
     more_to_read: Vec<usize>,
+    /// Connections holding a frame that did not fit its owner's ring.
+    stalled: Vec<usize>,
     /// Earliest instant a rate-limited peer may send again.
     rate_wake: Option<Nanos>,
     next_housekeeping: Nanos,
+    store: Store,
+    /// Tickets of frames written, waiting for the log to be durable up to their position.
+    awaiting: VecDeque<(LogPos, Ticket)>,
+    staged: Vec<Staged>,
+    next_conn_id: u64,
+    restricted: bool,
+    expiry_log: Option<std::fs::File>,
+    fifo: bool,
+    /// Frames staged for memory in the batch being written, all peers.
+    staged_memory: usize,
+    /// Frames expired (the log line says the SU and level of each).
+    expired: u64,
 }
 
-fn settings(shared: &Shared, window: u32, frames_max: u64) -> DeliverySettings {
+fn settings(shared: &Shared, window: u32, memory_max: u64) -> DeliverySettings {
     let engine = &shared.config.engine;
     let delivery = &shared.config.delivery;
+    // The memory share decides what spills; the scheduler's own bound is a safety net above
+    // it, leaving room for one load batch per lane and a window in flight.
+    let frames_max = usize::try_from(memory_max)
+        .unwrap_or(usize::MAX)
+        .saturating_add(usize::from(engine.levels) * LOAD_BATCH + window as usize);
     DeliverySettings {
         levels: engine.levels,
         window,
         window_reserved_top: delivery.window_reserved_top.min(window.saturating_sub(1)),
-        frames_max: usize::try_from(frames_max).unwrap_or(usize::MAX),
+        frames_max,
         prioritised: engine.scheduling == Scheduling::Priority,
         release_start: delivery.release_start,
         release_ramp: delivery.release_ramp.as_nanos() as Nanos,
@@ -99,6 +159,7 @@ impl Worker {
         shared: Arc<Shared>,
         ring: ring::Consumer<Envelope>,
         control: Receiver<Control>,
+        store: Store,
     ) -> Worker {
         let origin = Instant::now();
         let sus = shared
@@ -116,6 +177,11 @@ impl Worker {
                     PeerState {
                         sched: DeliveryScheduler::new(s, limiter),
                         conn: None,
+                        key: su.key,
+                        memory_max: usize::try_from(su.held_max).unwrap_or(usize::MAX),
+                        paused: false,
+                        retention: d.retention.as_nanos() as Nanos,
+                        staged_memory: 0,
                     }
                 })
             })
@@ -134,6 +200,11 @@ impl Worker {
                     PeerState {
                         sched: DeliveryScheduler::new(s, limiter),
                         conn: None,
+                        key: csp.key,
+                        memory_max: usize::try_from(csp.held_max).unwrap_or(usize::MAX),
+                        paused: false,
+                        retention: shared.config.delivery.retention.as_nanos() as Nanos,
+                        staged_memory: 0,
                     }
                 })
             })
@@ -143,7 +214,7 @@ impl Worker {
             INFLIGHT_REQUESTS_MAX,
             INFLIGHT_AGE_MAX,
         );
-        Worker {
+        let mut worker = Worker {
             index,
             poll,
             shared,
@@ -157,9 +228,50 @@ impl Worker {
             scratch: BytesMut::with_capacity(64 * 1024),
             popped: Vec::with_capacity(RING_BATCH_MAX),
             more_to_read: Vec::new(),
+            stalled: Vec::new(),
             rate_wake: None,
             next_housekeeping: 0,
+            store,
+            awaiting: VecDeque::new(),
+            staged: Vec::new(),
+            next_conn_id: 1,
+            restricted: false,
+            expiry_log: None,
+            fifo: false,
+            staged_memory: 0,
+            expired: 0,
+        };
+        worker.fifo = worker.shared.config.engine.scheduling == Scheduling::Fifo;
+        // Frames recovered from the previous run wait on disk: count them in their lanes, so
+        // that each peer's release (with its ramp) includes them, in priority order.
+        let spills: Vec<(PeerKey, u8, u64)> = worker.store.spills().collect();
+        let mut recovered = 0;
+        for (key, lane, count) in spills {
+            if let Some(state) = worker.state_by_key(key) {
+                state.sched.set_spilled_lane(usize::from(lane), count);
+                recovered += count;
+            }
         }
+        if recovered > 0 {
+            tracing::info!(
+                worker = index,
+                frames = recovered,
+                "backlog recovered from the log"
+            );
+        }
+        worker
+    }
+
+    fn state_by_key(&mut self, key: PeerKey) -> Option<&mut PeerState> {
+        self.sus
+            .iter_mut()
+            .chain(self.csps.iter_mut())
+            .flatten()
+            .find(|p| p.key == key)
+    }
+
+    fn lane_of(fifo: bool) -> impl Fn(u8) -> u8 {
+        move |level| if fifo { 0 } else { level.saturating_sub(1) }
     }
 
     fn now(&self) -> Nanos {
@@ -177,6 +289,9 @@ impl Worker {
             let busy = !self.more_to_read.is_empty();
             let timeout = if busy {
                 Some(Duration::ZERO)
+            } else if !self.stalled.is_empty() {
+                // A full ring drains in well under a millisecond; try again then.
+                Some(Duration::from_millis(1))
             } else {
                 let until = self
                     .rate_wake
@@ -213,8 +328,10 @@ impl Worker {
             for slot in std::mem::take(&mut self.more_to_read) {
                 self.on_readable(slot);
             }
+            self.retry_stalled();
             self.drain_control();
             self.drain_ring();
+            self.resolve_tickets();
             self.pump_all();
             let now = self.now();
             if now >= self.next_housekeeping {
@@ -230,6 +347,87 @@ impl Worker {
         while let Ok(control) = self.control.try_recv() {
             match control {
                 Control::Adopt(adopt) => self.adopt(adopt),
+                Control::Tickets(tickets) => self.on_tickets(tickets),
+                Control::Pause { su, paused } => {
+                    let now = self.now();
+                    let restricted = self.restricted;
+                    if let Some(state) = self.sus.get_mut(su as usize).and_then(Option::as_mut) {
+                        state.paused = paused;
+                        state.sched.set_paused(paused || restricted, now);
+                    }
+                }
+                Control::Restrict(restricted) => {
+                    let now = self.now();
+                    self.restricted = restricted;
+                    for state in self.sus.iter_mut().flatten() {
+                        state.sched.set_paused(state.paused || restricted, now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Frames taken in on this worker's connections are durable (or refused) at their owner.
+    fn on_tickets(&mut self, tickets: Vec<(Ticket, bool)>) {
+        let mut touched = Vec::new();
+        for (ticket, durable) in tickets {
+            let slot = ticket.slot as usize;
+            let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            if conn.id != ticket.conn_id {
+                continue;
+            }
+            if conn.resolve(ticket.msg_id, durable) && !durable {
+                conn.queue(
+                    &Frame::nack(
+                        ticket.msg_id,
+                        NackReason::Overloaded,
+                        "could not be written to disk",
+                    ),
+                    &mut self.scratch,
+                );
+            }
+            if !touched.contains(&slot) {
+                touched.push(slot);
+            }
+        }
+        for slot in touched {
+            self.flush_acks(slot);
+        }
+    }
+
+    /// Hands the tickets of frames now durable back to the workers that took them in.
+    fn resolve_tickets(&mut self) {
+        if self.awaiting.is_empty() {
+            return;
+        }
+        let durable = self.store.durable_pos();
+        let mut by_origin: Vec<Vec<(Ticket, bool)>> = vec![Vec::new(); self.shared.workers.len()];
+        while let Some(&(pos, ticket)) = self.awaiting.front() {
+            if pos > durable {
+                break;
+            }
+            self.awaiting.pop_front();
+            if let Some(list) = by_origin.get_mut(usize::from(ticket.origin)) {
+                list.push((ticket, true));
+            }
+        }
+        self.send_tickets(by_origin);
+    }
+
+    fn send_tickets(&mut self, by_origin: Vec<Vec<(Ticket, bool)>>) {
+        for (origin, list) in by_origin.into_iter().enumerate() {
+            if list.is_empty() {
+                continue;
+            }
+            if origin == self.index {
+                self.on_tickets(list);
+            } else {
+                let link = &self.shared.workers[origin];
+                if link.control.send(Control::Tickets(list)).is_ok() {
+                    let _ = link.waker.wake();
+                }
             }
         }
     }
@@ -257,7 +455,9 @@ impl Worker {
             return;
         }
         let now = self.now();
-        let mut conn = Conn::new(stream, decoder, peer, addr, now);
+        let id = self.next_conn_id;
+        self.next_conn_id += 1;
+        let mut conn = Conn::new(stream, decoder, peer, addr, now, id);
         conn.queue(&Frame::hello_ok(), &mut self.scratch);
         self.conns[slot] = Some(conn);
         // A second HELLO for the same peer takes over: the old connection is closed and what it
@@ -362,6 +562,10 @@ impl Worker {
             let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
                 return;
             };
+            if conn.stalled.is_some() {
+                // Not a byte more until the held frame is in its ring (`retry_stalled`).
+                return self.flush_acks(slot);
+            }
             match conn.decoder.fill_from(&mut conn.stream, usize::MAX) {
                 Ok(0) => {
                     // The peer closed; whatever it sent before is processed (and ACKed).
@@ -389,6 +593,35 @@ impl Worker {
         }
     }
 
+    /// Retries the frames held back by a full ring; a connection whose frame went in carries
+    /// on reading.
+    fn retry_stalled(&mut self) {
+        for slot in std::mem::take(&mut self.stalled) {
+            let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            let Some((owner, level, envelope)) = conn.stalled.take() else {
+                continue;
+            };
+            let msg_id = envelope.frame.header.msg_id;
+            let durable = envelope.ticket.is_some();
+            match super::push(&self.shared.workers[owner], level, *envelope) {
+                Ok(()) => {
+                    if durable {
+                        conn.pending.push_back((msg_id, false));
+                    } else {
+                        conn.ack_due = Some(msg_id);
+                    }
+                    self.on_readable(slot);
+                }
+                Err(envelope) => {
+                    conn.stalled = Some((owner, level, envelope));
+                    self.stalled.push(slot);
+                }
+            }
+        }
+    }
+
     fn flush_acks(&mut self, slot: usize) {
         if let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) {
             if conn.state == ConnState::Open {
@@ -405,7 +638,7 @@ impl Worker {
             let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
                 return false;
             };
-            if conn.state != ConnState::Open {
+            if conn.state != ConnState::Open || conn.stalled.is_some() {
                 return true;
             }
             match conn.decoder.next_frame() {
@@ -423,12 +656,6 @@ impl Worker {
     fn nack(&mut self, slot: usize, msg_id: u64, reason: NackReason, detail: &str) {
         if let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) {
             conn.queue(&Frame::nack(msg_id, reason, detail), &mut self.scratch);
-        }
-    }
-
-    fn accept_frame(&mut self, slot: usize, msg_id: u64) {
-        if let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) {
-            conn.ack_due = Some(msg_id);
         }
     }
 
@@ -472,14 +699,33 @@ impl Worker {
         }
     }
 
-    /// A peer acknowledged our frames up to `msg_id`: they leave its scheduler and free its
-    /// admission budget.
+    /// A peer acknowledged our frames up to `msg_id`: they leave its scheduler, their log
+    /// records are marked done, and their memory is freed.
     fn on_peer_ack(&mut self, peer: PeerRef, msg_id: u64) {
-        let Some(state) = self.peer_mut(peer) else {
+        let fifo = self.fifo;
+        let (state, store) = match peer {
+            PeerRef::Su(i) => (
+                self.sus.get_mut(i as usize).and_then(Option::as_mut),
+                &mut self.store,
+            ),
+            PeerRef::Csp(i) => (
+                self.csps.get_mut(i as usize).and_then(Option::as_mut),
+                &mut self.store,
+            ),
+        };
+        let Some(state) = state else {
             return;
         };
-        let released = state.sched.on_ack(msg_id, |_, _| {});
-        self.shared.release(peer, released as u64);
+        let key = state.key;
+        let lane_of = Self::lane_of(fifo);
+        let released = state.sched.on_ack(msg_id, |level, held| {
+            if let Some(stored) = held.stored {
+                store.done(key, lane_of(level.get()), stored);
+            }
+        });
+        self.shared
+            .memory_frames
+            .fetch_sub(released as u64, Ordering::Relaxed);
     }
 
     /// A REQUEST from Service User `su` (southbound, ENGINE.md §5).
@@ -502,14 +748,6 @@ impl Worker {
                 "no CSP serves this device",
             );
         };
-        if !self.shared.admit(PeerRef::Csp(csp)) {
-            return self.nack(
-                slot,
-                h.msg_id,
-                NackReason::Overloaded,
-                "southbound queue full",
-            );
-        }
         let now = self.now();
         let mode = Mode::from_wire(h.mode).unwrap_or(Mode::OnDemand);
         let id = RequestId {
@@ -521,12 +759,55 @@ impl Worker {
         // Senders' priorities are ignored: dsplane writes its own on the way out.
         frame.header.priority = 0;
         let owner = self.shared.csps[csp as usize].owner;
-        let envelope = Envelope::Southbound { csp, level, frame };
-        if super::push(&self.shared.workers[owner], level, envelope).is_err() {
-            self.shared.release(PeerRef::Csp(csp), 1);
-            return self.nack(slot, h.msg_id, NackReason::Overloaded, "ring full");
+        self.forward(
+            slot,
+            owner,
+            Destination::Southbound { csp, level },
+            level,
+            frame,
+        );
+    }
+
+    /// Pushes a frame taken on connection `slot` into its owner's ring, and ACKs it at once
+    /// (durability `none`) or once its owner has made it durable.
+    fn forward(
+        &mut self,
+        slot: usize,
+        owner: usize,
+        to: Destination,
+        ring_level: Level,
+        frame: Frame,
+    ) {
+        let msg_id = frame.header.msg_id;
+        let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let ticket = self.shared.durable.then_some(Ticket {
+            origin: self.index as u16,
+            slot: slot as u32,
+            conn_id: conn.id,
+            msg_id,
+        });
+        let envelope = Envelope {
+            to,
+            frame,
+            ticket,
+            enqueued_unix_ns: unix_now(),
+        };
+        if let Err(envelope) = super::push(&self.shared.workers[owner], ring_level, envelope) {
+            // The owner's ring is full: hold the frame and stop reading this connection until
+            // it goes in, so that TCP's flow control slows the sender down (rather than
+            // refusing frames that the owner will have room for a moment later).
+            conn.stalled = Some((owner, ring_level, envelope));
+            if !self.stalled.contains(&slot) {
+                self.stalled.push(slot);
+            }
+            return;
         }
-        self.accept_frame(slot, h.msg_id);
+        match ticket {
+            Some(_) => conn.pending.push_back((msg_id, false)),
+            None => conn.ack_due = Some(msg_id),
+        }
     }
 
     /// A RESPONSE or alert from a CSP (northbound, ENGINE.md §2).
@@ -540,30 +821,18 @@ impl Worker {
                 "no such Service User",
             );
         };
-        if !self.shared.admit(PeerRef::Su(su)) {
-            return self.nack(
-                slot,
-                h.msg_id,
-                NackReason::Overloaded,
-                "Service User's buffers are full",
-            );
-        }
         frame.header.priority = 0;
         // The owner classifies (a response inherits from the owner's in-flight table); the ring
         // level is the rules' view, so that urgent traffic crosses cores first.
         let provisional = self.provisional_level(&frame);
         let owner = self.shared.sus[su as usize].owner;
-        if super::push(
-            &self.shared.workers[owner],
+        self.forward(
+            slot,
+            owner,
+            Destination::Northbound { su },
             provisional,
-            Envelope::Northbound { su, frame },
-        )
-        .is_err()
-        {
-            self.shared.release(PeerRef::Su(su), 1);
-            return self.nack(slot, h.msg_id, NackReason::Overloaded, "ring full");
-        }
-        self.accept_frame(slot, h.msg_id);
+            frame,
+        );
     }
 
     fn provisional_level(&self, frame: &Frame) -> Level {
@@ -587,17 +856,28 @@ impl Worker {
             }
             let now = self.now();
             for (_, envelope) in std::mem::take(&mut self.popped) {
-                self.deliver(envelope, now);
+                self.stage(envelope, now);
             }
+            self.commit_staged();
             if n < RING_BATCH_MAX {
                 return;
             }
         }
     }
 
-    fn deliver(&mut self, envelope: Envelope, now: Nanos) {
-        let (peer, level, frame) = match envelope {
-            Envelope::Northbound { su, frame } => {
+    /// Classifies a frame for a peer this worker owns and decides its tier: memory (the NMS)
+    /// while the peer's share and the total allow and its lane has nothing on disk, else disk
+    /// only (the SURB). Writes its log record when it has one; [`Self::commit_staged`] acts
+    /// once the write has succeeded.
+    fn stage(&mut self, envelope: Envelope, now: Nanos) {
+        let Envelope {
+            to,
+            mut frame,
+            ticket,
+            enqueued_unix_ns,
+        } = envelope;
+        let (peer, level) = match to {
+            Destination::Northbound { su } => {
                 let h = &frame.header;
                 let level = match h.kind {
                     Kind::Response => {
@@ -612,21 +892,239 @@ impl Worker {
                     Kind::DeviceAlert | Kind::DccAlert => self.classifier.alert(h.alert_code),
                     _ => self.classifier.storm_summary(),
                 };
-                (PeerRef::Su(su), level, frame)
+                (PeerRef::Su(su), level)
             }
-            Envelope::Southbound { csp, level, frame } => (PeerRef::Csp(csp), level, frame),
+            Destination::Southbound { csp, level } => (PeerRef::Csp(csp), level),
         };
-        let Some(state) = self.peer_mut(peer) else {
-            tracing::error!(?peer, "frame for a peer this worker does not own; dropped");
-            self.shared.release(peer, 1);
+        let durable = self.shared.durable;
+        let memory_full = self.shared.memory_frames.load(Ordering::Relaxed)
+            + self.staged_memory as u64
+            >= self.shared.memory_frames_max;
+        let (state, store) = match peer {
+            PeerRef::Su(i) => (
+                self.sus.get_mut(i as usize).and_then(Option::as_mut),
+                &mut self.store,
+            ),
+            PeerRef::Csp(i) => (
+                self.csps.get_mut(i as usize).and_then(Option::as_mut),
+                &mut self.store,
+            ),
+        };
+        let Some(state) = state else {
+            tracing::error!(?peer, "frame for a peer this worker does not own; refused");
+            if let Some(t) = ticket {
+                let mut by_origin = vec![Vec::new(); self.shared.workers.len()];
+                by_origin[usize::from(t.origin)].push((t, false));
+                self.send_tickets(by_origin);
+            }
             return;
         };
-        if state.sched.enqueue(level, frame).is_err() {
-            // Admission bounds what is held for a peer by its scheduler's own bound, so this
-            // is a broken invariant, not an operating condition.
-            tracing::error!(?peer, "scheduler full after admission; frame dropped");
-            self.shared.release(peer, 1);
+        let lane = state.sched.lane_of(level) as u8;
+        let spill = store.is_spilled(state.key, lane)
+            || state.sched.held() + state.staged_memory >= state.memory_max
+            || memory_full;
+        if !spill {
+            state.staged_memory += 1;
+            self.staged_memory += 1;
         }
+        if !spill && !state.sched.is_available() {
+            // It will wait: copy the payload out of the receive buffer it shares with other
+            // frames, so that a long wait pins only its own bytes.
+            frame.payload = bytes::Bytes::copy_from_slice(&frame.payload);
+        }
+        let stored = (durable || spill).then(|| {
+            store
+                .append(
+                    state.key,
+                    lane,
+                    level.get(),
+                    &frame,
+                    enqueued_unix_ns,
+                    spill,
+                )
+                .0
+        });
+        self.staged.push(Staged {
+            peer,
+            level,
+            held: Held {
+                frame,
+                stored,
+                enqueued_unix_ns,
+            },
+            spill,
+            ticket,
+        });
+    }
+
+    /// Writes the staged records out (one write) and then places the frames: in memory, or
+    /// counted as spilled. If the write fails (a full disk), frames that were to be ACKed when
+    /// durable are refused (NACK 5); frames already ACKed (durability `none`) stay in memory.
+    fn commit_staged(&mut self) {
+        if self.staged.is_empty() {
+            return;
+        }
+        let written = self.store.write_out();
+        self.staged_memory = 0;
+        for state in self.sus.iter_mut().chain(self.csps.iter_mut()).flatten() {
+            state.staged_memory = 0;
+        }
+        let mut refused = vec![Vec::new(); self.shared.workers.len()];
+        if let Err(e) = &written {
+            tracing::error!(worker = self.index, error = %e, "cannot write the log; refusing frames (NACK 5) until it can");
+        }
+        for staged in std::mem::take(&mut self.staged) {
+            let Staged {
+                peer,
+                level,
+                mut held,
+                spill,
+                ticket,
+            } = staged;
+            match (&written, ticket) {
+                (Err(_), Some(t)) => {
+                    refused[usize::from(t.origin)].push((t, false));
+                    continue;
+                }
+                (Ok(pos), Some(t)) => self.awaiting.push_back((*pos, t)),
+                _ => {}
+            }
+            let Some(state) = self.peer_mut(peer) else {
+                continue;
+            };
+            if spill && written.is_ok() {
+                state.sched.add_spilled(level, 1);
+                continue;
+            }
+            if written.is_err() {
+                held.stored = None;
+            }
+            if state.sched.enqueue(level, held).is_err() {
+                tracing::error!(?peer, "scheduler bound reached; frame dropped");
+                continue;
+            }
+            self.shared.memory_frames.fetch_add(1, Ordering::Relaxed);
+        }
+        self.send_tickets(refused);
+    }
+
+    /// Brings up to [`LOAD_BATCH`] spilled frames of a lane back into memory.
+    fn load_spilled(&mut self, peer: PeerRef, lane: usize) {
+        let fifo = self.fifo;
+        let now_unix = unix_now();
+        let (state, store) = match peer {
+            PeerRef::Su(i) => (
+                self.sus.get_mut(i as usize).and_then(Option::as_mut),
+                &mut self.store,
+            ),
+            PeerRef::Csp(i) => (
+                self.csps.get_mut(i as usize).and_then(Option::as_mut),
+                &mut self.store,
+            ),
+        };
+        let Some(state) = state else { return };
+        let key = state.key;
+        let loaded = match store.load(key, lane as u8, LOAD_BATCH, Self::lane_of(fifo)) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, ?peer, lane, "cannot read spilled frames; they are skipped");
+                state.sched.set_spilled_lane(lane, 0);
+                return;
+            }
+        };
+        if loaded.is_empty() {
+            tracing::error!(
+                ?peer,
+                lane,
+                counted = state.sched.spilled_in(lane),
+                "spilled frames not found in the log"
+            );
+            state.sched.set_spilled_lane(lane, 0);
+            return;
+        }
+        let mut expired = Vec::new();
+        let mut n = 0;
+        for l in loaded {
+            let Some(level) = Level::new(l.level) else {
+                continue;
+            };
+            let held = Held {
+                frame: l.frame,
+                stored: Some(l.stored),
+                enqueued_unix_ns: l.enqueued_unix_ns,
+            };
+            if now_unix.saturating_sub(held.enqueued_unix_ns) > state.retention {
+                // Counted off the spill as if loaded, then expired.
+                state
+                    .sched
+                    .set_spilled_lane(lane, state.sched.spilled_in(lane).saturating_sub(1));
+                expired.push((level, held));
+            } else {
+                state.sched.load(level, held);
+                n += 1;
+            }
+        }
+        self.shared.memory_frames.fetch_add(n, Ordering::Relaxed);
+        for (level, held) in expired {
+            self.expire(peer, level, held, false);
+        }
+    }
+
+    /// A frame waited longer than `retention_h`: counted, logged, written to the expiry record,
+    /// and its log record marked done.
+    fn expire(&mut self, peer: PeerRef, level: Level, held: Held, in_memory: bool) {
+        let name = self.peer_name(peer);
+        let fifo = self.fifo;
+        let Some(key) = self.peer_mut(peer).map(|s| s.key) else {
+            return;
+        };
+        if let Some(stored) = held.stored {
+            self.store
+                .done(key, Self::lane_of(fifo)(level.get()), stored);
+        }
+        if in_memory {
+            self.shared.memory_frames.fetch_sub(1, Ordering::Relaxed);
+        }
+        let h = &held.frame.header;
+        tracing::warn!(peer = %name, level = level.get(), kind = %h.kind, device = %h.device_id, counter = h.counter, "frame expired after retention_h");
+        let line = format!(
+            "{{\"expired_unix_ns\":{},\"peer\":\"{}\",\"level\":{},\"kind\":\"{}\",\"srv\":\"{}\",\"alert_code\":{},\"su_id\":\"{}\",\"device_id\":\"{}\",\"counter\":{},\"created_ns\":{},\"enqueued_unix_ns\":{}}}\n",
+            unix_now(),
+            name,
+            level.get(),
+            h.kind,
+            h.srv,
+            h.alert_code,
+            h.su_id,
+            h.device_id,
+            h.counter,
+            h.created_ns,
+            held.enqueued_unix_ns
+        );
+        if self.expiry_log.is_none() {
+            let path = self
+                .shared
+                .config
+                .engine
+                .data_dir
+                .join(format!("expired-w{}.jsonl", self.index));
+            match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+            {
+                Ok(f) => self.expiry_log = Some(f),
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot open the expiry record")
+                }
+            }
+        }
+        if let Some(f) = self.expiry_log.as_mut() {
+            if let Err(e) = f.write_all(line.as_bytes()) {
+                tracing::error!(error = %e, "cannot write the expiry record");
+            }
+        }
+        self.expired += 1;
     }
 
     fn pump_all(&mut self) {
@@ -642,12 +1140,20 @@ impl Worker {
             )
             .collect();
         for peer in peers {
-            self.pump(peer, now);
+            // Each round either fills the connection or stops at a lane on disk, which is
+            // loaded before the next round.
+            for _ in 0..64 {
+                match self.pump(peer, now) {
+                    Some(lane) => self.load_spilled(peer, lane),
+                    None => break,
+                }
+            }
         }
     }
 
-    /// Moves frames from a peer's scheduler to its connection while it may send.
-    fn pump(&mut self, peer: PeerRef, now: Nanos) {
+    /// Moves frames from a peer's scheduler to its connection while it may send. Returns the
+    /// lane whose frames must be loaded from disk first, if that is what stopped it.
+    fn pump(&mut self, peer: PeerRef, now: Nanos) -> Option<usize> {
         let (state, conns, scratch) = match peer {
             PeerRef::Su(i) => (
                 self.sus.get_mut(i as usize).and_then(Option::as_mut),
@@ -660,16 +1166,15 @@ impl Worker {
                 &mut self.scratch,
             ),
         };
-        let Some(state) = state else { return };
-        let Some(slot) = state.conn else { return };
-        let Some(conn) = conns.get_mut(slot).and_then(Option::as_mut) else {
-            return;
-        };
+        let state = state?;
+        let slot = state.conn?;
+        let conn = conns.get_mut(slot).and_then(Option::as_mut)?;
         let mut queued = false;
+        let mut load = None;
         while conn.has_room() {
             match state.sched.next_send(now) {
                 Ok(out) => {
-                    let mut frame = out.item.clone();
+                    let mut frame = out.item.frame.clone();
                     frame.header.msg_id = out.msg_id;
                     frame.header.priority = out.level.get();
                     conn.queue(&frame, scratch);
@@ -679,12 +1184,17 @@ impl Worker {
                     self.rate_wake = Some(self.rate_wake.map_or(at, |w| w.min(at)));
                     break;
                 }
+                Err(Blocked::Load(lane)) => {
+                    load = Some(lane);
+                    break;
+                }
                 Err(_) => break,
             }
         }
         if queued {
             self.on_writable(slot);
         }
+        load
     }
 
     fn housekeeping(&mut self, now: Nanos) {
@@ -703,6 +1213,36 @@ impl Worker {
             }
         }
         self.classifier.expire(now);
+        let now_unix = unix_now();
+        let mut expired = Vec::new();
+        for (i, state) in self.sus.iter_mut().enumerate() {
+            if let Some(state) = state.as_mut() {
+                let retention = state.retention;
+                for (level, held) in state
+                    .sched
+                    .take_expired(|h| now_unix.saturating_sub(h.enqueued_unix_ns) > retention)
+                {
+                    expired.push((PeerRef::Su(i as u32), level, held));
+                }
+            }
+        }
+        for (i, state) in self.csps.iter_mut().enumerate() {
+            if let Some(state) = state.as_mut() {
+                let retention = state.retention;
+                for (level, held) in state
+                    .sched
+                    .take_expired(|h| now_unix.saturating_sub(h.enqueued_unix_ns) > retention)
+                {
+                    expired.push((PeerRef::Csp(i as u32), level, held));
+                }
+            }
+        }
+        for (peer, level, held) in expired {
+            self.expire(peer, level, held, true);
+        }
+        if let Err(e) = self.store.write_out() {
+            tracing::error!(error = %e, "cannot write the log");
+        }
     }
 
     fn shut_down(&mut self) {
