@@ -70,6 +70,8 @@ pub struct Client {
     decoder: FrameDecoder,
     next_msg_id: u64,
     out: Vec<u8>,
+    /// Highest `msg_id` dsplane has acknowledged on this connection.
+    acked: u64,
 }
 
 impl Client {
@@ -117,6 +119,7 @@ impl Client {
             decoder: FrameDecoder::new(PAYLOAD_BYTES_MAX_CEILING),
             next_msg_id: 1,
             out: Vec::with_capacity(64 * 1024),
+            acked: 0,
         })
     }
 
@@ -179,6 +182,9 @@ impl Client {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(frame) = self.decoder.next_frame()? {
+                if frame.header.kind == Kind::Ack {
+                    self.acked = self.acked.max(frame.header.msg_id);
+                }
                 return Ok(Some(frame));
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -217,6 +223,10 @@ impl Client {
         let deadline = Instant::now() + timeout;
         let mut others = Vec::new();
         loop {
+            // ACKs are cumulative: one read earlier may already cover `msg_id`.
+            if self.acked >= msg_id {
+                return Ok(others);
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             match self.recv(left)? {
                 Some(f) if f.header.kind == Kind::Ack && f.header.msg_id >= msg_id => {
@@ -232,6 +242,11 @@ impl Client {
                 None => return Err(ClientError::Timeout),
             }
         }
+    }
+
+    /// The highest `msg_id` dsplane has acknowledged so far (ACKs are cumulative).
+    pub fn acked(&self) -> u64 {
+        self.acked
     }
 
     /// The `msg_id` the next data frame will get.

@@ -394,3 +394,75 @@ fn spawn(config: &Path) -> (Child, std::net::SocketAddr, std::net::SocketAddr) {
         }
     }
 }
+
+/// A full disk answers NACK 5 (never an ACK for a frame it could not write), and intake
+/// recovers once space returns. Needs a small file system of its own: a tmpfs, which only root
+/// may mount; elsewhere the test says so and stops.
+#[test]
+fn a_full_disk_answers_nack_5_and_recovers_when_space_returns() {
+    let dir = temp_dir("diskfull");
+    let mount = dir.join("fs");
+    std::fs::create_dir_all(&mount).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&mount)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mount.clone());
+    let text = config_text(&mount.join("data"), "batch", "release_start = 1.0");
+    let engine = start(&text);
+    // Take most of the space with a file we can delete later.
+    let filler = mount.join("filler");
+    std::fs::write(&filler, vec![0u8; 2 << 20]).unwrap();
+    let mut csp = Client::connect_csp(engine.csp_addr(), "csp-token").unwrap();
+    let big = |i: u64| {
+        let mut h = Header::new(Kind::DeviceAlert);
+        h.su_id = SU1;
+        h.counter = i;
+        Frame::new(h, Bytes::from(vec![7u8; 32 * 1024])).unwrap()
+    };
+    let mut acked = 0;
+    let mut refused = 0;
+    for i in 0..200 {
+        let id = csp.send(big(i)).unwrap();
+        let others = csp.wait_ack(id, T).unwrap();
+        if others
+            .iter()
+            .any(|f| f.header.nack_reason() == Some(dsplane::wire::NackReason::Overloaded))
+        {
+            refused += 1;
+            break;
+        }
+        acked += 1;
+    }
+    assert!(
+        refused == 1,
+        "the disk never filled ({acked} frames of 32 KiB taken)"
+    );
+    assert!(acked > 10, "{acked}");
+    // Space returns: frames are taken again.
+    std::fs::remove_file(&filler).unwrap();
+    let id = csp.send(big(1_000)).unwrap();
+    assert!(
+        csp.wait_ack(id, T).unwrap().is_empty(),
+        "taken again once there is room"
+    );
+    // Everything ACKed is there for the SU: the refused frame is not.
+    let mut su = Client::connect_su(engine.su_addr(), SU1, "su1-token").unwrap();
+    let got = drain(&mut su, Duration::from_secs(1));
+    stop(engine);
+    let counters: Vec<u64> = got.iter().map(|f| f.header.counter).collect();
+    let mut want: Vec<u64> = (0..acked).collect();
+    want.push(1_000);
+    assert_eq!(counters, want);
+}

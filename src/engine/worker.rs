@@ -402,8 +402,19 @@ impl Worker {
         if self.awaiting.is_empty() {
             return;
         }
-        let durable = self.store.durable_pos();
         let mut by_origin: Vec<Vec<(Ticket, bool)>> = vec![Vec::new(); self.shared.workers.len()];
+        if self.store.flush_failed() {
+            // fdatasync failed: what it covered cannot be trusted to be on disk (the kernel may
+            // have dropped the pages), so none of it is ACKed; the senders get NACK 5 and may
+            // retry, and the operator has the log line.
+            for (_, ticket) in self.awaiting.drain(..) {
+                if let Some(list) = by_origin.get_mut(usize::from(ticket.origin)) {
+                    list.push((ticket, false));
+                }
+            }
+            return self.send_tickets(by_origin);
+        }
+        let durable = self.store.durable_pos();
         while let Some(&(pos, ticket)) = self.awaiting.front() {
             if pos > durable {
                 break;
