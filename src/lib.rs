@@ -22,8 +22,11 @@ pub mod delivery;
 pub mod engine;
 pub mod ids;
 pub mod limiter;
+pub mod report;
 pub mod ring;
+pub mod storm;
 pub mod sync;
+pub mod throttle;
 pub mod wire;
 
 /// Time on the message path: nanoseconds from an arbitrary, monotonic origin.
