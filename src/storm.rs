@@ -310,7 +310,6 @@ impl Entry {
 /// storm.poll_summaries(60 * S, &mut out);
 /// assert_eq!(out[0].count, 1);
 /// ```
-#[derive(Debug)]
 pub struct StormDetector {
     settings: StormSettings,
     /// Open windows in opening order, which is closing order.
@@ -382,6 +381,7 @@ impl StormDetector {
 
     /// Decides what to do with one alert for Service User `su` (its index in the directory)
     /// from `device` with `code`, at `now`.
+    #[must_use = "a throttled alert must not be delivered"]
     pub fn on_alert(&mut self, su: u32, device: Eui64, code: u16, now: Nanos) -> Verdict {
         let now = self.tick(now);
         self.stats.alerts += 1;
@@ -649,6 +649,18 @@ impl StormDetector {
             index[slot] = Self::tag(self.head_seq + i as u64);
         }
         self.index = index;
+    }
+}
+
+impl std::fmt::Debug for StormDetector {
+    /// Settings and counters only: the table may hold millions of keys.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StormDetector")
+            .field("settings", &self.settings)
+            .field("stats", &self.stats)
+            .field("pending", &self.pending.len())
+            .field("clock", &self.clock)
+            .finish_non_exhaustive()
     }
 }
 

@@ -265,6 +265,7 @@ impl GlobalIntake {
     }
 
     /// Takes one request's worth of capacity at `now`, if there is one.
+    #[must_use = "the request may be accepted only when this returns true"]
     pub fn try_take_capacity(&self, now: Nanos) -> bool {
         let t = now.saturating_sub(self.origin).saturating_mul(TICKS_PER_NS);
         let interval = self.interval.load(Ordering::Relaxed);
@@ -384,6 +385,7 @@ impl RequestThrottle {
 
     /// Decides on one Service Request from SU `su` at `now`. An SU this throttle has no
     /// allocation for is treated as having an allocation of zero.
+    #[must_use = "a refused request must be answered with its NACK"]
     pub fn on_request(&mut self, intake: &GlobalIntake, su: u32, now: Nanos) -> Admit {
         self.stats.requests += 1;
         intake.record_arrival(now);
