@@ -22,9 +22,12 @@ pub mod delivery;
 pub mod engine;
 pub mod ids;
 pub mod limiter;
+pub mod report;
 pub mod ring;
 pub mod store;
+pub mod storm;
 pub mod sync;
+pub mod throttle;
 pub mod wal;
 pub mod wire;
 
