@@ -516,13 +516,16 @@ fn run_once(
     let progress = if opts.progress {
         let pb = ProgressBar::new(opts.duration.as_millis() as u64);
         pb.set_style(
-            ProgressStyle::with_template(
-                "{prefix:>8} {spinner} [{bar:30}] {elapsed:>4} / {len_s}  {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+            ProgressStyle::with_template("{prefix} {spinner} [{bar:30}] {elapsed:>4}  {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
         );
-        pb.set_prefix(format!("{} {}", opts.scenario.as_str(), setup.label));
+        pb.set_prefix(format!(
+            "{} {} ({} s)",
+            opts.scenario.as_str(),
+            setup.label,
+            opts.duration.as_secs_f64()
+        ));
         pb
     } else {
         ProgressBar::hidden()
