@@ -111,6 +111,8 @@ impl Running {
         let frames = (start..start + BATCH).map(|i| {
             let mut h = Header::new(Kind::DeviceAlert);
             h.su_id = SU1;
+            // A device each: a storm would be throttled, not taken in.
+            h.device_id = Eui64(i);
             h.counter = i;
             Frame::new(h, payload.clone()).unwrap()
         });

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use dsplane::config::Config;
 use dsplane::engine::Engine;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 #[derive(Parser)]
@@ -34,10 +34,28 @@ enum Command {
     /// traffic (defaults: the embedded demo configuration's ports, ids and tokens).
     #[command(subcommand)]
     Client(client_cmd::ClientCommand),
+    /// Reports: `report alerts [--day YYYY-MM-DD]`, the alert monitoring report of a day.
+    Report {
+        #[command(subcommand)]
+        what: ReportWhat,
+    },
     /// Validate a configuration file and print the effective configuration, tokens redacted.
     CheckConfig {
         /// The TOML configuration file.
         file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReportWhat {
+    /// Per alert code: received, delivered, throttled, distinct devices, top devices.
+    Alerts {
+        /// The configuration whose `data_dir` holds the report (default: the embedded one).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The day, UTC (default: today).
+        #[arg(long)]
+        day: Option<String>,
     },
 }
 
@@ -66,6 +84,7 @@ fn main() -> ExitCode {
         },
         Command::Run { config } => {
             let embedded = config.is_none();
+            let config_path = config.clone();
             let loaded = match &config {
                 Some(path) => Config::load(path),
                 None => Config::embedded_default(),
@@ -77,12 +96,71 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            run(config, embedded)
+            run(config, embedded, path_of(config_path))
         }
+        Command::Report {
+            what: ReportWhat::Alerts { config, day },
+        } => report_alerts(config, day),
     }
 }
 
-fn run(config: Config, embedded: bool) -> ExitCode {
+fn path_of(path: Option<PathBuf>) -> Option<PathBuf> {
+    path.map(|p| std::fs::canonicalize(&p).unwrap_or(p))
+}
+
+/// `dsplane report alerts`: the alert monitoring report of one day, as a table, from the file
+/// the engine keeps in `data_dir` (written every few seconds while it runs).
+fn report_alerts(config: Option<PathBuf>, day: Option<String>) -> ExitCode {
+    let loaded = match &config {
+        Some(path) => Config::load(path),
+        None => Config::embedded_default(),
+    };
+    let config = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("dsplane: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let day = match day {
+        Some(d) => match dsplane::report::day_of_date(&d) {
+            Some(day) => day,
+            None => {
+                eprintln!("dsplane: --day must be a date, YYYY-MM-DD (got {d:?})");
+                return ExitCode::from(2);
+            }
+        },
+        None => dsplane::report::utc_day(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+        ),
+    };
+    let path = config
+        .engine
+        .data_dir
+        .join(dsplane::engine::ALERT_REPORT_FILE);
+    let report = match std::fs::File::open(&path) {
+        Ok(mut f) => match dsplane::report::AlertReport::load_from(&mut f) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("dsplane: {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        Err(e) => {
+            eprintln!(
+                "dsplane: no alert report at {} ({e}); has dsplane run with this data_dir?",
+                path.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    print!("{}", report.day_summary(day));
+    ExitCode::SUCCESS
+}
+
+fn run(config: Config, embedded: bool, config_path: Option<PathBuf>) -> ExitCode {
     if embedded {
         // The demo configuration's ids and tokens, so that a newcomer can connect at once.
         eprintln!("dsplane: no --config given; running the embedded demo configuration");
@@ -116,8 +194,11 @@ fn run(config: Config, embedded: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(path) = config_path {
+        engine.set_config_path(path);
+    }
     let stopper = engine.stopper();
-    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("dsplane: cannot install signal handlers: {e}");
@@ -128,12 +209,19 @@ fn run(config: Config, embedded: bool) -> ExitCode {
     };
     let handle = signals.handle();
     std::thread::spawn(move || {
-        if let Some(signal) = signals.forever().next() {
+        for signal in signals.forever() {
+            if signal == SIGHUP {
+                if let Err(e) = stopper.reload() {
+                    tracing::error!(error = %e, "reload refused; the running configuration is unchanged");
+                }
+                continue;
+            }
             tracing::info!(
                 signal,
                 "shutting down: no new connections, nothing new handed out"
             );
             stopper.stop();
+            return;
         }
     });
     engine.join();

@@ -110,6 +110,28 @@ pub fn date_of(day: u32) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
+/// The day number (days since 1970-01-01) of a `YYYY-MM-DD` date, if it is one.
+pub fn day_of_date(date: &str) -> Option<u32> {
+    let mut parts = date.trim().split('-');
+    let y: i64 = parts.next()?.parse().ok()?;
+    let m: i64 = parts.next()?.parse().ok()?;
+    let d: i64 = parts.next()?.parse().ok()?;
+    if parts.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&d) || y < 1970 {
+        return None;
+    }
+    // Days from civil (Howard Hinnant's algorithm), the inverse of `date_of`.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let day = u32::try_from(days).ok()?;
+    // Refuse dates that do not exist (e.g. 2026-02-31) by the round trip.
+    (date_of(day) == date.trim()).then_some(day)
+}
+
 /// What happened to one alert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
@@ -943,6 +965,32 @@ pub fn crc32c(data: &[u8]) -> u32 {
         crc = TABLE[((crc ^ u32::from(b)) & 0xFF) as usize] ^ (crc >> 8);
     }
     !crc
+}
+
+#[cfg(test)]
+mod date_tests {
+    use super::*;
+
+    #[test]
+    fn dates_round_trip() {
+        assert_eq!(day_of_date("1970-01-01"), Some(0));
+        assert_eq!(day_of_date("2026-11-23"), Some(20_780));
+        assert_eq!(date_of(20_780), "2026-11-23");
+        for day in (0..30_000).step_by(97) {
+            assert_eq!(day_of_date(&date_of(day)), Some(day));
+        }
+        for bad in [
+            "2026-02-31",
+            "2026-13-01",
+            "26-11-23",
+            "2026-11",
+            "x",
+            "2026-11-23-1",
+            "",
+        ] {
+            assert_eq!(day_of_date(bad), None, "{bad}");
+        }
+    }
 }
 
 #[cfg(test)]

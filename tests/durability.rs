@@ -426,8 +426,10 @@ fn a_full_disk_answers_nack_5_and_recovers_when_space_returns() {
     std::fs::write(&filler, vec![0u8; 2 << 20]).unwrap();
     let mut csp = Client::connect_csp(engine.csp_addr(), "csp-token").unwrap();
     let big = |i: u64| {
+        // A device each, so that Alert Storm Protection has nothing to throttle.
         let mut h = Header::new(Kind::DeviceAlert);
         h.su_id = SU1;
+        h.device_id = Eui64(i);
         h.counter = i;
         Frame::new(h, Bytes::from(vec![7u8; 32 * 1024])).unwrap()
     };

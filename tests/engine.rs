@@ -119,7 +119,13 @@ fn srv(text: &str) -> Srv {
 fn frame(kind: Kind, su: Eui64, srv_: Srv, alert: u16, counter: u64, payload: Vec<u8>) -> Frame {
     let mut h = Header::new(kind);
     h.su_id = su;
-    h.device_id = DEVICE;
+    // Alerts come from a device each, so that Alert Storm Protection (tested on its own) has
+    // nothing to throttle here.
+    h.device_id = if kind == Kind::DeviceAlert {
+        Eui64(DEVICE.0 + counter)
+    } else {
+        DEVICE
+    };
     h.srv = srv_;
     h.alert_code = alert;
     h.counter = counter;

@@ -80,6 +80,8 @@ token = "csp-token"
     let frame = |i: u64| {
         let mut h = Header::new(Kind::DeviceAlert);
         h.su_id = SU1;
+        // A device each: a storm would be throttled, not queued.
+        h.device_id = Eui64(i);
         h.alert_code = 0x8F75;
         h.counter = i;
         Frame::new(h, payload.clone()).unwrap()

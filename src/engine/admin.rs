@@ -9,6 +9,8 @@
 //! | `POST /su/{EUI-64}/resume`   | available again: its backlog is released with the ramp |
 //! | `POST /restrict`             | the whole northbound side is unavailable |
 //! | `POST /restore`              | lifts the restriction: every backlog released with the ramp |
+//! | `POST /reload`               | re-reads the config file: rules, alert levels, exclusions, thresholds, rates |
+//! | `GET /report/alerts?day=D`   | the alert monitoring report of day `D` (YYYY-MM-DD, default today, UTC), JSON |
 //!
 //! When `[admin] token` is set, every request needs `Authorization: Bearer <token>`, else 401.
 
@@ -17,6 +19,15 @@ use std::time::Duration;
 
 use super::shared::{token_eq, Control, Shared};
 use crate::ids::Eui64;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// How often the alert report is written to `data_dir`.
+const REPORT_SAVE_INTERVAL: Duration = Duration::from_secs(5);
 
 pub(crate) struct Admin {
     server: tiny_http::Server,
@@ -45,7 +56,13 @@ impl Admin {
     }
 
     pub(crate) fn run(self) {
+        let mut last_save = std::time::Instant::now();
         while !self.shared.is_shutting_down() {
+            // The alert report survives restarts: saved every few seconds, and at the end.
+            if last_save.elapsed() >= REPORT_SAVE_INTERVAL {
+                super::save_report(&self.shared);
+                last_save = std::time::Instant::now();
+            }
             match self.server.recv_timeout(Duration::from_millis(200)) {
                 Ok(Some(request)) => self.handle(request),
                 Ok(None) => {}
@@ -55,6 +72,7 @@ impl Admin {
                 }
             }
         }
+        super::save_report(&self.shared);
     }
 
     fn authorised(&self, request: &tiny_http::Request) -> bool {
@@ -79,9 +97,50 @@ impl Admin {
         }
         let method = request.method().clone();
         let url = request.url().to_owned();
-        let parts: Vec<&str> = url.trim_matches('/').split('/').collect();
+        let (path, query) = url.split_once('?').unwrap_or((&url, ""));
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (method, parts.as_slice()) {
             (tiny_http::Method::Get, ["healthz"]) => respond(request, 200, "ok\n"),
+            (tiny_http::Method::Get, ["report", "alerts"]) => {
+                let day = query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("day="))
+                    .map(crate::report::day_of_date)
+                    .unwrap_or_else(|| Some(crate::report::utc_day(unix_now())));
+                let Some(day) = day else {
+                    return respond(request, 400, "day must be YYYY-MM-DD\n");
+                };
+                let summary = match self.shared.report.lock() {
+                    Ok(r) => r.day_summary(day),
+                    Err(_) => return respond(request, 500, "report unavailable\n"),
+                };
+                match serde_json::to_string_pretty(&summary) {
+                    Ok(json) => {
+                        let header = tiny_http::Header::from_bytes(
+                            &b"Content-Type"[..],
+                            &b"application/json"[..],
+                        );
+                        let mut response = tiny_http::Response::from_string(json + "\n");
+                        if let Ok(h) = header {
+                            response = response.with_header(h);
+                        }
+                        if let Err(e) = request.respond(response) {
+                            tracing::debug!(error = %e, "admin response not sent");
+                        }
+                    }
+                    Err(e) => respond(request, 500, &format!("{e}\n")),
+                }
+            }
+            (tiny_http::Method::Post, ["reload"]) => match super::reload(&self.shared) {
+                Ok(warnings) => {
+                    let mut body = String::from("reloaded\n");
+                    for w in warnings {
+                        body.push_str(&format!("warning: {w}\n"));
+                    }
+                    respond(request, 200, &body)
+                }
+                Err(e) => respond(request, 400, &format!("reload refused: {e}\n")),
+            },
             (tiny_http::Method::Post, ["su", id, action @ ("pause" | "resume")]) => {
                 let Ok(id) = id.parse::<Eui64>() else {
                     return respond(

@@ -95,7 +95,10 @@ impl Engine {
             parts.push((poll, consumer, control_rx));
         }
         let wakers: Vec<Arc<Waker>> = links.iter().map(|l| Arc::clone(&l.waker)).collect();
-        let shared = Arc::new(Shared::new(config, links));
+        let intake = crate::throttle::GlobalIntake::from_config(&config.service_requests, 0)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let report = load_report(&config.engine.data_dir);
+        let shared = Arc::new(Shared::new(config, links, intake, report));
 
         // Recovery: what the previous run took and its receivers did not acknowledge is
         // re-written, per owner, into this run's logs before anything new is taken.
@@ -144,10 +147,14 @@ impl Engine {
 
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let mut threads = Vec::with_capacity(workers + 1);
+        // Start-up returns once every worker is in its loop, so nothing waits on a worker that is
+        // still being built.
+        let ready = Arc::new(std::sync::Barrier::new(workers + 1));
         for (index, ((poll, consumer, control_rx), store)) in
             parts.into_iter().zip(stores).enumerate()
         {
             let shared = Arc::clone(&shared);
+            let ready = Arc::clone(&ready);
             let core = cores.get(index % cores.len().max(1)).copied();
             let handle = std::thread::Builder::new()
                 .name(format!("dsplane-worker-{index}"))
@@ -160,11 +167,15 @@ impl Engine {
                             tracing::info!(worker = index, "core pinning refused; running unpinned")
                         }
                     }
-                    worker::Worker::new(index, poll, shared, consumer, control_rx, store).run();
+                    let worker =
+                        worker::Worker::new(index, poll, shared, consumer, control_rx, store);
+                    ready.wait();
+                    worker.run();
                 })?;
             threads.push(handle);
         }
 
+        ready.wait();
         let (admin, admin_addr) =
             admin::Admin::bind(shared.config.listen.admin, Arc::clone(&shared))?;
         threads.push(
@@ -212,6 +223,13 @@ impl Engine {
         self.csp_addr
     }
 
+    /// The configuration file that reloads (SIGHUP, `POST /reload`) read again.
+    pub fn set_config_path(&self, path: std::path::PathBuf) {
+        if let Ok(mut p) = self.shared.config_path.lock() {
+            *p = Some(path);
+        }
+    }
+
     /// A handle that can stop the engine from another thread (e.g. a signal handler thread).
     pub fn stopper(&self) -> Stopper {
         Stopper {
@@ -232,10 +250,12 @@ impl Engine {
                 tracing::error!("an engine thread panicked");
             }
         }
+        // The workers merged their last alerts on the way out.
+        save_report(&self.shared);
     }
 }
 
-/// Stops an [`Engine`] from anywhere.
+/// Stops or reloads an [`Engine`] from anywhere (e.g. a signal-handling thread).
 #[derive(Debug, Clone)]
 pub struct Stopper {
     shared: Arc<Shared>,
@@ -248,6 +268,69 @@ impl Stopper {
         self.shared.request_shutdown();
         let _ = self.acceptor_waker.wake();
     }
+
+    /// Re-reads the configuration file given to [`Engine::set_config_path`] and applies what
+    /// can change while running (rules, alert levels, exclusions, thresholds, rates) to traffic
+    /// entering from now on. Returns warnings about changes that need a restart.
+    pub fn reload(&self) -> Result<Vec<String>, String> {
+        reload(&self.shared)
+    }
+}
+
+/// The file of the alert monitoring report in `data_dir`.
+pub const ALERT_REPORT_FILE: &str = "alert-report.bin";
+
+fn load_report(data_dir: &std::path::Path) -> crate::report::AlertReport {
+    let path = data_dir.join(ALERT_REPORT_FILE);
+    match std::fs::File::open(&path) {
+        Ok(mut f) => match crate::report::AlertReport::load_from(&mut f) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "alert report unreadable; starting a new one");
+                crate::report::AlertReport::new()
+            }
+        },
+        Err(_) => crate::report::AlertReport::new(),
+    }
+}
+
+/// Writes the alert report to `data_dir` (a temporary file renamed over the old one).
+fn save_report(shared: &Shared) {
+    let dir = &shared.config.engine.data_dir;
+    let tmp = dir.join(format!("{ALERT_REPORT_FILE}.tmp"));
+    let result = (|| -> Result<(), String> {
+        let report = shared
+            .report
+            .lock()
+            .map_err(|_| "report lock poisoned".to_string())?;
+        let mut f = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
+        report.save_to(&mut f).map_err(|e| e.to_string())?;
+        f.sync_all().map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, dir.join(ALERT_REPORT_FILE)).map_err(|e| e.to_string())
+    })();
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "cannot save the alert report");
+    }
+}
+
+fn reload(shared: &Shared) -> Result<Vec<String>, String> {
+    let path = shared
+        .config_path
+        .lock()
+        .map_err(|_| "lock poisoned".to_string())?
+        .clone();
+    let config = match &path {
+        Some(p) => Config::load(p),
+        None => Config::embedded_default(),
+    }
+    .map_err(|e| e.to_string())?;
+    let (reload, warnings) = shared.reload_from(&config)?;
+    shared.apply_reload(reload);
+    for w in &warnings {
+        tracing::warn!("reload: {w}");
+    }
+    tracing::info!(file = ?path, "configuration reloaded: new rules and rates apply to traffic entering from now on");
+    Ok(warnings)
 }
 
 /// Pushes an envelope into a worker's ring at `level`, waking the worker if it sleeps. Hands

@@ -37,6 +37,20 @@ pub(crate) enum Control {
     Pause { su: u32, paused: bool },
     /// An operator restricted (`true`) or restored the whole northbound side.
     Restrict(bool),
+    /// New rules, thresholds and rates, for traffic entering from now on.
+    Reload(Arc<Reload>),
+}
+
+/// What a live reload changes (ENGINE.md §8): priority rules, alert levels, exclusions,
+/// thresholds and rates. Limiter and storm state are kept, not reset.
+#[derive(Debug)]
+pub(crate) struct Reload {
+    pub rules: Arc<Rules>,
+    pub storm: crate::storm::StormSettings,
+    /// (SU index, delivery rate, burst, SR rate, SR burst).
+    pub sus: Vec<(u32, u32, u32, u32, u32)>,
+    /// (CSP index, rate, burst).
+    pub csps: Vec<(u32, u32, u32)>,
 }
 
 /// Who to ACK once a frame is durable: the intake worker's connection and the frame's msg_id.
@@ -129,6 +143,112 @@ pub(crate) struct Shared {
     pub durable: bool,
     pub workers: Vec<WorkerLink>,
     pub shutdown: AtomicBool,
+    /// The one clock origin of every worker, so that times compare across them.
+    pub origin: std::time::Instant,
+    /// SECMP0067: the engine-wide intake measure and capacity.
+    pub intake: crate::throttle::GlobalIntake,
+    /// The alert monitoring report, merged from the workers once a second.
+    pub report: std::sync::Mutex<crate::report::AlertReport>,
+    /// The configuration file, for reloads; `None` for the embedded default.
+    pub config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
+}
+
+impl Shared {
+    /// Nanoseconds since the engine's origin: the `now` of every sans-IO piece.
+    pub(crate) fn now(&self) -> crate::Nanos {
+        self.origin.elapsed().as_nanos() as crate::Nanos
+    }
+
+    /// Builds a reload from a new configuration; what cannot change while running is named in
+    /// the returned warnings and left as it was.
+    pub(crate) fn reload_from(&self, new: &Config) -> Result<(Reload, Vec<String>), String> {
+        let mut warnings = Vec::new();
+        let old = &self.config;
+        if new.engine.levels != old.engine.levels {
+            return Err(format!(
+                "engine.levels changed ({} → {}): restart to apply",
+                old.engine.levels, new.engine.levels
+            ));
+        }
+        for (changed, key) in [
+            (new.listen.su != old.listen.su, "listen.su"),
+            (new.listen.csp != old.listen.csp, "listen.csp"),
+            (new.listen.admin != old.listen.admin, "listen.admin"),
+            (new.engine.cores != old.engine.cores, "engine.cores"),
+            (
+                new.engine.durability != old.engine.durability,
+                "engine.durability",
+            ),
+            (
+                new.engine.data_dir != old.engine.data_dir,
+                "engine.data_dir",
+            ),
+            (
+                new.engine.scheduling != old.engine.scheduling,
+                "engine.scheduling",
+            ),
+        ] {
+            if changed {
+                warnings.push(format!("{key} changed: restart to apply"));
+            }
+        }
+        let storm =
+            crate::storm::StormSettings::from_config(&new.alert_storm, self.workers.len() as u32)
+                .map_err(|e| e.to_string())?;
+        let mut sus = Vec::new();
+        for su in &new.service_users {
+            match self.su(su.id) {
+                Some(i) => sus.push((
+                    i,
+                    su.delivery.rate,
+                    su.delivery.burst,
+                    su.sr_rate,
+                    su.sr_burst,
+                )),
+                None => warnings.push(format!("service user {} is new: restart to add it", su.id)),
+            }
+        }
+        for su in &old.service_users {
+            if !new.service_users.iter().any(|n| n.id == su.id) {
+                warnings.push(format!(
+                    "service user {} was removed: restart to remove it",
+                    su.id
+                ));
+            }
+        }
+        let mut csps = Vec::new();
+        for c in &new.csps {
+            match self.csps.iter().position(|e| e.config.name == c.name) {
+                Some(i) => csps.push((i as u32, c.rate, c.burst)),
+                None => warnings.push(format!("CSP {} is new: restart to add it", c.name)),
+            }
+        }
+        self.intake
+            .set_capacity(
+                new.service_requests.capacity,
+                new.service_requests.operating_threshold,
+            )
+            .map_err(|e| e.to_string())?;
+        Ok((
+            Reload {
+                rules: Arc::new(Rules::new(&new.priority)),
+                storm,
+                sus,
+                csps,
+            },
+            warnings,
+        ))
+    }
+
+    /// Applies a reload on every worker.
+    pub(crate) fn apply_reload(&self, reload: Reload) {
+        let reload = Arc::new(reload);
+        for w in &self.workers {
+            if w.control.send(Control::Reload(Arc::clone(&reload))).is_ok() {
+                let _ = w.waker.wake();
+            }
+        }
+    }
 }
 
 /// Spreads SU ids over workers (a multiplicative hash, so consecutive ids do not all land on
@@ -139,7 +259,12 @@ pub(crate) fn owner_of(su: Eui64, workers: usize) -> usize {
 }
 
 impl Shared {
-    pub(crate) fn new(config: Config, workers: Vec<WorkerLink>) -> Shared {
+    pub(crate) fn new(
+        config: Config,
+        workers: Vec<WorkerLink>,
+        intake: crate::throttle::GlobalIntake,
+        report: crate::report::AlertReport,
+    ) -> Shared {
         let n = workers.len();
         let rules = Arc::new(Rules::new(&config.priority));
         let sus: Vec<SuEntry> = config
@@ -190,6 +315,10 @@ impl Shared {
             memory_frames: AtomicU64::new(0),
             workers,
             shutdown: AtomicBool::new(false),
+            origin: std::time::Instant::now(),
+            intake,
+            report: std::sync::Mutex::new(report),
+            config_path: std::sync::Mutex::new(None),
         }
     }
 

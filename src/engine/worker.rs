@@ -22,20 +22,23 @@ use std::io::{self, Write};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use mio::{Events, Interest, Poll, Token};
 
 use super::conn::{Conn, ConnState};
-use super::shared::{Adopt, Control, Destination, Envelope, PeerRef, Shared, Ticket};
+use super::shared::{Adopt, Control, Destination, Envelope, PeerRef, Reload, Shared, Ticket};
 use crate::classify::{Classifier, RequestId};
 use crate::config::Scheduling;
 use crate::delivery::{Blocked, DeliveryScheduler, DeliverySettings};
 use crate::ids::{Level, Mode};
 use crate::limiter::{ReleaseStart, TokenBucket};
+use crate::report::{utc_day, AlertReport, Outcome};
 use crate::ring;
 use crate::store::{LogPos, Store, Stored};
+use crate::storm::{StormDetector, StormSettings, StormSummary, Verdict};
+use crate::throttle::RequestThrottle;
 use crate::wal::PeerKey;
 use crate::wire::{Frame, Kind, NackReason};
 use crate::{Nanos, NANOS_PER_SEC};
@@ -109,7 +112,6 @@ pub(crate) struct Worker {
     sus: Vec<Option<PeerState>>,
     csps: Vec<Option<PeerState>>,
     classifier: Classifier,
-    origin: Instant,
     scratch: BytesMut,
     popped: Vec<(usize, Envelope)>,
     /// Connections whose read budget ran out with data left.
@@ -129,6 +131,13 @@ pub(crate) struct Worker {
     fifo: bool,
     /// Frames staged for memory in the batch being written, all peers.
     staged_memory: usize,
+    /// Alert Storm Protection for the SUs this worker owns.
+    storm: StormDetector,
+    summaries: Vec<StormSummary>,
+    /// SECMP0067 allocations of the SUs this worker owns.
+    throttle: RequestThrottle,
+    /// Alerts seen since the last merge into the shared report.
+    report: AlertReport,
     /// Frames expired (the log line says the SU and level of each).
     expired: u64,
 }
@@ -161,7 +170,6 @@ impl Worker {
         control: Receiver<Control>,
         store: Store,
     ) -> Worker {
-        let origin = Instant::now();
         let sus = shared
             .sus
             .iter()
@@ -209,6 +217,29 @@ impl Worker {
                 })
             })
             .collect();
+        let storm_settings = StormSettings::from_config(
+            &shared.config.alert_storm,
+            shared.workers.len() as u32,
+        )
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "alert storm settings refused; storms are not throttled");
+            StormSettings::new(u32::MAX / 2, NANOS_PER_SEC, &[], 1)
+                .expect("a fixed, valid fallback")
+        });
+        let storm = StormDetector::new(storm_settings, shared.now());
+        let mut throttle = RequestThrottle::new();
+        for (i, su) in shared.sus.iter().enumerate() {
+            if su.owner == index {
+                if let Err(e) = throttle.add_su(
+                    i as u32,
+                    su.config.sr_rate,
+                    su.config.sr_burst,
+                    shared.now(),
+                ) {
+                    tracing::error!(su = %su.config.id, error = %e, "Service Request allocation refused");
+                }
+            }
+        }
         let classifier = Classifier::new(
             Arc::clone(&shared.rules),
             INFLIGHT_REQUESTS_MAX,
@@ -224,7 +255,6 @@ impl Worker {
             sus,
             csps,
             classifier,
-            origin,
             scratch: BytesMut::with_capacity(64 * 1024),
             popped: Vec::with_capacity(RING_BATCH_MAX),
             more_to_read: Vec::new(),
@@ -239,6 +269,10 @@ impl Worker {
             expiry_log: None,
             fifo: false,
             staged_memory: 0,
+            storm,
+            summaries: Vec::new(),
+            throttle,
+            report: AlertReport::new(),
             expired: 0,
         };
         worker.fifo = worker.shared.config.engine.scheduling == Scheduling::Fifo;
@@ -275,7 +309,7 @@ impl Worker {
     }
 
     fn now(&self) -> Nanos {
-        self.origin.elapsed().as_nanos() as Nanos
+        self.shared.now()
     }
 
     pub(crate) fn run(mut self) {
@@ -293,9 +327,12 @@ impl Worker {
                 // A full ring drains in well under a millisecond; try again then.
                 Some(Duration::from_millis(1))
             } else {
-                let until = self
+                let mut until = self
                     .rate_wake
                     .map_or(self.next_housekeeping, |r| r.min(self.next_housekeeping));
+                if let Some(deadline) = self.storm.next_deadline() {
+                    until = until.min(deadline);
+                }
                 Some(Duration::from_nanos(until.saturating_sub(now)))
             };
             // Park protocol: announce that we may sleep, then re-check the ring, so that a
@@ -329,8 +366,12 @@ impl Worker {
                 self.on_readable(slot);
             }
             self.retry_stalled();
+            // The ring first: what is in it entered before any reload now waiting in the control
+            // channel, and keeps the rules it entered under.
+            self.drain_ring();
             self.drain_control();
             self.drain_ring();
+            self.storm_summaries();
             self.resolve_tickets();
             self.pump_all();
             let now = self.now();
@@ -356,6 +397,7 @@ impl Worker {
                         state.sched.set_paused(paused || restricted, now);
                     }
                 }
+                Control::Reload(reload) => self.reload(&reload),
                 Control::Restrict(restricted) => {
                     let now = self.now();
                     self.restricted = restricted;
@@ -365,6 +407,68 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Applies a reload: rules for frames classified from now on, storm thresholds and
+    /// exclusions, rates. Limiters, throttles and storm windows keep their state.
+    fn reload(&mut self, reload: &Reload) {
+        let now = self.now();
+        self.classifier.set_rules(Arc::clone(&reload.rules));
+        self.storm.set_settings(reload.storm.clone(), now);
+        for &(su, rate, burst, sr_rate, sr_burst) in &reload.sus {
+            if let Some(state) = self.sus.get_mut(su as usize).and_then(Option::as_mut) {
+                if let Err(e) = state.sched.limiter_mut().set_rate(rate, burst, now) {
+                    tracing::warn!(error = %e, "reload: rate refused");
+                }
+                if let Err(e) = self.throttle.set_rates(su, sr_rate, sr_burst, now) {
+                    tracing::warn!(error = %e, "reload: Service Request allocation refused");
+                }
+            }
+        }
+        for &(csp, rate, burst) in &reload.csps {
+            if let Some(state) = self.csps.get_mut(csp as usize).and_then(Option::as_mut) {
+                if let Err(e) = state.sched.limiter_mut().set_rate(rate, burst, now) {
+                    tracing::warn!(error = %e, "reload: rate refused");
+                }
+            }
+        }
+    }
+
+    /// Windows that closed with throttled alerts: one STORM_SUMMARY per key, at the lowest
+    /// level, through the same path as any frame.
+    fn storm_summaries(&mut self) {
+        let now = self.now();
+        if self.storm.next_deadline().is_none_or(|d| d > now) {
+            return;
+        }
+        self.summaries.clear();
+        let mut out = std::mem::take(&mut self.summaries);
+        self.storm.poll_summaries(now, &mut out);
+        let unix = unix_now();
+        for summary in out.drain(..) {
+            let Some(entry) = self.shared.sus.get(summary.su as usize) else {
+                continue;
+            };
+            let mut h = crate::wire::Header::new(Kind::StormSummary);
+            h.su_id = entry.config.id;
+            h.device_id = summary.device;
+            h.alert_code = summary.code;
+            h.counter = summary.count;
+            h.created_ns = unix;
+            tracing::info!(su = %entry.config.id, device = %summary.device, alert_code = format_args!("{:#06x}", summary.code), count = summary.count, early = summary.early, "alert storm summary");
+            let envelope = Envelope {
+                to: Destination::Northbound { su: summary.su },
+                frame: Frame {
+                    header: h,
+                    payload: bytes::Bytes::new(),
+                },
+                ticket: None,
+                enqueued_unix_ns: unix,
+            };
+            self.stage(envelope, now);
+        }
+        self.summaries = out;
+        self.commit_staged();
     }
 
     /// Frames taken in on this worker's connections are durable (or refused) at their owner.
@@ -760,6 +864,16 @@ impl Worker {
             );
         };
         let now = self.now();
+        let admit = self.throttle.on_request(&self.shared.intake, su, now);
+        if let Some(reason) = admit.nack_reason() {
+            let detail = match reason {
+                NackReason::Throttled => {
+                    "over your Service Request allocation (SECMP0067); retry later"
+                }
+                _ => "Service Request capacity reached; retry later",
+            };
+            return self.nack(slot, h.msg_id, reason, detail);
+        }
         let mode = Mode::from_wire(h.mode).unwrap_or(Mode::OnDemand);
         let id = RequestId {
             su: h.su_id,
@@ -865,6 +979,7 @@ impl Worker {
             if n == 0 {
                 return;
             }
+
             let now = self.now();
             for (_, envelope) in std::mem::take(&mut self.popped) {
                 self.stage(envelope, now);
@@ -903,6 +1018,25 @@ impl Worker {
                     Kind::DeviceAlert | Kind::DccAlert => self.classifier.alert(h.alert_code),
                     _ => self.classifier.storm_summary(),
                 };
+                if h.kind == Kind::DeviceAlert {
+                    let verdict = self.storm.on_alert(su, h.device_id, h.alert_code, now);
+                    self.report.record(
+                        utc_day(enqueued_unix_ns),
+                        h.alert_code,
+                        h.device_id,
+                        Outcome::from(verdict),
+                    );
+                    if verdict == Verdict::Throttled {
+                        // Counted, not delivered: the window's STORM_SUMMARY stands for it.
+                        // Its sender's ACK needs nothing written.
+                        if let Some(t) = ticket {
+                            let mut by_origin = vec![Vec::new(); self.shared.workers.len()];
+                            by_origin[usize::from(t.origin)].push((t, true));
+                            self.send_tickets(by_origin);
+                        }
+                        return;
+                    }
+                }
                 (PeerRef::Su(su), level)
             }
             Destination::Southbound { csp, level } => (PeerRef::Csp(csp), level),
@@ -1224,6 +1358,12 @@ impl Worker {
             }
         }
         self.classifier.expire(now);
+        if self.report.days().next().is_some() {
+            if let Ok(mut shared) = self.shared.report.lock() {
+                shared.merge(&self.report);
+                self.report = AlertReport::new();
+            }
+        }
         let now_unix = unix_now();
         let mut expired = Vec::new();
         for (i, state) in self.sus.iter_mut().enumerate() {
