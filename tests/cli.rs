@@ -123,6 +123,27 @@ token = "t-csp"
     assert_eq!((f.header.kind, f.header.priority), (Kind::DeviceAlert, 3));
     assert_eq!(&f.payload[..], b"alert");
 
+    // SIGHUP reloads the file (here unchanged) and the engine carries on.
+    let status = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut reloaded = false;
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
+        if line.contains("configuration reloaded") {
+            reloaded = true;
+            break;
+        }
+    }
+    assert!(reloaded, "no reload after SIGHUP");
+    let id = csp
+        .send(Frame::new(h, Bytes::from_static(b"again")).unwrap())
+        .unwrap();
+    csp.wait_ack(id, Duration::from_secs(10)).unwrap();
+    let f = su.recv(Duration::from_secs(10)).unwrap().unwrap();
+    assert_eq!(&f.payload[..], b"again");
+
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

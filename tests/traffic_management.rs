@@ -197,6 +197,26 @@ fn a_storming_device_an_excluded_code_and_a_quiet_device_side_by_side() {
         table.contains("0x8F75") || table.contains("0x8f75"),
         "{table}"
     );
+
+    // And a restarted engine still serves it.
+    let engine = start(&path);
+    let (status, body) = http(
+        engine.admin_addr(),
+        "GET",
+        &format!("/report/alerts?day={date}"),
+    );
+    engine.shutdown();
+    engine.join();
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let received: u64 = json["codes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["code"] == 0x8F75)
+        .map(|c| c["received"].as_u64().unwrap())
+        .sum();
+    assert_eq!(received, 33, "kept across the restart");
     let _ = std::fs::remove_dir_all(dir);
 }
 
