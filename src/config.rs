@@ -43,6 +43,9 @@ pub const DEFAULT_TOML: &str = include_str!("default.toml");
 
 /// Largest payload a configuration may allow: PROTOCOL.md's hard ceiling of 16 MiB.
 pub const PAYLOAD_BYTES_CEILING: u32 = crate::wire::PAYLOAD_BYTES_MAX_CEILING;
+/// Most connections per listening port: far above any real DSP's peers, below the file
+/// descriptors a hardened unit allows (`LimitNOFILE`).
+pub const CONNECTIONS_MAX: u32 = 1 << 20;
 /// Most worker cores a configuration may ask for.
 pub const CORES_MAX: u32 = 1024;
 /// Longest group-commit interval: beyond a second, `batch` would hold ACKs longer than any
@@ -202,6 +205,8 @@ pub struct RawListen {
     pub su: String,
     pub csp: String,
     pub admin: String,
+    /// Most connections open at once on each of the SU and CSP ports (authenticated or not).
+    pub connections_max: u32,
 }
 
 impl Default for RawListen {
@@ -210,6 +215,7 @@ impl Default for RawListen {
             su: "127.0.0.1:7100".into(),
             csp: "127.0.0.1:7200".into(),
             admin: "127.0.0.1:7300".into(),
+            connections_max: 4096,
         }
     }
 }
@@ -445,6 +451,8 @@ pub struct Listen {
     pub su: SocketAddr,
     pub csp: SocketAddr,
     pub admin: SocketAddr,
+    /// `connections_max`: most connections open at once per port.
+    pub connections_max: u32,
 }
 
 /// Northbound delivery settings for one SU.
@@ -835,6 +843,12 @@ fn validate_listen(raw: &RawListen) -> Result<Listen, ConfigError> {
         su: addr("listen.su", &raw.su)?,
         csp: addr("listen.csp", &raw.csp)?,
         admin: addr("listen.admin", &raw.admin)?,
+        connections_max: check_range(
+            "listen.connections_max",
+            raw.connections_max,
+            1,
+            CONNECTIONS_MAX,
+        )?,
     };
     let ports = [
         ("listen.su", listen.su),

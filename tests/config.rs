@@ -514,3 +514,22 @@ fn errors_read_well() {
     let e = parse("[engine]\nlevels = 0\n").unwrap_err().to_string();
     assert_eq!(e, "config key `engine.levels` = 0: expected 2 to 16");
 }
+
+#[test]
+fn connections_max_is_checked_at_its_edges() {
+    let parse = |text: &str| dsplane::config::Config::from_toml(text);
+    assert_eq!(
+        parse("[listen]\nconnections_max = 1\n")
+            .unwrap()
+            .listen
+            .connections_max,
+        1
+    );
+    let err = parse("[listen]\nconnections_max = 0\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("listen.connections_max"), "{err}");
+    let max = dsplane::config::CONNECTIONS_MAX;
+    assert!(parse(&format!("[listen]\nconnections_max = {max}\n")).is_ok());
+    assert!(parse(&format!("[listen]\nconnections_max = {}\n", max + 1)).is_err());
+}

@@ -23,6 +23,20 @@ pub(crate) const HANDSHAKE_TIMEOUT: Nanos = 10 * NANOS_PER_SEC;
 pub(crate) const HANDSHAKES_PENDING_MAX: usize = 1024;
 /// How long a refused connection is kept, half-closed, so the peer reads its NACK.
 const LINGER: Nanos = NANOS_PER_SEC;
+/// Failed HELLOs an address may make before it has to wait.
+const BAD_HELLOS_FREE: u32 = 3;
+/// Longest wait imposed on an address after failed HELLOs (the wait doubles from 1 s).
+const BACKOFF_MAX: Nanos = 60 * NANOS_PER_SEC;
+/// Addresses whose failures are remembered at once.
+const BACKOFF_ADDRESSES_MAX: usize = 10_000;
+
+/// Failed HELLOs from one address.
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    count: u32,
+    /// Refused until then.
+    until: Nanos,
+}
 
 const SU_LISTENER: Token = Token(0);
 const CSP_LISTENER: Token = Token(1);
@@ -37,6 +51,8 @@ struct Pending {
     deadline: Nanos,
     /// Refused: draining until the peer closes or the deadline.
     refused: bool,
+    /// Counted against the port's connection limit (until handed to a worker or dropped).
+    counted: bool,
 }
 
 pub(crate) struct Acceptor {
@@ -46,6 +62,10 @@ pub(crate) struct Acceptor {
     shared: Arc<Shared>,
     pending: Vec<Option<Pending>>,
     origin: Instant,
+    /// Addresses that sent bad tokens: after [`BAD_HELLOS_FREE`] failures they wait 1 s, 2 s,
+    /// 4 s… (at most [`BACKOFF_MAX`]) before they are heard again.
+    failures: std::collections::HashMap<std::net::IpAddr, Failures>,
+    handshake_timeout: Nanos,
 }
 
 impl Acceptor {
@@ -59,6 +79,9 @@ impl Acceptor {
             .register(&mut su, SU_LISTENER, Interest::READABLE)?;
         poll.registry()
             .register(&mut csp, CSP_LISTENER, Interest::READABLE)?;
+        // A short idle timeout shortens the wait for HELLO too.
+        let handshake_timeout =
+            HANDSHAKE_TIMEOUT.min(shared.config.engine.idle_timeout.as_nanos() as Nanos);
         Ok(Acceptor {
             poll,
             su,
@@ -66,6 +89,8 @@ impl Acceptor {
             shared,
             pending: Vec::new(),
             origin: Instant::now(),
+            failures: std::collections::HashMap::new(),
+            handshake_timeout,
         })
     }
 
@@ -127,6 +152,35 @@ impl Acceptor {
                 tracing::warn!(%addr, limit = HANDSHAKES_PENDING_MAX, "too many connections waiting for HELLO; closing");
                 continue;
             }
+            let counter = &self.shared.connections[match role {
+                Role::Su => 0,
+                Role::Csp => 1,
+            }];
+            let limit = u64::from(self.shared.config.listen.connections_max);
+            if counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= limit {
+                counter.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(%addr, ?role, limit, "connection limit reached; refusing");
+                refuse_now(
+                    stream,
+                    NackReason::Overloaded,
+                    "connection limit reached; retry later",
+                );
+                continue;
+            }
+            let now = self.now();
+            if let Some(f) = self.failures.get(&addr.ip()) {
+                if f.until > now {
+                    let wait_s = (f.until - now).div_ceil(NANOS_PER_SEC);
+                    counter.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(%addr, failures = f.count, wait_s, "refusing an address that sent bad tokens");
+                    refuse_now(
+                        stream,
+                        NackReason::Unauthorised,
+                        &format!("too many failed HELLOs from your address; retry in {wait_s} s"),
+                    );
+                    continue;
+                }
+            }
             if let Err(e) = super::tune_stream(&stream) {
                 tracing::debug!(error = %e, %addr, "socket options refused");
             }
@@ -142,8 +196,9 @@ impl Acceptor {
                 decoder: FrameDecoder::new(self.shared.config.engine.payload_bytes_max),
                 role,
                 addr,
-                deadline: self.now() + HANDSHAKE_TIMEOUT,
+                deadline: self.now() + self.handshake_timeout,
                 refused: false,
+                counted: true,
             };
             if let Err(e) = self.poll.registry().register(
                 &mut pending.stream,
@@ -151,6 +206,7 @@ impl Acceptor {
                 Interest::READABLE,
             ) {
                 tracing::warn!(error = %e, %addr, "cannot register connection");
+                counter.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 continue;
             }
             self.pending[slot] = Some(pending);
@@ -177,8 +233,14 @@ impl Acceptor {
             }
             match p.decoder.next_frame() {
                 Ok(Some(frame)) => match self.handshake(&mut p, &frame) {
-                    Ok(peer) => return self.hand_off(p, peer),
+                    Ok(peer) => {
+                        self.failures.remove(&p.addr.ip());
+                        return self.hand_off(p, peer);
+                    }
                     Err((msg_id, reason, detail)) => {
+                        if reason == NackReason::Unauthorised {
+                            self.record_failure(p.addr.ip());
+                        }
                         self.refuse(&mut p, msg_id, reason, detail);
                         continue;
                     }
@@ -248,6 +310,27 @@ impl Acceptor {
         }
     }
 
+    fn record_failure(&mut self, ip: std::net::IpAddr) {
+        let now = self.now();
+        if self.failures.len() >= BACKOFF_ADDRESSES_MAX && !self.failures.contains_key(&ip) {
+            self.failures.retain(|_, f| f.until > now);
+            if self.failures.len() >= BACKOFF_ADDRESSES_MAX {
+                tracing::warn!(%ip, "too many addresses with failed HELLOs to remember one more");
+                return;
+            }
+        }
+        let f = self
+            .failures
+            .entry(ip)
+            .or_insert(Failures { count: 0, until: 0 });
+        f.count = f.count.saturating_add(1);
+        if f.count >= BAD_HELLOS_FREE {
+            let shift = (f.count - BAD_HELLOS_FREE).min(6);
+            f.until = now + (NANOS_PER_SEC << shift).min(BACKOFF_MAX);
+            tracing::warn!(%ip, failures = f.count, wait_ms = (f.until - now) / 1_000_000, "repeated bad HELLOs: backing off");
+        }
+    }
+
     fn refuse(&self, p: &mut Pending, msg_id: u64, reason: NackReason, detail: &str) {
         let nack = Frame::nack(msg_id, reason, detail);
         let mut bytes = Vec::with_capacity(nack.wire_len());
@@ -278,6 +361,7 @@ impl Acceptor {
         };
         if link.control.send(Control::Adopt(adopt)).is_err() {
             tracing::warn!("worker gone; connection dropped");
+            self.shared.connection_closed(peer);
             return;
         }
         if let Err(e) = link.waker.wake() {
@@ -287,6 +371,13 @@ impl Acceptor {
 
     fn drop_pending(&mut self, mut p: Pending) {
         let _ = self.poll.registry().deregister(&mut p.stream);
+        if p.counted {
+            let i = match p.role {
+                Role::Su => 0,
+                Role::Csp => 1,
+            };
+            self.shared.connections[i].fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     fn expire(&mut self) {
@@ -305,4 +396,14 @@ impl Acceptor {
             }
         }
     }
+}
+
+/// Refuses a connection at once: one NACK (msg_id 0) and close.
+fn refuse_now(mut stream: TcpStream, reason: NackReason, detail: &str) {
+    let nack = Frame::nack(0, reason, detail);
+    let mut bytes = Vec::with_capacity(nack.wire_len());
+    bytes.extend_from_slice(&nack.header_bytes());
+    bytes.extend_from_slice(&nack.payload);
+    let _ = io::Write::write_all(&mut stream, &bytes);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
 }

@@ -149,6 +149,9 @@ pub(crate) struct Shared {
     pub intake: crate::throttle::GlobalIntake,
     /// The alert monitoring report, merged from the workers once a second.
     pub report: std::sync::Mutex<crate::report::AlertReport>,
+    /// Connections open on the SU port ([0]) and the CSP port ([1]), counted from accept to
+    /// close, against `listen.connections_max`.
+    pub connections: [AtomicU64; 2],
     /// The configuration file, for reloads; `None` for the embedded default.
     pub config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
 }
@@ -319,6 +322,7 @@ impl Shared {
             intake,
             report: std::sync::Mutex::new(report),
             config_path: std::sync::Mutex::new(None),
+            connections: [AtomicU64::new(0), AtomicU64::new(0)],
         }
     }
 
@@ -347,6 +351,15 @@ impl Shared {
             }
         }
         found
+    }
+
+    /// A connection of this kind of peer closed.
+    pub(crate) fn connection_closed(&self, peer: PeerRef) {
+        let i = match peer {
+            PeerRef::Su(_) => 0,
+            PeerRef::Csp(_) => 1,
+        };
+        self.connections[i].fetch_sub(1, Ordering::Relaxed);
     }
 
     /// The worker owning the peer with this log key, if it is configured.

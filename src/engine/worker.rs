@@ -567,6 +567,7 @@ impl Worker {
             Interest::READABLE | Interest::WRITABLE,
         ) {
             tracing::warn!(error = %e, %addr, "cannot register connection");
+            self.shared.connection_closed(peer);
             return;
         }
         let now = self.now();
@@ -628,6 +629,7 @@ impl Worker {
     fn close(&mut self, slot: usize) {
         self.detach(slot);
         if let Some(mut conn) = self.conns.get_mut(slot).and_then(Option::take) {
+            self.shared.connection_closed(conn.peer);
             let _ = self.poll.registry().deregister(&mut conn.stream);
             tracing::debug!(addr = %conn.addr, "connection closed");
         }
