@@ -133,7 +133,7 @@ fn a_connection_that_never_says_hello_is_closed() {
 fn a_csp_that_disconnects_mid_frame_costs_nothing_else() {
     let e = engine("midframe", "");
     let mut su = Client::connect_su(e.su_addr(), SU1, "su1-token").unwrap();
-    let mut broken = Client::connect_csp(e.csp_addr(), "csp-token").unwrap();
+    let broken = Client::connect_csp(e.csp_addr(), "csp-token").unwrap();
     let whole = response(SU1, "1.1.1", 1, 100);
     let mut bytes = whole.header_bytes().to_vec();
     bytes.extend_from_slice(&whole.payload[..40]);
