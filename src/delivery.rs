@@ -168,6 +168,11 @@ impl<T> DeliveryScheduler<T> {
         }
     }
 
+    /// Frames waiting in memory in a lane.
+    pub fn waiting_in(&self, lane: usize) -> usize {
+        self.queues.get(lane).map_or(0, VecDeque::len)
+    }
+
     /// Number of lanes (levels, or 1 in FIFO mode).
     pub fn lanes(&self) -> usize {
         self.queues.len()

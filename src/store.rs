@@ -392,6 +392,20 @@ impl Store {
         }
     }
 
+    /// Bytes of this log on disk (every live segment).
+    pub fn disk_bytes(&self) -> u64 {
+        self.live
+            .keys()
+            .map(|seg| {
+                if *seg == self.segment {
+                    self.offset
+                } else {
+                    fs::metadata(wal::segment_path(&self.dir, *seg)).map_or(0, |m| m.len())
+                }
+            })
+            .sum()
+    }
+
     /// Whether `fdatasync` has failed: nothing more can be ACKed as durable.
     pub fn flush_failed(&self) -> bool {
         self.flush.failed.load(Ordering::Acquire)

@@ -167,3 +167,72 @@ token = "t-csp"
     }
     assert!(saw_shutdown);
 }
+
+#[test]
+fn json_logs_parse_and_never_carry_a_token() {
+    let data = std::env::temp_dir().join(format!("dsplane-cli-json-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let config = temp_file(
+        "json.toml",
+        &format!(
+            "[engine]\ncores = 1\ndurability = \"none\"\ndata_dir = \"{}\"\n[listen]\nsu = \"127.0.0.1:0\"\ncsp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-00\"\ntoken = \"SU-SECRET-7f3a\"\n[[csp]]\nname = \"c\"\ntoken = \"CSP-SECRET-91bc\"\n",
+            data.display()
+        ),
+    );
+    let mut child = Command::new(BIN)
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&config)
+        .env("DSPLANE_LOG", "debug")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let (su_addr, csp_addr) = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no start-up line");
+        let json: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+        lines.push(line.clone());
+        if json["message"] == "dsplane running" {
+            break (
+                json["su"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap(),
+                json["csp"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap(),
+            );
+        }
+    };
+    let su_id: Eui64 = "90-B3-D5-1F-30-01-00-00".parse().unwrap();
+    assert!(Client::connect_su(su_addr, su_id, "SU-SECRET-wrong").is_err());
+    let _su = Client::connect_su(su_addr, su_id, "SU-SECRET-7f3a").unwrap();
+    let _csp = Client::connect_csp(csp_addr, "CSP-SECRET-91bc").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    while let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+        lines.push(line);
+    }
+    assert!(lines.len() > 5);
+    for line in &lines {
+        let _: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(!line.contains("SECRET"), "a token in the log: {line}");
+    }
+    assert!(lines.iter().any(|l| l.contains("SU HELLO refused")));
+}

@@ -173,6 +173,8 @@ impl Acceptor {
                     let wait_s = (f.until - now).div_ceil(NANOS_PER_SEC);
                     counter.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::info!(%addr, failures = f.count, wait_s, "refusing an address that sent bad tokens");
+                    self.shared.acceptor_nacks[NackReason::Unauthorised as usize]
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     refuse_now(
                         stream,
                         NackReason::Unauthorised,
@@ -332,6 +334,8 @@ impl Acceptor {
     }
 
     fn refuse(&self, p: &mut Pending, msg_id: u64, reason: NackReason, detail: &str) {
+        self.shared.acceptor_nacks[reason as usize]
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let nack = Frame::nack(msg_id, reason, detail);
         let mut bytes = Vec::with_capacity(nack.wire_len());
         bytes.extend_from_slice(&nack.header_bytes());

@@ -5,6 +5,7 @@
 //! | method and path              | what |
 //! |------------------------------|------|
 //! | `GET /healthz`               | `ok` while the engine runs |
+//! | `GET /metrics`               | Prometheus text format (see `docs/operations.md`) |
 //! | `POST /su/{EUI-64}/pause`    | the SU is unavailable: its traffic is kept (NMS, then SURB) |
 //! | `POST /su/{EUI-64}/resume`   | available again: its backlog is released with the ramp |
 //! | `POST /restrict`             | the whole northbound side is unavailable |
@@ -101,6 +102,19 @@ impl Admin {
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
         match (method, parts.as_slice()) {
             (tiny_http::Method::Get, ["healthz"]) => respond(request, 200, "ok\n"),
+            (tiny_http::Method::Get, ["metrics"]) => {
+                let body = self.shared.render_metrics();
+                let mut response = tiny_http::Response::from_string(body);
+                if let Ok(h) = tiny_http::Header::from_bytes(
+                    &b"Content-Type"[..],
+                    &b"text/plain; version=0.0.4"[..],
+                ) {
+                    response = response.with_header(h);
+                }
+                if let Err(e) = request.respond(response) {
+                    tracing::debug!(error = %e, "admin response not sent");
+                }
+            }
             (tiny_http::Method::Get, ["report", "alerts"]) => {
                 let day = query
                     .split('&')

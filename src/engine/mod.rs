@@ -25,6 +25,7 @@
 mod acceptor;
 mod admin;
 mod conn;
+mod metrics;
 mod shared;
 mod worker;
 

@@ -152,6 +152,10 @@ pub(crate) struct Shared {
     /// Connections open on the SU port ([0]) and the CSP port ([1]), counted from accept to
     /// close, against `listen.connections_max`.
     pub connections: [AtomicU64; 2],
+    /// Each worker's latest published metrics, merged on scrape.
+    pub metrics: std::sync::Mutex<Vec<super::metrics::WorkerMetrics>>,
+    /// NACKs sent by the acceptor (handshake refusals), by reason.
+    pub acceptor_nacks: [AtomicU64; 7],
     /// The configuration file, for reloads; `None` for the embedded default.
     pub config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
 }
@@ -323,6 +327,8 @@ impl Shared {
             report: std::sync::Mutex::new(report),
             config_path: std::sync::Mutex::new(None),
             connections: [AtomicU64::new(0), AtomicU64::new(0)],
+            metrics: std::sync::Mutex::new(vec![super::metrics::WorkerMetrics::default(); n]),
+            acceptor_nacks: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 
@@ -351,6 +357,23 @@ impl Shared {
             }
         }
         found
+    }
+
+    /// Renders `/metrics`: the workers' latest copies merged.
+    pub(crate) fn render_metrics(&self) -> String {
+        let mut merged = super::metrics::WorkerMetrics::default();
+        if let Ok(all) = self.metrics.lock() {
+            for m in all.iter() {
+                merged.merge(m);
+            }
+        }
+        let nacks: [u64; 7] =
+            std::array::from_fn(|i| self.acceptor_nacks[i].load(Ordering::Relaxed));
+        let connections = [
+            self.connections[0].load(Ordering::Relaxed),
+            self.connections[1].load(Ordering::Relaxed),
+        ];
+        super::metrics::render(&merged, &nacks, connections)
     }
 
     /// A connection of this kind of peer closed.

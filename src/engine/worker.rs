@@ -28,6 +28,7 @@ use bytes::BytesMut;
 use mio::{Events, Interest, Poll, Token};
 
 use super::conn::{Conn, ConnState};
+use super::metrics::{Outcome as Seen, WorkerMetrics};
 use super::shared::{Adopt, Control, Destination, Envelope, PeerRef, Reload, Shared, Ticket};
 use crate::classify::{Classifier, RequestId};
 use crate::config::Scheduling;
@@ -138,6 +139,7 @@ pub(crate) struct Worker {
     throttle: RequestThrottle,
     /// Alerts seen since the last merge into the shared report.
     report: AlertReport,
+    metrics: WorkerMetrics,
     /// Frames expired (the log line says the SU and level of each).
     expired: u64,
 }
@@ -273,6 +275,7 @@ impl Worker {
             summaries: Vec::new(),
             throttle,
             report: AlertReport::new(),
+            metrics: WorkerMetrics::default(),
             expired: 0,
         };
         worker.fifo = worker.shared.config.engine.scheduling == Scheduling::Fifo;
@@ -483,6 +486,7 @@ impl Worker {
                 continue;
             }
             if conn.resolve(ticket.msg_id, durable) && !durable {
+                self.metrics.nack(NackReason::Overloaded);
                 conn.queue(
                     &Frame::nack(
                         ticket.msg_id,
@@ -638,6 +642,7 @@ impl Worker {
     /// Sends a final NACK and closes: the peer is detached at once, its socket lingers until
     /// the NACK is written and the peer closes (or [`LINGER`] passes).
     fn close_with(&mut self, slot: usize, msg_id: u64, reason: NackReason, detail: &str) {
+        self.metrics.nack(reason);
         self.detach(slot);
         let now = self.now();
         let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
@@ -771,6 +776,7 @@ impl Worker {
     }
 
     fn nack(&mut self, slot: usize, msg_id: u64, reason: NackReason, detail: &str) {
+        self.metrics.nack(reason);
         if let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) {
             conn.queue(&Frame::nack(msg_id, reason, detail), &mut self.scratch);
         }
@@ -835,7 +841,16 @@ impl Worker {
         };
         let key = state.key;
         let lane_of = Self::lane_of(fifo);
+        let metrics = &mut self.metrics;
+        let direction = usize::from(matches!(peer, PeerRef::Csp(_)));
         let released = state.sched.on_ack(msg_id, |level, held| {
+            metrics.count(
+                direction,
+                held.frame.header.kind,
+                level.get(),
+                Seen::Delivered,
+                1,
+            );
             if let Some(stored) = held.stored {
                 store.done(key, lane_of(level.get()), stored);
             }
@@ -1029,6 +1044,8 @@ impl Worker {
                         Outcome::from(verdict),
                     );
                     if verdict == Verdict::Throttled {
+                        self.metrics
+                            .count(0, h.kind, level.get(), Seen::Throttled, 1);
                         // Counted, not delivered: the window's STORM_SUMMARY stands for it.
                         // Its sender's ACK needs nothing written.
                         if let Some(t) = ticket {
@@ -1136,6 +1153,14 @@ impl Worker {
                 (Ok(pos), Some(t)) => self.awaiting.push_back((*pos, t)),
                 _ => {}
             }
+            let direction = usize::from(matches!(peer, PeerRef::Csp(_)));
+            self.metrics.count(
+                direction,
+                held.frame.header.kind,
+                level.get(),
+                Seen::Taken,
+                1,
+            );
             let Some(state) = self.peer_mut(peer) else {
                 continue;
             };
@@ -1233,6 +1258,13 @@ impl Worker {
             self.shared.memory_frames.fetch_sub(1, Ordering::Relaxed);
         }
         let h = &held.frame.header;
+        self.metrics.count(
+            usize::from(matches!(peer, PeerRef::Csp(_))),
+            h.kind,
+            level.get(),
+            Seen::Expired,
+            1,
+        );
         tracing::warn!(peer = %name, level = level.get(), kind = %h.kind, device = %h.device_id, counter = h.counter, "frame expired after retention_h");
         let line = format!(
             "{{\"expired_unix_ns\":{},\"peer\":\"{}\",\"level\":{},\"kind\":\"{}\",\"srv\":\"{}\",\"alert_code\":{},\"su_id\":\"{}\",\"device_id\":\"{}\",\"counter\":{},\"created_ns\":{},\"enqueued_unix_ns\":{}}}\n",
@@ -1301,6 +1333,8 @@ impl Worker {
     /// Moves frames from a peer's scheduler to its connection while it may send. Returns the
     /// lane whose frames must be loaded from disk first, if that is what stopped it.
     fn pump(&mut self, peer: PeerRef, now: Nanos) -> Option<usize> {
+        let now_unix = unix_now();
+        let metrics = &mut self.metrics;
         let (state, conns, scratch) = match peer {
             PeerRef::Su(i) => (
                 self.sus.get_mut(i as usize).and_then(Option::as_mut),
@@ -1324,6 +1358,12 @@ impl Worker {
                     let mut frame = out.item.frame.clone();
                     frame.header.msg_id = out.msg_id;
                     frame.header.priority = out.level.get();
+                    if frame.header.created_ns > 0 {
+                        metrics.latency(
+                            out.level.get(),
+                            now_unix.saturating_sub(frame.header.created_ns),
+                        );
+                    }
                     conn.queue(&frame, scratch);
                     queued = true;
                 }
@@ -1360,6 +1400,7 @@ impl Worker {
             }
         }
         self.classifier.expire(now);
+        self.publish_metrics();
         if self.report.days().next().is_some() {
             if let Ok(mut shared) = self.shared.report.lock() {
                 shared.merge(&self.report);
@@ -1395,6 +1436,51 @@ impl Worker {
         }
         if let Err(e) = self.store.write_out() {
             tracing::error!(error = %e, "cannot write the log");
+        }
+    }
+
+    /// Publishes a copy of this worker's metrics for `/metrics`, with the gauges read now.
+    fn publish_metrics(&mut self) {
+        let mut depth = Vec::new();
+        for (i, state) in self.sus.iter().enumerate() {
+            let Some(state) = state else { continue };
+            let name = self.shared.sus[i].config.id.to_string();
+            for lane in 0..state.sched.lanes() {
+                let level = lane as u8 + 1;
+                depth.push((
+                    name.clone(),
+                    "nms",
+                    level,
+                    state.sched.waiting_in(lane) as u64,
+                ));
+                depth.push((name.clone(), "surb", level, state.sched.spilled_in(lane)));
+            }
+        }
+        for (i, state) in self.csps.iter().enumerate() {
+            let Some(state) = state else { continue };
+            let name = self.shared.csps[i].config.name.clone();
+            for lane in 0..state.sched.lanes() {
+                let level = lane as u8 + 1;
+                depth.push((
+                    name.clone(),
+                    "nms",
+                    level,
+                    state.sched.waiting_in(lane) as u64,
+                ));
+                depth.push((name.clone(), "surb", level, state.sched.spilled_in(lane)));
+            }
+        }
+        let storm = self.storm.stats();
+        self.metrics.queue_depth = depth;
+        self.metrics.storm_keys_tracked = storm.keys_tracked;
+        self.metrics.storm_alerts_owed = storm.owed;
+        self.metrics.storm_summaries = storm.summaries;
+        self.metrics.surb_bytes = self.store.disk_bytes();
+        self.metrics.inflight_requests_evicted = self.classifier.inflight_stats().evicted_full;
+        if let Ok(mut all) = self.shared.metrics.lock() {
+            if let Some(slot) = all.get_mut(self.index) {
+                slot.clone_from(&self.metrics);
+            }
         }
     }
 
