@@ -33,6 +33,11 @@
 //! were reloaded in between. A response to a DCC-scheduled request gets
 //! `scheduled_response_level` either way.
 
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -61,6 +66,8 @@ pub struct Rules {
 
 impl Rules {
     /// Compiles the validated `[priority]` section.
+    // Indexing here is safe: the tables are sized for their index type (256 majors, 65,536 alert codes) and levels were validated against `levels` when the rules were built.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     pub fn new(priority: &Priority) -> Rules {
         let mut exact: Vec<(u32, ModeLevels)> = Vec::new();
         let mut major_minor: Vec<(u16, ModeLevels)> = Vec::new();
@@ -104,6 +111,8 @@ impl Rules {
     }
 
     /// The level of a REQUEST with this SRV and mode.
+    // Indexing here is safe: the tables are sized for their index type (256 majors, 65,536 alert codes) and levels were validated against `levels` when the rules were built.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     pub fn request_level(&self, srv: Srv, mode: Mode) -> Level {
         let pick = |levels: &ModeLevels| {
             let l = levels[mode as usize];
@@ -139,11 +148,15 @@ impl Rules {
     }
 
     /// The level of a DEVICE_ALERT or DCC_ALERT with this code.
+    // Indexing here is safe: the tables are sized for their index type (256 majors, 65,536 alert codes) and levels were validated against `levels` when the rules were built.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     pub fn alert_level(&self, code: u16) -> Level {
         level(self.alert_levels[usize::from(code)])
     }
 }
 
+// Indexing here is safe: the tables are sized for their index type (256 majors, 65,536 alert codes) and levels were validated against `levels` when the rules were built.
+#[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
 fn entry<K: Copy + PartialEq>(table: &mut Vec<(K, ModeLevels)>, key: K) -> &mut ModeLevels {
     let at = match table.iter().position(|e| e.0 == key) {
         Some(at) => at,
@@ -155,6 +168,8 @@ fn entry<K: Copy + PartialEq>(table: &mut Vec<(K, ModeLevels)>, key: K) -> &mut 
     &mut table[at].1
 }
 
+// Indexing here is safe: the tables are sized for their index type (256 majors, 65,536 alert codes) and levels were validated against `levels` when the rules were built.
+#[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
 fn lookup<K: Ord + Copy>(table: &[(K, ModeLevels)], key: K) -> Option<&ModeLevels> {
     table
         .binary_search_by_key(&key, |e| e.0)

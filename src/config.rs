@@ -27,6 +27,11 @@
 //! [`Config::effective_toml`] prints them redacted, so neither a log line nor `check-config` leaks
 //! one. A token may come from the environment (`token_env`) instead of the file.
 
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
@@ -856,7 +861,7 @@ fn validate_listen(raw: &RawListen) -> Result<Listen, ConfigError> {
         ("listen.admin", listen.admin),
     ];
     for (i, (key, a)) in ports.iter().enumerate() {
-        for (other_key, b) in &ports[..i] {
+        for (other_key, b) in ports.iter().take(i) {
             // Port 0 asks the OS for a free port, so two zeros do not collide.
             if a == b && a.port() != 0 {
                 return Err(invalid(*key, a, format!("already used by {other_key}")));

@@ -7,6 +7,11 @@
 //!
 //! Every parser here returns a typed error; none panics on any input.
 
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
 use std::fmt;
 use std::str::FromStr;
 
@@ -51,8 +56,8 @@ impl FromStr for Eui64 {
             if i < 7 && chunk.get(2) != Some(&b'-') {
                 return Err(bad());
             }
-            let hi = hex_digit(chunk[0]).ok_or_else(bad)?;
-            let lo = hex_digit(chunk[1]).ok_or_else(bad)?;
+            let hi = chunk.first().copied().and_then(hex_digit).ok_or_else(bad)?;
+            let lo = chunk.get(1).copied().and_then(hex_digit).ok_or_else(bad)?;
             value = (value << 8) | u64::from(hi << 4 | lo);
         }
         Ok(Eui64(value))
@@ -128,7 +133,7 @@ impl FromStr for Srv {
             if count == 3 || part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(bad());
             }
-            parts[count] = part.parse::<u8>().map_err(|_| bad())?;
+            *parts.get_mut(count).ok_or_else(bad)? = part.parse::<u8>().map_err(|_| bad())?;
             count += 1;
         }
         if count < 2 {

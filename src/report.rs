@@ -46,6 +46,11 @@
 //! as Agarwal et al. show ("Mergeable summaries", 2012), keeping the N/16 error bound for the
 //! combined N.
 
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{Read, Write};
@@ -290,6 +295,8 @@ fn mix(device: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+// Indexing here is safe: indices are bounded by the fixed sizes of the sketches (register counts, day and code limits), checked where the values are created.
+#[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
 fn hll_add(registers: &mut [u8; HLL_REGISTERS], device: u64) {
     let h = mix(device);
     let at = (h >> (64 - HLL_P)) as usize;
@@ -302,6 +309,8 @@ fn hll_add(registers: &mut [u8; HLL_REGISTERS], device: u64) {
 }
 
 /// Ertl's improved raw estimator over the register histogram.
+// Indexing here is safe: indices are bounded by the fixed sizes of the sketches (register counts, day and code limits), checked where the values are created.
+#[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
 fn hll_estimate(registers: &[u8; HLL_REGISTERS]) -> f64 {
     let q = usize::from(HLL_RANK_MAX) - 1;
     let mut histogram = [0u32; HLL_RANK_MAX as usize + 1];
@@ -808,10 +817,14 @@ impl<'a> Cursor<'a> {
         Ok(head)
     }
 
+    // Indexing here is safe: indices are bounded by the fixed sizes of the sketches (register counts, day and code limits), checked where the values are created.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn u8(&mut self) -> Result<u8, ReportError> {
         Ok(self.take(1)?[0])
     }
 
+    // Indexing here is safe: indices are bounded by the fixed sizes of the sketches (register counts, day and code limits), checked where the values are created.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn u16(&mut self) -> Result<u16, ReportError> {
         let b = self.take(2)?;
         Ok(u16::from_le_bytes([b[0], b[1]]))
@@ -940,6 +953,8 @@ fn parse_payload(payload: &[u8]) -> Result<AlertReport, ReportError> {
 }
 
 /// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), as iSCSI and ext4 use.
+// Indexing here is safe: indices are bounded by the fixed sizes of the sketches (register counts, day and code limits), checked where the values are created.
+#[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
 pub fn crc32c(data: &[u8]) -> u32 {
     const TABLE: [u32; 256] = {
         let mut table = [0u32; 256];

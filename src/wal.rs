@@ -29,6 +29,11 @@
 //! See `docs/durability.md`: every write is an append, group commit is one `fdatasync`, and
 //! space comes back by deleting whole files.
 
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -154,9 +159,11 @@ fn put_fixed(out: &mut Vec<u8>, kind: u8, level: u8, peer: PeerKey, seq: u64) {
     out.extend_from_slice(&peer_id.to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
 }
-
+// Indexing here is safe: `p` is the 8-byte prefix just pushed (split at `start + 8`).
 impl Record {
     /// Appends the record (prefix and body) to `out`.
+    // Indexing here is safe: see the module documentation.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     pub fn encode(&self, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(&[0; RECORD_PREFIX_LEN]);
@@ -186,9 +193,12 @@ impl Record {
             }
         }
         let body_len = (out.len() - start - RECORD_PREFIX_LEN) as u32;
-        let crc = crc32c::crc32c(&out[start + RECORD_PREFIX_LEN..]);
-        out[start..start + 4].copy_from_slice(&body_len.to_le_bytes());
-        out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+        let (prefix, body) = out.split_at_mut(start + RECORD_PREFIX_LEN);
+        let crc = crc32c::crc32c(body);
+        if let Some(p) = prefix.get_mut(start..) {
+            p[..4].copy_from_slice(&body_len.to_le_bytes());
+            p[4..].copy_from_slice(&crc.to_le_bytes());
+        }
     }
 
     /// Decodes a body whose checksum was verified. `None` if it makes no sense (which, with a

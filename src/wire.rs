@@ -44,6 +44,11 @@
 //! ([`READ_CHUNK_BYTES_MAX`]). No input can make any function here panic; a malformed header is a
 //! [`DecodeError`] that names the frame's `msg_id` so that the engine can NACK it.
 
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
 use std::fmt;
 use std::io;
 
@@ -532,6 +537,7 @@ impl Header {
 /// `AT` is a constant checked at compile time, so the reads cannot go out of bounds and the
 /// compiler turns the eight byte reads into one load.
 #[inline(always)]
+#[allow(clippy::indexing_slicing)] // AT + 7 < HEADER_LEN, asserted at compile time below.
 fn le_word<const AT: usize>(bytes: &[u8; HEADER_LEN]) -> u64 {
     const { assert!(AT % 8 == 0 && AT + 8 <= HEADER_LEN) };
     u64::from_le_bytes([

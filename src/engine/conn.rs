@@ -2,6 +2,11 @@
 //! outgoing byte chunks, written with vectored writes (many frames per syscall, payloads never
 //! copied: a frame goes out as its 64 header bytes and its payload `Bytes`).
 
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 
@@ -111,6 +116,8 @@ impl Conn {
 
     /// A pending frame's durability is known: `true` durable, `false` refused. Returns whether
     /// the frame was pending here. Then advances the ACK over the durable prefix.
+    // Indexing here is safe: offsets are within the buffers this connection filled itself.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     pub(crate) fn resolve(&mut self, msg_id: u64, durable: bool) -> bool {
         let i = self.pending.partition_point(|(m, _)| *m < msg_id);
         let found = self.pending.get(i).is_some_and(|(m, _)| *m == msg_id);
@@ -136,6 +143,8 @@ impl Conn {
     }
 
     /// Writes as much as the socket takes. `Ok(true)` when everything queued is written.
+    // Indexing here is safe: offsets are within the buffers this connection filled itself.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     pub(crate) fn flush(&mut self) -> io::Result<bool> {
         while !self.out.is_empty() {
             // On the stack: no allocation per write.

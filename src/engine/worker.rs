@@ -17,6 +17,11 @@
 //!    its window and [`OUT_BYTES_MAX`](super::conn::OUT_BYTES_MAX) allow, and write it out with
 //!    vectored writes.
 
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
 use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::sync::atomic::Ordering;
@@ -164,6 +169,8 @@ fn settings(shared: &Shared, window: u32, memory_max: u64) -> DeliverySettings {
 }
 
 impl Worker {
+    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     pub(crate) fn new(
         index: usize,
         poll: Poll,
@@ -535,6 +542,8 @@ impl Worker {
         self.send_tickets(by_origin);
     }
 
+    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn send_tickets(&mut self, by_origin: Vec<Vec<(Ticket, bool)>>) {
         for (origin, list) in by_origin.into_iter().enumerate() {
             if list.is_empty() {
@@ -551,6 +560,8 @@ impl Worker {
         }
     }
 
+    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn adopt(&mut self, adopt: Adopt) {
         let Adopt {
             mut stream,
@@ -605,6 +616,8 @@ impl Worker {
         }
     }
 
+    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn peer_name(&self, peer: PeerRef) -> String {
         match peer {
             PeerRef::Su(i) => self.shared.sus[i as usize].config.id.to_string(),
@@ -717,6 +730,8 @@ impl Worker {
 
     /// Retries the frames held back by a full ring; a connection whose frame went in carries
     /// on reading.
+    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn retry_stalled(&mut self) {
         for slot in std::mem::take(&mut self.stalled) {
             let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
@@ -861,6 +876,8 @@ impl Worker {
     }
 
     /// A REQUEST from Service User `su` (southbound, ENGINE.md §5).
+    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn on_request(&mut self, slot: usize, su: u32, mut frame: Frame) {
         let h = frame.header;
         let own_id = self.shared.sus[su as usize].config.id;
@@ -912,6 +929,8 @@ impl Worker {
 
     /// Pushes a frame taken on connection `slot` into its owner's ring, and ACKs it at once
     /// (durability `none`) or once its owner has made it durable.
+    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn forward(
         &mut self,
         slot: usize,
@@ -953,6 +972,8 @@ impl Worker {
     }
 
     /// A RESPONSE or alert from a CSP (northbound, ENGINE.md §2).
+    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn on_northbound(&mut self, slot: usize, mut frame: Frame) {
         let h = frame.header;
         let Some(su) = self.shared.su(h.su_id) else {
@@ -1012,6 +1033,8 @@ impl Worker {
     /// while the peer's share and the total allow and its lane has nothing on disk, else disk
     /// only (the SURB). Writes its log record when it has one; [`Self::commit_staged`] acts
     /// once the write has succeeded.
+    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn stage(&mut self, envelope: Envelope, now: Nanos) {
         let Envelope {
             to,
@@ -1124,6 +1147,8 @@ impl Worker {
     /// Writes the staged records out (one write) and then places the frames: in memory, or
     /// counted as spilled. If the write fails (a full disk), frames that were to be ACKed when
     /// durable are refused (NACK 5); frames already ACKed (durability `none`) stay in memory.
+    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn commit_staged(&mut self) {
         if self.staged.is_empty() {
             return;
@@ -1306,6 +1331,8 @@ impl Worker {
         self.expired += 1;
     }
 
+    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn pump_all(&mut self) {
         self.rate_wake = None;
         let now = self.now();
@@ -1384,6 +1411,8 @@ impl Worker {
         load
     }
 
+    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn housekeeping(&mut self, now: Nanos) {
         let idle = self.shared.config.engine.idle_timeout.as_nanos() as Nanos;
         for slot in 0..self.conns.len() {
@@ -1440,6 +1469,8 @@ impl Worker {
     }
 
     /// Publishes a copy of this worker's metrics for `/metrics`, with the gauges read now.
+    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn publish_metrics(&mut self) {
         let mut depth = Vec::new();
         for (i, state) in self.sus.iter().enumerate() {
@@ -1484,6 +1515,8 @@ impl Worker {
         }
     }
 
+    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
+    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn shut_down(&mut self) {
         for slot in 0..self.conns.len() {
             if let Some(conn) = self.conns[slot].as_mut() {
