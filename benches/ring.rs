@@ -5,7 +5,10 @@
 //!
 //! Every contender gets the same capacity (1,024 slots; per level for the ring), the same 8-byte
 //! items, and the same waiting policy: a full push or an empty pop backs off with crossbeam's
-//! `Backoff::snooze` (spin, then yield), because this machine has 2 cores and 3 busy threads.
+//! `Backoff::snooze` (spin, then yield). The consumer is pinned to core 0 and the producers to
+//! core 1 (this machine has 2 cores; with 2 producers they share theirs). `DSPLANE_BENCH_PIN=0`
+//! leaves the threads unpinned: the producers then truly race each other and the consumer, but
+//! 3 busy threads on 2 cores make every contender's times bimodal.
 //! One iteration moves 10,000 items from the producers to the consumer (the bench thread).
 //!
 //! Targets (issue 7): 2 producers, bulk, ≥ 1.5× ArrayQueue; 4 levels ≥ 0.85× 1 level.
@@ -89,6 +92,20 @@ enum Pop {
     Bulk,
 }
 
+/// Pins the calling thread to core `index` if there is one: the consumer to core 0, every
+/// producer to core 1. As in the engine (pinned workers), the consumer never waits for a core
+/// behind a producer; without pinning, 3 busy threads on this machine's 2 cores made every
+/// contender's times bimodal.
+/// `DSPLANE_BENCH_PIN=0` leaves the threads to the scheduler.
+fn pin(index: usize) {
+    if std::env::var_os("DSPLANE_BENCH_PIN").is_some_and(|v| v == "0") {
+        return;
+    }
+    if let Some(core) = core_affinity::get_core_ids().and_then(|ids| ids.get(index).copied()) {
+        core_affinity::set_for_current(core);
+    }
+}
+
 /// Moves `total` items from `producers` threads through `q` to this thread; returns the time
 /// from the start signal to the last item taken. Producer `p` pushes its items at level
 /// `i % levels`.
@@ -104,6 +121,7 @@ fn transfer<Q: Push>(
         for p in 0..producers as u64 {
             let start = &start;
             s.spawn(move || {
+                pin(1);
                 let share = total / producers as u64 + u64::from(p < total % producers as u64);
                 start.wait();
                 let backoff = Backoff::new();
@@ -117,6 +135,7 @@ fn transfer<Q: Push>(
         }
         let mut out = Vec::with_capacity(BULK_MAX);
         let mut sum = 0u64;
+        pin(0);
         start.wait();
         let t = Instant::now();
         let mut taken = 0;
