@@ -1,0 +1,352 @@
+//! A fixed, deterministic workload through the sans-IO pipeline of one worker, for instruction
+//! counts under callgrind (`perf/instructions.sh`): not a criterion bench, and its timings mean
+//! little; its instruction counts are exact and comparable across commits.
+//!
+//! The pipeline, per northbound message, as the engine's worker does it:
+//!
+//! 1. **decode**: bytes are read into a [`FrameDecoder`] 64 KiB at a time (`fill_from`) and
+//!    taken out as frames (`next_frame`: header decode and validation, zero-copy payload);
+//! 2. **classify**: a RESPONSE inherits its request's level from the in-flight table (or falls
+//!    back to the REQUEST rules), an alert gets its code's level (the demo configuration's
+//!    rules);
+//! 3. **enqueue** into the Service User's [`DeliveryScheduler`];
+//! 4. **schedule**: `next_send`, which checks the window and takes a **limiter** token;
+//! 5. **encode**: the header, with its `msg_id` and level, into the worker's scratch buffer,
+//!    split off as a chunk beside the payload (what `Conn::queue` does);
+//! 6. the SU's cumulative ACK releases the batch.
+//!
+//! The message mix is fixed by a seed: 70 % RESPONSEs (80 % of them to a request recorded
+//! beforehand, over SRVs of every level), 30 % DEVICE_ALERTs (3 % high-priority codes), 128-byte
+//! payloads. Only `measured_*` functions are counted (callgrind `--toggle-collect`); a warm-up
+//! pass first grows every buffer and table to its steady size.
+//!
+//! Usage: `pipeline MODE [MESSAGES]`, MODE one of `pipeline` (the whole path), `frames` (step 1
+//! alone), `header` (`Header::decode` alone on 1,024 varied headers), `header-naive` (the
+//! field-by-field decoder of `benches/common`). Any other argument (`cargo bench` passes
+//! `--bench`) runs every mode once, briefly, as a smoke test.
+
+mod common;
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use common::{naive, sample_headers, Rng};
+use dsplane::classify::{Classifier, RequestId, Rules};
+use dsplane::config::Config;
+use dsplane::delivery::{Blocked, DeliveryScheduler, DeliverySettings};
+use dsplane::ids::{Eui64, Level, Mode, Srv};
+use dsplane::limiter::{ReleaseStart, TokenBucket, BURST_MAX, RATE_PER_S_MAX};
+use dsplane::wire::{Frame, FrameDecoder, Header, Kind, HEADER_LEN, PAYLOAD_BYTES_MAX_DEFAULT};
+use dsplane::Nanos;
+
+const SU: Eui64 = Eui64(0x90B3_D51F_3001_0000);
+const PAYLOAD_LEN: usize = 128;
+const WARM_UP: usize = 20_000;
+const DEFAULT_MESSAGES: usize = 200_000;
+
+/// The wire bytes of `n` northbound frames and the requests their responses answer.
+fn workload(n: usize, seed: u64) -> (Vec<u8>, Vec<(RequestId, Srv, Mode)>) {
+    // (SRV, mode): levels 1, 1, 2, 3 and the default 4 under the demo rules.
+    const SRVS: [(Srv, Mode); 6] = [
+        (Srv::new(2, 2, 0), Mode::OnDemand),
+        (Srv::new(7, 1, 0), Mode::OnDemand),
+        (Srv::new(8, 1, 1), Mode::OnDemand),
+        (Srv::new(4, 1, 1), Mode::OnDemand),
+        (Srv::new(4, 4, 2), Mode::OnDemand),
+        (Srv::new(6, 2, 1), Mode::FutureDated),
+    ];
+    let mut rng = Rng(seed);
+    let payload = Bytes::from(vec![0x5A; PAYLOAD_LEN]);
+    let mut bytes = Vec::with_capacity(n * (HEADER_LEN + PAYLOAD_LEN));
+    let mut requests = Vec::new();
+    for i in 0..n as u64 {
+        let mut h;
+        if rng.below(100) < 70 {
+            h = Header::new(Kind::Response);
+            let (srv, mode) = SRVS[rng.below(SRVS.len() as u64) as usize];
+            h.srv = srv;
+            h.mode = mode as u8;
+            h.device_id = Eui64(rng.next());
+            h.counter = rng.next() >> 16;
+            if rng.below(100) < 80 {
+                let id = RequestId {
+                    su: SU,
+                    device: h.device_id,
+                    counter: h.counter,
+                };
+                requests.push((id, srv, mode));
+            }
+        } else {
+            h = Header::new(Kind::DeviceAlert);
+            h.alert_code = if rng.below(100) < 3 {
+                0x8F1C
+            } else {
+                0x8F00 | rng.below(0x70) as u16
+            };
+            h.device_id = Eui64(rng.next());
+        }
+        h.su_id = SU;
+        h.msg_id = i + 1;
+        h.created_ns = 1_700_000_000_000_000_000 + i * 1_000;
+        let frame = Frame::new(h, payload.clone()).unwrap();
+        bytes.extend_from_slice(&frame.header_bytes());
+        bytes.extend_from_slice(&frame.payload);
+    }
+    (bytes, requests)
+}
+
+/// Stands for the socket: `read` copies the next bytes of the workload. In the engine that copy
+/// is the kernel's, so `perf/instructions.sh` leaves this function out of the count (callgrind
+/// `--toggle-collect` on its name turns collection off inside it).
+struct Socket<'a>(&'a [u8]);
+
+impl std::io::Read for Socket<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        simulated_socket_read(&mut self.0, buf)
+    }
+}
+
+#[inline(never)]
+fn simulated_socket_read(from: &mut &[u8], buf: &mut [u8]) -> std::io::Result<usize> {
+    std::io::Read::read(from, buf)
+}
+
+/// One worker's state for one Service User.
+struct Worker {
+    classifier: Classifier,
+    sched: DeliveryScheduler<Frame>,
+    decoder: FrameDecoder,
+    scratch: BytesMut,
+    /// The connection's output queue: header and payload chunks, "written" after each pump.
+    out: Vec<Bytes>,
+    now: Nanos,
+    delivered: u64,
+}
+
+impl Worker {
+    fn new(requests: &[(RequestId, Srv, Mode)]) -> Worker {
+        let config = Config::embedded_default().unwrap();
+        let rules = Arc::new(Rules::new(&config.priority));
+        let mut classifier = Classifier::new(rules, 1 << 20, 7 * 24 * 3600 * 1_000_000_000);
+        for &(id, srv, mode) in requests {
+            let _ = classifier.request(id, srv, mode, 0);
+        }
+        let settings = DeliverySettings {
+            levels: config.engine.levels,
+            window: 4096,
+            window_reserved_top: 8,
+            frames_max: 1 << 20,
+            prioritised: true,
+            release_start: ReleaseStart::FULL,
+            release_ramp: 0,
+        };
+        let limiter = TokenBucket::new(RATE_PER_S_MAX, BURST_MAX, 0).unwrap();
+        let mut sched = DeliveryScheduler::new(settings, limiter);
+        sched.on_connect(0);
+        Worker {
+            classifier,
+            sched,
+            decoder: FrameDecoder::new(PAYLOAD_BYTES_MAX_DEFAULT),
+            scratch: BytesMut::with_capacity(64 * 1024),
+            out: Vec::with_capacity(8192),
+            now: 0,
+            delivered: 0,
+        }
+    }
+
+    /// Steps 2 and 3: classify a frame and queue it for its SU.
+    #[inline(always)]
+    fn take(&mut self, frame: Frame) {
+        let h = &frame.header;
+        let level = match h.kind {
+            Kind::Response => {
+                let id = RequestId {
+                    su: h.su_id,
+                    device: h.device_id,
+                    counter: h.counter,
+                };
+                let mode = Mode::from_wire(h.mode).unwrap_or(Mode::OnDemand);
+                self.classifier.response(id, h.srv, mode, self.now).0
+            }
+            Kind::DeviceAlert | Kind::DccAlert => self.classifier.alert(h.alert_code),
+            _ => self.classifier.storm_summary(),
+        };
+        if self.sched.enqueue(level, frame).is_err() {
+            panic!("scheduler full: the workload is sized so that it never is");
+        }
+    }
+
+    /// Steps 4 to 6: send everything the scheduler allows, encode it, and take the ACK.
+    #[inline(always)]
+    fn pump(&mut self) {
+        let mut last = None;
+        loop {
+            match self.sched.next_send(self.now) {
+                Ok(out) => {
+                    let mut frame = out.item.clone();
+                    frame.header.msg_id = out.msg_id;
+                    frame.header.priority = out.level.get();
+                    if self.scratch.capacity() - self.scratch.len() < HEADER_LEN {
+                        self.scratch.reserve(HEADER_LEN * 1024);
+                    }
+                    self.scratch.extend_from_slice(&frame.header_bytes());
+                    self.out.push(self.scratch.split().freeze());
+                    self.out.push(frame.payload);
+                    last = Some(out.msg_id);
+                }
+                Err(Blocked::Empty) => break,
+                Err(other) => {
+                    panic!("blocked by {other:?}: the workload is sized so that it never is")
+                }
+            }
+        }
+        self.out.clear();
+        if let Some(msg_id) = last {
+            self.delivered += self.sched.on_ack(msg_id, |_: Level, frame| drop(frame)) as u64;
+        }
+    }
+
+    /// The whole pipeline over `bytes`.
+    #[inline(always)]
+    fn run(&mut self, bytes: &[u8]) {
+        let mut socket = Socket(bytes);
+        loop {
+            let read = self.decoder.fill_from(&mut socket, usize::MAX).unwrap();
+            // One millisecond per read: the limiter earns 10,000 tokens, more than a read holds.
+            self.now += 1_000_000;
+            while let Some(frame) = self.decoder.next_frame().unwrap() {
+                self.take(frame);
+            }
+            self.pump();
+            if read == 0 {
+                break;
+            }
+        }
+    }
+
+    /// Step 1 alone: decode and drop.
+    #[inline(always)]
+    fn run_frames(&mut self, bytes: &[u8]) {
+        let mut socket = Socket(bytes);
+        loop {
+            let read = self.decoder.fill_from(&mut socket, usize::MAX).unwrap();
+            while let Some(frame) = self.decoder.next_frame().unwrap() {
+                self.delivered += u64::from(frame.header.payload_len > 0);
+            }
+            if read == 0 {
+                break;
+            }
+        }
+    }
+}
+
+#[inline(never)]
+fn measured_pipeline(worker: &mut Worker, bytes: &[u8]) {
+    worker.run(bytes);
+}
+
+#[inline(never)]
+fn measured_frames(worker: &mut Worker, bytes: &[u8]) {
+    worker.run_frames(bytes);
+}
+
+#[inline(always)]
+fn decode_headers(
+    headers: &[[u8; HEADER_LEN]],
+    n: usize,
+    decode: impl Fn(&[u8; HEADER_LEN], u32) -> Result<Header, dsplane::wire::DecodeError>,
+) -> u64 {
+    let mut sum = 0u64;
+    for bytes in headers.iter().cycle().take(n) {
+        match decode(black_box(bytes), PAYLOAD_BYTES_MAX_DEFAULT) {
+            // The whole header goes through black_box: every field must be produced, as
+            // FrameDecoder keeps the whole header, so no decoder can skip unused fields.
+            Ok(h) => sum = sum.wrapping_add(black_box(h).counter),
+            Err(e) => sum = sum.wrapping_add(e.msg_id),
+        }
+    }
+    sum
+}
+
+#[inline(never)]
+fn measured_header(headers: &[[u8; HEADER_LEN]], n: usize) -> u64 {
+    decode_headers(headers, n, Header::decode)
+}
+
+#[inline(never)]
+fn measured_header_naive(headers: &[[u8; HEADER_LEN]], n: usize) -> u64 {
+    decode_headers(headers, n, naive::decode)
+}
+
+fn run_mode(mode: &str, messages: usize) {
+    let t = Instant::now();
+    match mode {
+        "pipeline" | "frames" => {
+            let (warm, warm_requests) = workload(WARM_UP, 1);
+            let (bytes, requests) = workload(messages, 2);
+            let mut all = warm_requests;
+            all.extend(requests);
+            let mut worker = Worker::new(&all);
+            if mode == "pipeline" {
+                worker.run(&warm);
+                worker.delivered = 0;
+                measured_pipeline(&mut worker, &bytes);
+                assert_eq!(
+                    worker.delivered, messages as u64,
+                    "not every message delivered"
+                );
+            } else {
+                worker.run_frames(&warm);
+                worker.delivered = 0;
+                measured_frames(&mut worker, &bytes);
+                assert_eq!(worker.delivered, messages as u64, "not every frame decoded");
+            }
+            let stats = worker.classifier.inflight_stats();
+            println!(
+                "{mode}: {messages} messages in {:?} (inherited {}, unknown {})",
+                t.elapsed(),
+                stats.inherited,
+                stats.unknown
+            );
+        }
+        "header" | "header-naive" => {
+            let headers = sample_headers(1024, 7);
+            let warm = decode_headers(&headers, 4096, Header::decode);
+            let sum = if mode == "header" {
+                measured_header(&headers, messages)
+            } else {
+                measured_header_naive(&headers, messages)
+            };
+            println!(
+                "{mode}: {messages} headers in {:?} (checksum {:x})",
+                t.elapsed(),
+                sum ^ warm
+            );
+        }
+        other => {
+            eprintln!("unknown mode {other:?}: use pipeline, frames, header or header-naive");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some(mode @ ("pipeline" | "frames" | "header" | "header-naive")) => {
+            let messages = args
+                .get(1)
+                .map(|n| n.parse().expect("MESSAGES must be a number"))
+                .unwrap_or(DEFAULT_MESSAGES);
+            run_mode(mode, messages);
+        }
+        _ => {
+            // `cargo bench` (all benches) lands here: a quick check that every mode still runs.
+            for mode in ["pipeline", "frames", "header", "header-naive"] {
+                run_mode(mode, 10_000);
+            }
+        }
+    }
+}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs every comparison bench and keeps only their summary lines (TIME, RATIO, RATE), plus the
+# intake figure and the instruction counts: the raw material of BENCHMARKS.md.
+#
+# Usage: perf/bench-summary.sh [OUTFILE]    (default $CARGO_TARGET_DIR/bench-summary.txt)
+# Takes about 7 minutes on the 2-core development machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
+out=${1:-$CARGO_TARGET_DIR/bench-summary.txt}
+{
+    echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(git rev-parse --short HEAD) $(nproc) cores"
+    for bench in ring wire limiter engine storage; do
+        cargo bench --bench "$bench" 2>/dev/null | grep -E '^(TIME|RATIO|RATE) '
+    done
+    cargo bench --bench intake >/dev/null 2>&1
+    perf/criterion_summary.py intake batch none --elements 1000
+    perf/instructions.sh | sed 's/^/INSTR /'
+} | tee "$out"
