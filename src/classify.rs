@@ -228,7 +228,10 @@ struct Inflight {
 /// of its `su_id`, the same worker its request entered on).
 #[derive(Debug)]
 pub struct InflightRequests {
-    entries: HashMap<RequestId, Inflight>,
+    /// Keyed by RequestIds that SUs choose, so the hash is seeded at random (no collision
+    /// flooding), and it is foldhash rather than SipHash: SipHash cost ~235 instructions per
+    /// message in the sans-IO pipeline (`perf/instructions.sh`).
+    entries: HashMap<RequestId, Inflight, foldhash::fast::RandomState>,
     /// (id, seq, recorded at), oldest first. Items whose seq no longer matches the table are
     /// stale and skipped; the queue is compacted when stale items make up half of it.
     ages: VecDeque<(RequestId, u64, Nanos)>,
@@ -243,7 +246,10 @@ impl InflightRequests {
     pub fn new(requests_max: usize, age_max: Nanos) -> Self {
         let requests_max = requests_max.max(1);
         InflightRequests {
-            entries: HashMap::with_capacity(requests_max.min(1 << 20)),
+            entries: HashMap::with_capacity_and_hasher(
+                requests_max.min(1 << 20),
+                foldhash::fast::RandomState::default(),
+            ),
             ages: VecDeque::with_capacity(requests_max.min(1 << 20)),
             requests_max,
             age_max,
