@@ -22,6 +22,7 @@ pub mod delivery;
 pub mod engine;
 pub mod ids;
 pub mod limiter;
+pub mod loadgen;
 pub mod report;
 pub mod ring;
 pub mod store;

@@ -1,6 +1,7 @@
 //! The `dsplane` command: `run` and `check-config` (ENGINE.md §8).
 
 mod client_cmd;
+mod demo_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,6 +59,9 @@ enum Command {
         /// The TOML configuration file.
         file: PathBuf,
     },
+    /// See the difference priority makes: the outage scenario against an in-process engine with
+    /// strict priority and one with FIFO, both tables side by side (2 × 20 s of traffic by default).
+    Demo(demo_cmd::DemoArgs),
 }
 
 #[derive(Subcommand)]
@@ -88,6 +92,7 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Client(command) => client_cmd::run(command),
+        Command::Demo(args) => demo_cmd::run(args),
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(config) => {
                 print!("{}", config.effective_toml());

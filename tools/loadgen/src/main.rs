@@ -1,5 +1,5 @@
-//! `dsplane-loadgen`: the command line of the load generator. See the crate docs and the README's
-//! "Load generator" section.
+//! `dsplane-loadgen`: the command line of the load generator, over the `dsplane::loadgen` module
+//! of the main crate. See that module's docs and the README's "Load generator" section.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use dsplane::ids::Eui64;
-use dsplane_loadgen::run::{self, Options, Target};
-use dsplane_loadgen::scenario::ScenarioKind;
+use dsplane::loadgen::run::{self, Options, Target};
+use dsplane::loadgen::scenario::ScenarioKind;
 
 #[derive(Parser)]
 #[command(
@@ -171,14 +171,14 @@ fn main() -> ExitCode {
         }
     };
     let mut stdout = std::io::stdout();
-    let _ = dsplane_loadgen::print_tables(&mut stdout, &runs);
-    if let Err(e) = dsplane_loadgen::write_html(&cli.html, &runs) {
+    let _ = dsplane::loadgen::print_tables(&mut stdout, &runs);
+    if let Err(e) = dsplane::loadgen::write_html(&cli.html, &runs) {
         eprintln!("dsplane-loadgen: cannot write {}: {e}", cli.html.display());
         return ExitCode::from(2);
     }
     println!("HTML report: {}", cli.html.display());
     if let Some(path) = &cli.json {
-        if let Err(e) = dsplane_loadgen::write_json(path, &runs) {
+        if let Err(e) = dsplane::loadgen::write_json(path, &runs) {
             eprintln!("dsplane-loadgen: cannot write {}: {e}", path.display());
             return ExitCode::from(2);
         }

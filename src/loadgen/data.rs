@@ -1,48 +1,48 @@
 //! The real domain data the traffic is drawn from, embedded so the crate builds and runs
 //! standalone: the SRV catalogue (129 Service Reference Variants), the GBCS alert codes (184) and
-//! the DUIS sample messages, all copied from `shared/data/` into `tools/loadgen/data/`.
+//! the DUIS sample messages, all copied from `shared/data/` into the repository's `data/`.
 //!
 //! Parsing is done once at start-up; nothing here is on the message path.
 
 use std::collections::HashMap;
 
-use dsplane::ids::{Mode, Srv};
+use crate::ids::{Mode, Srv};
 
-use crate::replay;
+use crate::loadgen::replay;
 
 /// `srv-catalogue.csv`.
-const SRV_CATALOGUE_CSV: &str = include_str!("../data/srv-catalogue.csv");
+const SRV_CATALOGUE_CSV: &str = include_str!("../../data/srv-catalogue.csv");
 /// `gbcs-alert-codes.csv`.
-const ALERT_CODES_CSV: &str = include_str!("../data/gbcs-alert-codes.csv");
+const ALERT_CODES_CSV: &str = include_str!("../../data/gbcs-alert-codes.csv");
 
 /// The DUIS request samples, by file name.
 pub const DUIS_REQUEST_SAMPLES: [(&str, &str); 5] = [
     (
         "CS01a_2.2_SUCCESS_REQUEST_DUIS.XML",
-        include_str!("../data/duis-samples/CS01a_2.2_SUCCESS_REQUEST_DUIS.XML"),
+        include_str!("../../data/duis-samples/CS01a_2.2_SUCCESS_REQUEST_DUIS.XML"),
     ),
     (
         "ECS17b_4.1.1_REQUEST_DUIS.XML",
-        include_str!("../data/duis-samples/ECS17b_4.1.1_REQUEST_DUIS.XML"),
+        include_str!("../../data/duis-samples/ECS17b_4.1.1_REQUEST_DUIS.XML"),
     ),
     (
         "ECS21a_4.6.1_SINGLE_SUCCESS_REQUEST_DUIS.XML",
-        include_str!("../data/duis-samples/ECS21a_4.6.1_SINGLE_SUCCESS_REQUEST_DUIS.XML"),
+        include_str!("../../data/duis-samples/ECS21a_4.6.1_SINGLE_SUCCESS_REQUEST_DUIS.XML"),
     ),
     (
         "ECS42_7.1_SUCCESS_REQUEST_DUIS.XML",
-        include_str!("../data/duis-samples/ECS42_7.1_SUCCESS_REQUEST_DUIS.XML"),
+        include_str!("../../data/duis-samples/ECS42_7.1_SUCCESS_REQUEST_DUIS.XML"),
     ),
     (
         "ECS70Commission_8.1.1_SUCCESS_REQUEST_DUIS.XML",
-        include_str!("../data/duis-samples/ECS70Commission_8.1.1_SUCCESS_REQUEST_DUIS.XML"),
+        include_str!("../../data/duis-samples/ECS70Commission_8.1.1_SUCCESS_REQUEST_DUIS.XML"),
     ),
 ];
 
 /// A DUIS success response (Read Firmware Version, with a GBCS payload).
-const DUIS_RESPONSE_SAMPLE: &str = include_str!("../data/duis-samples/readfw-response.xml");
+const DUIS_RESPONSE_SAMPLE: &str = include_str!("../../data/duis-samples/readfw-response.xml");
 /// A DUIS error acknowledgement (E65).
-const DUIS_ERROR_SAMPLE: &str = include_str!("../data/duis-samples/acknowledgement-error.xml");
+const DUIS_ERROR_SAMPLE: &str = include_str!("../../data/duis-samples/acknowledgement-error.xml");
 
 /// One row of the SRV catalogue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -337,7 +337,7 @@ fn parse_srv_catalogue(text: &str) -> Result<Vec<SrvInfo>, DataError> {
         let srv: Srv = fields[0]
             .trim()
             .parse()
-            .map_err(|e: dsplane::ids::IdError| bad(e.to_string()))?;
+            .map_err(|e: crate::ids::IdError| bad(e.to_string()))?;
         out.push(SrvInfo {
             srv,
             name: fields[1].split_whitespace().collect::<Vec<_>>().join(" "),

@@ -11,7 +11,7 @@
 //!   not lost; one never acknowledged nor refused is *unconfirmed* (the sender gave up first).
 //!   An alert that a STORM_SUMMARY stands for is *throttled*, not lost (ENGINE.md §4).
 //! * **Corrupted**: the payload's trailer is missing or its checksum (payload and header
-//!   fields) does not match ([`crate::payload`]).
+//!   fields) does not match ([`crate::loadgen::payload`]).
 //! * **Misdelivered**: intact, but arrived at another SU than the one it was for, at an SU when
 //!   it was a request (or at a CSP when it was not), or at a CSP whose device range does not
 //!   hold its device. A misdelivered frame also counts as lost, since its destination never got it.
@@ -19,11 +19,11 @@
 
 use std::collections::HashMap;
 
-use dsplane::ids::Eui64;
-use dsplane::wire::{Header, Kind, NackReason};
+use crate::ids::Eui64;
+use crate::wire::{Header, Kind, NackReason};
 use serde::Serialize;
 
-use crate::payload::{Corruption, Trailer};
+use crate::loadgen::payload::{Corruption, Trailer};
 
 /// Which way a message travels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -265,7 +265,7 @@ impl Checker {
         }
     }
 
-    /// A data frame arrived at `at`; `check` is [`crate::payload::verify`] of it (done by the
+    /// A data frame arrived at `at`; `check` is [`crate::loadgen::payload::verify`] of it (done by the
     /// receiving thread, outside any lock).
     pub fn received(
         &mut self,
@@ -421,9 +421,9 @@ impl Checker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::payload::{self, Trailer};
+    use crate::ids::Srv;
+    use crate::loadgen::payload::{self, Trailer};
     use bytes::Bytes;
-    use dsplane::ids::Srv;
 
     const SU_A: Eui64 = Eui64(0x90B3_D51F_3001_0000);
     const SU_B: Eui64 = Eui64(0x90B3_D51F_3001_0001);

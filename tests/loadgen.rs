@@ -1,4 +1,5 @@
-//! End to end: the load generator against in-process engines over loopback TCP.
+//! End to end: the load generator (`dsplane::loadgen`) against in-process engines over loopback
+//! TCP, and `dsplane demo` as a user runs it.
 //!
 //! The tests run one at a time (they share two cores with the engine they start, and a test
 //! measuring latency must not compete with another one's traffic).
@@ -6,10 +7,10 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use dsplane_loadgen::checker::Direction;
-use dsplane_loadgen::report::{self, RunReport};
-use dsplane_loadgen::run::{run, Options, Target};
-use dsplane_loadgen::scenario::ScenarioKind;
+use dsplane::loadgen::checker::Direction;
+use dsplane::loadgen::report::{self, RunReport};
+use dsplane::loadgen::run::{run, Options, Target};
+use dsplane::loadgen::scenario::ScenarioKind;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -65,7 +66,7 @@ fn steady_against_a_spawned_engine_passes_every_check() {
     let dir = std::env::temp_dir().join(format!("dsplane-loadgen-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("summary.json");
-    dsplane_loadgen::write_json(&json, &runs).unwrap();
+    dsplane::loadgen::write_json(&json, &runs).unwrap();
     let parsed: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(parsed["passed"], true);
@@ -77,7 +78,7 @@ fn steady_against_a_spawned_engine_passes_every_check() {
             > 0.0
     );
     let html = dir.join("report.html");
-    dsplane_loadgen::write_html(&html, &runs).unwrap();
+    dsplane::loadgen::write_html(&html, &runs).unwrap();
     let text = std::fs::read_to_string(&html).unwrap();
     assert!(text.contains("<svg") && !text.contains("<script"));
     std::fs::remove_dir_all(&dir).unwrap();
@@ -155,4 +156,39 @@ fn outage_priority_delivers_urgent_traffic_ahead_of_the_backlog_fifo_does_not() 
     );
     let c = report::compare(&runs).unwrap();
     assert!(c.headline_p99_ms.unwrap().fifo_over_priority > 5.0);
+}
+
+#[test]
+fn dsplane_demo_prints_both_tables_and_writes_the_report() {
+    let _serial = serial();
+    let dir = std::env::temp_dir().join(format!("dsplane-demo-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let html = dir.join("demo.html");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dsplane"))
+        .args(["demo", "--duration-s", "2", "--html"])
+        .arg(&html)
+        .env("DSPLANE_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for expected in [
+        "outage · priority",
+        "outage · fifo",
+        "priority vs FIFO, northbound p99 latency",
+        "headline",
+        "checks PASSED",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} missing:\n{stdout}");
+    }
+    assert!(std::fs::read_to_string(&html).unwrap().contains("<svg"));
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // A duration that is not a positive number is a usage error.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dsplane"))
+        .args(["demo", "--duration-s", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
 }

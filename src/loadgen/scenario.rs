@@ -16,16 +16,16 @@
 
 use std::sync::Arc;
 
-use dsplane::classify::Rules;
-use dsplane::ids::{Eui64, Mode, Srv};
-use dsplane::wire::Kind;
+use crate::classify::Rules;
+use crate::ids::{Eui64, Mode, Srv};
+use crate::wire::Kind;
 use serde::Serialize;
 
-use crate::checker::csp_for_device;
-use crate::data::Catalogue;
-use crate::payload::flags;
-use crate::replay::ReplayFile;
-use crate::rng::Rng;
+use crate::loadgen::checker::csp_for_device;
+use crate::loadgen::data::Catalogue;
+use crate::loadgen::payload::flags;
+use crate::loadgen::replay::ReplayFile;
+use crate::loadgen::rng::Rng;
 
 /// The four scenarios.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -301,7 +301,7 @@ impl DeviceSpace {
     };
 
     /// Range `index` of `links` equal consecutive ranges (matching
-    /// [`crate::checker::csp_for_device`]).
+    /// [`crate::loadgen::checker::csp_for_device`]).
     pub fn of_link(index: usize, links: usize) -> DeviceSpace {
         if links <= 1 {
             return DeviceSpace::ALL;
@@ -887,7 +887,7 @@ mod tests {
     #[test]
     fn the_steady_mix_spans_every_level() {
         let cat = Catalogue::embedded().unwrap();
-        let config = dsplane::config::Config::embedded_default().unwrap();
+        let config = crate::config::Config::embedded_default().unwrap();
         let rules = Rules::new(&config.priority);
         let all = generate(&params(ScenarioKind::Steady, 9));
         let mut per_level = [0u32; 5];

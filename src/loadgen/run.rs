@@ -21,26 +21,26 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use dsplane::classify::Rules;
-use dsplane::client::{Client, ClientError};
-use dsplane::config::Config;
-use dsplane::engine::Engine;
-use dsplane::ids::{Eui64, Mode};
-use dsplane::wire::{Frame, Header, Kind};
+use crate::classify::Rules;
+use crate::client::{Client, ClientError};
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::ids::{Eui64, Mode};
+use crate::wire::{Frame, Header, Kind};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::checker::{Checker, Delivery, Direction, Endpoint, Sent};
-use crate::data::{Catalogue, Template};
-use crate::payload::{self, flags, Trailer};
-use crate::replay::ReplayFile;
-use crate::report::{self, RunReport};
-use crate::scenario::{self, MessageSpec, PlanParams, ScenarioKind, Source};
-use crate::stats::{OrderProbe, Stats};
+use crate::loadgen::checker::{Checker, Delivery, Direction, Endpoint, Sent};
+use crate::loadgen::data::{Catalogue, Template};
+use crate::loadgen::payload::{self, flags, Trailer};
+use crate::loadgen::replay::ReplayFile;
+use crate::loadgen::report::{self, RunReport};
+use crate::loadgen::scenario::{self, MessageSpec, PlanParams, ScenarioKind, Source};
+use crate::loadgen::stats::{OrderProbe, Stats};
 
 /// Messages one thread builds and sends in one go at most.
 const SEND_BATCH_MAX: usize = 256;
@@ -139,13 +139,13 @@ impl Default for Options {
 pub enum RunError {
     /// The embedded data is broken.
     #[error(transparent)]
-    Data(#[from] crate::data::DataError),
+    Data(#[from] crate::loadgen::data::DataError),
     /// The replay directory.
     #[error("replay: {0}")]
-    Replay(#[from] crate::replay::ReplayError),
+    Replay(#[from] crate::loadgen::replay::ReplayError),
     /// The engine configuration (generated or given).
     #[error("engine configuration: {0}")]
-    Config(#[from] dsplane::config::ConfigError),
+    Config(#[from] crate::config::ConfigError),
     /// The in-process engine did not start.
     #[error("cannot start the engine: {0}")]
     Engine(std::io::Error),
@@ -168,12 +168,17 @@ pub fn generated_su_id(i: usize) -> Eui64 {
 }
 
 /// The load generator's engine configuration: loopback ports chosen by the OS, no durability,
-/// `su_ids` Service Users, `csp_links` CSP links splitting the device space in equal ranges,
-/// the rules of the embedded demo configuration, and a short release ramp so that runs of a
-/// few seconds show a whole release.
-pub fn engine_config_toml(su_ids: &[Eui64], csp_links: usize, su_rate: u32, fifo: bool) -> String {
+/// `data_dir` for what the engine keeps on disk even so, `su_ids` Service Users, `csp_links` CSP
+/// links splitting the device space in equal ranges, the rules of the embedded demo
+/// configuration, and a short release ramp so that runs of a few seconds show a whole release.
+pub fn engine_config_toml(
+    data_dir: &Path,
+    su_ids: &[Eui64],
+    csp_links: usize,
+    su_rate: u32,
+    fifo: bool,
+) -> String {
     use std::fmt::Write;
-    let data_dir = std::env::temp_dir().join("dsplane-loadgen-data");
     let per_su: u64 = 200_000;
     let total = per_su * (su_ids.len() as u64 + csp_links as u64).max(1);
     let mut t = format!(
@@ -266,7 +271,7 @@ fn csp_token(c: usize) -> String {
 pub fn run(opts: &Options) -> Result<Vec<RunReport>, RunError> {
     let catalogue = Catalogue::embedded()?;
     let replay = match &opts.replay {
-        Some(dir) => Some(crate::replay::load_dir(dir)?),
+        Some(dir) => Some(crate::loadgen::replay::load_dir(dir)?),
         None => None,
     };
     if opts.compare {
@@ -282,16 +287,25 @@ pub fn run(opts: &Options) -> Result<Vec<RunReport>, RunError> {
     }
 }
 
-/// A started engine, stopped on drop.
-struct Spawned(Option<Engine>);
+/// A started engine, stopped on drop, and its data directory, removed once it has stopped.
+struct Spawned(Option<(Engine, PathBuf)>);
 
 impl Drop for Spawned {
     fn drop(&mut self) {
-        if let Some(e) = self.0.take() {
+        if let Some((e, data_dir)) = self.0.take() {
             e.shutdown();
             e.join();
+            let _ = std::fs::remove_dir_all(data_dir);
         }
     }
+}
+
+/// A data directory of its own for each in-process engine: runs in other processes (a test
+/// suite, a second `dsplane demo`) must not share one engine's generations and report file.
+fn spawned_data_dir() -> PathBuf {
+    static STARTED: AtomicU64 = AtomicU64::new(0);
+    let n = STARTED.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("dsplane-loadgen-{}-{n}", std::process::id()))
 }
 
 struct Setup {
@@ -330,7 +344,8 @@ fn setup(opts: &Options, replay: Option<&[ReplayFile]>) -> Result<Setup, RunErro
                 }
                 i += 1;
             }
-            let toml = engine_config_toml(&ids, opts.csp_links, opts.su_rate, *fifo);
+            let data_dir = spawned_data_dir();
+            let toml = engine_config_toml(&data_dir, &ids, opts.csp_links, opts.su_rate, *fifo);
             let config = Config::from_toml(&toml)?;
             let rules = Rules::new(&config.priority);
             let levels = config.engine.levels;
@@ -340,7 +355,13 @@ fn setup(opts: &Options, replay: Option<&[ReplayFile]>) -> Result<Setup, RunErro
                 .iter()
                 .map(|a| a.0)
                 .collect();
-            let engine = Engine::start(config).map_err(RunError::Engine)?;
+            let engine = match Engine::start(config) {
+                Ok(e) => e,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&data_dir);
+                    return Err(RunError::Engine(e));
+                }
+            };
             Ok(Setup {
                 label: if *fifo { "fifo" } else { "priority" },
                 su_addr: engine.su_addr(),
@@ -355,7 +376,7 @@ fn setup(opts: &Options, replay: Option<&[ReplayFile]>) -> Result<Setup, RunErro
                 levels,
                 urgent_alerts,
                 csp_ranges: opts.csp_links > 1,
-                engine: Spawned(Some(engine)),
+                engine: Spawned(Some((engine, data_dir))),
             })
         }
         Target::Remote {
@@ -492,7 +513,7 @@ fn run_once(
     // About 500 points over the traffic time, never more than the series can hold.
     let bucket_ns = (opts.duration.as_nanos() as u64 / 500)
         .max(20_000_000)
-        .max(run_span.as_nanos() as u64 / (crate::stats::SERIES_BUCKETS_MAX as u64 - 1));
+        .max(run_span.as_nanos() as u64 / (crate::loadgen::stats::SERIES_BUCKETS_MAX as u64 - 1));
     let shared = Shared {
         origin: Instant::now(),
         stop_sending: AtomicBool::new(false),
@@ -700,12 +721,12 @@ struct Peer<'s, 'a> {
     replies_on: bool,
     replies: VecDeque<MessageSpec>,
     replies_dropped: u64,
-    replay: Option<Vec<(crate::replay::DuisRequest, Template)>>,
+    replay: Option<Vec<(crate::loadgen::replay::DuisRequest, Template)>>,
     stats: Stats,
     probe: OrderProbe,
     specs: Vec<MessageSpec>,
     acked_events: Vec<Pending>,
-    nacked_events: Vec<(Pending, Option<dsplane::wire::NackReason>)>,
+    nacked_events: Vec<(Pending, Option<crate::wire::NackReason>)>,
     received_events: Vec<Received>,
     summaries: Vec<Header>,
 }

@@ -17,17 +17,19 @@
 //! * [`report`]: the terminal table, the JSON summary and the HTML report.
 //!
 //! [`run_demo`] is what `dsplane demo` runs: the outage scenario against a priority engine and a
-//! FIFO one, side by side.
+//! FIFO one, side by side. The `dsplane-loadgen` binary (`tools/loadgen`) is a thin command line
+//! over this module. The module lives in the `dsplane` crate, not in `tools/loadgen`, so that the
+//! `dsplane` binary can run it: a crate that depends on `dsplane` cannot also be its dependency.
 //!
 //! ```no_run
-//! use dsplane_loadgen::run::{run, Options};
-//! use dsplane_loadgen::scenario::ScenarioKind;
+//! use dsplane::loadgen::run::{run, Options};
+//! use dsplane::loadgen::scenario::ScenarioKind;
 //!
 //! let runs = run(&Options { scenario: ScenarioKind::Outage, compare: true, ..Options::default() }).unwrap();
-//! print!("{}", dsplane_loadgen::report::text_table(&runs[0]));
+//! print!("{}", dsplane::loadgen::report::text_table(&runs[0]));
 //! ```
 
-#![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod checker;
 pub mod data;
@@ -80,15 +82,17 @@ pub fn print_tables(out: &mut dyn Write, runs: &[RunReport]) -> io::Result<()> {
 }
 
 /// What `dsplane demo` runs: the `outage` scenario for `duration`, against an in-process engine
-/// with strict priority and then one with FIFO, printing both tables and the comparison to `out`
-/// and writing the HTML report to `html` if given. Returns the reports; every check passed when
-/// [`report::summary`]`(…).passed`.
+/// with strict priority and then one with FIFO (the same seeded traffic both times), printing
+/// both tables, the comparison and a one-line verdict on the urgent traffic to `out`, and writing
+/// the HTML report to `html` if given. `progress` shows a progress bar on a terminal (stderr).
+/// Returns the reports; every check passed when [`report::summary`]`(…).passed`.
 ///
 /// # Errors
 ///
-/// A run that could not start (engine, connection), or `out` failing.
+/// A run that could not start (engine, connection), `out` failing, or the report not written.
 pub fn run_demo(
     duration: Duration,
+    progress: bool,
     out: &mut dyn Write,
     html: Option<&Path>,
 ) -> Result<Vec<RunReport>, Box<dyn std::error::Error + Send + Sync>> {
@@ -96,18 +100,31 @@ pub fn run_demo(
         scenario: scenario::ScenarioKind::Outage,
         compare: true,
         duration,
+        progress,
         ..run::Options::default()
     };
     writeln!(
         out,
-        "dsplane demo: the outage scenario, {} s, with strict priority and then FIFO…",
+        "dsplane demo: the outage scenario, {} s, with strict priority and then FIFO…\n",
         duration.as_secs_f64()
     )?;
+    out.flush()?;
     let runs = run::run(&opts)?;
     print_tables(out, &runs)?;
+    if let Some(h) = report::compare(&runs).and_then(|c| c.headline_p99_ms) {
+        // `ratio` is 0 when the priority p99 is 0 (nothing urgent arrived): say nothing then.
+        if h.fifo_over_priority > 0.0 {
+            writeln!(
+                out,
+                "\nurgent traffic after the outage: p99 {:.1} ms with priority, {:.1} ms with FIFO ({:.0}x)",
+                h.priority, h.fifo, h.fifo_over_priority
+            )?;
+        }
+    }
     if let Some(path) = html {
-        write_html(path, &runs)?;
-        writeln!(out, "report: {}", path.display())?;
+        write_html(path, &runs)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        writeln!(out, "HTML report: {}", path.display())?;
     }
     Ok(runs)
 }

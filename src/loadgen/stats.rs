@@ -10,7 +10,7 @@
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::checker::Direction;
+use crate::loadgen::checker::Direction;
 
 /// Latest latency the histograms hold, µs (one hour); longer ones are recorded as this.
 pub const LATENCY_US_MAX: u64 = 3_600_000_000;

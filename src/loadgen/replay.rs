@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
-use dsplane::ids::{Eui64, Mode, Srv};
+use crate::ids::{Eui64, Mode, Srv};
 
 /// The DUIS namespace of the Service User Gateway.
 pub const DUIS_NS: &str = "http://www.dccinterface.co.uk/ServiceUserGateway";
@@ -134,14 +134,14 @@ pub fn parse_request(text: &str) -> Result<DuisRequest, ReplayError> {
     };
     let su: Eui64 = su
         .parse()
-        .map_err(|e: dsplane::ids::IdError| bad("RequestID", &request_id, e.to_string()))?;
+        .map_err(|e: crate::ids::IdError| bad("RequestID", &request_id, e.to_string()))?;
     let device: Eui64 = device
         .parse()
-        .map_err(|e: dsplane::ids::IdError| bad("RequestID", &request_id, e.to_string()))?;
+        .map_err(|e: crate::ids::IdError| bad("RequestID", &request_id, e.to_string()))?;
     let counter: u64 = counter
         .parse()
         .map_err(|e: std::num::ParseIntError| bad("RequestID", &request_id, e.to_string()))?;
-    let srv: Srv = srv_text.parse().map_err(|e: dsplane::ids::IdError| {
+    let srv: Srv = srv_text.parse().map_err(|e: crate::ids::IdError| {
         bad("ServiceReferenceVariant", &srv_text, e.to_string())
     })?;
     let execution_ns = match field("ExecutionDateTime") {
@@ -270,7 +270,7 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::DUIS_REQUEST_SAMPLES;
+    use crate::loadgen::data::DUIS_REQUEST_SAMPLES;
 
     #[test]
     fn reads_the_real_samples() {

@@ -15,10 +15,10 @@
 //! kind, mode, srv, alert code, su_id, device_id, counter and `created_ns`. A flipped payload
 //! byte, a rewritten `su_id` or a changed `created_ns` all fail the checksum.
 
+use crate::wire::Header;
 use bytes::{BufMut, Bytes, BytesMut};
-use dsplane::wire::Header;
 
-use crate::data::Template;
+use crate::loadgen::data::Template;
 
 /// Bytes of the trailer.
 pub const TRAILER_LEN: usize = 32;
@@ -151,8 +151,8 @@ pub fn verify(header: &Header, payload: &[u8]) -> Result<Trailer, Corruption> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dsplane::ids::{Eui64, Srv};
-    use dsplane::wire::Kind;
+    use crate::ids::{Eui64, Srv};
+    use crate::wire::Kind;
 
     fn header() -> Header {
         let mut h = Header::new(Kind::Response);

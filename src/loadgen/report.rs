@@ -5,9 +5,9 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::checker::{Direction, Verdict};
-use crate::scenario::ScenarioKind;
-use crate::stats::{Bucket, OrderResult, Stats};
+use crate::loadgen::checker::{Direction, Verdict};
+use crate::loadgen::scenario::ScenarioKind;
+use crate::loadgen::stats::{Bucket, OrderResult, Stats};
 
 /// Latency figures, ms.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
