@@ -39,6 +39,7 @@ pub mod report;
 pub mod rng;
 pub mod run;
 pub mod scenario;
+pub mod soak;
 pub mod stats;
 
 use std::io::{self, Write};

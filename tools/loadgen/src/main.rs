@@ -90,6 +90,10 @@ struct Cli {
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
+    /// Soak: sample this process's resident memory every second (run with --spawn-engine so the
+    /// engine is in-process) and fail if it grows by more than 32 MiB after the warm-up.
+    #[arg(long)]
+    soak: bool,
 }
 
 fn parse_su(text: &str) -> Result<(Eui64, String), String> {
@@ -163,13 +167,21 @@ fn main() -> ExitCode {
         replay: cli.replay.clone(),
         progress: !cli.quiet,
     };
-    let runs = match run::run(&opts) {
+    let (result, samples) = if cli.soak {
+        dsplane::loadgen::soak::sample_while(Duration::from_secs(1), || run::run(&opts))
+    } else {
+        (run::run(&opts), Vec::new())
+    };
+    let runs = match result {
         Ok(r) => r,
         Err(e) => {
             eprintln!("dsplane-loadgen: {e}");
             return ExitCode::from(2);
         }
     };
+    let soak = cli.soak.then(|| {
+        dsplane::loadgen::soak::judge(&samples, dsplane::loadgen::soak::SOAK_GROWTH_BYTES_MAX)
+    });
     let mut stdout = std::io::stdout();
     let _ = dsplane::loadgen::print_tables(&mut stdout, &runs);
     if let Err(e) = dsplane::loadgen::write_html(&cli.html, &runs) {
@@ -183,6 +195,20 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
         println!("JSON summary: {}", path.display());
+    }
+    if let Some(v) = &soak {
+        println!(
+            "soak: {} samples; resident {} MiB after warm-up, {} MiB at the end, peak {} MiB; slope {:+.1} KiB/min; {}",
+            v.samples,
+            v.start_bytes >> 20,
+            v.end_bytes >> 20,
+            v.peak_bytes >> 20,
+            v.slope_bytes_per_min / 1024.0,
+            if v.passed { "PASSED" } else { "FAILED (memory grew)" }
+        );
+        if !v.passed {
+            return ExitCode::FAILURE;
+        }
     }
     if runs.iter().all(|r| r.passed) {
         ExitCode::SUCCESS
