@@ -122,7 +122,7 @@ mod tests {
                 if t < 60.0 {
                     (t as u64) << 20
                 } else {
-                    (60 << 20) + ((t as u64 * 7919) % 5 << 20)
+                    (60 << 20) + (((t as u64 * 7919) % 5) << 20)
                 }
             }),
             SOAK_GROWTH_BYTES_MAX,
