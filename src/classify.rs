@@ -246,11 +246,14 @@ impl InflightRequests {
     pub fn new(requests_max: usize, age_max: Nanos) -> Self {
         let requests_max = requests_max.max(1);
         InflightRequests {
+            // Grown as needed, not allocated at the bound: a table allocated for its bound
+            // becomes resident page by page as random slots are written, which looks like (and
+            // for the operator is) memory growth.
             entries: HashMap::with_capacity_and_hasher(
-                requests_max.min(1 << 20),
+                requests_max.min(1 << 10),
                 foldhash::fast::RandomState::default(),
             ),
-            ages: VecDeque::with_capacity(requests_max.min(1 << 20)),
+            ages: VecDeque::with_capacity(requests_max.min(1 << 10)),
             requests_max,
             age_max,
             next_seq: 0,

@@ -59,8 +59,11 @@ const RING_BATCH_MAX: usize = 1024;
 const HOUSEKEEPING_INTERVAL: Nanos = NANOS_PER_SEC / 4;
 /// How long a connection being closed is kept, half-closed, so its peer reads the last NACK.
 const LINGER: Nanos = NANOS_PER_SEC;
-/// In-flight requests remembered per worker for response inheritance.
-const INFLIGHT_REQUESTS_MAX: usize = 1 << 20;
+/// In-flight requests remembered per worker for response inheritance. An evicted request's
+/// response is classified by its own SRV and mode (the same level unless the rules were
+/// reloaded in between), so the bound trades little accuracy for ~100 bytes an entry: 64 Ki
+/// entries is ~6.5 MiB per worker, and 7 minutes of requests at 160/s per worker.
+const INFLIGHT_REQUESTS_MAX: usize = 1 << 16;
 /// How long a request is remembered: future-dated requests are answered days later.
 const INFLIGHT_AGE_MAX: Nanos = 7 * 24 * 3600 * NANOS_PER_SEC;
 /// Spilled frames loaded back from disk at a time, per lane.

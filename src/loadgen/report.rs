@@ -238,7 +238,14 @@ pub fn build_run_report(i: RunInputs<'_>) -> RunReport {
     let len = [Direction::Northbound, Direction::Southbound]
         .iter()
         .flat_map(|&d| (1..=levels).map(move |l| (d, l)))
-        .map(|(d, l)| stats.series(d, l).len())
+        // Buckets are allocated up front: the series ends at the last one with any activity.
+        .map(|(d, l)| {
+            stats
+                .series(d, l)
+                .iter()
+                .rposition(|b| b.sent + b.received + b.nacked > 0)
+                .map_or(0, |i| i + 1)
+        })
         .max()
         .unwrap_or(0);
     let series = Series {

@@ -197,9 +197,9 @@ impl Stats {
             levels,
             bucket_ns: bucket_ns.max(1),
             per: (0..2 * levels).map(|_| LevelStats::new()).collect(),
-            series: vec![Vec::new(); 2 * levels],
+            series: (0..2 * levels).map(|_| preallocated_series()).collect(),
             headline: new_histogram(),
-            headline_series: Vec::new(),
+            headline_series: preallocated_series(),
             order: OrderResult::default(),
             last_received_ns: 0,
         }
@@ -304,6 +304,19 @@ impl Stats {
         self.order.add(&other.order);
         self.last_received_ns = self.last_received_ns.max(other.last_received_ns);
     }
+}
+
+/// Buckets allocated up front: the run's 500 plus its drain. Allocating them as the run goes
+/// made the load generator's own memory grow with time, which a soak would take for a leak.
+const SERIES_PREALLOCATED: usize = 600;
+
+fn preallocated_series() -> Vec<Bucket> {
+    (0..SERIES_PREALLOCATED)
+        .map(|_| Bucket {
+            bins: Some(Box::new([0; LAT_BINS])),
+            ..Bucket::default()
+        })
+        .collect()
 }
 
 fn bucket_at(series: &mut Vec<Bucket>, b: usize) -> &mut Bucket {
