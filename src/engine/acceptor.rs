@@ -136,8 +136,6 @@ impl Acceptor {
             .map(|d| std::time::Duration::from_nanos(d.saturating_sub(now)))
     }
 
-    // Indexing here is safe: pending slots, peer indices and worker indices come from this engine's own tables (the directory is fixed at start-up), never from the wire.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn accept(&mut self, role: Role) {
         loop {
             let listener = match role {
@@ -159,10 +157,7 @@ impl Acceptor {
                 tracing::warn!(%addr, limit = HANDSHAKES_PENDING_MAX, "too many connections waiting for HELLO; closing");
                 continue;
             }
-            let counter = &self.shared.connections[match role {
-                Role::Su => 0,
-                Role::Csp => 1,
-            }];
+            let counter = self.shared.connections_of(role);
             let limit = u64::from(self.shared.config.listen.connections_max);
             if counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= limit {
                 counter.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -180,8 +175,7 @@ impl Acceptor {
                     let wait_s = (f.until - now).div_ceil(NANOS_PER_SEC);
                     counter.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::info!(%addr, failures = f.count, wait_s, "refusing an address that sent bad tokens");
-                    self.shared.acceptor_nacks[NackReason::Unauthorised as usize]
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.shared.count_acceptor_nack(NackReason::Unauthorised);
                     refuse_now(
                         stream,
                         NackReason::Unauthorised,
@@ -218,14 +212,14 @@ impl Acceptor {
                 counter.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 continue;
             }
-            self.pending[slot] = Some(pending);
+            if let Some(s) = self.pending.get_mut(slot) {
+                *s = Some(pending);
+            }
             // Bytes may already be there; edge-triggered readiness would not report them again.
             self.readable(slot);
         }
     }
 
-    // Indexing here is safe: pending slots, peer indices and worker indices come from this engine's own tables (the directory is fixed at start-up), never from the wire.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn readable(&mut self, slot: usize) {
         let Some(Some(mut p)) = self.pending.get_mut(slot).map(Option::take) else {
             return;
@@ -271,7 +265,9 @@ impl Acceptor {
                 Err(_) => return self.drop_pending(p),
             }
         }
-        self.pending[slot] = Some(p);
+        if let Some(s) = self.pending.get_mut(slot) {
+            *s = Some(p);
+        }
     }
 
     /// Checks a connection's first frame: it must be a HELLO for this port's role with a
@@ -342,11 +338,8 @@ impl Acceptor {
         }
     }
 
-    // Indexing here is safe: pending slots, peer indices and worker indices come from this engine's own tables (the directory is fixed at start-up), never from the wire.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn refuse(&self, p: &mut Pending, msg_id: u64, reason: NackReason, detail: &str) {
-        self.shared.acceptor_nacks[reason as usize]
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.shared.count_acceptor_nack(reason);
         let nack = Frame::nack(msg_id, reason, detail);
         let mut bytes = Vec::with_capacity(nack.wire_len());
         bytes.extend_from_slice(&nack.header_bytes());
@@ -359,17 +352,18 @@ impl Acceptor {
         p.deadline = self.now() + LINGER;
     }
 
-    // Indexing here is safe: pending slots, peer indices and worker indices come from this engine's own tables (the directory is fixed at start-up), never from the wire.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn hand_off(&mut self, mut p: Pending, peer: PeerRef) {
         if let Err(e) = self.poll.registry().deregister(&mut p.stream) {
             tracing::warn!(error = %e, "deregister failed");
         }
-        let owner = match peer {
-            PeerRef::Su(i) => self.shared.sus[i as usize].owner,
-            PeerRef::Csp(i) => self.shared.csps[i as usize].owner,
+        let Some(link) = self
+            .shared
+            .owner(peer)
+            .and_then(|w| self.shared.workers.get(w))
+        else {
+            self.shared.connection_closed(peer);
+            return;
         };
-        let link = &self.shared.workers[owner];
         let adopt = Adopt {
             stream: p.stream,
             decoder: p.decoder,
@@ -386,29 +380,25 @@ impl Acceptor {
         }
     }
 
-    // Indexing here is safe: pending slots, peer indices and worker indices come from this engine's own tables (the directory is fixed at start-up), never from the wire.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn drop_pending(&mut self, mut p: Pending) {
         let _ = self.poll.registry().deregister(&mut p.stream);
         if p.counted {
-            let i = match p.role {
-                Role::Su => 0,
-                Role::Csp => 1,
-            };
-            self.shared.connections[i].fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.shared
+                .connections_of(p.role)
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
-    // Indexing here is safe: pending slots, peer indices and worker indices come from this engine's own tables (the directory is fixed at start-up), never from the wire.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn expire(&mut self) {
         let now = self.now();
         for slot in 0..self.pending.len() {
-            let expired = self.pending[slot]
-                .as_ref()
+            let expired = self
+                .pending
+                .get(slot)
+                .and_then(Option::as_ref)
                 .is_some_and(|p| p.deadline <= now);
             if expired {
-                if let Some(p) = self.pending[slot].take() {
+                if let Some(p) = self.pending.get_mut(slot).and_then(Option::take) {
                     if !p.refused {
                         tracing::info!(addr = %p.addr, "no HELLO in time; closing");
                     }

@@ -376,13 +376,45 @@ impl Shared {
         super::metrics::render(&merged, &nacks, connections)
     }
 
+    /// The worker that owns a peer.
+    pub(crate) fn owner(&self, peer: PeerRef) -> Option<usize> {
+        match peer {
+            PeerRef::Su(i) => self.sus.get(i as usize).map(|s| s.owner),
+            PeerRef::Csp(i) => self.csps.get(i as usize).map(|c| c.owner),
+        }
+    }
+
+    /// A peer's name for logs and metrics: an SU's EUI-64, a CSP link's name.
+    pub(crate) fn peer_label(&self, peer: PeerRef) -> String {
+        match peer {
+            PeerRef::Su(i) => self.sus.get(i as usize).map(|s| s.config.id.to_string()),
+            PeerRef::Csp(i) => self.csps.get(i as usize).map(|c| c.config.name.clone()),
+        }
+        .unwrap_or_else(|| format!("{peer:?}"))
+    }
+
+    /// Counts a NACK the acceptor sent.
+    pub(crate) fn count_acceptor_nack(&self, reason: crate::wire::NackReason) {
+        if let Some(c) = self.acceptor_nacks.get(reason as usize) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The open-connection counter of a role's port.
+    pub(crate) fn connections_of(&self, role: crate::wire::Role) -> &AtomicU64 {
+        match role {
+            crate::wire::Role::Su => &self.connections[0],
+            crate::wire::Role::Csp => &self.connections[1],
+        }
+    }
+
     /// A connection of this kind of peer closed.
     pub(crate) fn connection_closed(&self, peer: PeerRef) {
-        let i = match peer {
-            PeerRef::Su(_) => 0,
-            PeerRef::Csp(_) => 1,
+        let role = match peer {
+            PeerRef::Su(_) => crate::wire::Role::Su,
+            PeerRef::Csp(_) => crate::wire::Role::Csp,
         };
-        self.connections[i].fetch_sub(1, Ordering::Relaxed);
+        self.connections_of(role).fetch_sub(1, Ordering::Relaxed);
     }
 
     /// The worker owning the peer with this log key, if it is configured.

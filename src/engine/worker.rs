@@ -105,6 +105,19 @@ struct Staged {
     ticket: Option<Ticket>,
 }
 
+/// The state of a peer this worker owns, borrowed from its table alone (so that the caller can
+/// borrow the worker's other fields, such as the store, beside it).
+fn peer_in<'a>(
+    sus: &'a mut [Option<PeerState>],
+    csps: &'a mut [Option<PeerState>],
+    peer: PeerRef,
+) -> Option<&'a mut PeerState> {
+    match peer {
+        PeerRef::Su(i) => sus.get_mut(i as usize)?.as_mut(),
+        PeerRef::Csp(i) => csps.get_mut(i as usize)?.as_mut(),
+    }
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -140,6 +153,8 @@ pub(crate) struct Worker {
     fifo: bool,
     /// Frames staged for memory in the batch being written, all peers.
     staged_memory: usize,
+    /// Wall-clock time of this turn, ns since the Unix epoch.
+    unix_turn: u64,
     /// Alert Storm Protection for the SUs this worker owns.
     storm: StormDetector,
     summaries: Vec<StormSummary>,
@@ -172,8 +187,9 @@ fn settings(shared: &Shared, window: u32, memory_max: u64) -> DeliverySettings {
 }
 
 impl Worker {
-    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
+    // The expects below cannot fire: every rate and burst was validated with the configuration
+    // against the limiter's own limits (config re-exports them), and the storm fallback is fixed.
+    #[allow(clippy::expect_used)]
     pub(crate) fn new(
         index: usize,
         poll: Poll,
@@ -281,6 +297,7 @@ impl Worker {
             expiry_log: None,
             fifo: false,
             staged_memory: 0,
+            unix_turn: unix_now(),
             storm,
             summaries: Vec::new(),
             throttle,
@@ -353,6 +370,9 @@ impl Worker {
             let sleep = timeout != Some(Duration::ZERO) && self.ring.prepare_park();
             let timeout = if sleep { timeout } else { Some(Duration::ZERO) };
             let polled = self.poll.poll(&mut events, timeout);
+            // One wall-clock read per turn, not per frame: it stamps intake (`retention_h`, the
+            // report's day) and measures latency, where a turn's length is below their grain.
+            self.unix_turn = unix_now();
             if sleep {
                 self.ring.cancel_park();
             }
@@ -401,7 +421,7 @@ impl Worker {
         while let Ok(control) = self.control.try_recv() {
             match control {
                 Control::Adopt(adopt) => self.adopt(adopt),
-                Control::Tickets(tickets) => self.on_tickets(tickets),
+                Control::Tickets(tickets) => self.on_tickets(&tickets),
                 Control::Pause { su, paused } => {
                     let now = self.now();
                     let restricted = self.restricted;
@@ -485,9 +505,9 @@ impl Worker {
     }
 
     /// Frames taken in on this worker's connections are durable (or refused) at their owner.
-    fn on_tickets(&mut self, tickets: Vec<(Ticket, bool)>) {
+    fn on_tickets(&mut self, tickets: &[(Ticket, bool)]) {
         let mut touched = Vec::new();
-        for (ticket, durable) in tickets {
+        for &(ticket, durable) in tickets {
             let slot = ticket.slot as usize;
             let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
                 continue;
@@ -545,26 +565,39 @@ impl Worker {
         self.send_tickets(by_origin);
     }
 
-    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
+    /// Hands one ticket back (a throttled alert, a refused frame): no per-worker lists.
+    fn send_ticket(&mut self, ticket: Ticket, durable: bool) {
+        let origin = usize::from(ticket.origin);
+        if origin == self.index {
+            self.on_tickets(&[(ticket, durable)]);
+        } else if let Some(link) = self.shared.workers.get(origin) {
+            if link
+                .control
+                .send(Control::Tickets(vec![(ticket, durable)]))
+                .is_ok()
+            {
+                let _ = link.waker.wake();
+            }
+        }
+    }
+
     fn send_tickets(&mut self, by_origin: Vec<Vec<(Ticket, bool)>>) {
         for (origin, list) in by_origin.into_iter().enumerate() {
             if list.is_empty() {
                 continue;
             }
             if origin == self.index {
-                self.on_tickets(list);
+                self.on_tickets(&list);
             } else {
-                let link = &self.shared.workers[origin];
-                if link.control.send(Control::Tickets(list)).is_ok() {
-                    let _ = link.waker.wake();
+                if let Some(link) = self.shared.workers.get(origin) {
+                    if link.control.send(Control::Tickets(list)).is_ok() {
+                        let _ = link.waker.wake();
+                    }
                 }
             }
         }
     }
 
-    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn adopt(&mut self, adopt: Adopt) {
         let Adopt {
             mut stream,
@@ -593,7 +626,9 @@ impl Worker {
         self.next_conn_id += 1;
         let mut conn = Conn::new(stream, decoder, peer, addr, now, id);
         conn.queue(&Frame::hello_ok(), &mut self.scratch);
-        self.conns[slot] = Some(conn);
+        if let Some(s) = self.conns.get_mut(slot) {
+            *s = Some(conn);
+        }
         // A second HELLO for the same peer takes over: the old connection is closed and what it
         // had not acknowledged goes back to the front of the queues, to be re-sent here.
         if let Some(old) = self.peer_mut(peer).and_then(|p| p.conn) {
@@ -613,19 +648,11 @@ impl Worker {
     }
 
     fn peer_mut(&mut self, peer: PeerRef) -> Option<&mut PeerState> {
-        match peer {
-            PeerRef::Su(i) => self.sus.get_mut(i as usize)?.as_mut(),
-            PeerRef::Csp(i) => self.csps.get_mut(i as usize)?.as_mut(),
-        }
+        peer_in(&mut self.sus, &mut self.csps, peer)
     }
 
-    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn peer_name(&self, peer: PeerRef) -> String {
-        match peer {
-            PeerRef::Su(i) => self.shared.sus[i as usize].config.id.to_string(),
-            PeerRef::Csp(i) => self.shared.csps[i as usize].config.name.clone(),
-        }
+        self.shared.peer_label(peer)
     }
 
     /// Detaches a connection from its peer (whose unacknowledged frames go back to the queues).
@@ -733,8 +760,6 @@ impl Worker {
 
     /// Retries the frames held back by a full ring; a connection whose frame went in carries
     /// on reading.
-    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn retry_stalled(&mut self) {
         for slot in std::mem::take(&mut self.stalled) {
             let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
@@ -745,7 +770,10 @@ impl Worker {
             };
             let msg_id = envelope.frame.header.msg_id;
             let durable = envelope.ticket.is_some();
-            match super::push(&self.shared.workers[owner], level, *envelope) {
+            let Some(link) = self.shared.workers.get(owner) else {
+                continue;
+            };
+            match super::push(link, level, *envelope) {
                 Ok(()) => {
                     if durable {
                         conn.pending.push_back((msg_id, false));
@@ -844,16 +872,10 @@ impl Worker {
     /// records are marked done, and their memory is freed.
     fn on_peer_ack(&mut self, peer: PeerRef, msg_id: u64) {
         let fifo = self.fifo;
-        let (state, store) = match peer {
-            PeerRef::Su(i) => (
-                self.sus.get_mut(i as usize).and_then(Option::as_mut),
-                &mut self.store,
-            ),
-            PeerRef::Csp(i) => (
-                self.csps.get_mut(i as usize).and_then(Option::as_mut),
-                &mut self.store,
-            ),
-        };
+        let (state, store) = (
+            peer_in(&mut self.sus, &mut self.csps, peer),
+            &mut self.store,
+        );
         let Some(state) = state else {
             return;
         };
@@ -879,12 +901,10 @@ impl Worker {
     }
 
     /// A REQUEST from Service User `su` (southbound, ENGINE.md §5).
-    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn on_request(&mut self, slot: usize, su: u32, mut frame: Frame) {
         let h = frame.header;
-        let own_id = self.shared.sus[su as usize].config.id;
-        if h.su_id != own_id {
+        let own_id = self.shared.sus.get(su as usize).map(|s| s.config.id);
+        if Some(h.su_id) != own_id {
             return self.nack(
                 slot,
                 h.msg_id,
@@ -920,7 +940,9 @@ impl Worker {
         let level = self.classifier.request(id, h.srv, mode, now);
         // Senders' priorities are ignored: dsplane writes its own on the way out.
         frame.header.priority = 0;
-        let owner = self.shared.csps[csp as usize].owner;
+        let Some(owner) = self.shared.owner(PeerRef::Csp(csp)) else {
+            return;
+        };
         self.forward(
             slot,
             owner,
@@ -932,8 +954,6 @@ impl Worker {
 
     /// Pushes a frame taken on connection `slot` into its owner's ring, and ACKs it at once
     /// (durability `none`) or once its owner has made it durable.
-    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn forward(
         &mut self,
         slot: usize,
@@ -956,9 +976,12 @@ impl Worker {
             to,
             frame,
             ticket,
-            enqueued_unix_ns: unix_now(),
+            enqueued_unix_ns: self.unix_turn,
         };
-        if let Err(envelope) = super::push(&self.shared.workers[owner], ring_level, envelope) {
+        let Some(link) = self.shared.workers.get(owner) else {
+            return;
+        };
+        if let Err(envelope) = super::push(link, ring_level, envelope) {
             // The owner's ring is full: hold the frame and stop reading this connection until
             // it goes in, so that TCP's flow control slows the sender down (rather than
             // refusing frames that the owner will have room for a moment later).
@@ -975,8 +998,6 @@ impl Worker {
     }
 
     /// A RESPONSE or alert from a CSP (northbound, ENGINE.md §2).
-    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn on_northbound(&mut self, slot: usize, mut frame: Frame) {
         let h = frame.header;
         let Some(su) = self.shared.su(h.su_id) else {
@@ -991,7 +1012,9 @@ impl Worker {
         // The owner classifies (a response inherits from the owner's in-flight table); the ring
         // level is the rules' view, so that urgent traffic crosses cores first.
         let provisional = self.provisional_level(&frame);
-        let owner = self.shared.sus[su as usize].owner;
+        let Some(owner) = self.shared.owner(PeerRef::Su(su)) else {
+            return;
+        };
         self.forward(
             slot,
             owner,
@@ -1036,8 +1059,6 @@ impl Worker {
     /// while the peer's share and the total allow and its lane has nothing on disk, else disk
     /// only (the SURB). Writes its log record when it has one; [`Self::commit_staged`] acts
     /// once the write has succeeded.
-    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn stage(&mut self, envelope: Envelope, now: Nanos) {
         let Envelope {
             to,
@@ -1075,9 +1096,7 @@ impl Worker {
                         // Counted, not delivered: the window's STORM_SUMMARY stands for it.
                         // Its sender's ACK needs nothing written.
                         if let Some(t) = ticket {
-                            let mut by_origin = vec![Vec::new(); self.shared.workers.len()];
-                            by_origin[usize::from(t.origin)].push((t, true));
-                            self.send_tickets(by_origin);
+                            self.send_ticket(t, true);
                         }
                         return;
                     }
@@ -1090,22 +1109,14 @@ impl Worker {
         let memory_full = self.shared.memory_frames.load(Ordering::Relaxed)
             + self.staged_memory as u64
             >= self.shared.memory_frames_max;
-        let (state, store) = match peer {
-            PeerRef::Su(i) => (
-                self.sus.get_mut(i as usize).and_then(Option::as_mut),
-                &mut self.store,
-            ),
-            PeerRef::Csp(i) => (
-                self.csps.get_mut(i as usize).and_then(Option::as_mut),
-                &mut self.store,
-            ),
-        };
+        let (state, store) = (
+            peer_in(&mut self.sus, &mut self.csps, peer),
+            &mut self.store,
+        );
         let Some(state) = state else {
             tracing::error!(?peer, "frame for a peer this worker does not own; refused");
             if let Some(t) = ticket {
-                let mut by_origin = vec![Vec::new(); self.shared.workers.len()];
-                by_origin[usize::from(t.origin)].push((t, false));
-                self.send_tickets(by_origin);
+                self.send_ticket(t, false);
             }
             return;
         };
@@ -1150,8 +1161,6 @@ impl Worker {
     /// Writes the staged records out (one write) and then places the frames: in memory, or
     /// counted as spilled. If the write fails (a full disk), frames that were to be ACKed when
     /// durable are refused (NACK 5); frames already ACKed (durability `none`) stay in memory.
-    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn commit_staged(&mut self) {
         if self.staged.is_empty() {
             return;
@@ -1175,7 +1184,9 @@ impl Worker {
             } = staged;
             match (&written, ticket) {
                 (Err(_), Some(t)) => {
-                    refused[usize::from(t.origin)].push((t, false));
+                    if let Some(list) = refused.get_mut(usize::from(t.origin)) {
+                        list.push((t, false));
+                    }
                     continue;
                 }
                 (Ok(pos), Some(t)) => self.awaiting.push_back((*pos, t)),
@@ -1212,16 +1223,10 @@ impl Worker {
     fn load_spilled(&mut self, peer: PeerRef, lane: usize) {
         let fifo = self.fifo;
         let now_unix = unix_now();
-        let (state, store) = match peer {
-            PeerRef::Su(i) => (
-                self.sus.get_mut(i as usize).and_then(Option::as_mut),
-                &mut self.store,
-            ),
-            PeerRef::Csp(i) => (
-                self.csps.get_mut(i as usize).and_then(Option::as_mut),
-                &mut self.store,
-            ),
-        };
+        let (state, store) = (
+            peer_in(&mut self.sus, &mut self.csps, peer),
+            &mut self.store,
+        );
         let Some(state) = state else { return };
         let key = state.key;
         let loaded = match store.load(key, lane as u8, LOAD_BATCH, Self::lane_of(fifo)) {
@@ -1334,21 +1339,13 @@ impl Worker {
         self.expired += 1;
     }
 
-    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn pump_all(&mut self) {
         self.rate_wake = None;
         let now = self.now();
-        let peers: Vec<PeerRef> = (0..self.sus.len())
-            .filter(|&i| self.sus[i].as_ref().is_some_and(|s| s.conn.is_some()))
-            .map(|i| PeerRef::Su(i as u32))
-            .chain(
-                (0..self.csps.len())
-                    .filter(|&i| self.csps[i].as_ref().is_some_and(|s| s.conn.is_some()))
-                    .map(|i| PeerRef::Csp(i as u32)),
-            )
-            .collect();
-        for peer in peers {
+        // `pump` skips peers this worker does not own or that are not connected.
+        let sus = (0..self.sus.len()).map(|i| PeerRef::Su(i as u32));
+        let csps = (0..self.csps.len()).map(|i| PeerRef::Csp(i as u32));
+        for peer in sus.chain(csps) {
             // Each round either fills the connection or stops at a lane on disk, which is
             // loaded before the next round.
             for _ in 0..64 {
@@ -1363,7 +1360,7 @@ impl Worker {
     /// Moves frames from a peer's scheduler to its connection while it may send. Returns the
     /// lane whose frames must be loaded from disk first, if that is what stopped it.
     fn pump(&mut self, peer: PeerRef, now: Nanos) -> Option<usize> {
-        let now_unix = unix_now();
+        let now_unix = self.unix_turn;
         let metrics = &mut self.metrics;
         let (state, conns, scratch) = match peer {
             PeerRef::Su(i) => (
@@ -1414,12 +1411,10 @@ impl Worker {
         load
     }
 
-    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn housekeeping(&mut self, now: Nanos) {
         let idle = self.shared.config.engine.idle_timeout.as_nanos() as Nanos;
         for slot in 0..self.conns.len() {
-            let Some(conn) = self.conns[slot].as_ref() else {
+            let Some(conn) = self.conns.get(slot).and_then(Option::as_ref) else {
                 continue;
             };
             match conn.state {
@@ -1441,27 +1436,25 @@ impl Worker {
         }
         let now_unix = unix_now();
         let mut expired = Vec::new();
-        for (i, state) in self.sus.iter_mut().enumerate() {
-            if let Some(state) = state.as_mut() {
-                let retention = state.retention;
-                for (level, held) in state
-                    .sched
-                    .take_expired(|h| now_unix.saturating_sub(h.enqueued_unix_ns) > retention)
-                {
-                    expired.push((PeerRef::Su(i as u32), level, held));
-                }
-            }
-        }
-        for (i, state) in self.csps.iter_mut().enumerate() {
-            if let Some(state) = state.as_mut() {
-                let retention = state.retention;
-                for (level, held) in state
-                    .sched
-                    .take_expired(|h| now_unix.saturating_sub(h.enqueued_unix_ns) > retention)
-                {
-                    expired.push((PeerRef::Csp(i as u32), level, held));
-                }
-            }
+        let sus = self
+            .sus
+            .iter_mut()
+            .enumerate()
+            .map(|(i, s)| (PeerRef::Su(i as u32), s));
+        let csps = self
+            .csps
+            .iter_mut()
+            .enumerate()
+            .map(|(i, s)| (PeerRef::Csp(i as u32), s));
+        for (peer, state) in sus.chain(csps) {
+            let Some(state) = state.as_mut() else {
+                continue;
+            };
+            let retention = state.retention;
+            let gone = state
+                .sched
+                .take_expired(|h| now_unix.saturating_sub(h.enqueued_unix_ns) > retention);
+            expired.extend(gone.into_iter().map(|(level, held)| (peer, level, held)));
         }
         for (peer, level, held) in expired {
             self.expire(peer, level, held, true);
@@ -1472,35 +1465,25 @@ impl Worker {
     }
 
     /// Publishes a copy of this worker's metrics for `/metrics`, with the gauges read now.
-    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn publish_metrics(&mut self) {
         let mut depth = Vec::new();
-        for (i, state) in self.sus.iter().enumerate() {
+        let sus = self
+            .sus
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (PeerRef::Su(i as u32), s));
+        let csps = self
+            .csps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (PeerRef::Csp(i as u32), s));
+        for (peer, state) in sus.chain(csps) {
             let Some(state) = state else { continue };
-            let name = self.shared.sus[i].config.id.to_string();
+            let name = self.peer_name(peer);
             for lane in 0..state.sched.lanes() {
                 let level = lane as u8 + 1;
-                depth.push((
-                    name.clone(),
-                    "nms",
-                    level,
-                    state.sched.waiting_in(lane) as u64,
-                ));
-                depth.push((name.clone(), "surb", level, state.sched.spilled_in(lane)));
-            }
-        }
-        for (i, state) in self.csps.iter().enumerate() {
-            let Some(state) = state else { continue };
-            let name = self.shared.csps[i].config.name.clone();
-            for lane in 0..state.sched.lanes() {
-                let level = lane as u8 + 1;
-                depth.push((
-                    name.clone(),
-                    "nms",
-                    level,
-                    state.sched.waiting_in(lane) as u64,
-                ));
+                let nms = state.sched.waiting_in(lane) as u64;
+                depth.push((name.clone(), "nms", level, nms));
                 depth.push((name.clone(), "surb", level, state.sched.spilled_in(lane)));
             }
         }
@@ -1518,11 +1501,9 @@ impl Worker {
         }
     }
 
-    // Indexing here is safe: peer indices (SUs, CSP links), connection slots and worker indices come from this engine's own tables, fixed at start-up or owned by this worker; no index is taken from the wire; the expects are on settings validated with the configuration.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     fn shut_down(&mut self) {
         for slot in 0..self.conns.len() {
-            if let Some(conn) = self.conns[slot].as_mut() {
+            if let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) {
                 let _ = conn.flush();
             }
             self.close(slot);
