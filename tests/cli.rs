@@ -11,6 +11,8 @@ use dsplane::client::Client;
 use dsplane::ids::Eui64;
 use dsplane::wire::{Frame, Header, Kind};
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_dsplane");
 
 fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
@@ -73,41 +75,12 @@ token = "t-csp"
             &text.replace("DATA_DIR", &data.display().to_string()),
         )
     };
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("DSPLANE_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Find the bound ports in the "dsplane running" log line.
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut addrs = None;
-    while addrs.is_none() {
-        let line = rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("no 'dsplane running' line");
-        if line.contains("dsplane running") {
-            let field = |name: &str| -> std::net::SocketAddr {
-                let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
-                line[start..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap()
-                    .parse()
-                    .unwrap()
-            };
-            addrs = Some((field("su"), field("csp")));
-        }
-    }
-    let (su_addr, csp_addr) = addrs.unwrap();
+    let common::Dsplane {
+        mut child,
+        lines: rx,
+        su: su_addr,
+        csp: csp_addr,
+    } = common::spawn_dsplane(&config);
     let su_id: Eui64 = "90-B3-D5-1F-30-01-00-00".parse().unwrap();
     let mut csp = Client::connect_csp(csp_addr, "t-csp").unwrap();
     let mut h = Header::new(Kind::DeviceAlert);

@@ -2,11 +2,11 @@
 //! comes back in priority order with the release ramp, and a torn log tail is cut off.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,9 +16,10 @@ use dsplane::engine::Engine;
 use dsplane::ids::{Eui64, Srv};
 use dsplane::wire::{Frame, Header, Kind};
 
+mod common;
+
 const SU1: Eui64 = Eui64(0x90B3_D51F_3001_0000);
 const T: Duration = Duration::from_secs(20);
-const BIN: &str = env!("CARGO_BIN_EXE_dsplane");
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("dsplane-dur-{name}-{}", std::process::id()));
@@ -357,42 +358,11 @@ fn nothing_acknowledged_is_lost_to_kill_9() {
 }
 
 fn spawn(config: &Path) -> (Child, std::net::SocketAddr, std::net::SocketAddr) {
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(config)
-        .env("DSPLANE_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    loop {
-        let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("no 'dsplane running' line");
-        };
-        if line.contains("dsplane running") {
-            let field = |name: &str| -> std::net::SocketAddr {
-                let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
-                line[start..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap()
-                    .parse()
-                    .unwrap()
-            };
-            // Keep draining the child's log so it never blocks on a full pipe.
-            std::thread::spawn(move || while rx.recv().is_ok() {});
-            return (child, field("su"), field("csp"));
-        }
-    }
+    let d = common::spawn_dsplane(config);
+    // Keep draining the child's log so it never blocks on a full pipe.
+    let lines = d.lines;
+    std::thread::spawn(move || while lines.recv().is_ok() {});
+    (d.child, d.su, d.csp)
 }
 
 /// A full disk answers NACK 5 (never an ACK for a frame it could not write), and intake

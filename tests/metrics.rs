@@ -1,8 +1,7 @@
 //! `/metrics` parses as the Prometheus text format and its counts match the traffic sent.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,20 +11,15 @@ use dsplane::engine::Engine;
 use dsplane::ids::{Eui64, Srv};
 use dsplane::wire::{Frame, Header, Kind, NackReason};
 
+mod common;
+
 const SU1: Eui64 = Eui64(0x90B3_D51F_3001_0000);
 const T: Duration = Duration::from_secs(10);
 
 fn get(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned()
+    let (status, body) = common::http(addr, "GET", path, None);
+    assert_eq!(status, 200, "{body}");
+    body
 }
 
 /// Parses the text format strictly: `# HELP`/`# TYPE` lines, and samples

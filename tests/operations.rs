@@ -1,8 +1,6 @@
 //! Operator actions over the admin interface (pause, resume, restrict, restore) and the expiry
 //! of frames older than `retention_h` (ENGINE.md §2, §3).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,6 +9,8 @@ use dsplane::config::Config;
 use dsplane::engine::Engine;
 use dsplane::ids::{Eui64, Srv};
 use dsplane::wire::{Frame, Header, Kind};
+
+mod common;
 
 const SU1: Eui64 = Eui64(0x90B3_D51F_3001_0000);
 const T: Duration = Duration::from_secs(10);
@@ -55,24 +55,7 @@ rules = [ {{ srv = "2.2", level = 1 }} ]
     (Config::from_toml(&text).unwrap(), dir)
 }
 
-fn http(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    (status, body)
-}
+use common::http;
 
 fn response(counter: u64, srv: &str) -> Frame {
     let mut h = Header::new(Kind::Response);

@@ -2,8 +2,7 @@
 //! against the real engine (ENGINE.md §4, §5, §8).
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -13,6 +12,8 @@ use dsplane::config::Config;
 use dsplane::engine::Engine;
 use dsplane::ids::{Eui64, Srv};
 use dsplane::wire::{Frame, Header, Kind, NackReason};
+
+mod common;
 
 const SU1: Eui64 = Eui64(0x90B3_D51F_3001_0000);
 const SU2: Eui64 = Eui64(0x90B3_D51F_3001_0001);
@@ -76,23 +77,7 @@ fn alert(device: Eui64, code: u16, counter: u64) -> Frame {
 }
 
 fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned(),
-    )
+    common::http(addr, method, path, None)
 }
 
 #[test]
