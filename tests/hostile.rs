@@ -156,6 +156,25 @@ fn an_su_that_stops_reading_does_not_slow_the_others() {
     let e = engine("stuck", "");
     // SU1 connects and never reads nor acknowledges; its traffic keeps coming.
     let stuck = Client::connect_su(e.su_addr(), SU1, "su1-token").unwrap();
+    // It never reads, but it sends PINGs, so the 1 s idle timeout does not close it: dsplane has
+    // to cope with a connected peer whose socket stays full.
+    let alive = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let pinger = {
+        let mut stream = stuck.stream().try_clone().unwrap();
+        let alive = std::sync::Arc::clone(&alive);
+        std::thread::spawn(move || {
+            let ping = Frame::ping();
+            let mut bytes = ping.header_bytes().to_vec();
+            bytes.extend_from_slice(&ping.payload);
+            while alive.load(std::sync::atomic::Ordering::Relaxed) {
+                if stream.write_all(&bytes).is_err() {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            true
+        })
+    };
     let mut su2 = Client::connect_su(e.su_addr(), SU2, "su2-token").unwrap();
     let mut csp = Client::connect_csp(e.csp_addr(), "csp-token").unwrap();
     let last = csp
@@ -178,6 +197,11 @@ fn an_su_that_stops_reading_does_not_slow_the_others() {
     }
     println!("worst urgent round trip for SU2 beside a stuck SU1: {worst:?}");
     assert!(worst < Duration::from_secs(1), "{worst:?}");
+    alive.store(false, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        pinger.join().unwrap(),
+        "the stuck SU's connection was closed"
+    );
     drop(stuck);
     stop(e);
 }
