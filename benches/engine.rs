@@ -178,7 +178,7 @@ fn su_reader(mut su: Client, received: Arc<AtomicU64>, stop: Arc<AtomicBool>) ->
                 Err(_) => return,
             }
             // Publish often enough for the sender's flow control without a store per frame.
-            if count % 64 == 0 {
+            if count.is_multiple_of(64) {
                 received.store(count, Ordering::Release);
             }
         }

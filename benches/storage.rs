@@ -31,7 +31,7 @@ use common::Ratios;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dsplane::config::Durability;
 use dsplane::ids::Eui64;
-use dsplane::store::{Store, Stored};
+use dsplane::store::{LogOptions, Store, Stored};
 use dsplane::wal::PeerKey;
 use dsplane::wire::{Frame, Header, Kind, HEADER_LEN};
 use redb::{Database, ReadableTableMetadata, TableDefinition};
@@ -94,8 +94,11 @@ fn storage(c: &mut Criterion) {
         let main = std::thread::current();
         let mut store = Store::create(
             &wal_dir,
-            Durability::Batch,
-            Duration::ZERO,
+            LogOptions {
+                durability: Durability::Batch,
+                flush_interval: Duration::ZERO,
+                reserve_bytes: 0,
+            },
             Box::new(move || main.unpark()),
         )
         .unwrap();

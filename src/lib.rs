@@ -18,11 +18,13 @@
 pub mod classify;
 pub mod client;
 pub mod config;
+pub mod datadir;
 pub mod delivery;
 pub mod engine;
 pub mod ids;
 pub mod limiter;
 pub mod loadgen;
+pub mod recovery;
 pub mod report;
 pub mod ring;
 pub mod store;

@@ -9,13 +9,19 @@
 //! acknowledges frames, a DONE record says "(peer, lane) is acknowledged through `seq`": frames
 //! of one peer and lane (a level, or the one FIFO queue) leave in arrival order (the scheduler
 //! re-sends unacknowledged frames at the front, in order), so acknowledgements are always a prefix
-//! and one number per (peer, lane) says everything. Each new segment starts with a CHECKPOINT of
-//! every watermark, so that deleting old segments never loses one.
+//! and one number per (peer, lane) says everything. Each batch ends with a COMMIT record, and
+//! each new segment starts with a SEGMENT_START of every watermark and of the older segments
+//! still needed (`crate::wal` explains how recovery uses them).
 //!
 //! # Space
 //!
 //! Each segment counts its live frames (written, not yet acknowledged or expired). A segment
-//! other than the one being written whose count reaches zero is deleted.
+//! other than the one being written whose count reaches zero is named in a DROPPED record and
+//! deleted once that record is durable. The segment being written is rolled when it is full,
+//! and also as soon as everything in it is acknowledged and it holds at least
+//! [`RECLAIM_ROLL_BYTES`] (or a write has just failed), so that acknowledged frames never keep a
+//! full disk full. A roll on a full disk takes its room from a small reserve file kept in the
+//! log's directory ([`RESERVE_FILE`]), which is made again once space returns.
 //!
 //! # The SURB: frames on disk only
 //!
@@ -32,7 +38,7 @@
 //! and publishes the position it made durable; the worker sends the ACKs of frames up to it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,18 +46,26 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use crate::config::Durability;
-use crate::wal::{self, PeerKey, Record, SegmentEnd, SegmentReader, WalError, SEGMENT_HEADER_LEN};
+use crate::wal::{self, PeerKey, Record, SegmentReader, WalError, SEGMENT_HEADER_LEN};
 use crate::wire::Frame;
 
 /// Bytes after which a segment is closed and a new one started.
 pub const SEGMENT_BYTES_MAX: u64 = 64 << 20;
+/// A segment being written whose frames are all acknowledged is rolled (and so deleted) once it
+/// holds this many bytes.
+pub const RECLAIM_ROLL_BYTES: u64 = 1 << 20;
+/// The file in each log directory that keeps room for a roll on a full disk.
+pub const RESERVE_FILE: &str = "reserve";
+/// Smallest reserve: a SEGMENT_START of a few thousand watermarks.
+pub const RESERVE_BYTES_MIN: u64 = 64 << 10;
 /// Segment offsets fit in this many bits of a [`LogPos`].
 const OFFSET_BITS: u32 = 40;
 
 /// A position in one worker's log: segment number and byte offset, ordered.
 pub type LogPos = u64;
 
-fn log_pos(segment: u64, offset: u64) -> LogPos {
+/// The position of byte `offset` of segment `segment`.
+pub fn log_pos(segment: u64, offset: u64) -> LogPos {
     (segment << OFFSET_BITS) | offset
 }
 
@@ -77,13 +91,26 @@ pub struct Loaded {
     pub frame: Frame,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Spill {
+/// Frames of one (peer, lane) on disk only, and where the first of them is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Spill {
     /// Frames of the lane that are on disk only.
-    count: u64,
+    pub count: u64,
     /// Where to start looking for the next one.
-    segment: u64,
-    offset: u64,
+    pub segment: u64,
+    pub offset: u64,
+}
+
+/// The state of an existing log, rebuilt by recovery, to go on writing it in place.
+#[derive(Debug, Default)]
+pub(crate) struct Resume {
+    /// The newest segment, appended to from its end.
+    pub segment: u64,
+    /// Live frames per segment (every segment that must be kept).
+    pub live: BTreeMap<u64, u64>,
+    pub watermarks: HashMap<(PeerKey, u8), u64>,
+    pub spills: HashMap<(PeerKey, u8), Spill>,
+    pub next_seq: u64,
 }
 
 /// Publishes durable positions from the flusher thread to the worker.
@@ -105,23 +132,59 @@ struct FlushShared {
 /// Something to call when the flusher has made more durable (the worker's `mio::Waker`).
 pub type Notify = Box<dyn Fn() + Send>;
 
+/// How a log is written.
+#[derive(Debug, Clone, Copy)]
+pub struct LogOptions {
+    /// When frames count as durable.
+    pub durability: Durability,
+    /// Group-commit interval for `batch`.
+    pub flush_interval: Duration,
+    /// Bytes of the reserve file (see the module documentation); 0 for none.
+    pub reserve_bytes: u64,
+}
+
+/// An append since the last successful write: undone if the write fails.
+#[derive(Debug, Clone, Copy)]
+struct Uncommitted {
+    peer: PeerKey,
+    lane: u8,
+    segment: u64,
+    spill: bool,
+}
+
 /// One worker's store. See the module documentation.
 pub struct Store {
     dir: PathBuf,
-    durability: Durability,
+    options: LogOptions,
     segment: u64,
     offset: u64,
     file: Arc<File>,
     buf: Vec<u8>,
     next_seq: u64,
-    /// Live frames per segment.
+    /// Live frames per segment; a segment is in here until its file is deleted.
     live: BTreeMap<u64, u64>,
+    /// Segments with nothing live, named in a DROPPED record: the position that record ends at
+    /// once written, and the file is deleted when that is durable.
+    dropping: BTreeMap<u64, Option<LogPos>>,
     watermarks: HashMap<(PeerKey, u8), u64>,
     spills: HashMap<(PeerKey, u8), Spill>,
     flush: Arc<FlushShared>,
     flusher: Option<std::thread::JoinHandle<()>>,
-    /// Appends since the last successful write: undone if the write fails.
-    uncommitted: Vec<(PeerKey, u8, u64, bool)>,
+    uncommitted: Vec<Uncommitted>,
+    /// The seq of the first append since the last successful write (seqs stay gapless).
+    uncommitted_seq: Option<u64>,
+    /// (peer, lane) whose DONE is in the buffer: written again if the write fails.
+    uncommitted_done: Vec<(PeerKey, u8)>,
+    /// The `durable_through` of the last COMMIT written.
+    recorded_durable: LogPos,
+    /// Where the last batch holding more than a COMMIT ends.
+    data_end: LogPos,
+    /// Whether the reserve file is in place.
+    reserve_present: bool,
+    /// A write failed since the last successful one or roll.
+    write_failed: bool,
+    /// [`Store::close`] has run.
+    closed: bool,
     /// Counters.
     pub stats: StoreStats,
 }
@@ -150,19 +213,84 @@ pub struct StoreStats {
     pub segments_deleted: u64,
     /// Writes that failed (e.g. disk full).
     pub write_errors: u64,
+    /// Times the reserve file was given up to make room for a roll.
+    pub reserve_used: u64,
+}
+
+fn segment_start(
+    first_seq: u64,
+    live_segments: Vec<u64>,
+    watermarks: &HashMap<(PeerKey, u8), u64>,
+    durable_through: LogPos,
+) -> Vec<u8> {
+    let mut marks: Vec<(PeerKey, u8, u64)> =
+        watermarks.iter().map(|((p, l), s)| (*p, *l, *s)).collect();
+    marks.sort_unstable();
+    let mut out = Vec::with_capacity(64 + marks.len() * 24 + live_segments.len() * 8);
+    Record::SegmentStart {
+        first_seq,
+        live_segments,
+        watermarks: marks,
+    }
+    .encode(&mut out);
+    Record::Commit {
+        durable_through,
+        next_seq: first_seq,
+    }
+    .encode(&mut out);
+    out
 }
 
 impl Store {
-    /// Opens a fresh log in `dir` (which must hold no segments) and starts its flusher.
-    pub fn create(
-        dir: &Path,
-        durability: Durability,
-        flush_interval: Duration,
-        notify: Notify,
-    ) -> io::Result<Store> {
+    /// Starts a new, empty log in `dir` (which must hold no segments): segment 1, durable
+    /// before this returns, and its flusher.
+    pub fn create(dir: &Path, options: LogOptions, notify: Notify) -> io::Result<Store> {
         fs::create_dir_all(dir)?;
-        let segment = wal::list_segments(dir)?.last().map_or(1, |n| n + 1);
-        let file = Arc::new(wal::create_segment(dir, segment)?);
+        if !wal::list_segments(dir)?.is_empty() {
+            return Err(io::Error::other(format!(
+                "{}: a new log cannot start where segments exist",
+                dir.display()
+            )));
+        }
+        let first = segment_start(1, Vec::new(), &HashMap::new(), 0);
+        let file = wal::create_segment(dir, 1, &first)?;
+        file.sync_all()?;
+        wal::sync_dir(dir)?;
+        let mut live = BTreeMap::new();
+        live.insert(1, 0);
+        let resume = Resume {
+            segment: 1,
+            live,
+            next_seq: 1,
+            ..Resume::default()
+        };
+        let offset = SEGMENT_HEADER_LEN + first.len() as u64;
+        Store::start(dir, options, notify, file, offset, resume)
+    }
+
+    /// Goes on writing an existing log whose state recovery rebuilt, from the end of its newest
+    /// segment.
+    pub(crate) fn resume(
+        dir: &Path,
+        options: LogOptions,
+        notify: Notify,
+        resume: Resume,
+    ) -> io::Result<Store> {
+        let path = wal::segment_path(dir, resume.segment);
+        let file = fs::OpenOptions::new().read(true).append(true).open(&path)?;
+        let offset = file.metadata()?.len();
+        Store::start(dir, options, notify, file, offset, resume)
+    }
+
+    fn start(
+        dir: &Path,
+        options: LogOptions,
+        notify: Notify,
+        file: File,
+        offset: u64,
+        resume: Resume,
+    ) -> io::Result<Store> {
+        let file = Arc::new(file);
         let flush = Arc::new(FlushShared {
             file: Mutex::new(Arc::clone(&file)),
             requested: AtomicU64::new(0),
@@ -172,13 +300,13 @@ impl Store {
             stop: AtomicBool::new(false),
             failed: AtomicBool::new(false),
         });
-        let flusher = if durability == Durability::None {
+        let flusher = if options.durability == Durability::None {
             None
         } else {
             let shared = Arc::clone(&flush);
-            let interval = match durability {
+            let interval = match options.durability {
                 Durability::Sync => Duration::ZERO,
-                _ => flush_interval,
+                _ => options.flush_interval,
             };
             Some(
                 std::thread::Builder::new()
@@ -186,29 +314,47 @@ impl Store {
                     .spawn(move || run_flusher(&shared, interval, &notify))?,
             )
         };
-        let mut live = BTreeMap::new();
-        live.insert(segment, 0);
-        Ok(Store {
+        let reserve_present =
+            fs::metadata(dir.join(RESERVE_FILE)).is_ok_and(|m| m.len() >= options.reserve_bytes);
+        let mut store = Store {
             dir: dir.to_owned(),
-            durability,
-            segment,
-            offset: SEGMENT_HEADER_LEN,
+            options,
+            segment: resume.segment,
+            offset,
             file,
             buf: Vec::with_capacity(1 << 20),
-            next_seq: 1,
-            live,
-            watermarks: HashMap::new(),
-            spills: HashMap::new(),
+            next_seq: resume.next_seq.max(1),
+            live: resume.live,
+            dropping: BTreeMap::new(),
+            watermarks: resume.watermarks,
+            spills: resume.spills,
             flush,
             flusher,
             uncommitted: Vec::new(),
+            uncommitted_seq: None,
+            uncommitted_done: Vec::new(),
+            recorded_durable: 0,
+            // What is already in the log counts as data: once it is durable, an idle COMMIT
+            // says so.
+            data_end: log_pos(resume.segment, offset),
+            reserve_present,
+            write_failed: false,
+            closed: false,
             stats: StoreStats::default(),
-        })
+        };
+        store.live.entry(store.segment).or_insert(0);
+        store.make_reserve();
+        Ok(store)
+    }
+
+    /// The log's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Whether frames are written before they are ACKed.
     pub fn is_durable(&self) -> bool {
-        self.durability != Durability::None
+        self.options.durability != Durability::None
     }
 
     /// Appends an ENQUEUE record; the frame is durable once [`Self::durable_pos`] reaches the
@@ -224,6 +370,7 @@ impl Store {
     ) -> (Stored, LogPos) {
         let seq = self.next_seq;
         self.next_seq += 1;
+        self.uncommitted_seq.get_or_insert(seq);
         let record_start = self.offset + self.buf.len() as u64;
         Record::Enqueue {
             peer,
@@ -234,7 +381,12 @@ impl Store {
         }
         .encode(&mut self.buf);
         *self.live.entry(self.segment).or_insert(0) += 1;
-        self.uncommitted.push((peer, lane, self.segment, spill));
+        self.uncommitted.push(Uncommitted {
+            peer,
+            lane,
+            segment: self.segment,
+            spill,
+        });
         self.stats.enqueued += 1;
         if spill {
             self.stats.spilled += 1;
@@ -276,66 +428,140 @@ impl Store {
     /// (peer, lane) is acknowledged through the frame `stored`: writes the watermark and frees
     /// the frame's place in its segment.
     pub fn done(&mut self, peer: PeerKey, lane: u8, stored: Stored) {
-        let mark = self.watermarks.entry((peer, lane)).or_insert(0);
-        if stored.seq > *mark {
-            *mark = stored.seq;
-            Record::Done {
-                peer,
-                level: lane,
-                seq: stored.seq,
-            }
-            .encode(&mut self.buf);
-        }
+        self.mark_done(peer, lane, stored.seq);
         if let Some(live) = self.live.get_mut(&stored.segment) {
             *live = live.saturating_sub(1);
         }
     }
 
-    /// Writes the buffered records to the segment (one `write`), rolls to a new segment when
-    /// this one is full, deletes segments with nothing live, and asks the flusher to make it
-    /// durable. On an error (a full disk), the partial write is cut off and the buffered records
-    /// are dropped: the caller refuses the frames they held (NACK 5).
+    /// Raises the watermark of (peer, lane) to `seq` (recovery: frames of a peer no longer
+    /// configured).
+    pub(crate) fn mark_done(&mut self, peer: PeerKey, lane: u8, seq: u64) {
+        let mark = self.watermarks.entry((peer, lane)).or_insert(0);
+        if seq > *mark {
+            *mark = seq;
+            Record::Done {
+                peer,
+                level: lane,
+                seq,
+            }
+            .encode(&mut self.buf);
+            self.uncommitted_done.push((peer, lane));
+        }
+    }
+
+    /// Writes the buffered records to the segment (one `write`, ended by a COMMIT), asks the
+    /// flusher to make it durable, rolls to a new segment when this one is full or fully
+    /// acknowledged, and deletes segments with nothing live once that is durable. On an error
+    /// (a full disk), the partial write is cut off and the buffered frames are forgotten: the
+    /// caller refuses them (NACK 5). Watermarks are written again with the next batch.
     pub fn write_out(&mut self) -> io::Result<LogPos> {
-        if !self.buf.is_empty() {
-            let result = (&*self.file).write_all(&self.buf);
-            if let Err(e) = result {
-                self.stats.write_errors += 1;
-                // Cut back to the last whole record, so the log stays readable, and forget
-                // what the lost records counted.
-                let _ = self.file.set_len(self.offset);
-                self.buf.clear();
-                for (peer, lane, segment, spill) in self.uncommitted.drain(..) {
-                    if let Some(live) = self.live.get_mut(&segment) {
-                        *live = live.saturating_sub(1);
-                    }
-                    if spill {
-                        if let Some(s) = self.spills.get_mut(&(peer, lane)) {
-                            s.count -= 1;
-                            if s.count == 0 {
-                                self.spills.remove(&(peer, lane));
-                            }
-                        }
-                    }
+        self.name_dead_segments();
+        let durable = self.flushed_pos();
+        let idle_commit = self.is_durable()
+            && self.buf.is_empty()
+            && self.data_end > self.recorded_durable
+            && durable >= self.data_end;
+        if !self.buf.is_empty() || idle_commit {
+            let had_data = !self.buf.is_empty();
+            let batch_end = self.offset + self.buf.len() as u64;
+            Record::Commit {
+                durable_through: durable,
+                next_seq: self.next_seq,
+            }
+            .encode(&mut self.buf);
+            if let Err(e) = (&*self.file).write_all(&self.buf) {
+                self.undo_batch();
+                if self.live.get(&self.segment) == Some(&0) {
+                    // Everything here is acknowledged: roll, so the space comes back.
+                    let _ = self.roll();
                 }
                 return Err(e);
             }
             self.offset += self.buf.len() as u64;
             self.buf.clear();
+            self.recorded_durable = durable;
+            if had_data {
+                self.data_end = log_pos(self.segment, batch_end);
+            }
+            let written = log_pos(self.segment, self.offset);
+            for pos in self.dropping.values_mut() {
+                pos.get_or_insert(written);
+            }
+            self.write_failed = false;
         }
         self.uncommitted.clear();
+        self.uncommitted_seq = None;
+        self.uncommitted_done.clear();
         let pos = log_pos(self.segment, self.offset);
         if self.is_durable() {
             self.flush.requested.fetch_max(pos, Ordering::Release);
             let _guard = self.flush.wake_lock.lock();
             self.flush.wake.notify_one();
         }
-        if self.offset >= SEGMENT_BYTES_MAX {
+        let acknowledged =
+            self.live.get(&self.segment) == Some(&0) && self.offset >= RECLAIM_ROLL_BYTES;
+        if self.offset >= SEGMENT_BYTES_MAX || acknowledged {
             self.roll()?;
         }
-        self.delete_dead_segments();
+        self.delete_dropped();
         Ok(pos)
     }
 
+    /// Forgets a batch that could not be written, so that the log on disk and the counts agree.
+    fn undo_batch(&mut self) {
+        self.stats.write_errors += 1;
+        self.write_failed = true;
+        // Cut back to the last whole batch, so the log stays readable.
+        let _ = self.file.set_len(self.offset);
+        self.buf.clear();
+        for u in self.uncommitted.drain(..) {
+            if let Some(live) = self.live.get_mut(&u.segment) {
+                *live = live.saturating_sub(1);
+            }
+            if u.spill {
+                if let Some(s) = self.spills.get_mut(&(u.peer, u.lane)) {
+                    s.count -= 1;
+                    if s.count == 0 {
+                        self.spills.remove(&(u.peer, u.lane));
+                    }
+                }
+            }
+        }
+        if let Some(seq) = self.uncommitted_seq.take() {
+            self.next_seq = seq;
+        }
+        // DROPPED records not written: named again next time.
+        self.dropping.retain(|_, pos| pos.is_some());
+        // The watermarks stay in memory; their DONE records go with the next batch.
+        let mut done = std::mem::take(&mut self.uncommitted_done);
+        done.sort_unstable();
+        done.dedup();
+        for (peer, lane) in done {
+            if let Some(&seq) = self.watermarks.get(&(peer, lane)) {
+                Record::Done {
+                    peer,
+                    level: lane,
+                    seq,
+                }
+                .encode(&mut self.buf);
+                self.uncommitted_done.push((peer, lane));
+            }
+        }
+    }
+
+    /// The position the flusher has made durable (0 with durability `none`: nothing is known).
+    fn flushed_pos(&self) -> LogPos {
+        if self.is_durable() {
+            self.flush.durable.load(Ordering::Acquire)
+        } else {
+            0
+        }
+    }
+
+    /// Starts the next segment: it is created whole (header, SEGMENT_START) and made durable
+    /// before the old one is ended with ROLLED, so a crash leaves either no new segment or a
+    /// complete one.
     fn roll(&mut self) -> io::Result<()> {
         if self.is_durable() {
             // Everything requested in the old segment is durable once this returns, so the
@@ -346,41 +572,141 @@ impl Store {
                 .fetch_max(log_pos(self.segment, self.offset), Ordering::Release);
         }
         let next = self.segment + 1;
-        let file = Arc::new(wal::create_segment(&self.dir, next)?);
+        let live_segments: Vec<u64> = self
+            .live
+            .keys()
+            .filter(|s| !self.dropping.contains_key(s))
+            .copied()
+            .collect();
+        let durable_through = self.flushed_pos();
+        let first = segment_start(
+            self.next_seq,
+            live_segments,
+            &self.watermarks,
+            durable_through,
+        );
+        let file = match wal::create_segment(&self.dir, next, &first) {
+            Err(e) if wal::is_no_space(&e) && self.give_up_reserve() => {
+                wal::create_segment(&self.dir, next, &first)
+            }
+            other => other,
+        }?;
+        if self.is_durable() {
+            file.sync_data()?;
+        }
         wal::sync_dir(&self.dir)?;
+        let mut tail = Vec::with_capacity(64);
+        Record::Rolled { next }.encode(&mut tail);
+        Record::Commit {
+            durable_through,
+            next_seq: self.next_seq,
+        }
+        .encode(&mut tail);
+        // The old segment names its successor, so a deleted newest segment is noticed. If this
+        // cannot be written (a full disk), the new segment exists anyway and nothing is lost.
+        if (&*self.file).write_all(&tail).is_err() {
+            let _ = self.file.set_len(self.offset);
+        } else if self.is_durable() {
+            self.file.sync_data()?;
+        }
+        let file = Arc::new(file);
         *self.flush.file.lock().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&file);
         self.file = file;
         self.segment = next;
-        self.offset = SEGMENT_HEADER_LEN;
+        self.offset = SEGMENT_HEADER_LEN + first.len() as u64;
         self.live.insert(next, 0);
-        let entries: Vec<(PeerKey, u8, u64)> = self
-            .watermarks
-            .iter()
-            .map(|((p, l), s)| (*p, *l, *s))
-            .collect();
-        Record::Checkpoint(entries).encode(&mut self.buf);
+        self.recorded_durable = durable_through;
+        self.write_failed = false;
+        self.make_reserve();
         Ok(())
     }
 
-    fn delete_dead_segments(&mut self) {
+    /// Names every segment with nothing live (other than the one being written) in a DROPPED
+    /// record.
+    fn name_dead_segments(&mut self) {
         let dead: Vec<u64> = self
             .live
             .iter()
-            .filter(|(seg, live)| **live == 0 && **seg != self.segment)
+            .filter(|(seg, live)| {
+                **live == 0 && **seg != self.segment && !self.dropping.contains_key(seg)
+            })
             .map(|(seg, _)| *seg)
             .collect();
-        for seg in dead {
+        for segment in dead {
+            Record::Dropped { segment }.encode(&mut self.buf);
+            self.dropping.insert(segment, None);
+        }
+    }
+
+    /// Deletes the segments whose DROPPED record is durable.
+    fn delete_dropped(&mut self) {
+        let durable = if self.is_durable() {
+            self.flush.durable.load(Ordering::Acquire)
+        } else {
+            LogPos::MAX
+        };
+        let ready: Vec<u64> = self
+            .dropping
+            .iter()
+            .filter(|(_, pos)| pos.is_some_and(|p| p <= durable))
+            .map(|(seg, _)| *seg)
+            .collect();
+        let mut freed = false;
+        for seg in ready {
             match fs::remove_file(wal::segment_path(&self.dir, seg)) {
                 Ok(()) => {
-                    self.live.remove(&seg);
                     self.stats.segments_deleted += 1;
+                    freed = true;
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    self.live.remove(&seg);
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(segment = seg, error = %e, "cannot delete WAL segment");
+                    continue;
                 }
-                Err(e) => tracing::warn!(segment = seg, error = %e, "cannot delete WAL segment"),
+            }
+            self.live.remove(&seg);
+            self.dropping.remove(&seg);
+        }
+        if freed {
+            self.make_reserve();
+        }
+    }
+
+    /// Puts the reserve file in place if it is missing and there is room for it.
+    fn make_reserve(&mut self) {
+        let bytes = self.options.reserve_bytes;
+        if self.reserve_present || bytes == 0 {
+            return;
+        }
+        let path = self.dir.join(RESERVE_FILE);
+        let result = (|| -> io::Result<()> {
+            let mut f = File::create(&path)?;
+            let zeros = vec![0u8; 64 << 10];
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(zeros.len() as u64) as usize;
+                f.write_all(zeros.get(..n).unwrap_or(&zeros))?;
+                left -= n as u64;
+            }
+            f.sync_all()
+        })();
+        match result {
+            Ok(()) => self.reserve_present = true,
+            Err(_) => {
+                let _ = fs::remove_file(&path);
             }
         }
+    }
+
+    /// Deletes the reserve file to make room; whether there was one.
+    fn give_up_reserve(&mut self) -> bool {
+        if !self.reserve_present {
+            return false;
+        }
+        self.reserve_present = false;
+        self.stats.reserve_used += 1;
+        tracing::warn!(dir = %self.dir.display(), "disk full: the log's reserve is used to start a new segment and reclaim acknowledged ones");
+        fs::remove_file(self.dir.join(RESERVE_FILE)).is_ok()
     }
 
     /// The highest position known durable (everything, with durability `none`).
@@ -392,7 +718,7 @@ impl Store {
         }
     }
 
-    /// Bytes of this log on disk (every live segment).
+    /// Bytes of this log on disk (every segment not yet deleted).
     pub fn disk_bytes(&self) -> u64 {
         self.live
             .keys()
@@ -404,6 +730,12 @@ impl Store {
                 }
             })
             .sum()
+    }
+
+    /// Makes everything written durable now (recovery, before the generation is named).
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()?;
+        wal::sync_dir(&self.dir)
     }
 
     /// Whether `fdatasync` has failed: nothing more can be ACKed as durable.
@@ -430,7 +762,12 @@ impl Store {
             });
         }
         let watermark = self.watermarks.get(&(peer, lane)).copied().unwrap_or(0);
-        let segments: Vec<u64> = self.live.range(spill.segment..).map(|(s, _)| *s).collect();
+        let segments: Vec<u64> = self
+            .live
+            .range(spill.segment..)
+            .filter(|(s, live)| **live > 0 || **s == self.segment)
+            .map(|(s, _)| *s)
+            .collect();
         'segments: for seg in segments {
             let start = if seg == spill.segment {
                 spill.offset
@@ -478,11 +815,27 @@ impl Store {
         Ok(out)
     }
 
-    /// Stops the flusher after a last flush.
+    /// Writes what is buffered, makes it durable, ends the log with a COMMIT that says all of
+    /// it is durable (so that damage to it later is seen as corruption, not a torn tail), and
+    /// stops the flusher.
     pub fn close(&mut self) {
-        let _ = self.write_out();
-        if self.is_durable() {
-            let _ = self.file.sync_data();
+        if std::mem::replace(&mut self.closed, true) {
+            return;
+        }
+        if self.write_out().is_ok() && self.file.sync_data().is_ok() {
+            let end = log_pos(self.segment, self.offset);
+            let mut last = Vec::with_capacity(wal::COMMIT_RECORD_LEN);
+            Record::Commit {
+                durable_through: end,
+                next_seq: self.next_seq,
+            }
+            .encode(&mut last);
+            if (&*self.file).write_all(&last).is_ok() {
+                self.offset += last.len() as u64;
+                let _ = self.file.sync_data();
+            } else {
+                let _ = self.file.set_len(self.offset);
+            }
         }
         self.flush.stop.store(true, Ordering::Release);
         {
@@ -544,442 +897,5 @@ fn run_flusher(shared: &FlushShared, interval: Duration, notify: &Notify) {
                 return;
             }
         }
-    }
-}
-
-// ---- recovery -------------------------------------------------------------------------------
-
-/// The file naming the current generation of logs.
-const CURRENT: &str = "CURRENT";
-
-/// How this run's logs are kept.
-#[derive(Debug, Clone, Copy)]
-pub struct LogSettings {
-    /// Workers, one log each.
-    pub workers: usize,
-    /// When frames count as durable.
-    pub durability: Durability,
-    /// Group-commit interval for `batch`.
-    pub flush_interval: Duration,
-}
-
-/// What recovery found and did.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct RecoveryReport {
-    /// Frames carried into the new generation (not yet acknowledged by their receivers).
-    pub frames_recovered: u64,
-    /// Frames whose receiver is no longer configured, written to the expiry record instead.
-    pub frames_orphaned: u64,
-    /// Torn tails cut off: (file, offset).
-    pub torn_tails: Vec<(PathBuf, u64)>,
-    /// The generation started.
-    pub generation: u64,
-}
-
-/// Reads the logs of the previous run (whatever its number of workers), and writes every frame
-/// not yet acknowledged into a fresh log per worker of this run, in order, owned as `owner`
-/// says. Returns the new stores, each with its frames spilled (on disk only, loaded by priority
-/// as their peers take them) and the report.
-///
-/// A crash during recovery is safe: the old generation is deleted only after the new one is
-/// durable and named in `CURRENT`.
-pub fn recover(
-    data_dir: &Path,
-    settings: LogSettings,
-    owner: impl Fn(PeerKey) -> Option<usize>,
-    lane_of: impl Fn(u8) -> u8,
-    mut notify: impl FnMut(usize) -> Notify,
-    mut orphan: impl FnMut(&Record),
-) -> Result<(Vec<Store>, RecoveryReport), WalError> {
-    let io_err = |path: &Path| {
-        let path = path.to_owned();
-        move |source| WalError::Io { path, source }
-    };
-    fs::create_dir_all(data_dir).map_err(io_err(data_dir))?;
-    let current_path = data_dir.join(CURRENT);
-    let old_gen = match fs::read_to_string(&current_path) {
-        Ok(text) => text.trim().parse::<u64>().ok(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => return Err(io_err(&current_path)(e)),
-    };
-    let generation = old_gen.map_or(1, |g| g + 1);
-    let gen_dir = |g: u64| data_dir.join(format!("gen-{g}"));
-    let new_dir = gen_dir(generation);
-    // A previous recovery that crashed before naming its generation left it half-made.
-    if new_dir.exists() {
-        fs::remove_dir_all(&new_dir).map_err(io_err(&new_dir))?;
-    }
-    let mut report = RecoveryReport {
-        generation,
-        ..RecoveryReport::default()
-    };
-
-    let LogSettings {
-        workers,
-        durability,
-        flush_interval,
-    } = settings;
-    let mut stores = Vec::with_capacity(workers);
-    for w in 0..workers {
-        let dir = new_dir.join(format!("w{w}"));
-        stores.push(
-            Store::create(&dir, durability, flush_interval, notify(w)).map_err(io_err(&dir))?,
-        );
-    }
-
-    if let Some(g) = old_gen {
-        let old_dir = gen_dir(g);
-        let worker_dirs: Vec<PathBuf> = match fs::read_dir(&old_dir) {
-            Ok(entries) => {
-                let mut v: Vec<PathBuf> = entries
-                    .filter_map(Result::ok)
-                    .map(|e| e.path())
-                    .filter(|p| p.is_dir())
-                    .collect();
-                v.sort();
-                v
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(io_err(&old_dir)(e)),
-        };
-        // Pass 1: watermarks, and torn tails cut off.
-        let mut marks: HashMap<(PeerKey, u8), u64> = HashMap::new();
-        for dir in &worker_dirs {
-            let segments = wal::list_segments(dir).map_err(io_err(dir))?;
-            for (i, seg) in segments.iter().enumerate() {
-                let path = wal::segment_path(dir, *seg);
-                let mut reader = SegmentReader::open(&path, 0)?;
-                while let Some((_, record)) = reader.next_record()? {
-                    match record {
-                        Record::Done { peer, level, seq } => {
-                            let m = marks.entry((peer, level)).or_insert(0);
-                            *m = (*m).max(seq);
-                        }
-                        Record::Checkpoint(entries) => {
-                            for (peer, level, seq) in entries {
-                                let m = marks.entry((peer, level)).or_insert(0);
-                                *m = (*m).max(seq);
-                            }
-                        }
-                        Record::Enqueue { .. } => {}
-                    }
-                }
-                if let Some(SegmentEnd::Damaged { offset, why }) = reader.end() {
-                    if i + 1 == segments.len() {
-                        tracing::warn!(file = %path.display(), offset, why, "cutting off a torn WAL tail");
-                        wal::truncate_torn_tail(&path, offset).map_err(io_err(&path))?;
-                        report.torn_tails.push((path.clone(), offset));
-                    } else if let Some(e) = reader.corrupt_error() {
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        // Pass 2: every frame not acknowledged goes to its owner's new log, in order.
-        for dir in &worker_dirs {
-            let segments = wal::list_segments(dir).map_err(io_err(dir))?;
-            for seg in segments {
-                let path = wal::segment_path(dir, seg);
-                let mut reader = SegmentReader::open(&path, 0)?;
-                while let Some((_, record)) = reader.next_record()? {
-                    let Record::Enqueue {
-                        peer,
-                        level,
-                        seq,
-                        enqueued_unix_ns,
-                        ref frame,
-                    } = record
-                    else {
-                        continue;
-                    };
-                    let lane = lane_of(level);
-                    if seq <= marks.get(&(peer, lane)).copied().unwrap_or(0) {
-                        continue;
-                    }
-                    match owner(peer) {
-                        Some(w) if w < stores.len() => {
-                            let store = &mut stores[w];
-                            store.append(peer, lane, level, frame, enqueued_unix_ns, true);
-                            report.frames_recovered += 1;
-                            if store.buf.len() >= 4 << 20 {
-                                store.write_out().map_err(io_err(&store.dir))?;
-                            }
-                        }
-                        _ => {
-                            orphan(&record);
-                            report.frames_orphaned += 1;
-                        }
-                    }
-                }
-            }
-        }
-    }
-    for store in &mut stores {
-        store.write_out().map_err(io_err(&store.dir))?;
-        store.file.sync_data().map_err(io_err(&store.dir))?;
-        wal::sync_dir(&store.dir).map_err(io_err(&store.dir))?;
-    }
-    wal::sync_dir(&new_dir).map_err(io_err(&new_dir))?;
-    // Name the new generation atomically, then drop the old one.
-    let tmp = data_dir.join("CURRENT.tmp");
-    let mut f = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    f.write_all(format!("{generation}\n").as_bytes())
-        .and_then(|()| f.sync_all())
-        .map_err(io_err(&tmp))?;
-    fs::rename(&tmp, &current_path).map_err(io_err(&current_path))?;
-    wal::sync_dir(data_dir).map_err(io_err(data_dir))?;
-    if let Some(g) = old_gen {
-        let old_dir = gen_dir(g);
-        if let Err(e) = fs::remove_dir_all(&old_dir) {
-            if e.kind() != io::ErrorKind::NotFound {
-                tracing::warn!(dir = %old_dir.display(), error = %e, "cannot delete the previous WAL generation");
-            }
-        }
-    }
-    Ok((stores, report))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ids::Eui64;
-    use crate::wire::{Header, Kind};
-    use bytes::Bytes;
-
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("dsplane-store-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        dir
-    }
-
-    const SU: PeerKey = PeerKey::Su(Eui64(0x90B3_D51F_3001_0000));
-
-    fn frame(counter: u64) -> Frame {
-        let mut h = Header::new(Kind::Response);
-        h.su_id = Eui64(0x90B3_D51F_3001_0000);
-        h.counter = counter;
-        Frame::new(h, Bytes::from(counter.to_le_bytes().to_vec())).unwrap()
-    }
-
-    fn lane(level: u8) -> u8 {
-        level
-    }
-
-    fn recover_into(dir: &Path, workers: usize) -> (Vec<Store>, RecoveryReport) {
-        recover(
-            dir,
-            LogSettings {
-                workers,
-                durability: Durability::Batch,
-                flush_interval: Duration::from_millis(1),
-            },
-            |_| Some(0),
-            lane,
-            |_| Box::new(|| {}),
-            |_| {},
-        )
-        .unwrap()
-    }
-
-    #[test]
-    fn spilled_frames_load_in_order_and_acknowledged_ones_are_not_recovered() {
-        let dir = temp_dir("spill");
-        let (mut stores, report) = recover_into(&dir, 1);
-        assert_eq!(report.frames_recovered, 0);
-        let store = &mut stores[0];
-        let mut stored = Vec::new();
-        for i in 0..10u64 {
-            let level = if i % 2 == 0 { 2 } else { 4 };
-            let (s, _) = store.append(SU, level, level, &frame(i), i, true);
-            stored.push((level, s));
-        }
-        store.write_out().unwrap();
-        assert_eq!(store.spilled(SU, 2), 5);
-        let first = store.load(SU, 2, 3, lane).unwrap();
-        assert_eq!(
-            first
-                .iter()
-                .map(|l| l.frame.header.counter)
-                .collect::<Vec<_>>(),
-            vec![0, 2, 4]
-        );
-        let rest = store.load(SU, 2, 10, lane).unwrap();
-        assert_eq!(
-            rest.iter()
-                .map(|l| l.frame.header.counter)
-                .collect::<Vec<_>>(),
-            vec![6, 8]
-        );
-        assert!(!store.is_spilled(SU, 2));
-        // Level 2 acknowledged through counter 4, level 4 not at all.
-        store.done(SU, 2, first[2].stored);
-        store.write_out().unwrap();
-        drop(stores);
-
-        let (mut stores, report) = recover_into(&dir, 1);
-        assert_eq!(report.frames_recovered, 7, "10 written, 3 acknowledged");
-        let store = &mut stores[0];
-        let l2 = store.load(SU, 2, 100, lane).unwrap();
-        let l4 = store.load(SU, 4, 100, lane).unwrap();
-        assert_eq!(
-            l2.iter()
-                .map(|l| l.frame.header.counter)
-                .collect::<Vec<_>>(),
-            vec![6, 8]
-        );
-        assert_eq!(
-            l4.iter()
-                .map(|l| l.frame.header.counter)
-                .collect::<Vec<_>>(),
-            vec![1, 3, 5, 7, 9]
-        );
-        assert_eq!(l4[0].frame.payload.as_ref(), 1u64.to_le_bytes());
-        assert_eq!(l4[0].enqueued_unix_ns, 1);
-    }
-
-    #[test]
-    fn segments_are_deleted_once_everything_in_them_is_acknowledged() {
-        let dir = temp_dir("reclaim");
-        let (mut stores, _) = recover_into(&dir, 1);
-        let store = &mut stores[0];
-        let big = Frame::new(Header::new(Kind::Response), Bytes::from(vec![7u8; 1 << 20])).unwrap();
-        let mut stored = Vec::new();
-        // ~70 MiB: two segments.
-        for _ in 0..70 {
-            stored.push(store.append(SU, 4, 4, &big, 0, false).0);
-            store.write_out().unwrap();
-        }
-        let wal_dir = store.dir.clone();
-        assert_eq!(wal::list_segments(&wal_dir).unwrap().len(), 2);
-        for s in &stored {
-            store.done(SU, 4, *s);
-        }
-        store.write_out().unwrap();
-        assert_eq!(wal::list_segments(&wal_dir).unwrap().len(), 1);
-        assert_eq!(store.stats.segments_deleted, 1);
-        drop(stores);
-        // The checkpoint at the head of the surviving segment keeps the watermark.
-        let (_, report) = recover_into(&dir, 1);
-        assert_eq!(report.frames_recovered, 0);
-    }
-
-    #[test]
-    fn a_torn_tail_is_cut_and_everything_before_it_recovered() {
-        let dir = temp_dir("torn");
-        let (mut stores, _) = recover_into(&dir, 1);
-        for i in 0..5 {
-            stores[0].append(SU, 3, 3, &frame(i), 0, true);
-        }
-        stores[0].write_out().unwrap();
-        let seg_dir = stores[0].dir.clone();
-        drop(stores);
-        let last = *wal::list_segments(&seg_dir).unwrap().last().unwrap();
-        let path = wal::segment_path(&seg_dir, last);
-        let len = fs::metadata(&path).unwrap().len();
-        // A crash in the middle of the last record.
-        OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(len - 5)
-            .unwrap();
-        let (mut stores, report) = recover_into(&dir, 1);
-        assert_eq!(report.frames_recovered, 4);
-        assert_eq!(report.torn_tails.len(), 1);
-        let got = stores[0].load(SU, 3, 10, lane).unwrap();
-        assert_eq!(
-            got.iter()
-                .map(|l| l.frame.header.counter)
-                .collect::<Vec<_>>(),
-            vec![0, 1, 2, 3]
-        );
-    }
-
-    #[test]
-    fn recovery_moves_frames_to_their_new_owner() {
-        let dir = temp_dir("owners");
-        let (mut stores, _) = recover(
-            &dir,
-            LogSettings {
-                workers: 2,
-                durability: Durability::None,
-                flush_interval: Duration::ZERO,
-            },
-            |_| Some(1),
-            lane,
-            |_| Box::new(|| {}),
-            |_| {},
-        )
-        .unwrap();
-        stores[1].append(SU, 1, 1, &frame(1), 0, true);
-        stores[1].append(PeerKey::Su(Eui64(5)), 1, 1, &frame(2), 0, true);
-        stores[1].write_out().unwrap();
-        drop(stores);
-        let mut orphans = 0;
-        let (mut stores, report) = recover(
-            &dir,
-            LogSettings {
-                workers: 3,
-                durability: Durability::None,
-                flush_interval: Duration::ZERO,
-            },
-            |p| (p == SU).then_some(2),
-            lane,
-            |_| Box::new(|| {}),
-            |_| orphans += 1,
-        )
-        .unwrap();
-        assert_eq!((report.frames_recovered, report.frames_orphaned), (1, 1));
-        assert_eq!(orphans, 1);
-        assert_eq!(stores[2].spilled(SU, 1), 1);
-        assert_eq!(
-            stores[2].load(SU, 1, 5, lane).unwrap()[0]
-                .frame
-                .header
-                .counter,
-            1
-        );
-        assert_eq!(report.generation, 2);
-        assert!(!dir.join("gen-1").exists(), "the old generation is deleted");
-    }
-
-    #[test]
-    fn durability_is_published_by_the_flusher() {
-        let dir = temp_dir("flush");
-        let notified = Arc::new(AtomicU64::new(0));
-        let n = Arc::clone(&notified);
-        let (mut stores, _) = recover(
-            &dir,
-            LogSettings {
-                workers: 1,
-                durability: Durability::Batch,
-                flush_interval: Duration::from_millis(2),
-            },
-            |_| Some(0),
-            lane,
-            move |_| {
-                let n = Arc::clone(&n);
-                Box::new(move || {
-                    n.fetch_add(1, Ordering::Relaxed);
-                })
-            },
-            |_| {},
-        )
-        .unwrap();
-        let store = &mut stores[0];
-        let (_, pos) = store.append(SU, 1, 1, &frame(1), 0, false);
-        assert!(store.durable_pos() < pos);
-        store.write_out().unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while store.durable_pos() < pos {
-            assert!(std::time::Instant::now() < deadline, "never durable");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert!(notified.load(Ordering::Relaxed) >= 1);
     }
 }

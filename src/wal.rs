@@ -3,26 +3,50 @@
 //! # Format
 //!
 //! A log is a directory of segment files `00000000000000000001.wal`, `…2.wal`, each starting with
-//! a 16-byte header (`DSPLWAL1` and the segment number) followed by records:
+//! a 16-byte header (`DSPLWAL2` and the segment number) followed by records:
 //!
 //! ```text
 //! len u32 | crc32c u32 | body (len bytes)
 //! body = kind u8 | level u8 | peer_kind u8 | 5 bytes 0 | peer_id u64 | seq u64 | …
 //!   ENQUEUE    … | enqueued_unix_ns u64 | 64-byte frame header | payload
 //!   DONE       (seq = the peer's level is acknowledged through this seq)
-//!   CHECKPOINT … | count u32 | count × (level u8, peer_kind u8, 6 × 0, peer_id u64, seq u64)
+//! body = kind u8 | 7 bytes 0 | …
+//!   COMMIT        "DSPLCMIT" | durable_through u64 | next_seq u64
+//!   DROPPED       segment u64
+//!   ROLLED        next segment u64
+//!   SEGMENT_START (kind u8 | 3 × 0 | live u32 | marks u32 | 4 × 0) | first_seq u64
+//!                 | live × segment u64 | marks × (level u8, peer_kind u8, 6 × 0, peer_id u64, seq u64)
 //! ```
 //!
 //! Every integer is little-endian, like the wire protocol. The checksum covers the body, so a
 //! torn write (a crash in the middle of a record) or a flipped bit is detected.
 //!
-//! # Torn tails
+//! # Telling a torn tail from corruption
 //!
-//! A crash can leave the last record of the newest segment incomplete. [`SegmentReader`] stops
-//! at the first record that is short or fails its checksum and reports where; recovery cuts the
-//! newest segment there ([`truncate_torn_tail`]). The same damage in an older segment cannot be a
-//! torn write (older segments were complete and synced before the log moved on), so it is
-//! reported as corruption and recovery refuses to guess.
+//! A crash can only tear what was being written when it happened: the last group-commit batch
+//! of the newest segment. Every batch (one `write`) ends with a COMMIT record that carries the
+//! position the flusher had made durable when the batch was written (`durable_through`), and
+//! an idle log writes one more COMMIT once its last batch is durable. So after a damaged record:
+//!
+//! * if an intact COMMIT follows it ([`find_commit_after`] scans for its magic), the damaged
+//!   record was not in the last batch: a later batch was written after it. That is corruption.
+//! * if a later COMMIT says the damaged bytes were already durable (and so acknowledged), that
+//!   is corruption too; this is implied by the first rule, since such a COMMIT follows them.
+//! * otherwise the damage is in the last, unfinished batch: a torn tail, cut off.
+//!
+//! Damage in a segment that is not the newest is always corruption: older segments were
+//! complete and synced before the log moved on. Recovery refuses to start on corruption and
+//! names the file and byte offset; `dsplane recover --salvage` is the operator's way past it.
+//! The same approach as PostgreSQL's (per-record CRCs and a checksummed, synced "durable up to"
+//! position) and TigerBeetle's (a torn write can only be the newest prepare).
+//!
+//! # Knowing which files should exist
+//!
+//! Each segment starts with a SEGMENT_START record: every watermark (so that deleting older
+//! segments never loses one), the first seq of the segment, and the older segments that still
+//! hold live frames. A segment that is deleted is first named in a DROPPED record, and a segment
+//! that was rolled ends with ROLLED. Recovery checks the segments present against these, so a
+//! deleted file is found rather than silently skipped.
 //!
 //! # Why a segmented log and not an embedded store
 //!
@@ -41,8 +65,13 @@ use std::path::{Path, PathBuf};
 use crate::ids::Eui64;
 use crate::wire::{Frame, Header, HEADER_LEN, PAYLOAD_BYTES_MAX_CEILING};
 
-/// Magic at the start of every segment.
-pub const SEGMENT_MAGIC: &[u8; 8] = b"DSPLWAL1";
+/// Magic at the start of every segment this version writes.
+pub const SEGMENT_MAGIC: &[u8; 8] = b"DSPLWAL2";
+/// Magic of the first format: still read (and recovered into a new generation), never written.
+pub const SEGMENT_MAGIC_V1: &[u8; 8] = b"DSPLWAL1";
+/// The first eight bytes after a COMMIT body's fixed part: what a scan for the next intact batch
+/// boundary looks for after a damaged record.
+pub const COMMIT_MAGIC: &[u8; 8] = b"DSPLCMIT";
 /// Bytes of the segment header.
 pub const SEGMENT_HEADER_LEN: u64 = 16;
 /// Bytes before a record's body: length and checksum.
@@ -53,8 +82,15 @@ const BODY_FIXED_LEN: usize = 24;
 const ENQUEUE_FIXED_LEN: usize = BODY_FIXED_LEN + 8 + HEADER_LEN;
 /// Largest record body: an ENQUEUE with the largest payload the protocol allows.
 pub const RECORD_BODY_BYTES_MAX: usize = ENQUEUE_FIXED_LEN + PAYLOAD_BYTES_MAX_CEILING as usize;
-/// Most entries in one CHECKPOINT.
+/// Most entries in one CHECKPOINT or SEGMENT_START.
 pub const CHECKPOINT_ENTRIES_MAX: usize = 1 << 20;
+/// Most older live segments one SEGMENT_START names (64 Ki × 64 MiB is 4 PiB of log).
+pub const LIVE_SEGMENTS_MAX: usize = 1 << 16;
+/// Bytes of a COMMIT record, prefix included.
+pub const COMMIT_RECORD_LEN: usize = RECORD_PREFIX_LEN + 32;
+/// Largest body of any record.
+const BODY_BYTES_MAX: usize =
+    RECORD_BODY_BYTES_MAX + 24 + CHECKPOINT_ENTRIES_MAX * 24 + LIVE_SEGMENTS_MAX * 8;
 
 /// Which kind of peer a record is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -118,9 +154,37 @@ pub enum Record {
         /// Acknowledged through this seq.
         seq: u64,
     },
-    /// Every (peer, level) watermark at the start of a segment, so that deleting older
-    /// segments never loses a watermark.
+    /// Every (peer, level) watermark at the start of a segment (the first format; read only).
     Checkpoint(Vec<(PeerKey, u8, u64)>),
+    /// The end of one group-commit batch.
+    Commit {
+        /// Every byte of this log before this position was durable (`fdatasync` returned) when
+        /// the batch was written: those frames may have been acknowledged. 0 when durability is
+        /// `none`.
+        durable_through: u64,
+        /// The seq the next ENQUEUE gets: seqs are gapless, so a salvage can say which frames
+        /// it could not read.
+        next_seq: u64,
+    },
+    /// The first record of every segment of this format.
+    SegmentStart {
+        /// The seq of the first ENQUEUE written in this segment.
+        first_seq: u64,
+        /// Older segments that still held live frames when this one was started.
+        live_segments: Vec<u64>,
+        /// Every (peer, lane) watermark, so that deleting older segments never loses one.
+        watermarks: Vec<(PeerKey, u8, u64)>,
+    },
+    /// `segment` has nothing live; it is deleted once this record is durable.
+    Dropped {
+        /// The segment.
+        segment: u64,
+    },
+    /// The last record of a segment that was rolled: the log continues in `next`.
+    Rolled {
+        /// The next segment.
+        next: u64,
+    },
 }
 
 /// Why a segment could not be read to its end.
@@ -136,13 +200,16 @@ pub enum WalError {
         source: io::Error,
     },
     /// A segment does not start with the segment header.
-    #[error("{path}: not a dsplane WAL segment (bad header)")]
+    #[error("{path}: not a dsplane WAL segment ({why}); dsplane will not start on it")]
     BadHeader {
         /// The file.
         path: PathBuf,
+        /// What is wrong with it.
+        why: &'static str,
     },
-    /// A record in a segment that is not the newest is damaged: not a torn write.
-    #[error("{path}: damaged record at byte {offset} ({why}); the log cannot be trusted past it. Move the file aside to start without it (its frames are then lost)")]
+    /// A damaged record that cannot be a torn write: in a segment that is not the newest, or
+    /// followed by an intact later batch.
+    #[error("{path}: damaged record at byte {offset} ({why}); this is corruption, not a torn write, and acknowledged frames may be in it. dsplane will not start on it; `dsplane recover --salvage` keeps what is intact and lists what is not")]
     Corrupt {
         /// The file.
         path: PathBuf,
@@ -151,6 +218,42 @@ pub enum WalError {
         /// What is wrong.
         why: &'static str,
     },
+    /// A file or directory the log says must exist is not there, or the data directory's
+    /// state cannot be determined.
+    #[error("{path}: {why}. dsplane will not start without it; restore it, or run `dsplane recover --salvage` to start from what is intact")]
+    Missing {
+        /// What is missing or damaged.
+        path: PathBuf,
+        /// Why it must exist.
+        why: String,
+    },
+}
+
+fn put_marker(out: &mut Vec<u8>, kind: u8) {
+    out.extend_from_slice(&[kind, 0, 0, 0, 0, 0, 0, 0]);
+}
+
+fn put_entries(out: &mut Vec<u8>, entries: &[(PeerKey, u8, u64)]) {
+    for (peer, level, seq) in entries {
+        let (peer_kind, peer_id) = peer.parts();
+        out.extend_from_slice(&[*level, peer_kind, 0, 0, 0, 0, 0, 0]);
+        out.extend_from_slice(&peer_id.to_le_bytes());
+        out.extend_from_slice(&seq.to_le_bytes());
+    }
+}
+
+fn get_entries(body: &[u8], at: usize, count: usize) -> Option<Vec<(PeerKey, u8, u64)>> {
+    let u64_at = |at: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(body.get(at..at + 8)?.try_into().ok()?))
+    };
+    let mut entries = Vec::with_capacity(count);
+    for i in 0..count {
+        let at = at + i * 24;
+        let level = *body.get(at)?;
+        let peer = PeerKey::from_parts(*body.get(at + 1)?, u64_at(at + 8)?)?;
+        entries.push((peer, level, u64_at(at + 16)?));
+    }
+    Some(entries)
 }
 
 fn put_fixed(out: &mut Vec<u8>, kind: u8, level: u8, peer: PeerKey, seq: u64) {
@@ -184,12 +287,39 @@ impl Record {
             Record::Checkpoint(entries) => {
                 out.extend_from_slice(&[3, 0, 0, 0]);
                 out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
-                for (peer, level, seq) in entries {
-                    let (peer_kind, peer_id) = peer.parts();
-                    out.extend_from_slice(&[*level, peer_kind, 0, 0, 0, 0, 0, 0]);
-                    out.extend_from_slice(&peer_id.to_le_bytes());
-                    out.extend_from_slice(&seq.to_le_bytes());
+                put_entries(out, entries);
+            }
+            Record::Commit {
+                durable_through,
+                next_seq,
+            } => {
+                put_marker(out, 4);
+                out.extend_from_slice(COMMIT_MAGIC);
+                out.extend_from_slice(&durable_through.to_le_bytes());
+                out.extend_from_slice(&next_seq.to_le_bytes());
+            }
+            Record::Dropped { segment } => {
+                put_marker(out, 5);
+                out.extend_from_slice(&segment.to_le_bytes());
+            }
+            Record::Rolled { next } => {
+                put_marker(out, 6);
+                out.extend_from_slice(&next.to_le_bytes());
+            }
+            Record::SegmentStart {
+                first_seq,
+                live_segments,
+                watermarks,
+            } => {
+                out.extend_from_slice(&[7, 0, 0, 0]);
+                out.extend_from_slice(&(live_segments.len() as u32).to_le_bytes());
+                out.extend_from_slice(&(watermarks.len() as u32).to_le_bytes());
+                out.extend_from_slice(&[0; 4]);
+                out.extend_from_slice(&first_seq.to_le_bytes());
+                for seg in live_segments {
+                    out.extend_from_slice(&seg.to_le_bytes());
                 }
+                put_entries(out, watermarks);
             }
         }
         let body_len = (out.len() - start - RECORD_PREFIX_LEN) as u32;
@@ -207,20 +337,49 @@ impl Record {
         let u64_at = |at: usize| -> Option<u64> {
             Some(u64::from_le_bytes(body.get(at..at + 8)?.try_into().ok()?))
         };
+        let u32_at = |at: usize| -> Option<usize> {
+            Some(u32::from_le_bytes(body.get(at..at + 4)?.try_into().ok()?) as usize)
+        };
         let kind = *body.first()?;
-        if kind == 3 {
-            let count = u32::from_le_bytes(body.get(4..8)?.try_into().ok()?) as usize;
-            if count > CHECKPOINT_ENTRIES_MAX || body.len() != 8 + count * 24 {
-                return None;
+        match kind {
+            3 => {
+                let count = u32_at(4)?;
+                if count > CHECKPOINT_ENTRIES_MAX || body.len() != 8 + count * 24 {
+                    return None;
+                }
+                return Some(Record::Checkpoint(get_entries(body, 8, count)?));
             }
-            let mut entries = Vec::with_capacity(count);
-            for i in 0..count {
-                let at = 8 + i * 24;
-                let level = *body.get(at)?;
-                let peer = PeerKey::from_parts(*body.get(at + 1)?, u64_at(at + 8)?)?;
-                entries.push((peer, level, u64_at(at + 16)?));
+            4 if body.len() == 32 && body.get(8..16)? == COMMIT_MAGIC => {
+                return Some(Record::Commit {
+                    durable_through: u64_at(16)?,
+                    next_seq: u64_at(24)?,
+                });
             }
-            return Some(Record::Checkpoint(entries));
+            5 if body.len() == 16 => {
+                return Some(Record::Dropped {
+                    segment: u64_at(8)?,
+                })
+            }
+            6 if body.len() == 16 => return Some(Record::Rolled { next: u64_at(8)? }),
+            7 => {
+                let (live, marks) = (u32_at(4)?, u32_at(8)?);
+                if live > LIVE_SEGMENTS_MAX
+                    || marks > CHECKPOINT_ENTRIES_MAX
+                    || body.len() != 24 + live * 8 + marks * 24
+                {
+                    return None;
+                }
+                let live_segments = (0..live)
+                    .map(|i| u64_at(24 + i * 8))
+                    .collect::<Option<Vec<u64>>>()?;
+                return Some(Record::SegmentStart {
+                    first_seq: u64_at(16)?,
+                    live_segments,
+                    watermarks: get_entries(body, 24 + live * 8, marks)?,
+                });
+            }
+            1 | 2 => {}
+            _ => return None,
         }
         let level = *body.get(1)?;
         let peer = PeerKey::from_parts(*body.get(2)?, u64_at(8)?)?;
@@ -279,18 +438,30 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
     Ok(out)
 }
 
-/// Creates segment `n` in `dir` with its header.
-pub fn create_segment(dir: &Path, n: u64) -> io::Result<File> {
+/// Creates segment `n` in `dir` with its header and `first` (its SEGMENT_START record) in one
+/// write. If the write fails (a full disk), the file is removed again.
+pub fn create_segment(dir: &Path, n: u64, first: &[u8]) -> io::Result<File> {
+    let path = segment_path(dir, n);
     let mut file = OpenOptions::new()
         .create_new(true)
         .read(true)
         .append(true)
-        .open(segment_path(dir, n))?;
-    let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
-    header[..8].copy_from_slice(SEGMENT_MAGIC);
-    header[8..].copy_from_slice(&n.to_le_bytes());
-    file.write_all(&header)?;
+        .open(&path)?;
+    let mut bytes = Vec::with_capacity(SEGMENT_HEADER_LEN as usize + first.len());
+    bytes.extend_from_slice(SEGMENT_MAGIC);
+    bytes.extend_from_slice(&n.to_le_bytes());
+    bytes.extend_from_slice(first);
+    if let Err(e) = file.write_all(&bytes) {
+        drop(file);
+        let _ = fs::remove_file(&path);
+        return Err(e);
+    }
     Ok(file)
+}
+
+/// Whether an I/O error means the file system is full.
+pub fn is_no_space(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(28)
 }
 
 /// How a segment read ended.
@@ -316,6 +487,7 @@ pub struct SegmentReader {
     len: u64,
     body: Vec<u8>,
     end: Option<SegmentEnd>,
+    version: u8,
 }
 
 impl SegmentReader {
@@ -330,13 +502,30 @@ impl SegmentReader {
         let len = file.metadata().map_err(io_err)?.len();
         let mut reader = BufReader::with_capacity(256 * 1024, file);
         let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
-        if len < SEGMENT_HEADER_LEN
-            || reader.read_exact(&mut header).is_err()
-            || &header[..8] != SEGMENT_MAGIC
-        {
-            return Err(WalError::BadHeader {
+        let bad = |why| {
+            Err(WalError::BadHeader {
                 path: path.to_owned(),
-            });
+                why,
+            })
+        };
+        if len < SEGMENT_HEADER_LEN || reader.read_exact(&mut header).is_err() {
+            return bad("shorter than a segment header");
+        }
+        let version = match &header[..8] {
+            m if m == SEGMENT_MAGIC => 2,
+            m if m == SEGMENT_MAGIC_V1 => 1,
+            _ => return bad("bad magic"),
+        };
+        let mut number = [0u8; 8];
+        number.copy_from_slice(&header[8..]);
+        let number = u64::from_le_bytes(number);
+        let named = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".wal"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if named.is_some_and(|n| n != number) {
+            return bad("the segment number in its header is not the one in its name");
         }
         let offset = offset.max(SEGMENT_HEADER_LEN);
         reader.seek(SeekFrom::Start(offset)).map_err(io_err)?;
@@ -347,7 +536,18 @@ impl SegmentReader {
             len,
             body: Vec::new(),
             end: None,
+            version,
         })
+    }
+
+    /// The format of the segment: 1 (`DSPLWAL1`, read only) or 2.
+    pub fn version(&self) -> u8 {
+        self.version
+    }
+
+    /// Bytes in the file.
+    pub fn file_len(&self) -> u64 {
+        self.len
     }
 
     /// The next record and the offset it starts at; `None` at the end (see [`Self::end`]).
@@ -369,7 +569,7 @@ impl SegmentReader {
         self.read_exact_at(&mut prefix)?;
         let body_len = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
         let crc = u32::from_le_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]);
-        if body_len > RECORD_BODY_BYTES_MAX + CHECKPOINT_ENTRIES_MAX * 24 {
+        if body_len > BODY_BYTES_MAX {
             self.end = damaged("impossible record length");
             return Ok(None);
         }
@@ -411,7 +611,7 @@ impl SegmentReader {
         self.offset
     }
 
-    /// The damage as an error (for a segment that is not the newest).
+    /// The damage as an error (when it cannot be a torn tail).
     pub fn corrupt_error(&self) -> Option<WalError> {
         match self.end {
             Some(SegmentEnd::Damaged { offset, why }) => Some(WalError::Corrupt {
@@ -422,6 +622,46 @@ impl SegmentReader {
             _ => None,
         }
     }
+}
+
+/// The first intact COMMIT record that starts at or after `from` in the segment at `path`:
+/// (where it starts, where it ends, its `next_seq`). Found by its magic, so a damaged
+/// length field before it does not hide it. Reads the rest of the file: only for damaged logs.
+pub fn find_commit_after(path: &Path, from: u64) -> io::Result<Option<(u64, u64, u64)>> {
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(from))?;
+    let mut rest = Vec::new();
+    file.read_to_end(&mut rest)?;
+    // The magic sits 16 bytes into the record: 8 of prefix, 8 of the body's fixed part.
+    let mut at = 0;
+    while let Some(found) = rest
+        .get(at..)
+        .and_then(|tail| tail.windows(8).position(|w| w == COMMIT_MAGIC))
+    {
+        let magic = at + found;
+        at = magic + 1;
+        let Some(start) = magic.checked_sub(16) else {
+            continue;
+        };
+        let Some(record) = rest.get(start..start + COMMIT_RECORD_LEN) else {
+            continue;
+        };
+        let (prefix, body) = record.split_at(RECORD_PREFIX_LEN);
+        let word = |at: usize| {
+            prefix
+                .get(at..at + 4)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_le_bytes)
+        };
+        if word(0) != Some(body.len() as u32) || word(4) != Some(crc32c::crc32c(body)) {
+            continue;
+        }
+        if let Some(Record::Commit { next_seq, .. }) = Record::decode(body) {
+            let start = from + start as u64;
+            return Ok(Some((start, start + COMMIT_RECORD_LEN as u64, next_seq)));
+        }
+    }
+    Ok(None)
 }
 
 /// Cuts a segment at `offset` (a torn tail), making the cut durable.
@@ -463,7 +703,7 @@ mod tests {
     }
 
     fn write(dir: &Path, n: u64, records: &[Record]) -> (PathBuf, Vec<u64>) {
-        let mut file = create_segment(dir, n).unwrap();
+        let mut file = create_segment(dir, n, &[]).unwrap();
         let mut buf = Vec::new();
         let mut ends = Vec::new();
         for r in records {

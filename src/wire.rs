@@ -539,7 +539,7 @@ impl Header {
 #[inline(always)]
 #[allow(clippy::indexing_slicing)] // AT + 7 < HEADER_LEN, asserted at compile time below.
 fn le_word<const AT: usize>(bytes: &[u8; HEADER_LEN]) -> u64 {
-    const { assert!(AT % 8 == 0 && AT + 8 <= HEADER_LEN) };
+    const { assert!(AT.is_multiple_of(8) && AT + 8 <= HEADER_LEN) };
     u64::from_le_bytes([
         bytes[AT],
         bytes[AT + 1],

@@ -81,6 +81,38 @@ fn response(counter: u64) -> Frame {
     Frame::new(h, Bytes::from(payload)).unwrap()
 }
 
+/// The current generation's directory, from `CURRENT` ("generation N" on its second line).
+fn current_generation(data_dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(data_dir.join("CURRENT")).unwrap();
+    let n = text
+        .lines()
+        .find_map(|l| l.strip_prefix("generation "))
+        .unwrap_or_else(|| panic!("CURRENT: {text}"));
+    data_dir.join(format!("gen-{n}"))
+}
+
+/// The worker log directories of the current generation.
+fn worker_dirs(data_dir: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(current_generation(data_dir))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// The segment files of one worker log, oldest first.
+fn segments(worker_dir: &Path) -> Vec<PathBuf> {
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(worker_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    segs.sort();
+    segs
+}
+
 fn level_of(counter: u64) -> u8 {
     SRVS[(counter * 3 % 4) as usize].1
 }
@@ -212,19 +244,12 @@ fn a_torn_log_tail_is_cut_off_and_everything_before_it_delivered() {
     drop(csp);
     stop(engine);
     // A crash in the middle of writing one more record: a prefix that claims a long body.
-    let generation = std::fs::read_to_string(dir.join("CURRENT")).unwrap();
     let mut torn = 0;
-    for w in std::fs::read_dir(dir.join(format!("gen-{}", generation.trim()))).unwrap() {
-        let w = w.unwrap().path();
-        let mut segs: Vec<PathBuf> = std::fs::read_dir(&w)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        segs.sort();
-        let last_seg = segs.last().unwrap();
+    for w in worker_dirs(&dir) {
+        let last_seg = segments(&w).pop().unwrap();
         let mut f = std::fs::OpenOptions::new()
             .append(true)
-            .open(last_seg)
+            .open(&last_seg)
             .unwrap();
         f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 1, 4, 1]).unwrap();
         torn += 1;

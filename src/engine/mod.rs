@@ -55,6 +55,8 @@ const SOCKET_BUFFER_BYTES: usize = 1 << 20;
 #[derive(Debug)]
 pub struct Engine {
     shared: Arc<Shared>,
+    /// Held until the engine is joined: one engine per data_dir.
+    _lock: crate::datadir::DataDirLock,
     su_addr: SocketAddr,
     csp_addr: SocketAddr,
     admin_addr: SocketAddr,
@@ -69,11 +71,7 @@ impl Engine {
     ///
     /// A port that cannot be bound, or a thread or poll that cannot be created.
     pub fn start(config: Config) -> io::Result<Engine> {
-        let available = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let workers = match config.engine.cores {
-            0 => available,
-            n => n as usize,
-        };
+        let workers = worker_count(&config);
         let su_listener = listen(config.listen.su)?;
         let csp_listener = listen(config.listen.csp)?;
         let su_addr = su_listener.local_addr()?;
@@ -101,40 +99,24 @@ impl Engine {
         let report = load_report(&config.engine.data_dir);
         let shared = Arc::new(Shared::new(config, links, intake, report));
 
-        // Recovery: what the previous run took and its receivers did not acknowledge is
-        // re-written, per owner, into this run's logs before anything new is taken.
+        // One engine per data_dir: the lock is held until this engine is joined.
+        let lock = crate::datadir::DataDirLock::acquire(&shared.config.engine.data_dir)
+            .map_err(io::Error::other)?;
+        // Recovery: what the previous run took and its receivers did not acknowledge waits in
+        // this run's logs (in place, or copied per owner) before anything new is taken.
         let engine = &shared.config.engine;
-        let fifo = engine.scheduling == crate::config::Scheduling::Fifo;
         let expiry_path = engine.data_dir.join("expired-recovery.jsonl");
-        let (stores, report) = crate::store::recover(
+        let (stores, report) = crate::recovery::recover(
             &engine.data_dir,
-            crate::store::LogSettings {
-                workers,
-                durability: engine.durability,
-                flush_interval: engine.flush_interval,
-            },
+            log_settings(&shared.config, workers),
             |key| shared.owner_of_key(key),
-            move |level| if fifo { 0 } else { level.saturating_sub(1) },
             |w| {
                 let waker = Arc::clone(&wakers[w]);
                 Box::new(move || {
                     let _ = waker.wake();
                 })
             },
-            |record| {
-                if let crate::wal::Record::Enqueue { peer, level, frame, .. } = record {
-                    tracing::warn!(?peer, level, counter = frame.header.counter, "recovered frame for a peer no longer configured; written to the expiry record");
-                    let line = format!(
-                        "{{\"reason\":\"receiver no longer configured\",\"peer\":\"{peer:?}\",\"level\":{level},\"kind\":\"{}\",\"counter\":{}}}\n",
-                        frame.header.kind, frame.header.counter
-                    );
-                    let _ = std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&expiry_path)
-                        .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
-                }
-            },
+            |record| write_orphan(&expiry_path, record),
         )
         .map_err(|e| io::Error::other(e.to_string()))?;
         tracing::info!(
@@ -142,6 +124,7 @@ impl Engine {
             orphaned = report.frames_orphaned,
             torn_tails = report.torn_tails.len(),
             generation = report.generation,
+            in_place = report.in_place,
             data_dir = %engine.data_dir.display(),
             "log recovered"
         );
@@ -201,6 +184,7 @@ impl Engine {
         tracing::info!(su = %su_addr, csp = %csp_addr, admin = %admin_addr, workers, "dsplane running");
         Ok(Engine {
             shared,
+            _lock: lock,
             su_addr,
             csp_addr,
             admin_addr,
@@ -275,6 +259,60 @@ impl Stopper {
     /// entering from now on. Returns warnings about changes that need a restart.
     pub fn reload(&self) -> Result<Vec<String>, String> {
         reload(&self.shared)
+    }
+}
+
+/// How this run's logs are kept, from the configuration.
+pub fn log_settings(config: &Config, workers: usize) -> crate::recovery::LogSettings {
+    let engine = &config.engine;
+    let lanes = if engine.scheduling == crate::config::Scheduling::Fifo {
+        1
+    } else {
+        usize::from(engine.levels)
+    };
+    crate::recovery::LogSettings {
+        workers,
+        fifo: engine.scheduling == crate::config::Scheduling::Fifo,
+        log: crate::store::LogOptions {
+            durability: engine.durability,
+            flush_interval: engine.flush_interval,
+            reserve_bytes: crate::recovery::reserve_bytes(
+                config.service_users.len() + config.csps.len(),
+                lanes,
+            ),
+        },
+    }
+}
+
+/// The number of workers a configuration runs (`cores = 0`: one per available core).
+pub fn worker_count(config: &Config) -> usize {
+    match config.engine.cores {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n as usize,
+    }
+}
+
+/// Writes a recovered frame whose receiver is no longer configured to the expiry record.
+pub fn write_orphan(expiry_path: &std::path::Path, record: &crate::wal::Record) {
+    if let crate::wal::Record::Enqueue {
+        peer, level, frame, ..
+    } = record
+    {
+        tracing::warn!(
+            ?peer,
+            level,
+            counter = frame.header.counter,
+            "recovered frame for a peer no longer configured; written to the expiry record"
+        );
+        let line = format!(
+            "{{\"reason\":\"receiver no longer configured\",\"peer\":\"{peer:?}\",\"level\":{level},\"kind\":\"{}\",\"counter\":{}}}\n",
+            frame.header.kind, frame.header.counter
+        );
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(expiry_path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
     }
 }
 
