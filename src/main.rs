@@ -2,6 +2,7 @@
 
 mod client_cmd;
 mod demo_cmd;
+mod recover_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +63,9 @@ enum Command {
     /// See the difference priority makes: the outage scenario against an in-process engine with
     /// strict priority and one with FIFO, both tables side by side (2 × 20 s of traffic by default).
     Demo(demo_cmd::DemoArgs),
+    /// Check the write-ahead log of a data_dir without starting the engine; with --salvage,
+    /// keep what is intact of a damaged log and write down exactly what is not.
+    Recover(recover_cmd::RecoverArgs),
 }
 
 #[derive(Subcommand)]
@@ -93,6 +97,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Client(command) => client_cmd::run(command),
         Command::Demo(args) => demo_cmd::run(args),
+        Command::Recover(args) => recover_cmd::run(args),
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(config) => {
                 print!("{}", config.effective_toml());

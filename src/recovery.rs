@@ -201,24 +201,41 @@ fn scan_segment(
                         why,
                     });
                 }
-                let lost = match (seq_cursor, next_batch) {
-                    (Some(a), Some((_, _, b))) if b > a => {
+                // Skip only the damaged record when its length still leads to an intact one;
+                // else skip to the next intact batch.
+                let resume = match skip_one_record(path, offset, len)? {
+                    Some(after) => Some(after),
+                    None => next_batch.map(|(_, end, _)| end),
+                };
+                let next_seq = match resume {
+                    Some(at) => first_seq_from(path, at)?,
+                    None => None,
+                };
+                let lost = match (seq_cursor, next_seq, resume) {
+                    (Some(a), Some(b), _) if b == a + 1 => {
+                        format!("the frame with seq {a} (1 frame)")
+                    }
+                    (Some(a), Some(b), _) if b > a => {
                         format!("the frames with seqs {a} to {} ({} frames)", b - 1, b - a)
                     }
-                    (_, Some(_)) => "no frame (only bookkeeping records)".to_string(),
-                    (Some(a), None) => format!("the frames from seq {a} to the end of the segment"),
-                    (None, None) => "the frames to the end of the segment".to_string(),
+                    (Some(_), Some(_), _) => "no frame (only bookkeeping records)".to_string(),
+                    (Some(a), None, _) => {
+                        format!("the frames from seq {a} to the end of the segment")
+                    }
+                    (None, _, _) => "the frames to the end of the segment".to_string(),
                 };
-                let to = next_batch.map_or(len, |(_, end, _)| end);
+                let to = resume.unwrap_or(len);
                 losses.push(format!(
                     "{}: bytes {offset} to {to} unreadable ({why}): {lost} of this log are lost, if they were not yet acknowledged; acknowledgements recorded there are lost too, so some frames may be delivered twice",
                     path.display()
                 ));
-                match next_batch {
-                    Some((_, end, next_seq)) => {
-                        seq_cursor = Some(next_seq);
-                        reader = SegmentReader::open(path, end)?;
-                        from = end;
+                match resume {
+                    Some(at) => {
+                        if let Some(n) = next_seq {
+                            seq_cursor = Some(n);
+                        }
+                        reader = SegmentReader::open(path, at)?;
+                        from = at;
                     }
                     None => break,
                 }
@@ -235,6 +252,43 @@ fn scan_segment(
         readable,
     });
     Ok((rolled, start))
+}
+
+/// Where the record after a damaged one at `offset` starts, if the damaged record's length field
+/// leads to an intact record (or to the end of the file).
+fn skip_one_record(path: &Path, offset: u64, len: u64) -> Result<Option<u64>, WalError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut prefix = [0u8; 4];
+    let read = fs::File::open(path).and_then(|mut f| {
+        f.seek(SeekFrom::Start(offset))?;
+        f.read_exact(&mut prefix)
+    });
+    if read.is_err() {
+        return Ok(None);
+    }
+    let after = offset + wal::RECORD_PREFIX_LEN as u64 + u64::from(u32::from_le_bytes(prefix));
+    if after >= len {
+        return Ok(None);
+    }
+    let mut reader = SegmentReader::open(path, after)?;
+    Ok(match reader.next_record() {
+        Ok(Some(_)) => Some(after),
+        _ => None,
+    })
+}
+
+/// The seq the first ENQUEUE from `at` on has (or the next seq a COMMIT names, if one comes
+/// first): what a salvage that resumes at `at` lost up to.
+fn first_seq_from(path: &Path, at: u64) -> Result<Option<u64>, WalError> {
+    let mut reader = SegmentReader::open(path, at)?;
+    while let Some((_, record)) = reader.next_record()? {
+        match record {
+            Record::Enqueue { seq, .. } => return Ok(Some(seq)),
+            Record::Commit { next_seq, .. } => return Ok(Some(next_seq)),
+            _ => {}
+        }
+    }
+    Ok(None)
 }
 
 /// Reads and checks one worker's log (see the module documentation).
@@ -705,6 +759,51 @@ fn copy_into_new_generation(
     finish_generation(data_dir, &manifest)?;
     report.generation = manifest.generation;
     Ok(stores)
+}
+
+/// What a check of the data directory found, without changing anything.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CheckReport {
+    /// The current generation (`None`: a new data directory).
+    pub generation: Option<u64>,
+    /// Its worker logs.
+    pub workers: usize,
+    /// Frames not yet acknowledged by their receivers.
+    pub frames_waiting: u64,
+    /// Torn tails a start would cut off: (file, offset).
+    pub torn_tails: Vec<(PathBuf, u64)>,
+    /// What a start would repair or notice.
+    pub notes: Vec<String>,
+}
+
+/// Reads and checks the data directory as a start would, and changes nothing: `dsplane
+/// recover` without `--salvage`. The same refusals as [`recover`].
+pub fn check(data_dir: &Path) -> Result<CheckReport, WalError> {
+    let mut out = CheckReport::default();
+    let Found::Generation {
+        manifest,
+        notes,
+        legacy,
+        ..
+    } = datadir::resolve(data_dir)?
+    else {
+        return Ok(out);
+    };
+    out.generation = Some(manifest.generation);
+    out.workers = manifest.workers;
+    out.notes = notes;
+    let gen = datadir::gen_dir(data_dir, manifest.generation);
+    let lane_of = LogSettings::lane_of(manifest.fifo && !legacy);
+    let mut losses = Vec::new();
+    for w in 0..manifest.workers {
+        let scan = scan_worker(&datadir::worker_dir(&gen, w), Mode::Strict, &mut losses)?;
+        out.torn_tails.extend(scan.torn.clone());
+        live_frames(&scan, lane_of, |_, _, _| {
+            out.frames_waiting += 1;
+            Ok(())
+        })?;
+    }
+    Ok(out)
 }
 
 /// What a salvage did.
@@ -1224,21 +1323,34 @@ mod tests {
         assert_eq!(stores[0].load(SU, 2, 10, lane).unwrap().len(), 3);
     }
 
+    /// Where the ENQUEUE records of a segment start.
+    fn enqueue_offsets(path: &Path) -> Vec<u64> {
+        let mut r = SegmentReader::open(path, 0).unwrap();
+        let mut out = Vec::new();
+        while let Some((at, record)) = r.next_record().unwrap() {
+            if matches!(record, Record::Enqueue { .. }) {
+                out.push(at);
+            }
+        }
+        out
+    }
+
     #[test]
     fn salvage_keeps_what_is_intact_and_lists_the_frames_it_lost() {
         let dir = temp_dir("salvage");
         let wal_dir = write_batches(&dir, 20);
         let path = newest_segment(&wal_dir);
+        let tenth = enqueue_offsets(&path)[9] as usize;
         let mut bytes = fs::read(&path).unwrap();
-        let middle = bytes.len() / 2;
-        bytes[middle] ^= 0x10;
+        // Inside the tenth frame's record body.
+        bytes[tenth + 40] ^= 0x10;
         fs::write(&path, &bytes).unwrap();
         let out = salvage(&dir, settings(1, Durability::Batch), |_| Some(0), |_| {}).unwrap();
         assert_eq!(out.frames_kept, 19, "{out:?}");
         assert_eq!(out.losses.len(), 1, "{:?}", out.losses);
         let loss = &out.losses[0];
         assert!(loss.contains(&path.display().to_string()), "{loss}");
-        assert!(loss.contains("(1 frames)"), "{loss}");
+        assert!(loss.contains("(1 frame)"), "{loss}");
         let text = fs::read_to_string(&out.report_file).unwrap();
         assert!(text.contains(loss.as_str()));
         assert!(

@@ -284,6 +284,26 @@ pub fn log_settings(config: &Config, workers: usize) -> crate::recovery::LogSett
     }
 }
 
+/// Which worker owns each receiver of `config` when `workers` run (as the engine assigns them):
+/// for recovery and salvage outside a running engine.
+pub fn owner_in(
+    config: &Config,
+    workers: usize,
+) -> impl Fn(crate::wal::PeerKey) -> Option<usize> + '_ {
+    move |key| match key {
+        crate::wal::PeerKey::Su(id) => config
+            .service_users
+            .iter()
+            .any(|su| su.id == id)
+            .then(|| shared::owner_of(id, workers)),
+        crate::wal::PeerKey::Csp(_) => config
+            .csps
+            .iter()
+            .position(|c| crate::wal::PeerKey::csp(&c.name) == key)
+            .map(|i| i % workers.max(1)),
+    }
+}
+
 /// The number of workers a configuration runs (`cores = 0`: one per available core).
 pub fn worker_count(config: &Config) -> usize {
     match config.engine.cores {
