@@ -437,6 +437,160 @@ fn repeated_bad_tokens_make_an_address_wait() {
     stop(e);
 }
 
+/// One request written as is; (status, elapsed), or `None` when no status line came in `within`.
+fn http_within(
+    addr: std::net::SocketAddr,
+    request: &str,
+    within: Duration,
+) -> Option<(u16, String, Duration)> {
+    let t = Instant::now();
+    let mut s = TcpStream::connect_timeout(&addr, within).ok()?;
+    s.set_read_timeout(Some(within)).ok()?;
+    s.set_write_timeout(Some(within)).ok()?;
+    s.write_all(request.as_bytes()).ok()?;
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        match std::io::Read::read(&mut s, &mut chunk) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+            Err(_) => break,
+        }
+        if t.elapsed() > within {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    Some((status, body, t.elapsed()))
+}
+
+const GET_HEALTHZ: &str = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+const GET_METRICS: &str = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+
+/// Joins the engine on another thread; how long it took, or `None` after `within`.
+fn join_within(e: Engine, within: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        e.shutdown();
+        e.join();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(within).ok().map(|()| t.elapsed())
+}
+
+#[test]
+fn a_stuck_admin_client_does_not_freeze_the_admin_interface_or_shutdown() {
+    let e = engine("adminstuck", "");
+    let admin = e.admin_addr();
+    // Headers that promise a large body, then nothing.
+    let mut stuck = TcpStream::connect(admin).unwrap();
+    stuck
+        .write_all(b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut worst = Duration::ZERO;
+    for _ in 0..5 {
+        for request in [GET_HEALTHZ, GET_METRICS] {
+            let answer = http_within(admin, request, Duration::from_secs(2));
+            let (status, body, took) = answer.expect("the admin interface did not answer");
+            assert_eq!(status, 200, "{body}");
+            worst = worst.max(took);
+        }
+    }
+    println!("/healthz and /metrics beside a stuck admin client: worst {worst:?}");
+    assert!(worst < Duration::from_millis(500), "{worst:?}");
+    // Shutdown does not wait for the stuck client.
+    let took = join_within(e, Duration::from_secs(3));
+    drop(stuck);
+    let took = took.expect("shutdown waited on a stuck admin client");
+    println!("shutdown with a stuck admin client connected: {took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+#[test]
+fn an_admin_request_body_over_the_limit_gets_413() {
+    let e = engine("admin413", "");
+    let admin = e.admin_addr();
+    let mut s = TcpStream::connect(admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n")
+        .unwrap();
+    // Send the body from another thread: dsplane may answer (and close) before reading it.
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..31 {
+            if w.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(n) = std::io::Read::read(&mut s, &mut chunk) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&chunk[..n]);
+        if out.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    drop(s);
+    let _ = writer.join();
+    // A body within the limit is still fine.
+    let (status, _, _) = http_within(
+        admin,
+        "POST /restore HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+    stop(e);
+}
+
+fn threads_now() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
+#[test]
+fn a_thousand_admin_connections_do_not_start_a_thousand_threads() {
+    let e = engine("admin1000", "");
+    let admin = e.admin_addr();
+    let before = threads_now();
+    // 1,000 requests at once, each stopping halfway through its headers.
+    let conns: Vec<TcpStream> = (0..1_000)
+        .filter_map(|_| {
+            let mut s = TcpStream::connect(admin).ok()?;
+            let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n");
+            Some(s)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let during = threads_now();
+    // The operator still gets an answer.
+    let answer = http_within(admin, GET_HEALTHZ, Duration::from_secs(2));
+    println!(
+        "{} stuck admin connections: threads {before} -> {during}; /healthz {answer:?}",
+        conns.len()
+    );
+    assert!(
+        during < before + 100,
+        "threads grew from {before} to {during}"
+    );
+    let (status, _, took) = answer.expect("no answer beside 1,000 stuck connections");
+    assert_eq!(status, 200);
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    drop(conns);
+    let took = join_within(e, Duration::from_secs(3)).expect("shutdown hung");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
 #[test]
 fn refused_connections_do_not_flood_the_log() {
     let dir = std::env::temp_dir().join(format!("dsplane-hostile-log-{}", std::process::id()));

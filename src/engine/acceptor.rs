@@ -363,8 +363,12 @@ impl Acceptor {
                 let now = self.now();
                 let delay = self.failures.failed(addr.ip(), now);
                 let failures = self.failures.count(addr.ip());
+                let role = match role {
+                    Role::Su => "SU",
+                    Role::Csp => "CSP",
+                };
                 let message = format!(
-                    "{role:?} HELLO refused: {detail} ({failures} failures from this address; answer delayed {} ms)",
+                    "{role} HELLO refused: {detail} ({failures} failures from this address; answer delayed {} ms)",
                     delay / 1_000_000
                 );
                 self.log(Refusal::BadToken, Some(addr), &message);
