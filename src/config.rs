@@ -51,6 +51,23 @@ pub const PAYLOAD_BYTES_CEILING: u32 = crate::wire::PAYLOAD_BYTES_MAX_CEILING;
 /// Most connections per listening port: far above any real DSP's peers, below the file
 /// descriptors a hardened unit allows (`LimitNOFILE`).
 pub const CONNECTIONS_MAX: u32 = 1 << 20;
+/// Most connections waiting for their HELLO at once (`listen.handshakes_pending_max`).
+pub const HANDSHAKES_PENDING_MAX: u32 = 65_536;
+/// Shortest and longest HELLO deadline (`listen.hello_deadline_ms`): long enough for a peer on
+/// a slow WAN link, short enough that idle connections cannot pile up.
+pub const HELLO_DEADLINE_MS_MIN: u32 = 100;
+/// See [`HELLO_DEADLINE_MS_MIN`].
+pub const HELLO_DEADLINE_MS_MAX: u32 = 60_000;
+/// Most admin connections open at once (`listen.admin_connections_max`).
+pub const ADMIN_CONNECTIONS_MAX: u32 = 4_096;
+/// Most admin worker threads (`listen.admin_workers`).
+pub const ADMIN_WORKERS_MAX: u32 = 64;
+/// Shortest and longest deadline on reading an admin request (`listen.admin_request_deadline_ms`).
+pub const ADMIN_REQUEST_DEADLINE_MS_MIN: u32 = 100;
+/// See [`ADMIN_REQUEST_DEADLINE_MS_MIN`].
+pub const ADMIN_REQUEST_DEADLINE_MS_MAX: u32 = 60_000;
+/// Largest admin request body (`listen.admin_body_bytes_max`).
+pub const ADMIN_BODY_BYTES_MAX: u32 = 16 * 1024 * 1024;
 /// Most worker cores a configuration may ask for.
 pub const CORES_MAX: u32 = 1024;
 /// Longest group-commit interval: beyond a second, `batch` would hold ACKs longer than any
@@ -210,8 +227,22 @@ pub struct RawListen {
     pub su: String,
     pub csp: String,
     pub admin: String,
-    /// Most connections open at once on each of the SU and CSP ports (authenticated or not).
+    /// Most authenticated connections open at once on each of the SU and CSP ports.
     pub connections_max: u32,
+    /// Most connections waiting for their HELLO at once, both ports together.
+    pub handshakes_pending_max: u32,
+    /// Of those, most from one source address.
+    pub handshakes_per_address_max: u32,
+    /// How long a new connection has to send its HELLO, ms.
+    pub hello_deadline_ms: u32,
+    /// Most admin connections open at once.
+    pub admin_connections_max: u32,
+    /// Admin worker threads (fixed).
+    pub admin_workers: u32,
+    /// How long an admin client has to send its whole request (headers and body), ms.
+    pub admin_request_deadline_ms: u32,
+    /// Largest admin request body; a larger one is answered 413.
+    pub admin_body_bytes_max: u32,
 }
 
 impl Default for RawListen {
@@ -221,6 +252,13 @@ impl Default for RawListen {
             csp: "127.0.0.1:7200".into(),
             admin: "127.0.0.1:7300".into(),
             connections_max: 4096,
+            handshakes_pending_max: 1024,
+            handshakes_per_address_max: 16,
+            hello_deadline_ms: 3_000,
+            admin_connections_max: 64,
+            admin_workers: 2,
+            admin_request_deadline_ms: 5_000,
+            admin_body_bytes_max: 65_536,
         }
     }
 }
@@ -456,8 +494,23 @@ pub struct Listen {
     pub su: SocketAddr,
     pub csp: SocketAddr,
     pub admin: SocketAddr,
-    /// `connections_max`: most connections open at once per port.
+    /// `connections_max`: most authenticated connections open at once per port. Connections
+    /// still in their handshake are not counted: they have their own limits below.
     pub connections_max: u32,
+    /// `handshakes_pending_max`: connections waiting for their HELLO, both ports together.
+    pub handshakes_pending_max: u32,
+    /// `handshakes_per_address_max`: of those, from one source address.
+    pub handshakes_per_address_max: u32,
+    /// `hello_deadline_ms` (never longer than `engine.idle_timeout_s`).
+    pub hello_deadline: Duration,
+    /// `admin_connections_max`: admin connections open at once.
+    pub admin_connections_max: u32,
+    /// `admin_workers`: the admin interface's fixed worker threads.
+    pub admin_workers: u32,
+    /// `admin_request_deadline_ms`: time to send a whole admin request.
+    pub admin_request_deadline: Duration,
+    /// `admin_body_bytes_max`: largest admin request body (else 413).
+    pub admin_body_bytes_max: u32,
 }
 
 /// Northbound delivery settings for one SU.
@@ -853,6 +906,48 @@ fn validate_listen(raw: &RawListen) -> Result<Listen, ConfigError> {
             raw.connections_max,
             1,
             CONNECTIONS_MAX,
+        )?,
+        handshakes_pending_max: check_range(
+            "listen.handshakes_pending_max",
+            raw.handshakes_pending_max,
+            1,
+            HANDSHAKES_PENDING_MAX,
+        )?,
+        handshakes_per_address_max: check_range(
+            "listen.handshakes_per_address_max",
+            raw.handshakes_per_address_max,
+            1,
+            raw.handshakes_pending_max,
+        )?,
+        hello_deadline: Duration::from_millis(u64::from(check_range(
+            "listen.hello_deadline_ms",
+            raw.hello_deadline_ms,
+            HELLO_DEADLINE_MS_MIN,
+            HELLO_DEADLINE_MS_MAX,
+        )?)),
+        admin_connections_max: check_range(
+            "listen.admin_connections_max",
+            raw.admin_connections_max,
+            1,
+            ADMIN_CONNECTIONS_MAX,
+        )?,
+        admin_workers: check_range(
+            "listen.admin_workers",
+            raw.admin_workers,
+            1,
+            ADMIN_WORKERS_MAX,
+        )?,
+        admin_request_deadline: Duration::from_millis(u64::from(check_range(
+            "listen.admin_request_deadline_ms",
+            raw.admin_request_deadline_ms,
+            ADMIN_REQUEST_DEADLINE_MS_MIN,
+            ADMIN_REQUEST_DEADLINE_MS_MAX,
+        )?)),
+        admin_body_bytes_max: check_range(
+            "listen.admin_body_bytes_max",
+            raw.admin_body_bytes_max,
+            0,
+            ADMIN_BODY_BYTES_MAX,
         )?,
     };
     let ports = [

@@ -6,7 +6,8 @@
 //!   argument, in [`Nanos`]) and tested without sockets or sleeps:
 //!   [`wire`] (the 64-byte frame header and the streaming decoder), [`config`] (the TOML file of
 //!   ENGINE.md §10 and its validation), [`classify`] (priority levels from rules), [`limiter`]
-//!   (per-Service-User token buckets with the release ramp);
+//!   (per-Service-User token buckets with the release ramp), [`admission`] (connections before
+//!   their HELLO, the delay on bad tokens, the refusal log limit);
 //! * the **concurrent pieces**, whose every atomic and cell comes from [`sync`] so that loom can
 //!   model them: [`ring`] (the lock-free MPSC priority ring that carries work between cores).
 //!
@@ -15,6 +16,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+pub mod admission;
 pub mod classify;
 pub mod client;
 pub mod config;

@@ -2,8 +2,20 @@
 //! each authenticated connection to the worker that owns its peer.
 //!
 //! Authentication happens here, off the workers, so that a slow or hostile client that never
-//! finishes its HELLO costs a worker nothing. A connection waits at most
-//! [`HANDSHAKE_TIMEOUT`] for its HELLO, and at most [`HANDSHAKES_PENDING_MAX`] wait at once.
+//! finishes its HELLO costs a worker nothing. What may wait for a HELLO, and for how long, is
+//! decided by [`crate::admission`] (`docs/admission.md`):
+//!
+//! * every connection is accepted, at once, however many wait: the listen queue is drained on
+//!   every turn and a full [`HandshakeTable`] evicts an older handshake (NACK 5 and a detail)
+//!   rather than refusing the newcomer, so a peer that sends its HELLO right after connecting
+//!   always gets through;
+//! * a connection has `listen.hello_deadline_ms` to send its HELLO, and reads nothing beyond it
+//!   (at most [`HELLO_BYTES_MAX`] bytes are held for it);
+//! * `listen.connections_max` counts authenticated connections only, from HELLO_OK to close,
+//!   so idle connections cannot take the peers' places;
+//! * a bad token is answered later and later ([`HelloFailures`]); a right token is accepted at
+//!   once, whatever its address did before;
+//! * every refusal is logged at most once a second per reason, with the count left out.
 
 #![cfg_attr(
     not(test),
@@ -12,52 +24,74 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
 use super::shared::{token_eq, Adopt, Control, PeerRef, Shared};
-use crate::wire::{Frame, FrameDecoder, Kind, NackReason, Role};
+use crate::admission::{Eviction, HandshakeLimits, HandshakeTable, HelloFailures, LogLimiter};
+use crate::wire::{
+    Frame, FrameDecoder, Header, Kind, NackReason, Role, HEADER_LEN, TOKEN_BYTES_MAX,
+};
 use crate::{Nanos, NANOS_PER_SEC};
 
-/// How long a new connection has to send its HELLO.
-pub(crate) const HANDSHAKE_TIMEOUT: Nanos = 10 * NANOS_PER_SEC;
-/// Most connections waiting for their HELLO at once; beyond it new ones are closed at once.
-pub(crate) const HANDSHAKES_PENDING_MAX: usize = 1024;
+/// The most bytes read from a connection before its HELLO is answered: one HELLO frame.
+pub(crate) const HELLO_BYTES_MAX: usize = HEADER_LEN + TOKEN_BYTES_MAX;
 /// How long a refused connection is kept, half-closed, so the peer reads its NACK.
 const LINGER: Nanos = NANOS_PER_SEC;
-/// Failed HELLOs an address may make before it has to wait.
-const BAD_HELLOS_FREE: u32 = 3;
-/// Longest wait imposed on an address after failed HELLOs (the wait doubles from 1 s).
-const BACKOFF_MAX: Nanos = 60 * NANOS_PER_SEC;
-/// Addresses whose failures are remembered at once.
-const BACKOFF_ADDRESSES_MAX: usize = 10_000;
-
-/// Failed HELLOs from one address.
-#[derive(Debug, Clone, Copy)]
-struct Failures {
-    count: u32,
-    /// Refused until then.
-    until: Nanos,
-}
+/// Connections accepted from one port per turn of the loop, so that a flood on one port
+/// cannot starve the other port or the handshakes in progress. The rest wait for the next turn,
+/// which comes at once.
+const ACCEPTS_PER_TURN: usize = 256;
+/// At most one log line per reason in this interval.
+const LOG_INTERVAL: Nanos = NANOS_PER_SEC;
 
 const SU_LISTENER: Token = Token(0);
 const CSP_LISTENER: Token = Token(1);
 pub(crate) const ACCEPTOR_WAKER: Token = Token(2);
 const FIRST_PENDING: usize = 3;
 
+/// Why a connection was refused or closed before HELLO_OK: one log line per second each.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    AddressFull,
+    TableFull,
+    ConnectionLimit,
+    BadToken,
+    NoHello,
+    Malformed,
+    UnexpectedKind,
+    AcceptFailed,
+}
+const REFUSALS: usize = 8;
+
+/// A connection that has not finished its HELLO.
 struct Pending {
     stream: TcpStream,
-    decoder: FrameDecoder,
+    /// The HELLO as it arrives; nothing beyond it is read here.
+    hello: [u8; HELLO_BYTES_MAX],
+    hello_len: usize,
     role: Role,
     addr: SocketAddr,
-    deadline: Nanos,
-    /// Refused: draining until the peer closes or the deadline.
+    /// Refused: input is discarded until the peer closes or the deadline.
     refused: bool,
-    /// Counted against the port's connection limit (until handed to a worker or dropped).
-    counted: bool,
+    /// A NACK owed at the deadline: the answer to a bad token, delayed.
+    owed: Option<Frame>,
+}
+
+/// What reading a pending connection gave.
+enum Step {
+    /// A whole first frame: its header and payload (the token, for a HELLO).
+    Frame(Header, usize),
+    /// A frame that is not a HELLO, or a malformed header: no need to read its payload.
+    Refuse(u64, NackReason, String),
+    /// More bytes needed.
+    Wait,
+    /// The peer closed or the socket failed.
+    Closed,
 }
 
 pub(crate) struct Acceptor {
@@ -65,12 +99,14 @@ pub(crate) struct Acceptor {
     su: TcpListener,
     csp: TcpListener,
     shared: Arc<Shared>,
-    pending: Vec<Option<Pending>>,
-    origin: Instant,
-    /// Addresses that sent bad tokens: after [`BAD_HELLOS_FREE`] failures they wait 1 s, 2 s,
-    /// 4 s… (at most [`BACKOFF_MAX`]) before they are heard again.
-    failures: std::collections::HashMap<std::net::IpAddr, Failures>,
-    handshake_timeout: Nanos,
+    table: HandshakeTable<Pending>,
+    failures: HelloFailures,
+    logs: LogLimiter<REFUSALS>,
+    /// Whether the SU and the CSP listener may still have connections queued (accepting
+    /// stopped at [`ACCEPTS_PER_TURN`]).
+    more_su: bool,
+    more_csp: bool,
+    expired: Vec<usize>,
 }
 
 impl Acceptor {
@@ -84,29 +120,47 @@ impl Acceptor {
             .register(&mut su, SU_LISTENER, Interest::READABLE)?;
         poll.registry()
             .register(&mut csp, CSP_LISTENER, Interest::READABLE)?;
+        let listen = &shared.config.listen;
         // A short idle timeout shortens the wait for HELLO too.
-        let handshake_timeout =
-            HANDSHAKE_TIMEOUT.min(shared.config.engine.idle_timeout.as_nanos() as Nanos);
+        let hello_deadline = listen
+            .hello_deadline
+            .min(shared.config.engine.idle_timeout)
+            .as_nanos() as Nanos;
+        let table = HandshakeTable::new(HandshakeLimits {
+            pending_max: listen.handshakes_pending_max as usize,
+            per_address_max: listen.handshakes_per_address_max as usize,
+            hello_deadline,
+        });
         Ok(Acceptor {
             poll,
             su,
             csp,
             shared,
-            pending: Vec::new(),
-            origin: Instant::now(),
-            failures: std::collections::HashMap::new(),
-            handshake_timeout,
+            table,
+            failures: HelloFailures::new(),
+            logs: LogLimiter::new(LOG_INTERVAL),
+            // Connections may have queued before the listeners were registered.
+            more_su: true,
+            more_csp: true,
+            expired: Vec::new(),
         })
     }
 
     fn now(&self) -> Nanos {
-        self.origin.elapsed().as_nanos() as Nanos
+        self.shared.now()
     }
 
     pub(crate) fn run(mut self) {
-        let mut events = Events::with_capacity(256);
+        let mut events = Events::with_capacity(1024);
         while !self.shared.is_shutting_down() {
-            let timeout = self.next_timeout();
+            let timeout = if self.more_su || self.more_csp {
+                Some(Duration::ZERO)
+            } else {
+                let now = self.now();
+                self.table
+                    .next_deadline()
+                    .map(|d| Duration::from_nanos(d.saturating_sub(now)))
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     tracing::error!(error = %e, "acceptor poll failed; no new connections");
@@ -115,184 +169,235 @@ impl Acceptor {
             }
             for event in events.iter() {
                 match event.token() {
-                    SU_LISTENER => self.accept(Role::Su),
-                    CSP_LISTENER => self.accept(Role::Csp),
+                    SU_LISTENER => self.more_su = true,
+                    CSP_LISTENER => self.more_csp = true,
                     ACCEPTOR_WAKER => {}
-                    Token(t) => self.readable(t - FIRST_PENDING),
+                    Token(t) => self.readable(t.wrapping_sub(FIRST_PENDING)),
                 }
             }
+            if self.more_su {
+                self.accept(Role::Su);
+            }
+            if self.more_csp {
+                self.accept(Role::Csp);
+            }
             self.expire();
+            self.shared
+                .handshakes_pending
+                .store(self.table.len() as u64, Ordering::Relaxed);
         }
         tracing::info!("acceptor stopped: no new connections");
     }
 
-    fn next_timeout(&self) -> Option<std::time::Duration> {
+    /// Logs a refusal, at most once per [`LOG_INTERVAL`] per reason.
+    fn log(&mut self, why: Refusal, addr: Option<SocketAddr>, message: &str) {
         let now = self.now();
-        self.pending
-            .iter()
-            .flatten()
-            .map(|p| p.deadline)
-            .min()
-            .map(|d| std::time::Duration::from_nanos(d.saturating_sub(now)))
+        match self.logs.allow(why as usize, now) {
+            Some(suppressed) => {
+                let addr = addr.map_or_else(String::new, |a| a.to_string());
+                match why {
+                    Refusal::NoHello | Refusal::Malformed | Refusal::UnexpectedKind => {
+                        tracing::info!(%addr, suppressed, "{message}")
+                    }
+                    _ => tracing::warn!(%addr, suppressed, "{message}"),
+                }
+            }
+            None => {
+                self.shared
+                    .log_lines_suppressed
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     fn accept(&mut self, role: Role) {
-        loop {
+        for _ in 0..ACCEPTS_PER_TURN {
             let listener = match role {
                 Role::Su => &self.su,
                 Role::Csp => &self.csp,
             };
             let (stream, addr) = match listener.accept() {
                 Ok(s) => s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    *self.more(role) = false;
+                    return;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and the like: log and try again on the next event rather than spin.
-                    tracing::warn!(error = %e, ?role, "accept failed");
+                    // EMFILE and the like: try again on the next event rather than spin.
+                    *self.more(role) = false;
+                    let message = format!("accept failed on the {role:?} port: {e}");
+                    self.log(Refusal::AcceptFailed, None, &message);
                     return;
                 }
             };
-            let live = self.pending.iter().flatten().count();
-            if live >= HANDSHAKES_PENDING_MAX {
-                tracing::warn!(%addr, limit = HANDSHAKES_PENDING_MAX, "too many connections waiting for HELLO; closing");
-                continue;
-            }
-            let counter = self.shared.connections_of(role);
-            let limit = u64::from(self.shared.config.listen.connections_max);
-            if counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= limit {
-                counter.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!(%addr, ?role, limit, "connection limit reached; refusing");
-                refuse_now(
-                    stream,
-                    NackReason::Overloaded,
-                    "connection limit reached; retry later",
+            self.admit(stream, addr, role);
+        }
+        // More may be queued: the next turn comes at once and takes them.
+        *self.more(role) = true;
+    }
+
+    fn more(&mut self, role: Role) -> &mut bool {
+        match role {
+            Role::Su => &mut self.more_su,
+            Role::Csp => &mut self.more_csp,
+        }
+    }
+
+    fn admit(&mut self, stream: TcpStream, addr: SocketAddr, role: Role) {
+        if let Err(e) = super::tune_stream(&stream) {
+            tracing::debug!(error = %e, %addr, "socket options refused");
+        }
+        let now = self.now();
+        let pending = |stream| Pending {
+            stream,
+            hello: [0; HELLO_BYTES_MAX],
+            hello_len: 0,
+            role,
+            addr,
+            refused: false,
+            owed: None,
+        };
+        let (slot, evicted) = self.table.admit(addr.ip(), now, pending(stream));
+        if let Some(evicted) = evicted {
+            let why = evicted.why;
+            let mut old = evicted.item;
+            let _ = self.poll.registry().deregister(&mut old.stream);
+            if let Some(owed) = old.owed.take() {
+                // A bad token whose delayed answer is given now.
+                send_nack(&mut old.stream, &owed);
+            } else if !evicted.answered {
+                let pending_max = self.shared.config.listen.handshakes_pending_max;
+                let per_address_max = self.shared.config.listen.handshakes_per_address_max;
+                let (detail, reason, message) = match why {
+                    Eviction::AddressFull => (
+                        format!("too many handshakes pending from your address ({per_address_max}); send HELLO as soon as you connect"),
+                        Refusal::AddressFull,
+                        format!("handshakes pending from one address at their limit ({per_address_max}): closed the oldest"),
+                    ),
+                    Eviction::TableFull => (
+                        format!("too many handshakes pending ({pending_max}); send HELLO as soon as you connect"),
+                        Refusal::TableFull,
+                        format!("handshakes pending at their limit ({pending_max}): closed the oldest from the address holding most"),
+                    ),
+                };
+                self.shared.count_acceptor_nack(NackReason::Overloaded);
+                self.shared
+                    .handshakes_evicted
+                    .fetch_add(1, Ordering::Relaxed);
+                send_nack(
+                    &mut old.stream,
+                    &Frame::nack(0, NackReason::Overloaded, &detail),
                 );
-                continue;
+                self.log(reason, Some(old.addr), &message);
             }
-            let now = self.now();
-            if let Some(f) = self.failures.get(&addr.ip()) {
-                if f.until > now {
-                    let wait_s = (f.until - now).div_ceil(NANOS_PER_SEC);
-                    counter.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::info!(%addr, failures = f.count, wait_s, "refusing an address that sent bad tokens");
-                    self.shared.count_acceptor_nack(NackReason::Unauthorised);
-                    refuse_now(
-                        stream,
-                        NackReason::Unauthorised,
-                        &format!("too many failed HELLOs from your address; retry in {wait_s} s"),
-                    );
-                    continue;
-                }
-            }
-            if let Err(e) = super::tune_stream(&stream) {
-                tracing::debug!(error = %e, %addr, "socket options refused");
-            }
-            let slot = match self.pending.iter().position(Option::is_none) {
-                Some(i) => i,
-                None => {
-                    self.pending.push(None);
-                    self.pending.len() - 1
-                }
-            };
-            let mut pending = Pending {
-                stream,
-                decoder: FrameDecoder::new(self.shared.config.engine.payload_bytes_max),
-                role,
-                addr,
-                deadline: self.now() + self.handshake_timeout,
-                refused: false,
-                counted: true,
-            };
-            if let Err(e) = self.poll.registry().register(
-                &mut pending.stream,
+        }
+        let registered = match self.table.get_mut(slot) {
+            Some(p) => self.poll.registry().register(
+                &mut p.stream,
                 Token(slot + FIRST_PENDING),
                 Interest::READABLE,
-            ) {
-                tracing::warn!(error = %e, %addr, "cannot register connection");
-                counter.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-                continue;
-            }
-            if let Some(s) = self.pending.get_mut(slot) {
-                *s = Some(pending);
-            }
-            // Bytes may already be there; edge-triggered readiness would not report them again.
-            self.readable(slot);
+            ),
+            None => return,
+        };
+        if let Err(e) = registered {
+            tracing::warn!(error = %e, %addr, "cannot register connection");
+            self.table.remove(slot);
+            return;
         }
+        // Bytes may already be there; edge-triggered readiness would not report them again.
+        self.readable(slot);
     }
 
     fn readable(&mut self, slot: usize) {
-        let Some(Some(mut p)) = self.pending.get_mut(slot).map(Option::take) else {
-            return;
-        };
         loop {
-            if p.refused {
-                // Discard what the refused peer still sends until it closes.
-                let mut sink = [0u8; 4096];
-                match io::Read::read(&mut p.stream, &mut sink) {
-                    Ok(0) => return self.drop_pending(p),
-                    Ok(_) => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => return self.drop_pending(p),
+            let Some(p) = self.table.get_mut(slot) else {
+                return;
+            };
+            let payload_bytes_max = self.shared.config.engine.payload_bytes_max;
+            let step = if p.refused {
+                drain(p)
+            } else {
+                read_hello(p, payload_bytes_max)
+            };
+            match step {
+                Step::Wait => return,
+                Step::Closed => return self.close(slot),
+                Step::Refuse(msg_id, reason, detail) => {
+                    let addr = self.table.get_mut(slot).map(|p| p.addr);
+                    let why = match reason {
+                        NackReason::Malformed => Refusal::Malformed,
+                        _ => Refusal::UnexpectedKind,
+                    };
+                    self.log(
+                        why,
+                        addr,
+                        &format!("connection refused before HELLO: {detail}"),
+                    );
+                    self.refuse(slot, Frame::nack(msg_id, reason, &detail), 0);
                 }
+                Step::Frame(header, token_len) => return self.on_hello(slot, header, token_len),
             }
-            match p.decoder.next_frame() {
-                Ok(Some(frame)) => match self.handshake(&mut p, &frame) {
-                    Ok(peer) => {
-                        self.failures.remove(&p.addr.ip());
-                        return self.hand_off(p, peer);
-                    }
-                    Err((msg_id, reason, detail)) => {
-                        if reason == NackReason::Unauthorised {
-                            self.record_failure(p.addr.ip());
-                        }
-                        self.refuse(&mut p, msg_id, reason, detail);
-                        continue;
-                    }
-                },
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::info!(addr = %p.addr, error = %e, "malformed frame before HELLO");
-                    self.refuse(&mut p, e.msg_id, NackReason::Malformed, &e.to_string());
-                    continue;
-                }
-            }
-            match p.decoder.fill_from(&mut p.stream, usize::MAX) {
-                Ok(0) => return self.drop_pending(p),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return self.drop_pending(p),
-            }
-        }
-        if let Some(s) = self.pending.get_mut(slot) {
-            *s = Some(p);
         }
     }
 
-    /// Checks a connection's first frame: it must be a HELLO for this port's role with a
-    /// known identity and its token.
+    /// A whole HELLO arrived: check it, then hand the connection over or refuse it.
+    fn on_hello(&mut self, slot: usize, header: Header, token_len: usize) {
+        let Some(p) = self.table.get_mut(slot) else {
+            return;
+        };
+        let (role, addr) = (p.role, p.addr);
+        let token = p
+            .hello
+            .get(HEADER_LEN..HEADER_LEN + token_len)
+            .unwrap_or_default()
+            .to_vec();
+        match self.handshake(role, &header, &token) {
+            Ok(peer) => self.authenticated(slot, peer),
+            Err((reason, detail)) => {
+                let nack = Frame::nack(header.msg_id, reason, detail);
+                if reason != NackReason::Unauthorised {
+                    self.log(Refusal::UnexpectedKind, Some(addr), detail);
+                    return self.refuse(slot, nack, 0);
+                }
+                let now = self.now();
+                let delay = self.failures.failed(addr.ip(), now);
+                let failures = self.failures.count(addr.ip());
+                let role = match role {
+                    Role::Su => "SU",
+                    Role::Csp => "CSP",
+                };
+                let message = format!(
+                    "{role} HELLO refused: {detail} ({failures} failures from this address; answer delayed {} ms)",
+                    delay / 1_000_000
+                );
+                self.log(Refusal::BadToken, Some(addr), &message);
+                self.refuse(slot, nack, delay);
+            }
+        }
+    }
+
+    /// Checks a connection's first frame: a HELLO for this port's role with a known identity
+    /// and its token.
     fn handshake(
         &self,
-        p: &mut Pending,
-        frame: &Frame,
-    ) -> Result<PeerRef, (u64, NackReason, &'static str)> {
-        let msg_id = frame.header.msg_id;
-        if frame.header.kind != Kind::Hello {
-            return Err((msg_id, NackReason::UnexpectedKind, "send HELLO first"));
+        role: Role,
+        header: &Header,
+        token: &[u8],
+    ) -> Result<PeerRef, (NackReason, &'static str)> {
+        if header.kind != Kind::Hello {
+            return Err((NackReason::UnexpectedKind, "send HELLO first"));
         }
-        if frame.header.role() != Some(p.role) {
+        if header.role() != Some(role) {
             return Err((
-                msg_id,
                 NackReason::UnexpectedKind,
                 "HELLO role does not match this port",
             ));
         }
-        let token = frame.payload.as_ref();
-        let token_ok = !token.is_empty() && token.len() <= crate::wire::TOKEN_BYTES_MAX;
-        match p.role {
+        let token_ok = !token.is_empty() && token.len() <= TOKEN_BYTES_MAX;
+        match role {
             Role::Su => {
-                let su = self.shared.su(frame.header.su_id);
+                let su = self.shared.su(header.su_id);
                 // Compare even for an unknown SU, so the time taken does not tell which SU ids
                 // exist.
                 let expected = su
@@ -301,58 +406,39 @@ impl Acceptor {
                 let matches = token_eq(expected, token);
                 match su {
                     Some(i) if matches && token_ok => Ok(PeerRef::Su(i)),
-                    _ => {
-                        tracing::warn!(addr = %p.addr, su = %frame.header.su_id, "SU HELLO refused: unknown SU or bad token");
-                        Err((msg_id, NackReason::Unauthorised, "unknown SU or bad token"))
-                    }
+                    _ => Err((NackReason::Unauthorised, "unknown SU or bad token")),
                 }
             }
             Role::Csp => match self.shared.csp_by_token(token) {
                 Some(i) if token_ok => Ok(PeerRef::Csp(i)),
-                _ => {
-                    tracing::warn!(addr = %p.addr, "CSP HELLO refused: bad token");
-                    Err((msg_id, NackReason::Unauthorised, "bad token"))
-                }
+                _ => Err((NackReason::Unauthorised, "bad token")),
             },
         }
     }
 
-    fn record_failure(&mut self, ip: std::net::IpAddr) {
-        let now = self.now();
-        if self.failures.len() >= BACKOFF_ADDRESSES_MAX && !self.failures.contains_key(&ip) {
-            self.failures.retain(|_, f| f.until > now);
-            if self.failures.len() >= BACKOFF_ADDRESSES_MAX {
-                tracing::warn!(%ip, "too many addresses with failed HELLOs to remember one more");
-                return;
-            }
+    /// A right HELLO: counted against its port's `connections_max` and handed to its worker.
+    fn authenticated(&mut self, slot: usize, peer: PeerRef) {
+        let Some(role) = self.table.get_mut(slot).map(|p| p.role) else {
+            return;
+        };
+        let counter = self.shared.connections_of(role);
+        let limit = u64::from(self.shared.config.listen.connections_max);
+        if counter.fetch_add(1, Ordering::Relaxed) >= limit {
+            counter.fetch_sub(1, Ordering::Relaxed);
+            let addr = self.table.get_mut(slot).map(|p| p.addr);
+            let message = format!("{role:?} port at its connection limit ({limit}); refusing");
+            self.log(Refusal::ConnectionLimit, addr, &message);
+            let nack = Frame::nack(
+                0,
+                NackReason::Overloaded,
+                "connection limit reached; retry later",
+            );
+            return self.refuse(slot, nack, 0);
         }
-        let f = self
-            .failures
-            .entry(ip)
-            .or_insert(Failures { count: 0, until: 0 });
-        f.count = f.count.saturating_add(1);
-        if f.count >= BAD_HELLOS_FREE {
-            let shift = (f.count - BAD_HELLOS_FREE).min(6);
-            f.until = now + (NANOS_PER_SEC << shift).min(BACKOFF_MAX);
-            tracing::warn!(%ip, failures = f.count, wait_ms = (f.until - now) / 1_000_000, "repeated bad HELLOs: backing off");
-        }
-    }
-
-    fn refuse(&self, p: &mut Pending, msg_id: u64, reason: NackReason, detail: &str) {
-        self.shared.count_acceptor_nack(reason);
-        let nack = Frame::nack(msg_id, reason, detail);
-        let mut bytes = Vec::with_capacity(nack.wire_len());
-        bytes.extend_from_slice(&nack.header_bytes());
-        bytes.extend_from_slice(&nack.payload);
-        // A fresh socket's send buffer takes a 64-byte frame; if it does not, the close says
-        // enough.
-        let _ = io::Write::write_all(&mut p.stream, &bytes);
-        let _ = p.stream.shutdown(std::net::Shutdown::Write);
-        p.refused = true;
-        p.deadline = self.now() + LINGER;
-    }
-
-    fn hand_off(&mut self, mut p: Pending, peer: PeerRef) {
+        let Some(mut p) = self.table.remove(slot) else {
+            self.shared.connection_closed(peer);
+            return;
+        };
         if let Err(e) = self.poll.registry().deregister(&mut p.stream) {
             tracing::warn!(error = %e, "deregister failed");
         }
@@ -366,7 +452,9 @@ impl Acceptor {
         };
         let adopt = Adopt {
             stream: p.stream,
-            decoder: p.decoder,
+            // Nothing beyond the HELLO was read: what follows it is still in the socket, for the
+            // worker to read.
+            decoder: FrameDecoder::new(self.shared.config.engine.payload_bytes_max),
             peer,
             addr: p.addr,
         };
@@ -380,41 +468,128 @@ impl Acceptor {
         }
     }
 
-    fn drop_pending(&mut self, mut p: Pending) {
-        let _ = self.poll.registry().deregister(&mut p.stream);
-        if p.counted {
-            self.shared
-                .connections_of(p.role)
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    /// Refuses a pending connection with `nack`, now (`delay` 0) or after `delay`. Either way it
+    /// is answered: its input is discarded, and it is the first to go when room is needed.
+    fn refuse(&mut self, slot: usize, nack: Frame, delay: Nanos) {
+        let now = self.now();
+        self.shared
+            .count_acceptor_nack(nack.header.nack_reason().unwrap_or(NackReason::Malformed));
+        let Some(p) = self.table.get_mut(slot) else {
+            return;
+        };
+        p.refused = true;
+        if delay == 0 {
+            send_nack(&mut p.stream, &nack);
+            self.table.answered(slot, now + LINGER);
+        } else {
+            p.owed = Some(nack);
+            self.table.answered(slot, now + delay);
+        }
+    }
+
+    fn close(&mut self, slot: usize) {
+        if let Some(mut p) = self.table.remove(slot) {
+            let _ = self.poll.registry().deregister(&mut p.stream);
         }
     }
 
     fn expire(&mut self) {
         let now = self.now();
-        for slot in 0..self.pending.len() {
-            let expired = self
-                .pending
-                .get(slot)
-                .and_then(Option::as_ref)
-                .is_some_and(|p| p.deadline <= now);
-            if expired {
-                if let Some(p) = self.pending.get_mut(slot).and_then(Option::take) {
-                    if !p.refused {
-                        tracing::info!(addr = %p.addr, "no HELLO in time; closing");
-                    }
-                    self.drop_pending(p);
+        let mut expired = std::mem::take(&mut self.expired);
+        expired.clear();
+        self.table.expired(now, &mut expired);
+        for &slot in &expired {
+            let Some(p) = self.table.get_mut(slot) else {
+                continue;
+            };
+            if let Some(owed) = p.owed.take() {
+                // A bad token's delayed answer: given now, then the usual linger.
+                send_nack(&mut p.stream, &owed);
+                self.table.answered(slot, now + LINGER);
+            } else if p.refused {
+                self.close(slot);
+            } else {
+                let addr = p.addr;
+                let deadline_ms = self.shared.config.listen.hello_deadline.as_millis();
+                let nack = Frame::nack(
+                    0,
+                    NackReason::UnexpectedKind,
+                    &format!("no HELLO within {deadline_ms} ms"),
+                );
+                self.shared.count_acceptor_nack(NackReason::UnexpectedKind);
+                if let Some(p) = self.table.get_mut(slot) {
+                    send_nack(&mut p.stream, &nack);
                 }
+                self.close(slot);
+                self.log(Refusal::NoHello, Some(addr), "no HELLO in time; closed");
             }
+        }
+        self.expired = expired;
+    }
+}
+
+/// Reads what is missing of the first frame, never beyond it.
+fn read_hello(p: &mut Pending, payload_bytes_max: u32) -> Step {
+    loop {
+        let want = match p.hello.first_chunk::<HEADER_LEN>() {
+            Some(bytes) if p.hello_len >= HEADER_LEN => {
+                let header = match Header::decode(bytes, payload_bytes_max) {
+                    Ok(h) => h,
+                    Err(e) => return Step::Refuse(e.msg_id, NackReason::Malformed, e.to_string()),
+                };
+                if header.kind != Kind::Hello {
+                    return Step::Refuse(
+                        header.msg_id,
+                        NackReason::UnexpectedKind,
+                        "send HELLO first".into(),
+                    );
+                }
+                let payload = header.payload_len as usize;
+                if payload > TOKEN_BYTES_MAX {
+                    // Too long to be a token: checked as an empty one, so it fails like any bad
+                    // token (and its address is slowed down like any guesser's).
+                    return Step::Frame(header, 0);
+                }
+                if p.hello_len >= HEADER_LEN + payload {
+                    return Step::Frame(header, payload);
+                }
+                HEADER_LEN + payload
+            }
+            _ => HEADER_LEN,
+        };
+        let Some(spare) = p.hello.get_mut(p.hello_len..want) else {
+            return Step::Closed;
+        };
+        match io::Read::read(&mut p.stream, spare) {
+            Ok(0) => return Step::Closed,
+            Ok(n) => p.hello_len += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Wait,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Step::Closed,
         }
     }
 }
 
-/// Refuses a connection at once: one NACK (msg_id 0) and close.
-fn refuse_now(mut stream: TcpStream, reason: NackReason, detail: &str) {
-    let nack = Frame::nack(0, reason, detail);
+/// Discards what a refused peer still sends, until it closes.
+fn drain(p: &mut Pending) -> Step {
+    let mut sink = [0u8; 4096];
+    loop {
+        match io::Read::read(&mut p.stream, &mut sink) {
+            Ok(0) => return Step::Closed,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Wait,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Step::Closed,
+        }
+    }
+}
+
+/// Writes one NACK and half-closes. A fresh socket's send buffer takes a short frame; if it
+/// does not, the close says enough.
+fn send_nack(stream: &mut TcpStream, nack: &Frame) {
     let mut bytes = Vec::with_capacity(nack.wire_len());
     bytes.extend_from_slice(&nack.header_bytes());
     bytes.extend_from_slice(&nack.payload);
-    let _ = io::Write::write_all(&mut stream, &bytes);
+    let _ = io::Write::write_all(stream, &bytes);
     let _ = stream.shutdown(std::net::Shutdown::Write);
 }

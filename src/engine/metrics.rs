@@ -149,10 +149,19 @@ const NACK_REASONS: [&str; 7] = [
 ];
 
 /// Renders merged metrics, plus the engine-wide gauges, in the Prometheus text format.
+/// The acceptor's admission figures (`docs/admission.md`).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Admission {
+    pub handshakes_pending: u64,
+    pub handshakes_evicted: u64,
+    pub log_lines_suppressed: u64,
+}
+
 pub(crate) fn render(
     m: &WorkerMetrics,
     acceptor_nacks: &[u64; 7],
     connections: [u64; 2],
+    admission: &Admission,
 ) -> String {
     let mut out = String::with_capacity(16 * 1024);
     out.push_str("# HELP dsplane_messages_total Messages by direction, kind, level and outcome.\n");
@@ -241,6 +250,24 @@ pub(crate) fn render(
             "Requests evicted from the in-flight table before their response.",
             m.inflight_requests_evicted,
         ),
+        (
+            "dsplane_handshakes_pending",
+            "gauge",
+            "Connections waiting for their HELLO (both ports).",
+            admission.handshakes_pending,
+        ),
+        (
+            "dsplane_handshakes_evicted_total",
+            "counter",
+            "Handshakes closed with NACK 5 to make room for newer ones.",
+            admission.handshakes_evicted,
+        ),
+        (
+            "dsplane_log_lines_suppressed_total",
+            "counter",
+            "Refusal log lines left out by the rate limit (one per second per reason).",
+            admission.log_lines_suppressed,
+        ),
     ];
     for (name, kind, help, v) in gauges {
         let _ = writeln!(
@@ -249,7 +276,7 @@ pub(crate) fn render(
         );
     }
     out.push_str(
-        "# HELP dsplane_connections Connections open per port.\n# TYPE dsplane_connections gauge\n",
+        "# HELP dsplane_connections Authenticated connections open per port.\n# TYPE dsplane_connections gauge\n",
     );
     let _ = writeln!(out, "dsplane_connections{{port=\"su\"}} {}", connections[0]);
     let _ = writeln!(

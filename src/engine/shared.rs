@@ -156,6 +156,12 @@ pub(crate) struct Shared {
     pub metrics: std::sync::Mutex<Vec<super::metrics::WorkerMetrics>>,
     /// NACKs sent by the acceptor (handshake refusals), by reason.
     pub acceptor_nacks: [AtomicU64; 7],
+    /// Connections waiting for their HELLO now (both ports), as the acceptor last saw them.
+    pub handshakes_pending: AtomicU64,
+    /// Handshakes closed to make room for newer ones (`handshakes_*_max`).
+    pub handshakes_evicted: AtomicU64,
+    /// Refusal log lines left out by the rate limit (one per second per reason).
+    pub log_lines_suppressed: AtomicU64,
     /// The configuration file, for reloads; `None` for the embedded default.
     pub config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
 }
@@ -329,6 +335,9 @@ impl Shared {
             connections: [AtomicU64::new(0), AtomicU64::new(0)],
             metrics: std::sync::Mutex::new(vec![super::metrics::WorkerMetrics::default(); n]),
             acceptor_nacks: std::array::from_fn(|_| AtomicU64::new(0)),
+            handshakes_pending: AtomicU64::new(0),
+            handshakes_evicted: AtomicU64::new(0),
+            log_lines_suppressed: AtomicU64::new(0),
         }
     }
 
@@ -373,7 +382,12 @@ impl Shared {
             self.connections[0].load(Ordering::Relaxed),
             self.connections[1].load(Ordering::Relaxed),
         ];
-        super::metrics::render(&merged, &nacks, connections)
+        let admission = super::metrics::Admission {
+            handshakes_pending: self.handshakes_pending.load(Ordering::Relaxed),
+            handshakes_evicted: self.handshakes_evicted.load(Ordering::Relaxed),
+            log_lines_suppressed: self.log_lines_suppressed.load(Ordering::Relaxed),
+        };
+        super::metrics::render(&merged, &nacks, connections, &admission)
     }
 
     /// The worker that owns a peer.
