@@ -101,7 +101,7 @@ pub enum ConfigError {
     },
     /// The text is not TOML, or has an unknown key or a value of the wrong type.
     #[error("config is not valid: {0}")]
-    Toml(#[from] toml::de::Error),
+    Toml(TomlError),
     /// A key has a value outside what it allows.
     #[error("config key `{key}` = {value}: {expected}")]
     Invalid {
@@ -112,6 +112,155 @@ pub enum ConfigError {
         /// What would have been accepted.
         expected: String,
     },
+}
+
+impl ConfigError {
+    /// The error as one message naming the file it came from (once: a read error names it
+    /// already), for the start-up error and a refused reload.
+    pub fn in_file(&self, file: &Path) -> String {
+        match self {
+            ConfigError::Io { .. } => self.to_string(),
+            _ => format!("{}: {self}", file.display()),
+        }
+    }
+}
+
+/// A TOML syntax or type error: its line and column and the parser's message, with the line
+/// itself shown unless it may hold a secret.
+///
+/// The parser's own error renders the offending line with a caret under the fault, and keeps
+/// the whole file for that (its `Debug` prints it). A line that sets a token would show the
+/// token, in `check-config`, the start-up error, a refused reload's log line and the
+/// `POST /reload` answer. So the parser's error is rendered here once, and dropped: on a line
+/// that may hold a secret (see [`may_hold_secret`]) the excerpt becomes `key = <redacted>`, and
+/// any value of such a line is cut out of the message too (a type error quotes the value).
+#[derive(Debug, Clone)]
+pub struct TomlError {
+    /// What `Display` prints: the parser's rendering, its excerpt redacted where needed.
+    rendered: String,
+    /// 1-based line of the fault, when the parser knows it.
+    line: Option<usize>,
+    /// The parser's message, secrets cut out.
+    message: String,
+}
+
+impl TomlError {
+    /// The 1-based line of the fault, when known.
+    pub fn line(&self) -> Option<usize> {
+        self.line
+    }
+
+    /// What is wrong, without the excerpt.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    fn new(error: &toml::de::Error, text: &str) -> TomlError {
+        let lines: Vec<&str> = text.split('\n').collect();
+        // Values of every line that may hold a secret, to cut out of the message.
+        let secrets: Vec<String> = lines
+            .iter()
+            .filter(|l| may_hold_secret(l))
+            .flat_map(|l| secret_values(l))
+            .collect();
+        let message = scrub(error.message(), &secrets);
+        let line = error.span().map(|span| {
+            let end = span.start.min(text.len());
+            text.as_bytes()
+                .get(..end)
+                .map_or(0, |b| b.iter().filter(|&&c| c == b'\n').count())
+        });
+        let rendered = match line {
+            Some(index) if excerpt_may_hold_secret(&lines, index) => {
+                let original = error.to_string();
+                let header = original.lines().next().unwrap_or("TOML parse error");
+                let number = index + 1;
+                let gutter = " ".repeat(number.to_string().len());
+                let shown = lines
+                    .get(index)
+                    .map_or_else(String::new, |l| redacted_line(l));
+                format!("{header}\n{gutter} |\n{number} | {shown}\n{gutter} |\n{message}\n")
+            }
+            _ => scrub(&error.to_string(), &secrets),
+        };
+        TomlError {
+            rendered,
+            line: line.map(|i| i + 1),
+            message,
+        }
+    }
+}
+
+impl fmt::Display for TomlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.rendered)
+    }
+}
+
+/// Whether a line of a config file may set a secret: it names a token (`token`, `token_env`,
+/// `[admin] token`, a token in an inline table), or looks like any other secret. Deliberately
+/// broad: a comment that mentions a token only loses its excerpt.
+fn may_hold_secret(line: &str) -> bool {
+    const SECRET_WORDS: [&str; 4] = ["token", "secret", "passw", "credential"];
+    let lower = line.to_ascii_lowercase();
+    SECRET_WORDS.iter().any(|w| lower.contains(w))
+}
+
+/// Whether the excerpt of line `index` may show a secret: the line may hold one, or a line
+/// before it that may hold one opens a multi-line string, which could run on to this line.
+fn excerpt_may_hold_secret(lines: &[&str], index: usize) -> bool {
+    lines.get(index).is_some_and(|l| may_hold_secret(l))
+        || lines
+            .iter()
+            .take(index)
+            .any(|l| may_hold_secret(l) && (l.contains("\"\"\"") || l.contains("'''")))
+}
+
+/// A secret line as an excerpt: its key, if it starts with a plain one, and nothing else.
+fn redacted_line(line: &str) -> String {
+    let key = line.split_once('=').map(|(k, _)| k.trim()).filter(|k| {
+        !k.is_empty()
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' '))
+    });
+    match key {
+        Some(key) => format!("{key} = <redacted>"),
+        None => "<redacted>".to_owned(),
+    }
+}
+
+/// The values a secret line may carry: every quoted string on it (an unterminated one runs to
+/// the end of the line) and whatever follows its first `=`.
+fn secret_values(line: &str) -> Vec<String> {
+    let mut values = Vec::new();
+    if let Some((_, rest)) = line.split_once('=') {
+        values.push(rest.trim().to_owned());
+    }
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '"' || c == '\'' {
+            values.push(chars.by_ref().take_while(|&d| d != c).collect());
+        }
+    }
+    values.retain(|v| !v.is_empty());
+    values
+}
+
+/// `text` with every secret value cut out: long ones wherever they appear, short ones (which
+/// could match ordinary words) where quoted.
+fn scrub(text: &str, secrets: &[String]) -> String {
+    /// Below this many bytes a value is cut out only where it is quoted.
+    const BARE_BYTES_MIN: usize = 4;
+    let mut out = text.to_owned();
+    for secret in secrets {
+        for quote in ['"', '`', '\''] {
+            out = out.replace(&format!("{quote}{secret}{quote}"), "<redacted>");
+        }
+        if secret.len() >= BARE_BYTES_MIN {
+            out = out.replace(secret.as_str(), "<redacted>");
+        }
+    }
+    out
 }
 
 fn invalid(
@@ -653,7 +802,8 @@ impl Config {
         text: &str,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text)?;
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Toml(TomlError::new(&e, text)))?;
         Config::validate(raw, &env)
     }
 
@@ -709,6 +859,7 @@ impl Config {
         let csps = validate_csps(&raw.csp, env)?;
         let priority = validate_priority(&raw.priority, engine.levels)?;
         let alert_storm = validate_alert_storm(&raw.alert_storm)?;
+        check_tokens_distinct(&raw, admin_token.as_ref(), &service_users, &csps)?;
         // Keep the file's form for `effective_toml`, but never a token in it: the validated
         // tokens live in `Secret`s.
         let mut raw = raw;
@@ -972,13 +1123,84 @@ fn resolve_token(
         (None, Some(name)) => env(name).ok_or_else(|| {
             invalid(
                 format!("{key}.token_env"),
-                format!("{name:?}"),
+                shown_env_name(name),
                 "expected the name of a set environment variable",
             )
         })?,
     };
     check_token(key, &value)?;
     Ok(Secret(value))
+}
+
+/// A `token_env` value as an error may show it: quoted if it looks like a variable name, else
+/// not at all, since what was pasted there may be the token itself.
+fn shown_env_name(name: &str) -> String {
+    let looks_like_a_name = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if looks_like_a_name {
+        format!("{name:?}")
+    } else {
+        "(not a variable name; not shown in case it is a token)".to_owned()
+    }
+}
+
+/// Refuses two peers with one token (an SU could pass for another, or for a CSP), or a peer
+/// whose token opens the admin interface. Tokens from `token_env` count as what they resolve
+/// to. The error names both peers, never the token.
+fn check_tokens_distinct(
+    raw: &RawConfig,
+    admin: Option<&Secret>,
+    users: &[ServiceUser],
+    csps: &[Csp],
+) -> Result<(), ConfigError> {
+    let source = |token_env: &Option<String>| {
+        if token_env.is_some() {
+            "token_env"
+        } else {
+            "token"
+        }
+    };
+    // (token, key of its setting, the peer's name for the error)
+    let mut all: Vec<(&Secret, String, String)> = Vec::with_capacity(1 + users.len() + csps.len());
+    if let Some(token) = admin {
+        all.push((
+            token,
+            format!("admin.{}", source(&raw.admin.token_env)),
+            "admin".to_owned(),
+        ));
+    }
+    for (i, (su, raw_su)) in users.iter().zip(&raw.service_user).enumerate() {
+        all.push((
+            &su.token,
+            format!("service_user[{i}].{}", source(&raw_su.token_env)),
+            format!("service_user[{i}] ({})", su.id),
+        ));
+    }
+    for (i, (csp, raw_csp)) in csps.iter().zip(&raw.csp).enumerate() {
+        all.push((
+            &csp.token,
+            format!("csp[{i}].{}", source(&raw_csp.token_env)),
+            format!("csp[{i}] ({})", csp.name),
+        ));
+    }
+    let mut seen: HashMap<&[u8], usize> = HashMap::with_capacity(all.len());
+    for (i, (token, key, name)) in all.iter().enumerate() {
+        if let Some(first) = seen.insert(token.expose(), i) {
+            let first_name = all
+                .get(first)
+                .map_or("another peer", |(_, _, n)| n.as_str());
+            return Err(invalid(
+                key.clone(),
+                "(not shown)",
+                format!(
+                    "expected a token of its own, but {first_name} and {name} have the same token"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_token(key: &str, value: &str) -> Result<(), ConfigError> {
@@ -1266,4 +1488,44 @@ fn validate_alert_storm(raw: &RawAlertStorm) -> Result<AlertStorm, ConfigError> 
             STORM_TRACKED_KEYS_MAX,
         )?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_lines_are_recognised_and_their_values_cut_out() {
+        assert!(may_hold_secret("token = \"x\""));
+        assert!(may_hold_secret("  Admin_Password = 'x'"));
+        assert!(may_hold_secret("csp = [{ name = \"a\", token = \"x\" }]"));
+        assert!(!may_hold_secret("levels = \"four"));
+        assert_eq!(redacted_line("token = \"abc"), "token = <redacted>");
+        assert_eq!(redacted_line("{ token = \"abc\" }"), "<redacted>");
+        let values = secret_values("token = \"abc\" # 'q'");
+        assert!(values.contains(&"abc".to_owned()) && values.contains(&"q".to_owned()));
+        assert_eq!(
+            scrub(
+                "string \"ab\", not abcdef or ab",
+                &["ab".into(), "abcdef".into()]
+            ),
+            "string <redacted>, not <redacted> or ab"
+        );
+        // A multi-line string opened on a token line hides the lines after it.
+        let lines = ["[admin]", "token = \"\"\"abc", "def\"\"\" x"];
+        assert!(excerpt_may_hold_secret(&lines, 2));
+        assert!(!excerpt_may_hold_secret(&lines, 0));
+    }
+
+    #[test]
+    fn the_parse_error_keeps_line_and_message_but_not_the_file() {
+        let e = Config::from_toml("[admin]\ntoken = \"hunter2-xyz\" 7\n").unwrap_err();
+        let ConfigError::Toml(toml) = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(toml.line(), Some(2));
+        assert!(!toml.message().is_empty());
+        let shown = format!("{e} {e:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
 }

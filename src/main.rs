@@ -108,8 +108,8 @@ fn main() -> ExitCode {
             let embedded = config.is_none();
             let config_path = config.clone();
             let loaded = match &config {
-                Some(path) => Config::load(path),
-                None => Config::embedded_default(),
+                Some(path) => Config::load(path).map_err(|e| e.in_file(path)),
+                None => Config::embedded_default().map_err(|e| e.to_string()),
             };
             let config = match loaded {
                 Ok(c) => c,
@@ -134,8 +134,8 @@ fn path_of(path: Option<PathBuf>) -> Option<PathBuf> {
 /// the engine keeps in `data_dir` (written every few seconds while it runs).
 fn report_alerts(config: Option<PathBuf>, day: Option<String>) -> ExitCode {
     let loaded = match &config {
-        Some(path) => Config::load(path),
-        None => Config::embedded_default(),
+        Some(path) => Config::load(path).map_err(|e| e.in_file(path)),
+        None => Config::embedded_default().map_err(|e| e.to_string()),
     };
     let config = match loaded {
         Ok(c) => c,

@@ -209,3 +209,49 @@ fn json_logs_parse_and_never_carry_a_token() {
     }
     assert!(lines.iter().any(|l| l.contains("SU HELLO refused")));
 }
+
+/// A token no output of the binary may ever show.
+const SECRET: &str = "CLI-SeCrEt-0c4f9e";
+
+#[test]
+fn a_syntax_error_on_a_token_line_is_shown_without_the_token() {
+    let text = format!(
+        "[engine]\ncores = 1\n\n[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-00\"\ntoken = \"{SECRET}\n"
+    );
+    let bad = temp_file("secret-syntax.toml", &text);
+    for args in [&["check-config"][..], &["run", "--config"][..]] {
+        let out = Command::new(BIN).args(args).arg(&bad).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let shown = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !shown.contains(SECRET),
+            "{args:?} printed the token:\n{shown}"
+        );
+        // Where and what stay: the file, the line and the parser's message.
+        assert!(shown.contains("secret-syntax.toml"), "{shown}");
+        assert!(shown.contains("line 6"), "{shown}");
+        assert!(shown.contains("redacted"), "{shown}");
+    }
+}
+
+#[test]
+fn two_peers_with_one_token_are_refused_at_start_up() {
+    let text = format!(
+        "[engine]\ncores = 1\n[listen]\nsu = \"127.0.0.1:0\"\ncsp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-00\"\ntoken = \"{SECRET}\"\n[[csp]]\nname = \"csp-a\"\ntoken = \"{SECRET}\"\n"
+    );
+    let bad = temp_file("same-token.toml", &text);
+    for args in [&["check-config"][..], &["run", "--config"][..]] {
+        let out = Command::new(BIN).args(args).arg(&bad).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains(SECRET), "{err}");
+        assert!(
+            err.contains("csp[0].token") && err.contains("service_user[0]"),
+            "{err}"
+        );
+    }
+}

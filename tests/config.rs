@@ -1,5 +1,5 @@
 //! The config file of ENGINE.md §10: defaults, the embedded config, and every validation error
-//! naming its key and value.
+//! naming its key and value; and tokens kept out of every error.
 
 use std::time::Duration;
 
@@ -532,4 +532,123 @@ fn connections_max_is_checked_at_its_edges() {
     let max = dsplane::config::CONNECTIONS_MAX;
     assert!(parse(&format!("[listen]\nconnections_max = {max}\n")).is_ok());
     assert!(parse(&format!("[listen]\nconnections_max = {}\n", max + 1)).is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 13, items 12–13: tokens never in an error, and no two peers with one token.
+
+/// A token no message may ever show.
+const SECRET: &str = "SeCrEt-d41d8cd9";
+
+/// Every way a parse or validation error renders: what a log line, `check-config` or a
+/// careless `{:?}` would print.
+fn rendered(e: &ConfigError) -> String {
+    format!("{e}\n{e:?}")
+}
+
+#[test]
+fn a_syntax_error_on_a_token_line_never_shows_the_token() {
+    let cases = [
+        // An unterminated string: the line, as the parser shows it, holds the token.
+        format!("[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-00\"\ntoken = \"{SECRET}\n"),
+        // Junk after the value.
+        format!("[[csp]]\nname = \"c\"\ntoken = \"{SECRET}\" x\n"),
+        format!("[engine]\nlevels = 4\n\n[admin]\ntoken = '{SECRET}\n"),
+        // The token in an inline table, with a typo after it.
+        format!("service_user = [ {{ id = \"90-B3-D5-1F-30-01-00-00\", token = \"{SECRET}\", rate = }} ]\n"),
+        // A type error whose message quotes the value.
+        "[[csp]]\nname = \"c\"\ntoken = 4141592653\n".to_owned(),
+        format!("[[csp]]\nname = \"c\"\ntoken = [\"{SECRET}\", 1]\n"),
+    ];
+    for text in &cases {
+        let e = parse(text).expect_err(text);
+        let shown = rendered(&e);
+        assert!(
+            !shown.contains(SECRET) && !shown.contains("4141592653"),
+            "for:\n{text}\nshown:\n{shown}"
+        );
+        // What the operator needs to fix it stays: where, and what is wrong.
+        assert!(shown.contains("line "), "{shown}");
+        assert!(shown.contains("redacted"), "{shown}");
+    }
+    // A line that sets no token keeps its excerpt.
+    let e = parse("[engine]\nlevels = \"four\n").unwrap_err();
+    assert!(e.to_string().contains("levels = \"four"), "{e}");
+}
+
+#[test]
+fn a_token_pasted_into_token_env_is_not_echoed() {
+    let text = format!("[[csp]]\nname = \"c\"\ntoken_env = \"{SECRET}/+=\"\n");
+    let e = parse(&text).unwrap_err();
+    let shown = rendered(&e);
+    assert!(!shown.contains(SECRET), "{shown}");
+    assert!(shown.contains("csp[0].token_env"), "{shown}");
+    // A variable name is still shown, so the operator can see which one is unset.
+    let e = parse("[[csp]]\nname = \"c\"\ntoken_env = \"DSPLANE_CSP_TOKEN\"\n").unwrap_err();
+    assert!(e.to_string().contains("DSPLANE_CSP_TOKEN"), "{e}");
+}
+
+#[test]
+fn two_peers_with_one_token_are_refused_naming_both() {
+    let su = |i: u8, token: &str| {
+        format!("[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-0{i}\"\ntoken = \"{token}\"\n")
+    };
+    let csp = |name: &str, token: &str, range: &str| {
+        format!("[[csp]]\nname = \"{name}\"\ntoken = \"{token}\"\ndevice_ranges = [{range}]\n")
+    };
+    let lo = "\"00-00-00-00-00-00-00-00..7F-FF-FF-FF-FF-FF-FF-FF\"";
+    let cases = [
+        (
+            format!("{}{}", su(0, SECRET), su(1, SECRET)),
+            "service_user[1].token",
+            ["service_user[0]", "90-B3-D5-1F-30-01-00-00"],
+        ),
+        (
+            format!("{}{}", su(0, SECRET), csp("csp-a", SECRET, "")),
+            "csp[0].token",
+            ["service_user[0]", "csp-a"],
+        ),
+        (
+            format!("{}{}", csp("csp-a", SECRET, lo), csp("csp-b", SECRET, "")),
+            "csp[1].token",
+            ["csp[0]", "csp-b"],
+        ),
+        (
+            format!("[admin]\ntoken = \"{SECRET}\"\n{}", su(0, SECRET)),
+            "service_user[0].token",
+            ["admin", "90-B3-D5-1F-30-01-00-00"],
+        ),
+    ];
+    for (text, key, names) in &cases {
+        let e = parse(text).expect_err(text);
+        let shown = rendered(&e);
+        assert!(!shown.contains(SECRET), "{shown}");
+        match &e {
+            ConfigError::Invalid { key: k, .. } => assert_eq!(k, key, "{shown}"),
+            other => panic!("{other}"),
+        }
+        for name in names {
+            assert!(shown.contains(name), "{name} not named in: {shown}");
+        }
+    }
+    // Tokens from the environment count as what they resolve to.
+    let text = format!(
+        "{}[[csp]]\nname = \"csp-a\"\ntoken_env = \"DSPLANE_TEST_CSP\"\n",
+        su(0, SECRET)
+    );
+    let e = Config::from_toml_with_env(&text, |_| Some(SECRET.to_owned())).unwrap_err();
+    let shown = rendered(&e);
+    assert!(
+        shown.contains("csp[0].token_env") && shown.contains("service_user[0]"),
+        "{shown}"
+    );
+    assert!(!shown.contains(SECRET), "{shown}");
+    // Distinct tokens are fine.
+    parse(&format!(
+        "{}{}{}",
+        su(0, "a"),
+        su(1, "b"),
+        csp("c", "c", "")
+    ))
+    .unwrap();
 }
