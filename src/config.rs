@@ -32,7 +32,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -580,6 +580,8 @@ pub struct Config {
     /// `[alert_storm]`.
     pub alert_storm: AlertStorm,
     raw: RawConfig,
+    /// Every key the file sets (`true` for a table), for [`reload_refusal`].
+    keys: BTreeMap<KeyPath, bool>,
 }
 
 /// `[engine]`, validated.
@@ -804,7 +806,12 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| ConfigError::Toml(TomlError::new(&e, text)))?;
-        Config::validate(raw, &env)
+        let mut config = Config::validate(raw, &env)?;
+        // The text parsed as `RawConfig`, so it parses as a table too.
+        if let Ok(table) = toml::from_str::<toml::Table>(text) {
+            config.keys = keys_of(&table);
+        }
+        Ok(config)
     }
 
     /// The configuration as a TOML file, with defaults and per-SU overrides filled in and every
@@ -888,6 +895,7 @@ impl Config {
             priority,
             alert_storm,
             raw,
+            keys: BTreeMap::new(),
         })
     }
 }
@@ -1490,9 +1498,331 @@ fn validate_alert_storm(raw: &RawAlertStorm) -> Result<AlertStorm, ConfigError> 
     })
 }
 
+// ---------------------------------------------------------------------------------------------
+// Reloads.
+
+/// A key's path from the top of the file: `["engine", "cores"]`, `["priority", "rules"]`,
+/// `["service_user", "[90-B3-D5-1F-30-01-00-00]", "rate"]`. A peer's entries are named by its id
+/// or name, not by their place, so moving a peer in the file changes no path.
+type KeyPath = Vec<String>;
+
+/// The peers' arrays of tables, whose entries are named by `id` and `name`.
+const PEER_ARRAYS: [(&str, &str); 2] = [("service_user", "id"), ("csp", "name")];
+
+/// Every key `table` sets, `true` for the tables. Arrays are leaves, except the peers'.
+fn keys_of(table: &toml::Table) -> BTreeMap<KeyPath, bool> {
+    fn walk(prefix: &[String], table: &toml::Table, out: &mut BTreeMap<KeyPath, bool>) {
+        for (key, value) in table {
+            let mut path = prefix.to_vec();
+            path.push(key.clone());
+            let peer_name = PEER_ARRAYS
+                .iter()
+                .find(|(array, _)| prefix.is_empty() && array == key)
+                .map(|(_, name)| *name);
+            match (value, peer_name) {
+                (toml::Value::Table(inner), _) => {
+                    walk(&path, inner, out);
+                    out.insert(path, true);
+                }
+                (toml::Value::Array(items), Some(name_key)) => {
+                    for (i, item) in items.iter().enumerate() {
+                        if let toml::Value::Table(peer) = item {
+                            let mut entry = path.clone();
+                            entry.push(format!("[{}]", peer_label(key, name_key, peer, i)));
+                            walk(&entry, peer, out);
+                            out.insert(entry, true);
+                        }
+                    }
+                    out.insert(path, false);
+                }
+                _ => {
+                    out.insert(path, false);
+                }
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(&[], table, &mut out);
+    out
+}
+
+/// A peer's name in a key path: an SU's id as [`Eui64`] prints it, a CSP's name.
+fn peer_label(array: &str, name_key: &str, peer: &toml::Table, index: usize) -> String {
+    let name = peer.get(name_key).and_then(toml::Value::as_str);
+    match (array, name) {
+        ("service_user", Some(id)) => id
+            .parse::<Eui64>()
+            .map_or_else(|_| id.to_owned(), |id| id.to_string()),
+        (_, Some(name)) => name.to_owned(),
+        (_, None) => index.to_string(),
+    }
+}
+
+/// A key path as an operator writes it: `[priority]` for a table, `delivery.rate`,
+/// `service_user[90-B3-D5-1F-30-01-00-00].rate`.
+fn show_key(path: &[String], table: bool) -> String {
+    let mut out = String::new();
+    for segment in path {
+        if !out.is_empty() && !segment.starts_with('[') {
+            out.push('.');
+        }
+        out.push_str(segment);
+    }
+    if table {
+        format!("[{out}]")
+    } else {
+        out
+    }
+}
+
+/// "a", "a and b", "a, b and c".
+fn and_list(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
+}
+
+/// Why a running engine must not take `new`, read from `file`, as a reload; `None` when it
+/// may. `running` is the configuration the engine runs now (its start-up one, or the last
+/// reload applied).
+///
+/// Every key has a default, so an empty or truncated file parses and validates; applied, it
+/// would drop every rule and exclusion and every SU's overrides (2.2 and 7.x falling from level
+/// 1 to level 4). A reload is therefore refused when the file:
+///
+/// * lacks a Service User or CSP link the running engine has (removing one needs a restart), or
+///   has one the engine lacks (adding one needs a restart too);
+/// * lacks a key the running file sets: going back to a default is written out (`rate = 1000`).
+///   A `token` given as `token_env` instead, or the reverse, is not a key lost;
+/// * empties `priority.rules`, `priority.high_priority_alerts` or `alert_storm.exclusions` while
+///   the running engine has some.
+///
+/// Everything wrong is named at once, so one edit can fix it.
+pub fn reload_refusal(running: &Config, new: &Config, file: &str) -> Option<String> {
+    let mut problems = Vec::new();
+    let mut missing: Vec<String> = running
+        .service_users
+        .iter()
+        .filter(|su| new.service_user(su.id).is_none())
+        .map(|su| format!("service_user {}", su.id))
+        .collect();
+    missing.extend(
+        running
+            .csps
+            .iter()
+            .filter(|c| !new.csps.iter().any(|n| n.name == c.name))
+            .map(|c| format!("csp {}", c.name)),
+    );
+    if !missing.is_empty() {
+        problems.push(format!(
+            "{} {} configured in the running engine but missing from {file} (removing a peer needs a restart)",
+            and_list(&missing),
+            if missing.len() == 1 { "is" } else { "are" },
+        ));
+    }
+    let mut added: Vec<String> = new
+        .service_users
+        .iter()
+        .filter(|su| running.service_user(su.id).is_none())
+        .map(|su| format!("service_user {}", su.id))
+        .collect();
+    added.extend(
+        new.csps
+            .iter()
+            .filter(|c| !running.csps.iter().any(|r| r.name == c.name))
+            .map(|c| format!("csp {}", c.name)),
+    );
+    if !added.is_empty() {
+        problems.push(format!(
+            "{} {} in {file} but not in the running engine (adding a peer needs a restart)",
+            and_list(&added),
+            if added.len() == 1 { "is" } else { "are" },
+        ));
+    }
+    let lost: Vec<String> = running
+        .keys
+        .iter()
+        .filter(|(path, _)| !new.keys.contains_key(*path))
+        // Peers are named above; within a lost table, only the table is named.
+        .filter(|(path, _)| {
+            let is_peer = path.len() <= 2
+                && path
+                    .first()
+                    .is_some_and(|top| PEER_ARRAYS.iter().any(|(array, _)| array == top));
+            let parent_lost = path.len() > 1
+                && path
+                    .get(..path.len() - 1)
+                    .is_some_and(|parent| !new.keys.contains_key(parent));
+            !is_peer && !parent_lost
+        })
+        // A token moved to the environment, or back, is not lost.
+        .filter(|(path, _)| {
+            let swapped = match path.last().map(String::as_str) {
+                Some("token") => "token_env",
+                Some("token_env") => "token",
+                _ => return true,
+            };
+            let mut other = path.to_vec();
+            if let Some(last) = other.last_mut() {
+                *last = swapped.to_owned();
+            }
+            !new.keys.contains_key(&other)
+        })
+        .map(|(path, table)| show_key(path, *table))
+        .collect();
+    if !lost.is_empty() {
+        problems.push(format!(
+            "{file} lacks {}, which the running configuration sets (is the file truncated?): write each out, with its default value if that is what is meant",
+            and_list(&lost)
+        ));
+    }
+    for (key, before, after) in [
+        (
+            "priority.rules",
+            running.priority.rules.len(),
+            new.priority.rules.len(),
+        ),
+        (
+            "priority.high_priority_alerts",
+            running.priority.high_priority_alerts.len(),
+            new.priority.high_priority_alerts.len(),
+        ),
+        (
+            "alert_storm.exclusions",
+            running.alert_storm.exclusions.len(),
+            new.alert_storm.exclusions.len(),
+        ),
+    ] {
+        let present = new
+            .keys
+            .contains_key(&key.split('.').map(str::to_owned).collect::<KeyPath>());
+        if present && before > 0 && after == 0 {
+            problems.push(format!(
+                "{key} is empty in {file} but the running engine has {before}: restart to run without them"
+            ));
+        }
+    }
+    (!problems.is_empty()).then(|| problems.join("; "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const RUNNING: &str = r#"
+[delivery]
+rate = 500
+
+[[service_user]]
+id = "90-b3-d5-1f-30-01-00-00"
+token = "a"
+rate = 200
+
+[[service_user]]
+id = "90-B3-D5-1F-30-01-00-01"
+token_env = "SU2"
+
+[[csp]]
+name = "csp.north"
+token = "c"
+
+[priority]
+rules = [ { srv = "2.2", level = 1 } ]
+high_priority_alerts = [ { code = 0x8F1C, level = 1 } ]
+
+[alert_storm]
+exclusions = [ 0x8F57 ]
+"#;
+
+    fn config(text: &str) -> Config {
+        Config::from_toml_with_env(text, |_| Some("from-env".to_owned())).unwrap()
+    }
+
+    fn refusal(new: &str) -> Option<String> {
+        reload_refusal(&config(RUNNING), &config(new), "F")
+    }
+
+    #[test]
+    fn keys_name_peers_by_id_and_name() {
+        let keys: Vec<String> = config(RUNNING)
+            .keys
+            .iter()
+            .map(|(path, table)| show_key(path, *table))
+            .collect();
+        for key in [
+            "[delivery]",
+            "delivery.rate",
+            "service_user",
+            "[service_user[90-B3-D5-1F-30-01-00-00]]",
+            "service_user[90-B3-D5-1F-30-01-00-00].rate",
+            "service_user[90-B3-D5-1F-30-01-00-01].token_env",
+            "csp[csp.north].token",
+            "priority.rules",
+        ] {
+            assert!(keys.iter().any(|k| k == key), "{key} not in {keys:?}");
+        }
+    }
+
+    #[test]
+    fn the_same_file_reloads() {
+        assert_eq!(refusal(RUNNING), None);
+        // Moving a peer in the file, or a token to the environment and back, loses nothing.
+        let moved = RUNNING
+            .replace("token = \"a\"", "token_env = \"SU1\"")
+            .replace("token_env = \"SU2\"", "token = \"b\"");
+        assert_eq!(refusal(&moved), None);
+    }
+
+    #[test]
+    fn an_empty_file_is_refused_naming_everything_it_lacks() {
+        assert_eq!(
+            refusal("").as_deref(),
+            Some(
+                "service_user 90-B3-D5-1F-30-01-00-00, service_user 90-B3-D5-1F-30-01-00-01 and \
+                 csp csp.north are configured in the running engine but missing from F (removing \
+                 a peer needs a restart); F lacks [alert_storm], [delivery] and [priority], which \
+                 the running configuration sets (is the file truncated?): write each out, with \
+                 its default value if that is what is meant"
+            )
+        );
+    }
+
+    #[test]
+    fn a_lost_override_or_an_added_peer_is_refused() {
+        let why = refusal(&RUNNING.replace("rate = 200\n", "")).unwrap();
+        assert!(
+            why.contains("F lacks service_user[90-B3-D5-1F-30-01-00-00].rate,"),
+            "{why}"
+        );
+        let more = format!("{RUNNING}\n[[csp]]\nname = \"csp-b\"\ntoken = \"d\"\ndevice_ranges = [\"00-00-00-00-00-00-00-00..00-00-00-00-00-00-00-FF\"]\n");
+        assert_eq!(
+            refusal(&more).as_deref(),
+            Some("csp csp-b is in F but not in the running engine (adding a peer needs a restart)")
+        );
+    }
+
+    #[test]
+    fn emptied_rules_alerts_or_exclusions_are_refused() {
+        let emptied = RUNNING
+            .replace("rules = [ { srv = \"2.2\", level = 1 } ]", "rules = []")
+            .replace("exclusions = [ 0x8F57 ]", "exclusions = []");
+        assert_eq!(
+            refusal(&emptied).as_deref(),
+            Some(
+                "priority.rules is empty in F but the running engine has 1: restart to run \
+                 without them; alert_storm.exclusions is empty in F but the running engine has \
+                 1: restart to run without them"
+            )
+        );
+        // Fewer rules, not none, apply.
+        let fewer = RUNNING.replace(
+            "rules = [ { srv = \"2.2\", level = 1 } ]",
+            "rules = [ { srv = \"7.*\", level = 1 } ]",
+        );
+        assert_eq!(refusal(&fewer), None);
+    }
 
     #[test]
     fn secret_lines_are_recognised_and_their_values_cut_out() {

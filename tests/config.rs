@@ -1,12 +1,18 @@
 //! The config file of ENGINE.md §10: defaults, the embedded config, and every validation error
-//! naming its key and value; and tokens kept out of every error.
+//! naming its key and value; tokens kept out of every error; and what a reload refuses.
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use dsplane::client::Client;
 use dsplane::config::{
     Config, ConfigError, Durability, Scheduling, SrvPattern, PAYLOAD_BYTES_CEILING,
 };
+use dsplane::engine::Engine;
 use dsplane::ids::{Eui64, Level, Mode, Srv};
+use dsplane::wire::{Frame, Header, Kind};
+
+mod common;
 
 const SU: &str = "[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-00\"\ntoken = \"t\"\n";
 
@@ -535,7 +541,8 @@ fn connections_max_is_checked_at_its_edges() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Issue 13, items 12–13: tokens never in an error, and no two peers with one token.
+// Issue 13, items 10, 12 and 13: tokens never in an error, no two peers with one token, and
+// what a reload refuses.
 
 /// A token no message may ever show.
 const SECRET: &str = "SeCrEt-d41d8cd9";
@@ -651,4 +658,185 @@ fn two_peers_with_one_token_are_refused_naming_both() {
         csp("c", "c", "")
     ))
     .unwrap();
+}
+
+// ---- Reloads against a running engine (POST /reload).
+
+const SU1: Eui64 = Eui64(0x90B3_D51F_3001_0000);
+const T: Duration = Duration::from_secs(10);
+
+/// A file a running engine starts from: two SUs, one CSP, rules and exclusions.
+fn running_config(dir: &std::path::Path) -> String {
+    format!(
+        r#"[engine]
+cores = 1
+durability = "none"
+data_dir = "{}"
+
+[listen]
+su = "127.0.0.1:0"
+csp = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+
+[delivery]
+release_start = 1.0
+
+[[service_user]]
+id = "90-B3-D5-1F-30-01-00-00"
+token = "su1-token"
+
+[[service_user]]
+id = "90-B3-D5-1F-30-01-00-01"
+token = "su2-token"
+
+[[csp]]
+name = "csp-a"
+token = "csp-token"
+
+[priority]
+rules = [ {{ srv = "2.2", level = 1 }}, {{ srv = "7.*", level = 1 }} ]
+
+[alert_storm]
+exclusions = [ 0x8F57 ]
+"#,
+        dir.join("data").display()
+    )
+}
+
+/// Starts an engine on `running_config`; returns it, its file and the file's text.
+fn start_engine(name: &str) -> (Engine, std::path::PathBuf, String) {
+    let dir = std::env::temp_dir().join(format!("dsplane-config-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("dsplane.toml");
+    let text = running_config(&dir);
+    std::fs::write(&path, &text).unwrap();
+    let engine = Engine::start(Config::load(&path).unwrap()).unwrap();
+    engine.set_config_path(path.clone());
+    (engine, path, text)
+}
+
+fn reload(engine: &Engine, path: &std::path::Path, text: &str) -> (u16, String) {
+    std::fs::write(path, text).unwrap();
+    common::http(engine.admin_addr(), "POST", "/reload", None)
+}
+
+/// The level SU1 receives a RESPONSE for `srv` at.
+fn level_of(csp: &mut Client, su: &mut Client, srv: &str, counter: u64) -> u8 {
+    let mut h = Header::new(Kind::Response);
+    h.su_id = SU1;
+    h.srv = srv.parse::<Srv>().unwrap();
+    h.counter = counter;
+    let id = csp.send(Frame::new(h, Bytes::new()).unwrap()).unwrap();
+    csp.wait_ack(id, T).unwrap();
+    let f = su.recv(T).unwrap().unwrap();
+    su.ack(f.header.msg_id).unwrap();
+    assert_eq!(f.header.counter, counter);
+    f.header.priority
+}
+
+#[test]
+fn a_reload_of_an_empty_or_truncated_file_is_refused_naming_what_is_missing() {
+    let (engine, path, text) = start_engine("truncated");
+    let mut csp = Client::connect_csp(engine.csp_addr(), "csp-token").unwrap();
+    let mut su = Client::connect_su(engine.su_addr(), SU1, "su1-token").unwrap();
+    assert_eq!(level_of(&mut csp, &mut su, "2.2", 1), 1);
+
+    // An empty file parses (every key has a default) but has none of the running peers.
+    let (status, body) = reload(&engine, &path, "");
+    assert_eq!(status, 400, "{body}");
+    for name in [
+        "service_user 90-B3-D5-1F-30-01-00-00",
+        "service_user 90-B3-D5-1F-30-01-00-01",
+        "csp csp-a",
+        &path.display().to_string(),
+    ] {
+        assert!(body.contains(name), "{name} not in: {body}");
+    }
+    // 2.2 is still urgent: nothing of the empty file was applied.
+    assert_eq!(level_of(&mut csp, &mut su, "2.2", 2), 1);
+
+    // Cut after the first SU: the second SU, the CSP and the last sections are gone.
+    let cut = text
+        .find("[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-01\"")
+        .unwrap();
+    let (status, body) = reload(&engine, &path, &text[..cut]);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("service_user 90-B3-D5-1F-30-01-00-01"),
+        "{body}"
+    );
+    assert!(
+        !body.contains("service_user 90-B3-D5-1F-30-01-00-00"),
+        "{body}"
+    );
+    assert!(body.contains("csp csp-a"), "{body}");
+    assert!(
+        body.contains("[priority]") && body.contains("[alert_storm]"),
+        "{body}"
+    );
+
+    // Cut after the CSP: every peer is there, but the rules and exclusions are not. The
+    // file still parses; the keys it lacks are named.
+    let cut = text.find("[priority]").unwrap();
+    let (status, body) = reload(&engine, &path, &text[..cut]);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("[priority]") && body.contains("[alert_storm]"),
+        "{body}"
+    );
+    assert!(!body.contains("csp csp-a"), "{body}");
+    assert_eq!(level_of(&mut csp, &mut su, "7.1", 3), 1);
+
+    // One key gone from a section that is still there.
+    let (status, body) = reload(&engine, &path, &text.replace("release_start = 1.0\n", ""));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("delivery.release_start"), "{body}");
+
+    // The whole file again is applied.
+    let (status, body) = reload(&engine, &path, &text);
+    assert_eq!(status, 200, "{body}");
+    engine.shutdown();
+    engine.join();
+}
+
+#[test]
+fn a_reload_that_adds_a_peer_is_refused_as_needing_a_restart() {
+    let (engine, path, text) = start_engine("adds");
+    let more = format!(
+        "{text}\n[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-02\"\ntoken = \"su3-token\"\n"
+    );
+    let (status, body) = reload(&engine, &path, &more);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("90-B3-D5-1F-30-01-00-02") && body.contains("restart"),
+        "{body}"
+    );
+    assert!(!body.contains("su3-token"), "{body}");
+    engine.shutdown();
+    engine.join();
+}
+
+#[test]
+fn a_refused_reload_never_shows_a_token() {
+    let (engine, path, text) = start_engine("secret");
+    let bad = text.replace("\"csp-token\"", &format!("\"{SECRET}"));
+    let (status, body) = reload(&engine, &path, &bad);
+    assert_eq!(status, 400, "{body}");
+    assert!(!body.contains(SECRET), "{body}");
+    assert!(
+        body.contains("line ") && body.contains(&path.display().to_string()),
+        "{body}"
+    );
+    // A duplicate token is refused on reload as at start-up, without showing it.
+    let dup = text.replace("\"su2-token\"", "\"su1-token\"");
+    let (status, body) = reload(&engine, &path, &dup);
+    assert_eq!(status, 400, "{body}");
+    assert!(!body.contains("su1-token"), "{body}");
+    assert!(
+        body.contains("service_user[0]") && body.contains("service_user[1]"),
+        "{body}"
+    );
+    engine.shutdown();
+    engine.join();
 }

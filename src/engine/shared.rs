@@ -123,9 +123,12 @@ pub(crate) struct WorkerLink {
     pub control: Sender<Control>,
 }
 
-/// Everything shared. Built once; only atomics change afterwards.
+/// Everything shared. Built once; afterwards only atomics change, and the applied
+/// configuration, which a reload replaces.
 #[derive(Debug)]
 pub(crate) struct Shared {
+    /// The start-up configuration. What a reload changes is applied to the workers and to
+    /// traffic, not here; see [`Shared::applied`].
     pub config: Config,
     pub rules: Arc<Rules>,
     pub sus: Vec<SuEntry>,
@@ -158,6 +161,10 @@ pub(crate) struct Shared {
     pub acceptor_nacks: [AtomicU64; 7],
     /// The configuration file, for reloads; `None` for the embedded default.
     pub config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
+    /// The configuration last applied: the start-up one, then each reload's. A reload holds
+    /// the lock from its checks to its end, so that two (SIGHUP and `POST /reload`) never
+    /// interleave, and each is checked against the one before it.
+    pub applied: std::sync::Mutex<Config>,
 }
 
 impl Shared {
@@ -166,9 +173,16 @@ impl Shared {
         self.origin.elapsed().as_nanos() as crate::Nanos
     }
 
-    /// Builds a reload from a new configuration; what cannot change while running is named in
+    /// Builds a reload from `new`, read from `file`, for an engine running `running` (the last
+    /// configuration applied). A file that would drop or add peers, keys or every rule is
+    /// refused ([`crate::config::reload_refusal`]). What cannot change while running is named in
     /// the returned warnings and left as it was.
-    pub(crate) fn reload_from(&self, new: &Config) -> Result<(Reload, Vec<String>), String> {
+    pub(crate) fn reload_from(
+        &self,
+        running: &Config,
+        new: &Config,
+        file: &str,
+    ) -> Result<(Reload, Vec<String>), String> {
         let mut warnings = Vec::new();
         let old = &self.config;
         if new.engine.levels != old.engine.levels {
@@ -176,6 +190,9 @@ impl Shared {
                 "engine.levels changed ({} → {}): restart to apply",
                 old.engine.levels, new.engine.levels
             ));
+        }
+        if let Some(why) = crate::config::reload_refusal(running, new, file) {
+            return Err(why);
         }
         for (changed, key) in [
             (new.listen.su != old.listen.su, "listen.su"),
@@ -202,33 +219,28 @@ impl Shared {
         let storm =
             crate::storm::StormSettings::from_config(&new.alert_storm, self.workers.len() as u32)
                 .map_err(|e| e.to_string())?;
-        let mut sus = Vec::new();
+        // `reload_refusal` saw to it that the new file has exactly the running peers.
+        let mut sus = Vec::with_capacity(self.sus.len());
         for su in &new.service_users {
-            match self.su(su.id) {
-                Some(i) => sus.push((
-                    i,
-                    su.delivery.rate,
-                    su.delivery.burst,
-                    su.sr_rate,
-                    su.sr_burst,
-                )),
-                None => warnings.push(format!("service user {} is new: restart to add it", su.id)),
-            }
+            let i = self
+                .su(su.id)
+                .ok_or_else(|| format!("service_user {} is not in the running engine", su.id))?;
+            sus.push((
+                i,
+                su.delivery.rate,
+                su.delivery.burst,
+                su.sr_rate,
+                su.sr_burst,
+            ));
         }
-        for su in &old.service_users {
-            if !new.service_users.iter().any(|n| n.id == su.id) {
-                warnings.push(format!(
-                    "service user {} was removed: restart to remove it",
-                    su.id
-                ));
-            }
-        }
-        let mut csps = Vec::new();
+        let mut csps = Vec::with_capacity(self.csps.len());
         for c in &new.csps {
-            match self.csps.iter().position(|e| e.config.name == c.name) {
-                Some(i) => csps.push((i as u32, c.rate, c.burst)),
-                None => warnings.push(format!("CSP {} is new: restart to add it", c.name)),
-            }
+            let i = self
+                .csps
+                .iter()
+                .position(|e| e.config.name == c.name)
+                .ok_or_else(|| format!("csp {} is not in the running engine", c.name))?;
+            csps.push((i as u32, c.rate, c.burst));
         }
         self.intake
             .set_capacity(
@@ -310,6 +322,7 @@ impl Shared {
             .position(|c| c.config.device_ranges.is_empty())
             .map(|i| i as u32);
         Shared {
+            applied: std::sync::Mutex::new(config.clone()),
             memory_frames_max: config.delivery.nms_total,
             durable: config.engine.durability != crate::config::Durability::None,
             config,
