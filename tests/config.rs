@@ -4,13 +4,13 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use dsplane::client::Client;
+use dsplane::client::{Client, ClientError};
 use dsplane::config::{
     Config, ConfigError, Durability, Scheduling, SrvPattern, PAYLOAD_BYTES_CEILING,
 };
 use dsplane::engine::Engine;
 use dsplane::ids::{Eui64, Level, Mode, Srv};
-use dsplane::wire::{Frame, Header, Kind};
+use dsplane::wire::{Frame, Header, Kind, NackReason};
 
 mod common;
 
@@ -541,8 +541,8 @@ fn connections_max_is_checked_at_its_edges() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Issue 13, items 10, 12 and 13: tokens never in an error, no two peers with one token, and
-// what a reload refuses.
+// Issue 13, items 10–13: tokens never in an error, no two peers with one token, and what a
+// reload refuses.
 
 /// A token no message may ever show.
 const SECRET: &str = "SeCrEt-d41d8cd9";
@@ -813,6 +813,55 @@ fn a_reload_that_adds_a_peer_is_refused_as_needing_a_restart() {
         "{body}"
     );
     assert!(!body.contains("su3-token"), "{body}");
+    engine.shutdown();
+    engine.join();
+}
+
+fn refused(result: Result<Client, ClientError>) -> Option<NackReason> {
+    match result {
+        Err(ClientError::Refused { reason, .. }) => reason,
+        Ok(_) => panic!("HELLO accepted"),
+        Err(other) => panic!("{other}"),
+    }
+}
+
+#[test]
+fn a_reload_that_changes_tokens_applies_them_to_new_hellos() {
+    let (engine, path, text) = start_engine("tokens");
+    // Opened with the old tokens, before the reload.
+    let mut csp = Client::connect_csp(engine.csp_addr(), "csp-token").unwrap();
+    let mut su = Client::connect_su(engine.su_addr(), SU1, "su1-token").unwrap();
+    let new = text
+        .replace("\"su1-token\"", "\"su1-token-rotated\"")
+        .replace("\"csp-token\"", "\"csp-token-rotated\"");
+    let (status, body) = reload(&engine, &path, &new);
+    assert_eq!(status, 200, "{body}");
+    // The response says which tokens changed, and never shows one.
+    assert!(
+        body.contains("service_user 90-B3-D5-1F-30-01-00-00"),
+        "{body}"
+    );
+    assert!(body.contains("csp csp-a"), "{body}");
+    assert!(
+        !body.contains("90-B3-D5-1F-30-01-00-01"),
+        "unchanged SU named: {body}"
+    );
+    assert!(!body.contains("-token"), "{body}");
+    // Connections opened before the reload keep going.
+    assert_eq!(level_of(&mut csp, &mut su, "2.2", 1), 1);
+    // New HELLOs: the new tokens are accepted, the old ones refused with NACK 3.
+    Client::connect_su(engine.su_addr(), SU1, "su1-token-rotated").unwrap();
+    let _csp2 = Client::connect_csp(engine.csp_addr(), "csp-token-rotated").unwrap();
+    assert_eq!(
+        refused(Client::connect_su(engine.su_addr(), SU1, "su1-token")),
+        Some(NackReason::Unauthorised)
+    );
+    assert_eq!(
+        refused(Client::connect_csp(engine.csp_addr(), "csp-token")),
+        Some(NackReason::Unauthorised)
+    );
+    // The unchanged SU keeps its token.
+    Client::connect_su(engine.su_addr(), Eui64(0x90B3_D51F_3001_0001), "su2-token").unwrap();
     engine.shutdown();
     engine.join();
 }

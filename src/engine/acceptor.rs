@@ -18,7 +18,7 @@ use std::time::Instant;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
-use super::shared::{token_eq, Adopt, Control, PeerRef, Shared};
+use super::shared::{Adopt, Control, PeerRef, Shared};
 use crate::wire::{Frame, FrameDecoder, Kind, NackReason, Role};
 use crate::{Nanos, NANOS_PER_SEC};
 
@@ -291,22 +291,13 @@ impl Acceptor {
         let token = frame.payload.as_ref();
         let token_ok = !token.is_empty() && token.len() <= crate::wire::TOKEN_BYTES_MAX;
         match p.role {
-            Role::Su => {
-                let su = self.shared.su(frame.header.su_id);
-                // Compare even for an unknown SU, so the time taken does not tell which SU ids
-                // exist.
-                let expected = su
-                    .and_then(|i| self.shared.su_token(i))
-                    .map_or(&b"\0unknown-service-user"[..], |t| t.expose());
-                let matches = token_eq(expected, token);
-                match su {
-                    Some(i) if matches && token_ok => Ok(PeerRef::Su(i)),
-                    _ => {
-                        tracing::warn!(addr = %p.addr, su = %frame.header.su_id, "SU HELLO refused: unknown SU or bad token");
-                        Err((msg_id, NackReason::Unauthorised, "unknown SU or bad token"))
-                    }
+            Role::Su => match self.shared.su_by_token(frame.header.su_id, token) {
+                Some(i) if token_ok => Ok(PeerRef::Su(i)),
+                _ => {
+                    tracing::warn!(addr = %p.addr, su = %frame.header.su_id, "SU HELLO refused: unknown SU or bad token");
+                    Err((msg_id, NackReason::Unauthorised, "unknown SU or bad token"))
                 }
-            }
+            },
             Role::Csp => match self.shared.csp_by_token(token) {
                 Some(i) if token_ok => Ok(PeerRef::Csp(i)),
                 _ => {

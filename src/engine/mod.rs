@@ -272,7 +272,8 @@ impl Stopper {
 
     /// Re-reads the configuration file given to [`Engine::set_config_path`] and applies what
     /// can change while running (rules, alert levels, exclusions, thresholds, rates) to traffic
-    /// entering from now on. Returns warnings about changes that need a restart.
+    /// entering from now on, and new tokens to HELLOs from now on. Returns notes: changes that
+    /// need a restart, and which tokens changed.
     ///
     /// # Errors
     ///
