@@ -25,7 +25,16 @@
 //!
 //! Tokens are held in [`Secret`], whose `Debug` never shows the value, and
 //! [`Config::effective_toml`] prints them redacted, so neither a log line nor `check-config` leaks
-//! one. A token may come from the environment (`token_env`) instead of the file.
+//! one. A token may come from the environment (`token_env`) instead of the file. Errors never show
+//! one either: a TOML error on a line that may set a secret shows `key = <redacted>` instead of
+//! the line ([`TomlError`]), and a value error on a token gives only its length. No two peers may
+//! share a token, nor use the admin token; the error names both peers.
+//!
+//! # Reloads
+//!
+//! [`reload_refusal`] says why a running engine must not take a new file: it drops or adds a
+//! peer, drops a key the running file sets, or empties the rules. Every key has a default, so
+//! without it an empty or truncated file would be valid and would drop every rule.
 
 #![cfg_attr(
     not(test),
@@ -132,8 +141,9 @@ impl ConfigError {
 /// the whole file for that (its `Debug` prints it). A line that sets a token would show the
 /// token, in `check-config`, the start-up error, a refused reload's log line and the
 /// `POST /reload` answer. So the parser's error is rendered here once, and dropped: on a line
-/// that may hold a secret (see [`may_hold_secret`]) the excerpt becomes `key = <redacted>`, and
-/// any value of such a line is cut out of the message too (a type error quotes the value).
+/// that may hold a secret (one that mentions a token, a secret, a password or a credential) the
+/// excerpt becomes `key = <redacted>`, and any value of such a line is cut out of the message
+/// too (a type error quotes the value).
 #[derive(Debug, Clone)]
 pub struct TomlError {
     /// What `Display` prints: the parser's rendering, its excerpt redacted where needed.
