@@ -25,14 +25,23 @@
 //!
 //! Tokens are held in [`Secret`], whose `Debug` never shows the value, and
 //! [`Config::effective_toml`] prints them redacted, so neither a log line nor `check-config` leaks
-//! one. A token may come from the environment (`token_env`) instead of the file.
+//! one. A token may come from the environment (`token_env`) instead of the file. Errors never show
+//! one either: a TOML error on a line that may set a secret shows `key = <redacted>` instead of
+//! the line ([`TomlError`]), and a value error on a token gives only its length. No two peers may
+//! share a token, nor use the admin token; the error names both peers.
+//!
+//! # Reloads
+//!
+//! [`reload_refusal`] says why a running engine must not take a new file: it drops or adds a
+//! peer, drops a key the running file sets, or empties the rules. Every key has a default, so
+//! without it an empty or truncated file would be valid and would drop every rule.
 
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -118,7 +127,7 @@ pub enum ConfigError {
     },
     /// The text is not TOML, or has an unknown key or a value of the wrong type.
     #[error("config is not valid: {0}")]
-    Toml(#[from] toml::de::Error),
+    Toml(TomlError),
     /// A key has a value outside what it allows.
     #[error("config key `{key}` = {value}: {expected}")]
     Invalid {
@@ -129,6 +138,156 @@ pub enum ConfigError {
         /// What would have been accepted.
         expected: String,
     },
+}
+
+impl ConfigError {
+    /// The error as one message naming the file it came from (once: a read error names it
+    /// already), for the start-up error and a refused reload.
+    pub fn in_file(&self, file: &Path) -> String {
+        match self {
+            ConfigError::Io { .. } => self.to_string(),
+            _ => format!("{}: {self}", file.display()),
+        }
+    }
+}
+
+/// A TOML syntax or type error: its line and column and the parser's message, with the line
+/// itself shown unless it may hold a secret.
+///
+/// The parser's own error renders the offending line with a caret under the fault, and keeps
+/// the whole file for that (its `Debug` prints it). A line that sets a token would show the
+/// token, in `check-config`, the start-up error, a refused reload's log line and the
+/// `POST /reload` answer. So the parser's error is rendered here once, and dropped: on a line
+/// that may hold a secret (one that mentions a token, a secret, a password or a credential) the
+/// excerpt becomes `key = <redacted>`, and any value of such a line is cut out of the message
+/// too (a type error quotes the value).
+#[derive(Debug, Clone)]
+pub struct TomlError {
+    /// What `Display` prints: the parser's rendering, its excerpt redacted where needed.
+    rendered: String,
+    /// 1-based line of the fault, when the parser knows it.
+    line: Option<usize>,
+    /// The parser's message, secrets cut out.
+    message: String,
+}
+
+impl TomlError {
+    /// The 1-based line of the fault, when known.
+    pub fn line(&self) -> Option<usize> {
+        self.line
+    }
+
+    /// What is wrong, without the excerpt.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    fn new(error: &toml::de::Error, text: &str) -> TomlError {
+        let lines: Vec<&str> = text.split('\n').collect();
+        // Values of every line that may hold a secret, to cut out of the message.
+        let secrets: Vec<String> = lines
+            .iter()
+            .filter(|l| may_hold_secret(l))
+            .flat_map(|l| secret_values(l))
+            .collect();
+        let message = scrub(error.message(), &secrets);
+        let line = error.span().map(|span| {
+            let end = span.start.min(text.len());
+            text.as_bytes()
+                .get(..end)
+                .map_or(0, |b| b.iter().filter(|&&c| c == b'\n').count())
+        });
+        let rendered = match line {
+            Some(index) if excerpt_may_hold_secret(&lines, index) => {
+                let original = error.to_string();
+                let header = original.lines().next().unwrap_or("TOML parse error");
+                let number = index + 1;
+                let gutter = " ".repeat(number.to_string().len());
+                let shown = lines
+                    .get(index)
+                    .map_or_else(String::new, |l| redacted_line(l));
+                format!("{header}\n{gutter} |\n{number} | {shown}\n{gutter} |\n{message}\n")
+            }
+            _ => scrub(&error.to_string(), &secrets),
+        };
+        TomlError {
+            rendered,
+            line: line.map(|i| i + 1),
+            message,
+        }
+    }
+}
+
+impl fmt::Display for TomlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.rendered)
+    }
+}
+
+/// Whether a line of a config file may set a secret: it names a token (`token`, `token_env`,
+/// `[admin] token`, a token in an inline table), or looks like any other secret. Deliberately
+/// broad: a comment that mentions a token only loses its excerpt.
+fn may_hold_secret(line: &str) -> bool {
+    const SECRET_WORDS: [&str; 4] = ["token", "secret", "passw", "credential"];
+    let lower = line.to_ascii_lowercase();
+    SECRET_WORDS.iter().any(|w| lower.contains(w))
+}
+
+/// Whether the excerpt of line `index` may show a secret: the line may hold one, or a line
+/// before it that may hold one opens a multi-line string, which could run on to this line.
+fn excerpt_may_hold_secret(lines: &[&str], index: usize) -> bool {
+    lines.get(index).is_some_and(|l| may_hold_secret(l))
+        || lines
+            .iter()
+            .take(index)
+            .any(|l| may_hold_secret(l) && (l.contains("\"\"\"") || l.contains("'''")))
+}
+
+/// A secret line as an excerpt: its key, if it starts with a plain one, and nothing else.
+fn redacted_line(line: &str) -> String {
+    let key = line.split_once('=').map(|(k, _)| k.trim()).filter(|k| {
+        !k.is_empty()
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' '))
+    });
+    match key {
+        Some(key) => format!("{key} = <redacted>"),
+        None => "<redacted>".to_owned(),
+    }
+}
+
+/// The values a secret line may carry: every quoted string on it (an unterminated one runs to
+/// the end of the line) and whatever follows its first `=`.
+fn secret_values(line: &str) -> Vec<String> {
+    let mut values = Vec::new();
+    if let Some((_, rest)) = line.split_once('=') {
+        values.push(rest.trim().to_owned());
+    }
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '"' || c == '\'' {
+            values.push(chars.by_ref().take_while(|&d| d != c).collect());
+        }
+    }
+    values.retain(|v| !v.is_empty());
+    values
+}
+
+/// `text` with every secret value cut out: long ones wherever they appear, short ones (which
+/// could match ordinary words) where quoted.
+fn scrub(text: &str, secrets: &[String]) -> String {
+    /// Below this many bytes a value is cut out only where it is quoted.
+    const BARE_BYTES_MIN: usize = 4;
+    let mut out = text.to_owned();
+    for secret in secrets {
+        for quote in ['"', '`', '\''] {
+            out = out.replace(&format!("{quote}{secret}{quote}"), "<redacted>");
+        }
+        if secret.len() >= BARE_BYTES_MIN {
+            out = out.replace(secret.as_str(), "<redacted>");
+        }
+    }
+    out
 }
 
 fn invalid(
@@ -469,6 +628,8 @@ pub struct Config {
     /// `[alert_storm]`.
     pub alert_storm: AlertStorm,
     raw: RawConfig,
+    /// Every key the file sets (`true` for a table), for [`reload_refusal`].
+    keys: BTreeMap<KeyPath, bool>,
 }
 
 /// `[engine]`, validated.
@@ -706,8 +867,14 @@ impl Config {
         text: &str,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text)?;
-        Config::validate(raw, &env)
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Toml(TomlError::new(&e, text)))?;
+        let mut config = Config::validate(raw, &env)?;
+        // The text parsed as `RawConfig`, so it parses as a table too.
+        if let Ok(table) = toml::from_str::<toml::Table>(text) {
+            config.keys = keys_of(&table);
+        }
+        Ok(config)
     }
 
     /// The configuration as a TOML file, with defaults and per-SU overrides filled in and every
@@ -762,6 +929,7 @@ impl Config {
         let csps = validate_csps(&raw.csp, env)?;
         let priority = validate_priority(&raw.priority, engine.levels)?;
         let alert_storm = validate_alert_storm(&raw.alert_storm)?;
+        check_tokens_distinct(&raw, admin_token.as_ref(), &service_users, &csps)?;
         // Keep the file's form for `effective_toml`, but never a token in it: the validated
         // tokens live in `Secret`s.
         let mut raw = raw;
@@ -790,6 +958,7 @@ impl Config {
             priority,
             alert_storm,
             raw,
+            keys: BTreeMap::new(),
         })
     }
 }
@@ -1067,13 +1236,84 @@ fn resolve_token(
         (None, Some(name)) => env(name).ok_or_else(|| {
             invalid(
                 format!("{key}.token_env"),
-                format!("{name:?}"),
+                shown_env_name(name),
                 "expected the name of a set environment variable",
             )
         })?,
     };
     check_token(key, &value)?;
     Ok(Secret(value))
+}
+
+/// A `token_env` value as an error may show it: quoted if it looks like a variable name, else
+/// not at all, since what was pasted there may be the token itself.
+fn shown_env_name(name: &str) -> String {
+    let looks_like_a_name = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if looks_like_a_name {
+        format!("{name:?}")
+    } else {
+        "(not a variable name; not shown in case it is a token)".to_owned()
+    }
+}
+
+/// Refuses two peers with one token (an SU could pass for another, or for a CSP), or a peer
+/// whose token opens the admin interface. Tokens from `token_env` count as what they resolve
+/// to. The error names both peers, never the token.
+fn check_tokens_distinct(
+    raw: &RawConfig,
+    admin: Option<&Secret>,
+    users: &[ServiceUser],
+    csps: &[Csp],
+) -> Result<(), ConfigError> {
+    let source = |token_env: &Option<String>| {
+        if token_env.is_some() {
+            "token_env"
+        } else {
+            "token"
+        }
+    };
+    // (token, key of its setting, the peer's name for the error)
+    let mut all: Vec<(&Secret, String, String)> = Vec::with_capacity(1 + users.len() + csps.len());
+    if let Some(token) = admin {
+        all.push((
+            token,
+            format!("admin.{}", source(&raw.admin.token_env)),
+            "admin".to_owned(),
+        ));
+    }
+    for (i, (su, raw_su)) in users.iter().zip(&raw.service_user).enumerate() {
+        all.push((
+            &su.token,
+            format!("service_user[{i}].{}", source(&raw_su.token_env)),
+            format!("service_user[{i}] ({})", su.id),
+        ));
+    }
+    for (i, (csp, raw_csp)) in csps.iter().zip(&raw.csp).enumerate() {
+        all.push((
+            &csp.token,
+            format!("csp[{i}].{}", source(&raw_csp.token_env)),
+            format!("csp[{i}] ({})", csp.name),
+        ));
+    }
+    let mut seen: HashMap<&[u8], usize> = HashMap::with_capacity(all.len());
+    for (i, (token, key, name)) in all.iter().enumerate() {
+        if let Some(first) = seen.insert(token.expose(), i) {
+            let first_name = all
+                .get(first)
+                .map_or("another peer", |(_, _, n)| n.as_str());
+            return Err(invalid(
+                key.clone(),
+                "(not shown)",
+                format!(
+                    "expected a token of its own, but {first_name} and {name} have the same token"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_token(key: &str, value: &str) -> Result<(), ConfigError> {
@@ -1361,4 +1601,366 @@ fn validate_alert_storm(raw: &RawAlertStorm) -> Result<AlertStorm, ConfigError> 
             STORM_TRACKED_KEYS_MAX,
         )?,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reloads.
+
+/// A key's path from the top of the file: `["engine", "cores"]`, `["priority", "rules"]`,
+/// `["service_user", "[90-B3-D5-1F-30-01-00-00]", "rate"]`. A peer's entries are named by its id
+/// or name, not by their place, so moving a peer in the file changes no path.
+type KeyPath = Vec<String>;
+
+/// The peers' arrays of tables, whose entries are named by `id` and `name`.
+const PEER_ARRAYS: [(&str, &str); 2] = [("service_user", "id"), ("csp", "name")];
+
+/// Every key `table` sets, `true` for the tables. Arrays are leaves, except the peers'.
+fn keys_of(table: &toml::Table) -> BTreeMap<KeyPath, bool> {
+    fn walk(prefix: &[String], table: &toml::Table, out: &mut BTreeMap<KeyPath, bool>) {
+        for (key, value) in table {
+            let mut path = prefix.to_vec();
+            path.push(key.clone());
+            let peer_name = PEER_ARRAYS
+                .iter()
+                .find(|(array, _)| prefix.is_empty() && array == key)
+                .map(|(_, name)| *name);
+            match (value, peer_name) {
+                (toml::Value::Table(inner), _) => {
+                    walk(&path, inner, out);
+                    out.insert(path, true);
+                }
+                (toml::Value::Array(items), Some(name_key)) => {
+                    for (i, item) in items.iter().enumerate() {
+                        if let toml::Value::Table(peer) = item {
+                            let mut entry = path.clone();
+                            entry.push(format!("[{}]", peer_label(key, name_key, peer, i)));
+                            walk(&entry, peer, out);
+                            out.insert(entry, true);
+                        }
+                    }
+                    out.insert(path, false);
+                }
+                _ => {
+                    out.insert(path, false);
+                }
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(&[], table, &mut out);
+    out
+}
+
+/// A peer's name in a key path: an SU's id as [`Eui64`] prints it, a CSP's name.
+fn peer_label(array: &str, name_key: &str, peer: &toml::Table, index: usize) -> String {
+    let name = peer.get(name_key).and_then(toml::Value::as_str);
+    match (array, name) {
+        ("service_user", Some(id)) => id
+            .parse::<Eui64>()
+            .map_or_else(|_| id.to_owned(), |id| id.to_string()),
+        (_, Some(name)) => name.to_owned(),
+        (_, None) => index.to_string(),
+    }
+}
+
+/// A key path as an operator writes it: `[priority]` for a table, `delivery.rate`,
+/// `service_user[90-B3-D5-1F-30-01-00-00].rate`.
+fn show_key(path: &[String], table: bool) -> String {
+    let mut out = String::new();
+    for segment in path {
+        if !out.is_empty() && !segment.starts_with('[') {
+            out.push('.');
+        }
+        out.push_str(segment);
+    }
+    if table {
+        format!("[{out}]")
+    } else {
+        out
+    }
+}
+
+/// "a", "a and b", "a, b and c".
+fn and_list(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
+}
+
+/// Why a running engine must not take `new`, read from `file`, as a reload; `None` when it
+/// may. `running` is the configuration the engine runs now (its start-up one, or the last
+/// reload applied).
+///
+/// Every key has a default, so an empty or truncated file parses and validates; applied, it
+/// would drop every rule and exclusion and every SU's overrides (2.2 and 7.x falling from level
+/// 1 to level 4). A reload is therefore refused when the file:
+///
+/// * lacks a Service User or CSP link the running engine has (removing one needs a restart), or
+///   has one the engine lacks (adding one needs a restart too);
+/// * lacks a key the running file sets: going back to a default is written out (`rate = 1000`).
+///   A `token` given as `token_env` instead, or the reverse, is not a key lost;
+/// * empties `priority.rules`, `priority.high_priority_alerts` or `alert_storm.exclusions` while
+///   the running engine has some.
+///
+/// Everything wrong is named at once, so one edit can fix it.
+pub fn reload_refusal(running: &Config, new: &Config, file: &str) -> Option<String> {
+    let mut problems = Vec::new();
+    let mut missing: Vec<String> = running
+        .service_users
+        .iter()
+        .filter(|su| new.service_user(su.id).is_none())
+        .map(|su| format!("service_user {}", su.id))
+        .collect();
+    missing.extend(
+        running
+            .csps
+            .iter()
+            .filter(|c| !new.csps.iter().any(|n| n.name == c.name))
+            .map(|c| format!("csp {}", c.name)),
+    );
+    if !missing.is_empty() {
+        problems.push(format!(
+            "{} {} configured in the running engine but missing from {file} (removing a peer needs a restart)",
+            and_list(&missing),
+            if missing.len() == 1 { "is" } else { "are" },
+        ));
+    }
+    let mut added: Vec<String> = new
+        .service_users
+        .iter()
+        .filter(|su| running.service_user(su.id).is_none())
+        .map(|su| format!("service_user {}", su.id))
+        .collect();
+    added.extend(
+        new.csps
+            .iter()
+            .filter(|c| !running.csps.iter().any(|r| r.name == c.name))
+            .map(|c| format!("csp {}", c.name)),
+    );
+    if !added.is_empty() {
+        problems.push(format!(
+            "{} {} in {file} but not in the running engine (adding a peer needs a restart)",
+            and_list(&added),
+            if added.len() == 1 { "is" } else { "are" },
+        ));
+    }
+    let lost: Vec<String> = running
+        .keys
+        .iter()
+        .filter(|(path, _)| !new.keys.contains_key(*path))
+        // Peers are named above; within a lost table, only the table is named.
+        .filter(|(path, _)| {
+            let is_peer = path.len() <= 2
+                && path
+                    .first()
+                    .is_some_and(|top| PEER_ARRAYS.iter().any(|(array, _)| array == top));
+            let parent_lost = path.len() > 1
+                && path
+                    .get(..path.len() - 1)
+                    .is_some_and(|parent| !new.keys.contains_key(parent));
+            !is_peer && !parent_lost
+        })
+        // A token moved to the environment, or back, is not lost.
+        .filter(|(path, _)| {
+            let swapped = match path.last().map(String::as_str) {
+                Some("token") => "token_env",
+                Some("token_env") => "token",
+                _ => return true,
+            };
+            let mut other = path.to_vec();
+            if let Some(last) = other.last_mut() {
+                *last = swapped.to_owned();
+            }
+            !new.keys.contains_key(&other)
+        })
+        .map(|(path, table)| show_key(path, *table))
+        .collect();
+    if !lost.is_empty() {
+        problems.push(format!(
+            "{file} lacks {}, which the running configuration sets (is the file truncated?): write each out, with its default value if that is what is meant",
+            and_list(&lost)
+        ));
+    }
+    for (key, before, after) in [
+        (
+            "priority.rules",
+            running.priority.rules.len(),
+            new.priority.rules.len(),
+        ),
+        (
+            "priority.high_priority_alerts",
+            running.priority.high_priority_alerts.len(),
+            new.priority.high_priority_alerts.len(),
+        ),
+        (
+            "alert_storm.exclusions",
+            running.alert_storm.exclusions.len(),
+            new.alert_storm.exclusions.len(),
+        ),
+    ] {
+        let present = new
+            .keys
+            .contains_key(&key.split('.').map(str::to_owned).collect::<KeyPath>());
+        if present && before > 0 && after == 0 {
+            problems.push(format!(
+                "{key} is empty in {file} but the running engine has {before}: restart to run without them"
+            ));
+        }
+    }
+    (!problems.is_empty()).then(|| problems.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RUNNING: &str = r#"
+[delivery]
+rate = 500
+
+[[service_user]]
+id = "90-b3-d5-1f-30-01-00-00"
+token = "a"
+rate = 200
+
+[[service_user]]
+id = "90-B3-D5-1F-30-01-00-01"
+token_env = "SU2"
+
+[[csp]]
+name = "csp.north"
+token = "c"
+
+[priority]
+rules = [ { srv = "2.2", level = 1 } ]
+high_priority_alerts = [ { code = 0x8F1C, level = 1 } ]
+
+[alert_storm]
+exclusions = [ 0x8F57 ]
+"#;
+
+    fn config(text: &str) -> Config {
+        Config::from_toml_with_env(text, |_| Some("from-env".to_owned())).unwrap()
+    }
+
+    fn refusal(new: &str) -> Option<String> {
+        reload_refusal(&config(RUNNING), &config(new), "F")
+    }
+
+    #[test]
+    fn keys_name_peers_by_id_and_name() {
+        let keys: Vec<String> = config(RUNNING)
+            .keys
+            .iter()
+            .map(|(path, table)| show_key(path, *table))
+            .collect();
+        for key in [
+            "[delivery]",
+            "delivery.rate",
+            "service_user",
+            "[service_user[90-B3-D5-1F-30-01-00-00]]",
+            "service_user[90-B3-D5-1F-30-01-00-00].rate",
+            "service_user[90-B3-D5-1F-30-01-00-01].token_env",
+            "csp[csp.north].token",
+            "priority.rules",
+        ] {
+            assert!(keys.iter().any(|k| k == key), "{key} not in {keys:?}");
+        }
+    }
+
+    #[test]
+    fn the_same_file_reloads() {
+        assert_eq!(refusal(RUNNING), None);
+        // Moving a peer in the file, or a token to the environment and back, loses nothing.
+        let moved = RUNNING
+            .replace("token = \"a\"", "token_env = \"SU1\"")
+            .replace("token_env = \"SU2\"", "token = \"b\"");
+        assert_eq!(refusal(&moved), None);
+    }
+
+    #[test]
+    fn an_empty_file_is_refused_naming_everything_it_lacks() {
+        assert_eq!(
+            refusal("").as_deref(),
+            Some(
+                "service_user 90-B3-D5-1F-30-01-00-00, service_user 90-B3-D5-1F-30-01-00-01 and \
+                 csp csp.north are configured in the running engine but missing from F (removing \
+                 a peer needs a restart); F lacks [alert_storm], [delivery] and [priority], which \
+                 the running configuration sets (is the file truncated?): write each out, with \
+                 its default value if that is what is meant"
+            )
+        );
+    }
+
+    #[test]
+    fn a_lost_override_or_an_added_peer_is_refused() {
+        let why = refusal(&RUNNING.replace("rate = 200\n", "")).unwrap();
+        assert!(
+            why.contains("F lacks service_user[90-B3-D5-1F-30-01-00-00].rate,"),
+            "{why}"
+        );
+        let more = format!("{RUNNING}\n[[csp]]\nname = \"csp-b\"\ntoken = \"d\"\ndevice_ranges = [\"00-00-00-00-00-00-00-00..00-00-00-00-00-00-00-FF\"]\n");
+        assert_eq!(
+            refusal(&more).as_deref(),
+            Some("csp csp-b is in F but not in the running engine (adding a peer needs a restart)")
+        );
+    }
+
+    #[test]
+    fn emptied_rules_alerts_or_exclusions_are_refused() {
+        let emptied = RUNNING
+            .replace("rules = [ { srv = \"2.2\", level = 1 } ]", "rules = []")
+            .replace("exclusions = [ 0x8F57 ]", "exclusions = []");
+        assert_eq!(
+            refusal(&emptied).as_deref(),
+            Some(
+                "priority.rules is empty in F but the running engine has 1: restart to run \
+                 without them; alert_storm.exclusions is empty in F but the running engine has \
+                 1: restart to run without them"
+            )
+        );
+        // Fewer rules, not none, apply.
+        let fewer = RUNNING.replace(
+            "rules = [ { srv = \"2.2\", level = 1 } ]",
+            "rules = [ { srv = \"7.*\", level = 1 } ]",
+        );
+        assert_eq!(refusal(&fewer), None);
+    }
+
+    #[test]
+    fn secret_lines_are_recognised_and_their_values_cut_out() {
+        assert!(may_hold_secret("token = \"x\""));
+        assert!(may_hold_secret("  Admin_Password = 'x'"));
+        assert!(may_hold_secret("csp = [{ name = \"a\", token = \"x\" }]"));
+        assert!(!may_hold_secret("levels = \"four"));
+        assert_eq!(redacted_line("token = \"abc"), "token = <redacted>");
+        assert_eq!(redacted_line("{ token = \"abc\" }"), "<redacted>");
+        let values = secret_values("token = \"abc\" # 'q'");
+        assert!(values.contains(&"abc".to_owned()) && values.contains(&"q".to_owned()));
+        assert_eq!(
+            scrub(
+                "string \"ab\", not abcdef or ab",
+                &["ab".into(), "abcdef".into()]
+            ),
+            "string <redacted>, not <redacted> or ab"
+        );
+        // A multi-line string opened on a token line hides the lines after it.
+        let lines = ["[admin]", "token = \"\"\"abc", "def\"\"\" x"];
+        assert!(excerpt_may_hold_secret(&lines, 2));
+        assert!(!excerpt_may_hold_secret(&lines, 0));
+    }
+
+    #[test]
+    fn the_parse_error_keeps_line_and_message_but_not_the_file() {
+        let e = Config::from_toml("[admin]\ntoken = \"hunter2-xyz\" 7\n").unwrap_err();
+        let ConfigError::Toml(toml) = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(toml.line(), Some(2));
+        assert!(!toml.message().is_empty());
+        let shown = format!("{e} {e:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
 }

@@ -113,8 +113,8 @@ fn main() -> ExitCode {
             let embedded = config.is_none();
             let config_path = config.clone();
             let loaded = match &config {
-                Some(path) => Config::load(path),
-                None => Config::embedded_default(),
+                Some(path) => Config::load(path).map_err(|e| e.in_file(path)),
+                None => Config::embedded_default().map_err(|e| e.to_string()),
             };
             let config = match loaded {
                 Ok(c) => c,
@@ -139,8 +139,8 @@ fn path_of(path: Option<PathBuf>) -> Option<PathBuf> {
 /// the engine keeps in `data_dir` (written every few seconds while it runs).
 fn report_alerts(config: Option<PathBuf>, day: Option<String>) -> ExitCode {
     let loaded = match &config {
-        Some(path) => Config::load(path),
-        None => Config::embedded_default(),
+        Some(path) => Config::load(path).map_err(|e| e.in_file(path)),
+        None => Config::embedded_default().map_err(|e| e.to_string()),
     };
     let config = match loaded {
         Ok(c) => c,
@@ -214,6 +214,17 @@ fn run(config: Config, embedded: bool, config_path: Option<PathBuf>) -> ExitCode
     for csp in &config.csps {
         tracing::info!(csp = %csp.name, rate = csp.rate, "CSP link configured");
     }
+    // The handlers go in before the engine starts: a SIGHUP's default action is to end the
+    // process, so one sent as soon as "dsplane running" is logged (`systemctl reload` right
+    // after a start) would kill it. Signals that arrive early wait in `signals` until the
+    // thread below reads them, after the config path is set.
+    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("dsplane: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let engine = match Engine::start(config) {
         Ok(e) => e,
         Err(e) => {
@@ -225,15 +236,6 @@ fn run(config: Config, embedded: bool, config_path: Option<PathBuf>) -> ExitCode
         engine.set_config_path(path);
     }
     let stopper = engine.stopper();
-    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("dsplane: cannot install signal handlers: {e}");
-            engine.shutdown();
-            engine.join();
-            return ExitCode::FAILURE;
-        }
-    };
     let handle = signals.handle();
     std::thread::spawn(move || {
         for signal in signals.forever() {

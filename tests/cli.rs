@@ -209,3 +209,106 @@ fn json_logs_parse_and_never_carry_a_token() {
     }
     assert!(lines.iter().any(|l| l.contains("SU HELLO refused")));
 }
+
+/// A token no output of the binary may ever show.
+const SECRET: &str = "CLI-SeCrEt-0c4f9e";
+
+#[test]
+fn a_syntax_error_on_a_token_line_is_shown_without_the_token() {
+    let text = format!(
+        "[engine]\ncores = 1\n\n[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-00\"\ntoken = \"{SECRET}\n"
+    );
+    let bad = temp_file("secret-syntax.toml", &text);
+    for args in [&["check-config"][..], &["run", "--config"][..]] {
+        let out = Command::new(BIN).args(args).arg(&bad).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let shown = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !shown.contains(SECRET),
+            "{args:?} printed the token:\n{shown}"
+        );
+        // Where and what stay: the file, the line and the parser's message.
+        assert!(shown.contains("secret-syntax.toml"), "{shown}");
+        assert!(shown.contains("line 6"), "{shown}");
+        assert!(shown.contains("redacted"), "{shown}");
+    }
+}
+
+#[test]
+fn two_peers_with_one_token_are_refused_at_start_up() {
+    let text = format!(
+        "[engine]\ncores = 1\n[listen]\nsu = \"127.0.0.1:0\"\ncsp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-00\"\ntoken = \"{SECRET}\"\n[[csp]]\nname = \"csp-a\"\ntoken = \"{SECRET}\"\n"
+    );
+    let bad = temp_file("same-token.toml", &text);
+    for args in [&["check-config"][..], &["run", "--config"][..]] {
+        let out = Command::new(BIN).args(args).arg(&bad).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains(SECRET), "{err}");
+        assert!(
+            err.contains("csp[0].token") && err.contains("service_user[0]"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_refused_sighup_reload_names_the_problem_and_logs_no_token() {
+    let data = std::env::temp_dir().join(format!("dsplane-cli-hup-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let good = format!(
+        "[engine]\ncores = 1\ndurability = \"none\"\ndata_dir = \"{}\"\n[listen]\nsu = \"127.0.0.1:0\"\ncsp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-00\"\ntoken = \"t-su\"\n[[csp]]\nname = \"csp-a\"\ntoken = \"t-csp\"\n",
+        data.display()
+    );
+    let path = temp_file("hup.toml", &good);
+    let common::Dsplane {
+        mut child, lines, ..
+    } = common::spawn_dsplane(&path);
+    // Everything the engine logs from a SIGHUP on, until the refusal and a little after.
+    let hup = |text: &str| -> String {
+        std::fs::write(&path, text).unwrap();
+        let status = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let mut seen = String::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            match lines.recv_timeout(Duration::from_millis(300)) {
+                Ok(line) => {
+                    seen.push_str(&line);
+                    seen.push('\n');
+                }
+                Err(_) if seen.contains("reload refused") => break,
+                Err(_) => {}
+            }
+        }
+        seen
+    };
+    let logged = hup(&good.replace("\"t-csp\"", &format!("\"{SECRET}")));
+    assert!(logged.contains("reload refused"), "{logged}");
+    assert!(
+        !logged.contains(SECRET),
+        "the log shows the token:\n{logged}"
+    );
+    assert!(
+        logged.contains("hup.toml") && logged.contains("line "),
+        "{logged}"
+    );
+    // An empty file is refused too, naming the peers it lacks.
+    let logged = hup("");
+    assert!(logged.contains("reload refused"), "{logged}");
+    assert!(
+        logged.contains("service_user 90-B3-D5-1F-30-01-00-00") && logged.contains("csp csp-a"),
+        "{logged}"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}

@@ -1,12 +1,18 @@
 //! The config file of ENGINE.md §10: defaults, the embedded config, and every validation error
-//! naming its key and value.
+//! naming its key and value; tokens kept out of every error; and what a reload refuses.
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use dsplane::client::{Client, ClientError};
 use dsplane::config::{
     Config, ConfigError, Durability, Scheduling, SrvPattern, PAYLOAD_BYTES_CEILING,
 };
+use dsplane::engine::Engine;
 use dsplane::ids::{Eui64, Level, Mode, Srv};
+use dsplane::wire::{Frame, Header, Kind, NackReason};
+
+mod common;
 
 const SU: &str = "[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-00\"\ntoken = \"t\"\n";
 
@@ -532,4 +538,354 @@ fn connections_max_is_checked_at_its_edges() {
     let max = dsplane::config::CONNECTIONS_MAX;
     assert!(parse(&format!("[listen]\nconnections_max = {max}\n")).is_ok());
     assert!(parse(&format!("[listen]\nconnections_max = {}\n", max + 1)).is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 13, items 10–13: tokens never in an error, no two peers with one token, and what a
+// reload refuses.
+
+/// A token no message may ever show.
+const SECRET: &str = "SeCrEt-d41d8cd9";
+
+/// Every way a parse or validation error renders: what a log line, `check-config` or a
+/// careless `{:?}` would print.
+fn rendered(e: &ConfigError) -> String {
+    format!("{e}\n{e:?}")
+}
+
+#[test]
+fn a_syntax_error_on_a_token_line_never_shows_the_token() {
+    let cases = [
+        // An unterminated string: the line, as the parser shows it, holds the token.
+        format!("[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-00\"\ntoken = \"{SECRET}\n"),
+        // Junk after the value.
+        format!("[[csp]]\nname = \"c\"\ntoken = \"{SECRET}\" x\n"),
+        format!("[engine]\nlevels = 4\n\n[admin]\ntoken = '{SECRET}\n"),
+        // The token in an inline table, with a typo after it.
+        format!("service_user = [ {{ id = \"90-B3-D5-1F-30-01-00-00\", token = \"{SECRET}\", rate = }} ]\n"),
+        // A type error whose message quotes the value.
+        "[[csp]]\nname = \"c\"\ntoken = 4141592653\n".to_owned(),
+        format!("[[csp]]\nname = \"c\"\ntoken = [\"{SECRET}\", 1]\n"),
+    ];
+    for text in &cases {
+        let e = parse(text).expect_err(text);
+        let shown = rendered(&e);
+        assert!(
+            !shown.contains(SECRET) && !shown.contains("4141592653"),
+            "for:\n{text}\nshown:\n{shown}"
+        );
+        // What the operator needs to fix it stays: where, and what is wrong.
+        assert!(shown.contains("line "), "{shown}");
+        assert!(shown.contains("redacted"), "{shown}");
+    }
+    // A line that sets no token keeps its excerpt.
+    let e = parse("[engine]\nlevels = \"four\n").unwrap_err();
+    assert!(e.to_string().contains("levels = \"four"), "{e}");
+}
+
+#[test]
+fn a_token_pasted_into_token_env_is_not_echoed() {
+    let text = format!("[[csp]]\nname = \"c\"\ntoken_env = \"{SECRET}/+=\"\n");
+    let e = parse(&text).unwrap_err();
+    let shown = rendered(&e);
+    assert!(!shown.contains(SECRET), "{shown}");
+    assert!(shown.contains("csp[0].token_env"), "{shown}");
+    // A variable name is still shown, so the operator can see which one is unset.
+    let e = parse("[[csp]]\nname = \"c\"\ntoken_env = \"DSPLANE_CSP_TOKEN\"\n").unwrap_err();
+    assert!(e.to_string().contains("DSPLANE_CSP_TOKEN"), "{e}");
+}
+
+#[test]
+fn two_peers_with_one_token_are_refused_naming_both() {
+    let su = |i: u8, token: &str| {
+        format!("[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-0{i}\"\ntoken = \"{token}\"\n")
+    };
+    let csp = |name: &str, token: &str, range: &str| {
+        format!("[[csp]]\nname = \"{name}\"\ntoken = \"{token}\"\ndevice_ranges = [{range}]\n")
+    };
+    let lo = "\"00-00-00-00-00-00-00-00..7F-FF-FF-FF-FF-FF-FF-FF\"";
+    let cases = [
+        (
+            format!("{}{}", su(0, SECRET), su(1, SECRET)),
+            "service_user[1].token",
+            ["service_user[0]", "90-B3-D5-1F-30-01-00-00"],
+        ),
+        (
+            format!("{}{}", su(0, SECRET), csp("csp-a", SECRET, "")),
+            "csp[0].token",
+            ["service_user[0]", "csp-a"],
+        ),
+        (
+            format!("{}{}", csp("csp-a", SECRET, lo), csp("csp-b", SECRET, "")),
+            "csp[1].token",
+            ["csp[0]", "csp-b"],
+        ),
+        (
+            format!("[admin]\ntoken = \"{SECRET}\"\n{}", su(0, SECRET)),
+            "service_user[0].token",
+            ["admin", "90-B3-D5-1F-30-01-00-00"],
+        ),
+    ];
+    for (text, key, names) in &cases {
+        let e = parse(text).expect_err(text);
+        let shown = rendered(&e);
+        assert!(!shown.contains(SECRET), "{shown}");
+        match &e {
+            ConfigError::Invalid { key: k, .. } => assert_eq!(k, key, "{shown}"),
+            other => panic!("{other}"),
+        }
+        for name in names {
+            assert!(shown.contains(name), "{name} not named in: {shown}");
+        }
+    }
+    // Tokens from the environment count as what they resolve to.
+    let text = format!(
+        "{}[[csp]]\nname = \"csp-a\"\ntoken_env = \"DSPLANE_TEST_CSP\"\n",
+        su(0, SECRET)
+    );
+    let e = Config::from_toml_with_env(&text, |_| Some(SECRET.to_owned())).unwrap_err();
+    let shown = rendered(&e);
+    assert!(
+        shown.contains("csp[0].token_env") && shown.contains("service_user[0]"),
+        "{shown}"
+    );
+    assert!(!shown.contains(SECRET), "{shown}");
+    // Distinct tokens are fine.
+    parse(&format!(
+        "{}{}{}",
+        su(0, "a"),
+        su(1, "b"),
+        csp("c", "c", "")
+    ))
+    .unwrap();
+}
+
+// ---- Reloads against a running engine (POST /reload).
+
+const SU1: Eui64 = Eui64(0x90B3_D51F_3001_0000);
+const T: Duration = Duration::from_secs(10);
+
+/// A file a running engine starts from: two SUs, one CSP, rules and exclusions.
+fn running_config(dir: &std::path::Path) -> String {
+    format!(
+        r#"[engine]
+cores = 1
+durability = "none"
+data_dir = "{}"
+
+[listen]
+su = "127.0.0.1:0"
+csp = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+
+[delivery]
+release_start = 1.0
+
+[[service_user]]
+id = "90-B3-D5-1F-30-01-00-00"
+token = "su1-token"
+
+[[service_user]]
+id = "90-B3-D5-1F-30-01-00-01"
+token = "su2-token"
+
+[[csp]]
+name = "csp-a"
+token = "csp-token"
+
+[priority]
+rules = [ {{ srv = "2.2", level = 1 }}, {{ srv = "7.*", level = 1 }} ]
+
+[alert_storm]
+exclusions = [ 0x8F57 ]
+"#,
+        dir.join("data").display()
+    )
+}
+
+/// Starts an engine on `running_config`; returns it, its file and the file's text.
+fn start_engine(name: &str) -> (Engine, std::path::PathBuf, String) {
+    let dir = std::env::temp_dir().join(format!("dsplane-config-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("dsplane.toml");
+    let text = running_config(&dir);
+    std::fs::write(&path, &text).unwrap();
+    let engine = Engine::start(Config::load(&path).unwrap()).unwrap();
+    engine.set_config_path(path.clone());
+    (engine, path, text)
+}
+
+fn reload(engine: &Engine, path: &std::path::Path, text: &str) -> (u16, String) {
+    std::fs::write(path, text).unwrap();
+    common::http(engine.admin_addr(), "POST", "/reload", None)
+}
+
+/// The level SU1 receives a RESPONSE for `srv` at.
+fn level_of(csp: &mut Client, su: &mut Client, srv: &str, counter: u64) -> u8 {
+    let mut h = Header::new(Kind::Response);
+    h.su_id = SU1;
+    h.srv = srv.parse::<Srv>().unwrap();
+    h.counter = counter;
+    let id = csp.send(Frame::new(h, Bytes::new()).unwrap()).unwrap();
+    csp.wait_ack(id, T).unwrap();
+    let f = su.recv(T).unwrap().unwrap();
+    su.ack(f.header.msg_id).unwrap();
+    assert_eq!(f.header.counter, counter);
+    f.header.priority
+}
+
+#[test]
+fn a_reload_of_an_empty_or_truncated_file_is_refused_naming_what_is_missing() {
+    let (engine, path, text) = start_engine("truncated");
+    let mut csp = Client::connect_csp(engine.csp_addr(), "csp-token").unwrap();
+    let mut su = Client::connect_su(engine.su_addr(), SU1, "su1-token").unwrap();
+    assert_eq!(level_of(&mut csp, &mut su, "2.2", 1), 1);
+
+    // An empty file parses (every key has a default) but has none of the running peers.
+    let (status, body) = reload(&engine, &path, "");
+    assert_eq!(status, 400, "{body}");
+    for name in [
+        "service_user 90-B3-D5-1F-30-01-00-00",
+        "service_user 90-B3-D5-1F-30-01-00-01",
+        "csp csp-a",
+        &path.display().to_string(),
+    ] {
+        assert!(body.contains(name), "{name} not in: {body}");
+    }
+    // 2.2 is still urgent: nothing of the empty file was applied.
+    assert_eq!(level_of(&mut csp, &mut su, "2.2", 2), 1);
+
+    // Cut after the first SU: the second SU, the CSP and the last sections are gone.
+    let cut = text
+        .find("[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-01\"")
+        .unwrap();
+    let (status, body) = reload(&engine, &path, &text[..cut]);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("service_user 90-B3-D5-1F-30-01-00-01"),
+        "{body}"
+    );
+    assert!(
+        !body.contains("service_user 90-B3-D5-1F-30-01-00-00"),
+        "{body}"
+    );
+    assert!(body.contains("csp csp-a"), "{body}");
+    assert!(
+        body.contains("[priority]") && body.contains("[alert_storm]"),
+        "{body}"
+    );
+
+    // Cut after the CSP: every peer is there, but the rules and exclusions are not. The
+    // file still parses; the keys it lacks are named.
+    let cut = text.find("[priority]").unwrap();
+    let (status, body) = reload(&engine, &path, &text[..cut]);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("[priority]") && body.contains("[alert_storm]"),
+        "{body}"
+    );
+    assert!(!body.contains("csp csp-a"), "{body}");
+    assert_eq!(level_of(&mut csp, &mut su, "7.1", 3), 1);
+
+    // One key gone from a section that is still there.
+    let (status, body) = reload(&engine, &path, &text.replace("release_start = 1.0\n", ""));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("delivery.release_start"), "{body}");
+
+    // The whole file again is applied.
+    let (status, body) = reload(&engine, &path, &text);
+    assert_eq!(status, 200, "{body}");
+    engine.shutdown();
+    engine.join();
+}
+
+#[test]
+fn a_reload_that_adds_a_peer_is_refused_as_needing_a_restart() {
+    let (engine, path, text) = start_engine("adds");
+    let more = format!(
+        "{text}\n[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-02\"\ntoken = \"su3-token\"\n"
+    );
+    let (status, body) = reload(&engine, &path, &more);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("90-B3-D5-1F-30-01-00-02") && body.contains("restart"),
+        "{body}"
+    );
+    assert!(!body.contains("su3-token"), "{body}");
+    engine.shutdown();
+    engine.join();
+}
+
+fn refused(result: Result<Client, ClientError>) -> Option<NackReason> {
+    match result {
+        Err(ClientError::Refused { reason, .. }) => reason,
+        Ok(_) => panic!("HELLO accepted"),
+        Err(other) => panic!("{other}"),
+    }
+}
+
+#[test]
+fn a_reload_that_changes_tokens_applies_them_to_new_hellos() {
+    let (engine, path, text) = start_engine("tokens");
+    // Opened with the old tokens, before the reload.
+    let mut csp = Client::connect_csp(engine.csp_addr(), "csp-token").unwrap();
+    let mut su = Client::connect_su(engine.su_addr(), SU1, "su1-token").unwrap();
+    let new = text
+        .replace("\"su1-token\"", "\"su1-token-rotated\"")
+        .replace("\"csp-token\"", "\"csp-token-rotated\"");
+    let (status, body) = reload(&engine, &path, &new);
+    assert_eq!(status, 200, "{body}");
+    // The response says which tokens changed, and never shows one.
+    assert!(
+        body.contains("service_user 90-B3-D5-1F-30-01-00-00"),
+        "{body}"
+    );
+    assert!(body.contains("csp csp-a"), "{body}");
+    assert!(
+        !body.contains("90-B3-D5-1F-30-01-00-01"),
+        "unchanged SU named: {body}"
+    );
+    assert!(!body.contains("-token"), "{body}");
+    // Connections opened before the reload keep going.
+    assert_eq!(level_of(&mut csp, &mut su, "2.2", 1), 1);
+    // New HELLOs: the new tokens are accepted, the old ones refused with NACK 3.
+    Client::connect_su(engine.su_addr(), SU1, "su1-token-rotated").unwrap();
+    let _csp2 = Client::connect_csp(engine.csp_addr(), "csp-token-rotated").unwrap();
+    assert_eq!(
+        refused(Client::connect_su(engine.su_addr(), SU1, "su1-token")),
+        Some(NackReason::Unauthorised)
+    );
+    assert_eq!(
+        refused(Client::connect_csp(engine.csp_addr(), "csp-token")),
+        Some(NackReason::Unauthorised)
+    );
+    // The unchanged SU keeps its token.
+    Client::connect_su(engine.su_addr(), Eui64(0x90B3_D51F_3001_0001), "su2-token").unwrap();
+    engine.shutdown();
+    engine.join();
+}
+
+#[test]
+fn a_refused_reload_never_shows_a_token() {
+    let (engine, path, text) = start_engine("secret");
+    let bad = text.replace("\"csp-token\"", &format!("\"{SECRET}"));
+    let (status, body) = reload(&engine, &path, &bad);
+    assert_eq!(status, 400, "{body}");
+    assert!(!body.contains(SECRET), "{body}");
+    assert!(
+        body.contains("line ") && body.contains(&path.display().to_string()),
+        "{body}"
+    );
+    // A duplicate token is refused on reload as at start-up, without showing it.
+    let dup = text.replace("\"su2-token\"", "\"su1-token\"");
+    let (status, body) = reload(&engine, &path, &dup);
+    assert_eq!(status, 400, "{body}");
+    assert!(!body.contains("su1-token"), "{body}");
+    assert!(
+        body.contains("service_user[0]") && body.contains("service_user[1]"),
+        "{body}"
+    );
+    engine.shutdown();
+    engine.join();
 }

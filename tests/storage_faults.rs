@@ -368,7 +368,7 @@ fn damage_to_the_data_dir_is_refused_or_survived_never_silently_lost() {
     assert!(!half.exists(), "the half-made generation is deleted");
 }
 
-/// 5. One engine per data_dir: a second `dsplane run` on the same data_dir (other ports) is
+/// Item 5, one engine per data_dir: a second `dsplane run` on the same data_dir (other ports) is
 /// refused with the directory and the first one's pid.
 #[test]
 fn a_second_engine_on_the_same_data_dir_is_refused() {
@@ -464,7 +464,7 @@ fn drain(su: &mut Client) -> Vec<u64> {
     }
 }
 
-/// 4. After the SU has acknowledged everything, a full disk takes frames again: the fully
+/// Item 4: after the SU has acknowledged everything, a full disk takes frames again: the fully
 /// acknowledged segment being written is rolled and deleted, with room from the reserve.
 #[test]
 fn a_full_disk_is_not_wedged_by_acknowledged_frames() {
@@ -497,7 +497,7 @@ fn a_full_disk_is_not_wedged_by_acknowledged_frames() {
     kill(&mut d.child, "-TERM");
 }
 
-/// 4. A restart on a full disk: recovery goes on in place, frames get NACK 5 while the disk is
+/// Item 4: a restart on a full disk: recovery goes on in place, frames get NACK 5 while the disk is
 /// really full, the backlog is delivered, and frames are taken again when space returns.
 #[test]
 fn a_restart_on_a_full_disk_recovers_in_place() {

@@ -31,7 +31,7 @@ use std::time::Duration;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
-use super::shared::{token_eq, Adopt, Control, PeerRef, Shared};
+use super::shared::{Adopt, Control, PeerRef, Shared};
 use crate::admission::{Eviction, HandshakeLimits, HandshakeTable, HelloFailures, LogLimiter};
 use crate::wire::{
     Frame, FrameDecoder, Header, Kind, NackReason, Role, HEADER_LEN, TOKEN_BYTES_MAX,
@@ -396,19 +396,10 @@ impl Acceptor {
         }
         let token_ok = !token.is_empty() && token.len() <= TOKEN_BYTES_MAX;
         match role {
-            Role::Su => {
-                let su = self.shared.su(header.su_id);
-                // Compare even for an unknown SU, so the time taken does not tell which SU ids
-                // exist.
-                let expected = su
-                    .and_then(|i| self.shared.su_token(i))
-                    .map_or(&b"\0unknown-service-user"[..], |t| t.expose());
-                let matches = token_eq(expected, token);
-                match su {
-                    Some(i) if matches && token_ok => Ok(PeerRef::Su(i)),
-                    _ => Err((NackReason::Unauthorised, "unknown SU or bad token")),
-                }
-            }
+            Role::Su => match self.shared.su_by_token(header.su_id, token) {
+                Some(i) if token_ok => Ok(PeerRef::Su(i)),
+                _ => Err((NackReason::Unauthorised, "unknown SU or bad token")),
+            },
             Role::Csp => match self.shared.csp_by_token(token) {
                 Some(i) if token_ok => Ok(PeerRef::Csp(i)),
                 _ => Err((NackReason::Unauthorised, "bad token")),

@@ -256,7 +256,13 @@ impl Stopper {
 
     /// Re-reads the configuration file given to [`Engine::set_config_path`] and applies what
     /// can change while running (rules, alert levels, exclusions, thresholds, rates) to traffic
-    /// entering from now on. Returns warnings about changes that need a restart.
+    /// entering from now on, and new tokens to HELLOs from now on. Returns notes: changes that
+    /// need a restart, and which tokens changed.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read or is not valid, or it drops or adds a peer or a key, or empties
+    /// the rules ([`crate::config::reload_refusal`]): nothing of it is applied.
     pub fn reload(&self) -> Result<Vec<String>, String> {
         reload(&self.shared)
     }
@@ -378,13 +384,24 @@ fn reload(shared: &Shared) -> Result<Vec<String>, String> {
         .lock()
         .map_err(|_| "lock poisoned".to_string())?
         .clone();
-    let config = match &path {
-        Some(p) => Config::load(p),
-        None => Config::embedded_default(),
-    }
-    .map_err(|e| e.to_string())?;
-    let (reload, warnings) = shared.reload_from(&config)?;
+    let (config, file) = match &path {
+        Some(p) => (
+            Config::load(p).map_err(|e| e.in_file(p))?,
+            p.display().to_string(),
+        ),
+        None => (
+            Config::embedded_default().map_err(|e| e.to_string())?,
+            "the embedded configuration".to_owned(),
+        ),
+    };
+    let mut applied = shared
+        .applied
+        .lock()
+        .map_err(|_| "lock poisoned".to_string())?;
+    let (reload, warnings) = shared.reload_from(&applied, &config, &file)?;
     shared.apply_reload(reload);
+    *applied = config;
+    drop(applied);
     for w in &warnings {
         tracing::warn!("reload: {w}");
     }

@@ -1,11 +1,12 @@
-//! What every thread of the engine can see: the directory of peers (immutable after start-up),
-//! the links into each worker (its ring, its waker, its control channel), and the admission
-//! counters that bound what dsplane holds for each receiver.
+//! What every thread of the engine can see: the directory of peers (fixed at start-up) and the
+//! tokens they present (replaced whole by a reload), the links into each worker (its ring, its
+//! waker, its control channel), and the admission counters that bound what dsplane holds for
+//! each receiver.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use mio::Waker;
 
@@ -51,6 +52,18 @@ pub(crate) struct Reload {
     pub sus: Vec<(u32, u32, u32, u32, u32)>,
     /// (CSP index, rate, burst).
     pub csps: Vec<(u32, u32, u32)>,
+    /// Every peer's token from the new file, for HELLOs from now on; taken out by
+    /// [`Shared::apply_reload`] before the rest goes to the workers.
+    pub tokens: Tokens,
+}
+
+/// The tokens peers must present in HELLO, by directory index. A reload replaces them whole;
+/// the acceptor reads them once per HELLO, so a HELLO is checked against one file's tokens,
+/// never a mix. Connections already authenticated are not checked again.
+#[derive(Debug, Default)]
+pub(crate) struct Tokens {
+    pub su: Vec<Secret>,
+    pub csp: Vec<Secret>,
 }
 
 /// Who to ACK once a frame is durable: the intake worker's connection and the frame's msg_id.
@@ -123,9 +136,12 @@ pub(crate) struct WorkerLink {
     pub control: Sender<Control>,
 }
 
-/// Everything shared. Built once; only atomics change afterwards.
+/// Everything shared. Built once; afterwards only atomics change, and the tokens and the
+/// applied configuration, which a reload replaces.
 #[derive(Debug)]
 pub(crate) struct Shared {
+    /// The start-up configuration. What a reload changes is applied to the workers and to
+    /// [`Shared::tokens`], not here; see [`Shared::applied`].
     pub config: Config,
     pub rules: Arc<Rules>,
     pub sus: Vec<SuEntry>,
@@ -164,6 +180,14 @@ pub(crate) struct Shared {
     pub log_lines_suppressed: AtomicU64,
     /// The configuration file, for reloads; `None` for the embedded default.
     pub config_path: std::sync::Mutex<Option<std::path::PathBuf>>,
+    /// The tokens HELLOs are checked against (the start-up ones until a reload changes them).
+    /// Each SU's and CSP's `config.token` in the directory stays the start-up one: read tokens
+    /// here, through [`Shared::su_by_token`] and [`Shared::csp_by_token`].
+    tokens: RwLock<Tokens>,
+    /// The configuration last applied: the start-up one, then each reload's. A reload holds
+    /// the lock from its checks to its end, so that two (SIGHUP and `POST /reload`) never
+    /// interleave, and each is checked against the one before it.
+    pub applied: std::sync::Mutex<Config>,
 }
 
 impl Shared {
@@ -172,9 +196,16 @@ impl Shared {
         self.origin.elapsed().as_nanos() as crate::Nanos
     }
 
-    /// Builds a reload from a new configuration; what cannot change while running is named in
-    /// the returned warnings and left as it was.
-    pub(crate) fn reload_from(&self, new: &Config) -> Result<(Reload, Vec<String>), String> {
+    /// Builds a reload from `new`, read from `file`, for an engine running `running` (the last
+    /// configuration applied). A file that would drop or add peers, keys or every rule is
+    /// refused ([`crate::config::reload_refusal`]). What cannot change while running is named in
+    /// the returned notes and left as it was; changed tokens are named there too.
+    pub(crate) fn reload_from(
+        &self,
+        running: &Config,
+        new: &Config,
+        file: &str,
+    ) -> Result<(Reload, Vec<String>), String> {
         let mut warnings = Vec::new();
         let old = &self.config;
         if new.engine.levels != old.engine.levels {
@@ -182,6 +213,9 @@ impl Shared {
                 "engine.levels changed ({} → {}): restart to apply",
                 old.engine.levels, new.engine.levels
             ));
+        }
+        if let Some(why) = crate::config::reload_refusal(running, new, file) {
+            return Err(why);
         }
         for (changed, key) in [
             (new.listen.su != old.listen.su, "listen.su"),
@@ -208,33 +242,51 @@ impl Shared {
         let storm =
             crate::storm::StormSettings::from_config(&new.alert_storm, self.workers.len() as u32)
                 .map_err(|e| e.to_string())?;
-        let mut sus = Vec::new();
+        if new.admin_token != old.admin_token {
+            warnings.push(
+                "admin.token changed: restart to apply (the admin interface asks for the token it started with)"
+                    .to_owned(),
+            );
+        }
+        // `reload_refusal` saw to it that the new file has exactly the running peers.
+        let mut sus = Vec::with_capacity(self.sus.len());
+        let mut tokens = Tokens {
+            su: self.sus.iter().map(|s| s.config.token.clone()).collect(),
+            csp: self.csps.iter().map(|c| c.config.token.clone()).collect(),
+        };
         for su in &new.service_users {
-            match self.su(su.id) {
-                Some(i) => sus.push((
-                    i,
-                    su.delivery.rate,
-                    su.delivery.burst,
-                    su.sr_rate,
-                    su.sr_burst,
-                )),
-                None => warnings.push(format!("service user {} is new: restart to add it", su.id)),
+            let i = self
+                .su(su.id)
+                .ok_or_else(|| format!("service_user {} is not in the running engine", su.id))?;
+            sus.push((
+                i,
+                su.delivery.rate,
+                su.delivery.burst,
+                su.sr_rate,
+                su.sr_burst,
+            ));
+            if let Some(t) = tokens.su.get_mut(i as usize) {
+                t.clone_from(&su.token);
             }
         }
-        for su in &old.service_users {
-            if !new.service_users.iter().any(|n| n.id == su.id) {
-                warnings.push(format!(
-                    "service user {} was removed: restart to remove it",
-                    su.id
-                ));
-            }
-        }
-        let mut csps = Vec::new();
+        let mut csps = Vec::with_capacity(self.csps.len());
         for c in &new.csps {
-            match self.csps.iter().position(|e| e.config.name == c.name) {
-                Some(i) => csps.push((i as u32, c.rate, c.burst)),
-                None => warnings.push(format!("CSP {} is new: restart to add it", c.name)),
+            let i = self
+                .csps
+                .iter()
+                .position(|e| e.config.name == c.name)
+                .ok_or_else(|| format!("csp {} is not in the running engine", c.name))?;
+            csps.push((i as u32, c.rate, c.burst));
+            if let Some(t) = tokens.csp.get_mut(i) {
+                t.clone_from(&c.token);
             }
+        }
+        let changed = self.tokens_changed(&tokens);
+        if !changed.is_empty() {
+            warnings.push(format!(
+                "token changed for {}: a HELLO must now present the new token and the old one is refused; connections already open stay open",
+                changed.join(", ")
+            ));
         }
         self.intake
             .set_capacity(
@@ -248,13 +300,28 @@ impl Shared {
                 storm,
                 sus,
                 csps,
+                tokens,
             },
             warnings,
         ))
     }
 
-    /// Applies a reload on every worker.
-    pub(crate) fn apply_reload(&self, reload: Reload) {
+    /// The peers whose token in `new` differs from the one HELLOs are checked against now.
+    fn tokens_changed(&self, new: &Tokens) -> Vec<String> {
+        let now = self.tokens.read().unwrap_or_else(PoisonError::into_inner);
+        let sus = (now.su.iter().zip(&new.su).enumerate())
+            .filter(|(_, (a, b))| a != b)
+            .map(|(i, _)| format!("service_user {}", self.peer_label(PeerRef::Su(i as u32))));
+        let csps = (now.csp.iter().zip(&new.csp).enumerate())
+            .filter(|(_, (a, b))| a != b)
+            .map(|(i, _)| format!("csp {}", self.peer_label(PeerRef::Csp(i as u32))));
+        sus.chain(csps).collect()
+    }
+
+    /// Applies a reload: the tokens for HELLOs from now on, the rest on every worker.
+    pub(crate) fn apply_reload(&self, mut reload: Reload) {
+        let tokens = std::mem::take(&mut reload.tokens);
+        *self.tokens.write().unwrap_or_else(PoisonError::into_inner) = tokens;
         let reload = Arc::new(reload);
         for w in &self.workers {
             if w.control.send(Control::Reload(Arc::clone(&reload))).is_ok() {
@@ -315,7 +382,13 @@ impl Shared {
             .iter()
             .position(|c| c.config.device_ranges.is_empty())
             .map(|i| i as u32);
+        let tokens = Tokens {
+            su: sus.iter().map(|s| s.config.token.clone()).collect(),
+            csp: csps.iter().map(|c| c.config.token.clone()).collect(),
+        };
         Shared {
+            applied: std::sync::Mutex::new(config.clone()),
+            tokens: RwLock::new(tokens),
             memory_frames_max: config.delivery.nms_total,
             durable: config.engine.durability != crate::config::Durability::None,
             config,
@@ -359,13 +432,26 @@ impl Shared {
     /// The CSP whose token this is, comparing against every CSP's token in constant time each
     /// (and all of them, so the time taken does not say which one matched).
     pub(crate) fn csp_by_token(&self, token: &[u8]) -> Option<u32> {
+        let tokens = self.tokens.read().unwrap_or_else(PoisonError::into_inner);
         let mut found = None;
-        for (i, c) in self.csps.iter().enumerate() {
-            if token_eq(c.config.token.expose(), token) && found.is_none() {
+        for (i, expected) in tokens.csp.iter().enumerate() {
+            if token_eq(expected.expose(), token) && found.is_none() {
                 found = Some(i as u32);
             }
         }
         found
+    }
+
+    /// The SU `id`, if this is its token. The comparison runs even for an unknown SU, so the
+    /// time taken does not tell which SU ids exist.
+    pub(crate) fn su_by_token(&self, id: Eui64, token: &[u8]) -> Option<u32> {
+        let su = self.su(id);
+        let tokens = self.tokens.read().unwrap_or_else(PoisonError::into_inner);
+        let expected = su
+            .and_then(|i| tokens.su.get(i as usize))
+            .map_or(&b"\0unknown-service-user"[..], |t| t.expose());
+        let matches = token_eq(expected, token);
+        su.filter(|_| matches)
     }
 
     /// Renders `/metrics`: the workers' latest copies merged.
@@ -451,11 +537,6 @@ impl Shared {
             // A worker whose poll is gone has already stopped.
             let _ = w.waker.wake();
         }
-    }
-
-    /// The token the SU must present.
-    pub(crate) fn su_token(&self, su: u32) -> Option<&Secret> {
-        self.sus.get(su as usize).map(|s| &s.config.token)
     }
 }
 
