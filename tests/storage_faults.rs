@@ -32,6 +32,10 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 fn write_config(dir: &Path, data_dir: &Path) -> PathBuf {
+    write_config_with(dir, data_dir, 1 << 20)
+}
+
+fn write_config_with(dir: &Path, data_dir: &Path, max_payload: u32) -> PathBuf {
     let config = dir.join("dsplane.toml");
     std::fs::write(
         &config,
@@ -42,7 +46,7 @@ cores = 2
 data_dir = "{}"
 durability = "batch"
 flush_interval_ms = 2
-max_payload = 1048576
+max_payload = {max_payload}
 [listen]
 su = "127.0.0.1:0"
 csp = "127.0.0.1:0"
@@ -199,18 +203,39 @@ fn deliver_all(config: &Path) -> (Vec<u64>, Vec<String>) {
     (got, lines)
 }
 
-/// Runs `dsplane ARGS…` to its end: (exit code, stdout, stderr).
+/// Runs `dsplane ARGS…` to its end, or for at most 15 s (a `run` that starts is stopped with
+/// SIGTERM then, and reported as exit code 0): (exit code, stdout, stderr).
 fn run_binary(args: &[&str], config: &Path) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_dsplane"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dsplane"))
         .args(args)
         .arg("--config")
         .arg(config)
         .env("DSPLANE_LOG", "warn")
         .env_remove("DSPLANE_LOG_FORMAT")
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut started = false;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            started = true;
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let code = if started {
+        0
+    } else {
+        out.status.code().unwrap_or(-1)
+    };
     (
-        out.status.code().unwrap_or(-1),
+        code,
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
@@ -237,7 +262,7 @@ fn damage_to_the_data_dir_is_refused_or_survived_never_silently_lost() {
     // 1. CURRENT deleted, emptied, overwritten or flipped: found from the directories.
     let intact = std::fs::read(pristine.join("CURRENT")).unwrap();
     let mut flipped = intact.clone();
-    flipped[18] ^= 0x02;
+    flipped[intact.len() / 2] ^= 0x02;
     let damages: Vec<(&str, Option<Vec<u8>>)> = vec![
         ("deleted", None),
         ("empty", Some(Vec::new())),
@@ -392,6 +417,16 @@ fn a_second_engine_on_the_same_data_dir_is_refused() {
     assert_eq!(got, (0..10).collect::<Vec<_>>());
 }
 
+/// The binary, killed when the test ends however it ends (so its tmpfs can be unmounted).
+struct Running(common::Dsplane);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.child.kill();
+        let _ = self.0.child.wait();
+    }
+}
+
 /// A tmpfs of `size` for the full-disk tests (root only; elsewhere the test says so and stops).
 struct Tmpfs(PathBuf);
 
@@ -472,12 +507,12 @@ fn a_full_disk_is_not_wedged_by_acknowledged_frames() {
     let Some(fs) = Tmpfs::mount(&dir, "6m") else {
         return;
     };
-    let config = write_config(&dir, &fs.0.join("data"));
-    let mut d = common::spawn_dsplane(&config);
-    let mut csp = Client::connect_csp(d.csp, "csp-token").unwrap();
+    let config = write_config_with(&dir, &fs.0.join("data"), 65_536);
+    let mut d = Running(common::spawn_dsplane(&config));
+    let mut csp = Client::connect_csp(d.0.csp, "csp-token").unwrap();
     let taken = fill(&mut csp, 0);
     // The SU takes and acknowledges the whole backlog.
-    let mut su = Client::connect_su(d.su, SU1, "su1-token").unwrap();
+    let mut su = Client::connect_su(d.0.su, SU1, "su1-token").unwrap();
     let got = drain(&mut su);
     assert_eq!(got, (0..taken).collect::<Vec<_>>());
     // Nothing is queued: frames must be taken again, by themselves, within seconds.
@@ -494,7 +529,7 @@ fn a_full_disk_is_not_wedged_by_acknowledged_frames() {
     // And the disk is usable again: most of it is free for a new backlog.
     let again = fill(&mut csp, 20_000);
     assert!(again * 2 > taken, "{again} frames after, {taken} before");
-    kill(&mut d.child, "-TERM");
+    kill(&mut d.0.child, "-TERM");
 }
 
 /// Item 4: a restart on a full disk: recovery goes on in place, frames get NACK 5 while the disk is
@@ -505,12 +540,12 @@ fn a_restart_on_a_full_disk_recovers_in_place() {
     let Some(fs) = Tmpfs::mount(&dir, "6m") else {
         return;
     };
-    let config = write_config(&dir, &fs.0.join("data"));
-    let mut d = common::spawn_dsplane(&config);
-    let mut csp = Client::connect_csp(d.csp, "csp-token").unwrap();
+    let config = write_config_with(&dir, &fs.0.join("data"), 65_536);
+    let mut d = Running(common::spawn_dsplane(&config));
+    let mut csp = Client::connect_csp(d.0.csp, "csp-token").unwrap();
     let taken = fill(&mut csp, 0);
     drop(csp);
-    kill(&mut d.child, "-KILL");
+    kill(&mut d.0.child, "-KILL");
     // Whatever room is left goes to a filler file.
     let filler = fs.0.join("filler");
     {
@@ -518,13 +553,13 @@ fn a_restart_on_a_full_disk_recovers_in_place() {
         let mut f = std::fs::File::create(&filler).unwrap();
         while f.write_all(&[0u8; 4096]).is_ok() {}
     }
-    let mut d = common::spawn_dsplane(&config);
-    let mut csp = Client::connect_csp(d.csp, "csp-token").unwrap();
+    let mut d = Running(common::spawn_dsplane(&config));
+    let mut csp = Client::connect_csp(d.0.csp, "csp-token").unwrap();
     assert!(
         !offer(&mut csp, alert(5_000, 32 * 1024)),
         "the disk is full: NACK 5"
     );
-    let mut su = Client::connect_su(d.su, SU1, "su1-token").unwrap();
+    let mut su = Client::connect_su(d.0.su, SU1, "su1-token").unwrap();
     let got = drain(&mut su);
     assert_eq!(
         got,
@@ -537,5 +572,5 @@ fn a_restart_on_a_full_disk_recovers_in_place() {
         assert!(Instant::now() < deadline, "never taken again");
         std::thread::sleep(Duration::from_millis(100));
     }
-    kill(&mut d.child, "-TERM");
+    kill(&mut d.0.child, "-TERM");
 }
