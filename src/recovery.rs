@@ -1366,6 +1366,55 @@ mod tests {
     }
 
     #[test]
+    fn a_log_of_the_first_format_is_read_and_recovered_into_a_new_generation() {
+        use std::io::Write;
+        let dir = temp_dir("legacy");
+        let w0 = datadir::worker_dir(&datadir::gen_dir(&dir, 4), 0);
+        fs::create_dir_all(&w0).unwrap();
+        fs::write(dir.join(datadir::CURRENT), b"4\n").unwrap();
+        // What the first format wrote: a v1 header, a CHECKPOINT, frames, a DONE.
+        let mut bytes = wal::SEGMENT_MAGIC_V1.to_vec();
+        bytes.extend_from_slice(&1u64.to_le_bytes());
+        Record::Checkpoint(vec![]).encode(&mut bytes);
+        for seq in 1..=5u64 {
+            Record::Enqueue {
+                peer: SU,
+                level: 3,
+                seq,
+                enqueued_unix_ns: seq,
+                frame: frame(seq),
+            }
+            .encode(&mut bytes);
+        }
+        Record::Done {
+            peer: SU,
+            level: 2,
+            seq: 2,
+        }
+        .encode(&mut bytes);
+        // …and a torn tail: in the first format, damage at the end of the newest segment.
+        bytes.extend_from_slice(&[200, 0, 0, 0, 1]);
+        fs::File::create(wal::segment_path(&w0, 1))
+            .unwrap()
+            .write_all(&bytes)
+            .unwrap();
+        let (mut stores, report) = recover_into(&dir, 1);
+        assert_eq!((report.generation, report.frames_recovered), (5, 3));
+        assert!(!report.in_place);
+        assert_eq!(report.torn_tails.len(), 1);
+        assert!(!datadir::gen_dir(&dir, 4).exists());
+        assert_eq!(
+            counters(&stores[0].load(SU, 2, 10, lane).unwrap()),
+            vec![3, 4, 5]
+        );
+        // From then on the data directory is of the current format.
+        assert!(matches!(
+            datadir::resolve(&dir).unwrap(),
+            Found::Generation { legacy: false, .. }
+        ));
+    }
+
+    #[test]
     fn durability_is_published_by_the_flusher() {
         let dir = temp_dir("flush");
         let notified = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));

@@ -72,6 +72,10 @@ impl Engine {
     /// A port that cannot be bound, or a thread or poll that cannot be created.
     pub fn start(config: Config) -> io::Result<Engine> {
         let workers = worker_count(&config);
+        // One engine per data_dir, checked before anything is bound: the lock is held until
+        // this engine is joined.
+        let lock = crate::datadir::DataDirLock::acquire(&config.engine.data_dir)
+            .map_err(io::Error::other)?;
         let su_listener = listen(config.listen.su)?;
         let csp_listener = listen(config.listen.csp)?;
         let su_addr = su_listener.local_addr()?;
@@ -99,9 +103,6 @@ impl Engine {
         let report = load_report(&config.engine.data_dir);
         let shared = Arc::new(Shared::new(config, links, intake, report));
 
-        // One engine per data_dir: the lock is held until this engine is joined.
-        let lock = crate::datadir::DataDirLock::acquire(&shared.config.engine.data_dir)
-            .map_err(io::Error::other)?;
         // Recovery: what the previous run took and its receivers did not acknowledge waits in
         // this run's logs (in place, or copied per owner) before anything new is taken.
         let engine = &shared.config.engine;
