@@ -254,6 +254,22 @@ fn scan_segment(
     Ok((rolled, start))
 }
 
+/// A check failed: refused (strict), or written down with what it costs (salvage).
+fn refuse_or_note(
+    mode: Mode,
+    e: WalError,
+    cost: &str,
+    losses: &mut Losses,
+) -> Result<(), WalError> {
+    match mode {
+        Mode::Strict => Err(e),
+        Mode::Salvage => {
+            losses.push(format!("{e}: {cost}"));
+            Ok(())
+        }
+    }
+}
+
 /// Where the record after a damaged one at `offset` starts, if the damaged record's length field
 /// leads to an intact record (or to the end of the file).
 fn skip_one_record(path: &Path, offset: u64, len: u64) -> Result<Option<u64>, WalError> {
@@ -306,13 +322,8 @@ fn scan_worker(dir: &Path, mode: Mode, losses: &mut Losses) -> Result<WorkerScan
             dir,
             "the generation's MANIFEST counts this worker, but its log directory is missing".into(),
         );
-        return match mode {
-            Mode::Strict => Err(e),
-            Mode::Salvage => {
-                losses.push(format!("{e}: every frame of this log is lost"));
-                Ok(scan)
-            }
-        };
+        refuse_or_note(mode, e, "every frame of this log is lost", losses)?;
+        return Ok(scan);
     }
     let mut numbers = wal::list_segments(dir).map_err(io_err(dir))?;
     let Some(&newest) = numbers.last() else {
@@ -320,13 +331,8 @@ fn scan_worker(dir: &Path, mode: Mode, losses: &mut Losses) -> Result<WorkerScan
             dir,
             "this worker's log holds no segment: it is missing".into(),
         );
-        return match mode {
-            Mode::Strict => Err(e),
-            Mode::Salvage => {
-                losses.push(format!("{e}: every frame of this log is lost"));
-                Ok(scan)
-            }
-        };
+        refuse_or_note(mode, e, "every frame of this log is lost", losses)?;
+        return Ok(scan);
     };
     let mut newest = newest;
     let mut dropped = BTreeSet::new();
@@ -371,12 +377,12 @@ fn scan_worker(dir: &Path, mode: Mode, losses: &mut Losses) -> Result<WorkerScan
             &wal::segment_path(dir, next),
             format!("segment {newest} ends by naming segment {next} as its successor, which is missing (the newest segment was deleted)"),
         );
-        match mode {
-            Mode::Strict => return Err(e),
-            Mode::Salvage => losses.push(format!(
-                "{e}: the frames in it not yet acknowledged are lost"
-            )),
-        }
+        refuse_or_note(
+            mode,
+            e,
+            "the frames in it not yet acknowledged are lost",
+            losses,
+        )?;
     }
     let expected: BTreeSet<u64> = match (&start, v2) {
         (Some(Record::SegmentStart { live_segments, .. }), _) => live_segments
@@ -395,12 +401,12 @@ fn scan_worker(dir: &Path, mode: Mode, losses: &mut Losses) -> Result<WorkerScan
             &wal::segment_path(dir, *seg),
             format!("segment {newest} names segment {seg} as still holding frames not yet acknowledged, and it is missing"),
         );
-        match mode {
-            Mode::Strict => return Err(e),
-            Mode::Salvage => losses.push(format!(
-                "{e}: the frames in it not yet acknowledged are lost"
-            )),
-        }
+        refuse_or_note(
+            mode,
+            e,
+            "the frames in it not yet acknowledged are lost",
+            losses,
+        )?;
     }
     let newest_scan = scan.segments.pop();
     for seg in present.iter().filter(|s| **s < newest) {
@@ -634,15 +640,7 @@ fn resume_in_place(
             match owner(peer) {
                 Some(o) if o == w => {
                     *resume.live.entry(segment).or_insert(0) += 1;
-                    resume
-                        .spills
-                        .entry((peer, lane))
-                        .and_modify(|s| s.count += 1)
-                        .or_insert(Spill {
-                            count: 1,
-                            segment,
-                            offset,
-                        });
+                    Spill::count_one(&mut resume.spills, (peer, lane), segment, offset);
                 }
                 Some(_) => moved = true,
                 None => gone.push((peer, lane, seq, record)),

@@ -101,6 +101,25 @@ pub(crate) struct Spill {
     pub offset: u64,
 }
 
+impl Spill {
+    /// Counts one more spilled frame of `lane`, at (`segment`, `offset`) if it is the first.
+    pub(crate) fn count_one(
+        spills: &mut HashMap<(PeerKey, u8), Spill>,
+        lane: (PeerKey, u8),
+        segment: u64,
+        offset: u64,
+    ) {
+        spills
+            .entry(lane)
+            .and_modify(|s| s.count += 1)
+            .or_insert(Spill {
+                count: 1,
+                segment,
+                offset,
+            });
+    }
+}
+
 /// The state of an existing log, rebuilt by recovery, to go on writing it in place.
 #[derive(Debug, Default)]
 pub(crate) struct Resume {
@@ -390,15 +409,7 @@ impl Store {
         self.stats.enqueued += 1;
         if spill {
             self.stats.spilled += 1;
-            let (segment, offset) = (self.segment, record_start);
-            self.spills
-                .entry((peer, lane))
-                .and_modify(|s| s.count += 1)
-                .or_insert(Spill {
-                    count: 1,
-                    segment,
-                    offset,
-                });
+            Spill::count_one(&mut self.spills, (peer, lane), self.segment, record_start);
         }
         let stored = Stored {
             seq,
@@ -440,14 +451,19 @@ impl Store {
         let mark = self.watermarks.entry((peer, lane)).or_insert(0);
         if seq > *mark {
             *mark = seq;
-            Record::Done {
-                peer,
-                level: lane,
-                seq,
-            }
-            .encode(&mut self.buf);
-            self.uncommitted_done.push((peer, lane));
+            self.write_done(peer, lane, seq);
         }
+    }
+
+    /// Buffers the DONE record of (peer, lane) through `seq`.
+    fn write_done(&mut self, peer: PeerKey, lane: u8, seq: u64) {
+        Record::Done {
+            peer,
+            level: lane,
+            seq,
+        }
+        .encode(&mut self.buf);
+        self.uncommitted_done.push((peer, lane));
     }
 
     /// Writes the buffered records to the segment (one `write`, ended by a COMMIT), asks the
@@ -539,13 +555,7 @@ impl Store {
         done.dedup();
         for (peer, lane) in done {
             if let Some(&seq) = self.watermarks.get(&(peer, lane)) {
-                Record::Done {
-                    peer,
-                    level: lane,
-                    seq,
-                }
-                .encode(&mut self.buf);
-                self.uncommitted_done.push((peer, lane));
+                self.write_done(peer, lane, seq);
             }
         }
     }

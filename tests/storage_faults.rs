@@ -184,18 +184,7 @@ fn deliver_all(config: &Path) -> (Vec<u64>, Vec<String>) {
     // The lines before "dsplane running" are read by the launcher; the rest are returned.
     let mut d = common::spawn_dsplane(config);
     let mut su = Client::connect_su(d.su, SU1, "su1-token").unwrap();
-    let mut got = Vec::new();
-    loop {
-        match su.recv(Duration::from_secs(2)) {
-            Ok(Some(f)) if f.header.kind.is_data() => {
-                su.ack(f.header.msg_id).unwrap();
-                got.push(f.header.counter);
-            }
-            Ok(Some(_)) => {}
-            Ok(None) | Err(ClientError::Closed) => break,
-            Err(e) => panic!("{e}"),
-        }
-    }
+    let mut got = drain(&mut su, Duration::from_secs(2));
     std::thread::sleep(Duration::from_millis(200));
     kill(&mut d.child, "-TERM");
     let lines: Vec<String> = d.lines.try_iter().collect();
@@ -483,11 +472,11 @@ fn fill(csp: &mut Client, from: u64) -> u64 {
     panic!("the disk never filled");
 }
 
-/// Receives until quiet, acknowledging: the counters.
-fn drain(su: &mut Client) -> Vec<u64> {
+/// Receives until nothing comes for `quiet`, acknowledging: the counters.
+fn drain(su: &mut Client, quiet: Duration) -> Vec<u64> {
     let mut got = Vec::new();
     loop {
-        match su.recv(Duration::from_secs(1)) {
+        match su.recv(quiet) {
             Ok(Some(f)) if f.header.kind.is_data() => {
                 su.ack(f.header.msg_id).unwrap();
                 got.push(f.header.counter);
@@ -513,7 +502,7 @@ fn a_full_disk_is_not_wedged_by_acknowledged_frames() {
     let taken = fill(&mut csp, 0);
     // The SU takes and acknowledges the whole backlog.
     let mut su = Client::connect_su(d.0.su, SU1, "su1-token").unwrap();
-    let got = drain(&mut su);
+    let got = drain(&mut su, Duration::from_secs(1));
     assert_eq!(got, (0..taken).collect::<Vec<_>>());
     // Nothing is queued: frames must be taken again, by themselves, within seconds.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -560,7 +549,7 @@ fn a_restart_on_a_full_disk_recovers_in_place() {
         "the disk is full: NACK 5"
     );
     let mut su = Client::connect_su(d.0.su, SU1, "su1-token").unwrap();
-    let got = drain(&mut su);
+    let got = drain(&mut su, Duration::from_secs(1));
     assert_eq!(
         got,
         (0..taken).collect::<Vec<_>>(),
