@@ -192,3 +192,73 @@ fn dsplane_demo_prints_both_tables_and_writes_the_report() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Issue 14 item 2: against an engine whose storm window outlasts the run and the drain, the
+/// drain waits for the windows to close, and the alerts their STORM_SUMMARY frames stand for
+/// are throttled, not lost.
+#[test]
+fn the_drain_waits_for_open_storm_windows_and_throttled_alerts_are_not_lost() {
+    let _serial = serial();
+    let dir = std::env::temp_dir().join(format!("dsplane-storm-drain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let su: dsplane::ids::Eui64 = "90-B3-D5-1F-30-01-00-00".parse().unwrap();
+    let text = format!(
+        r#"
+[engine]
+cores = 1
+durability = "none"
+data_dir = "{}"
+[listen]
+su = "127.0.0.1:0"
+csp = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+[delivery]
+rate = 5000
+burst = 500
+[[service_user]]
+id = "{su}"
+token = "storm-su"
+[[csp]]
+name = "c"
+token = "storm-csp"
+[alert_storm]
+threshold = 10
+window_s = 6
+"#,
+        dir.join("data").display()
+    );
+    let file = dir.join("engine.toml");
+    std::fs::write(&file, &text).unwrap();
+    let engine =
+        dsplane::engine::Engine::start(dsplane::config::Config::from_toml(&text).unwrap()).unwrap();
+    let opts = Options {
+        scenario: ScenarioKind::Storm,
+        target: Target::Remote {
+            su_addr: engine.su_addr(),
+            csp_addr: engine.csp_addr(),
+            sus: vec![(su, "storm-su".into())],
+            csp_tokens: vec!["storm-csp".into()],
+            config: Some(file),
+        },
+        duration: Duration::from_secs(2),
+        // Shorter than the window: the drain must wait past it for the summaries.
+        drain_max: Duration::from_secs(1),
+        rate: 400.0,
+        req_rate: 10.0,
+        su_rate: 5_000,
+        ..Options::default()
+    };
+    let runs = run(&opts).unwrap();
+    engine.shutdown();
+    engine.join();
+    let r = &runs[0];
+    assert!(r.passed, "{}", explain(r));
+    let v = &r.checks;
+    assert_eq!(v.lost, 0, "{}", explain(r));
+    assert!(
+        v.storm_summaries >= 3 && v.throttled > 100,
+        "{}",
+        explain(r)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

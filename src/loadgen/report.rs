@@ -125,6 +125,12 @@ pub struct RunSettings {
     pub req_rate: f64,
     /// Delivery rate per SU, msg/s.
     pub su_rate: u32,
+    /// The engine's `release_start`: the share of the rate a release starts at.
+    pub release_start: f64,
+    /// The engine's `release_ramp_s`: how long a release takes to reach the full rate, s.
+    pub release_ramp_s: u32,
+    /// The engine's storm window (`alert_storm.window_s`), s.
+    pub storm_window_s: u64,
     /// The flows played.
     pub flows: Vec<String>,
 }
@@ -176,6 +182,10 @@ pub struct RunInputs<'a> {
     pub req_rate: f64,
     /// SU delivery rate.
     pub su_rate: u32,
+    /// The engine's (`release_start`, `release_ramp_s`).
+    pub release: (f64, u32),
+    /// The engine's storm window, s.
+    pub storm_window_s: u64,
     /// Headline description.
     pub headline: Option<&'static str>,
     /// Flow names.
@@ -290,6 +300,9 @@ pub fn build_run_report(i: RunInputs<'_>) -> RunReport {
             rate: i.rate,
             req_rate: i.req_rate,
             su_rate: i.su_rate,
+            release_start: i.release.0,
+            release_ramp_s: i.release.1,
+            storm_window_s: i.storm_window_s,
             flows: i.flows,
         },
         levels: rows,
