@@ -262,3 +262,60 @@ window_s = 6
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Issue 14 item 8: the demo's report says what it is (title "dsplane demo"), when it was made
+/// (UTC), by which version, with which settings, and marks on its time charts where the SU
+/// disconnects and reconnects.
+#[test]
+fn the_demo_report_has_its_title_date_version_settings_and_outage_markers() {
+    let _serial = serial();
+    let dir = std::env::temp_dir().join(format!("dsplane-demo-report-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let html = dir.join("demo.html");
+    let mut out = Vec::new();
+    let runs =
+        dsplane::loadgen::run_demo(Duration::from_secs(2), false, &mut out, Some(&html)).unwrap();
+    assert!(
+        runs.iter().all(|r| r.passed),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    let text = std::fs::read_to_string(&html).unwrap();
+    assert!(text.contains("<title>dsplane demo"), "title");
+    assert!(text.contains("<h1>dsplane demo"), "heading");
+    assert!(
+        text.contains(&format!("dsplane {}", env!("CARGO_PKG_VERSION"))),
+        "version"
+    );
+    let today = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .unwrap();
+    let today = String::from_utf8(today.stdout).unwrap();
+    assert!(
+        text.contains(&format!("{} ", today.trim())) && text.contains(" UTC"),
+        "date"
+    );
+    for setting in [
+        "2 s of traffic",
+        "seed 1",
+        "release ramp",
+        "SU delivery rate",
+    ] {
+        assert!(
+            text.contains(setting),
+            "{setting:?} missing from the settings"
+        );
+    }
+    // Both runs' time charts (latency, queue depth, southbound) carry a marker at each event.
+    let disconnects = text.matches("class=\"marker\"").count();
+    assert!(disconnects >= 2 * 3 * 2, "{disconnects} markers");
+    assert!(text.contains("disconnects") && text.contains("reconnects"));
+    // Still one well-formed, self-contained page of SVG.
+    assert!(!text.contains("<script"));
+    for svg in text.split("<svg").skip(1) {
+        let svg = format!("<svg{}", &svg[..svg.find("</svg>").unwrap() + 6]);
+        roxmltree::Document::parse(&svg).unwrap_or_else(|e| panic!("{e}: {svg}"));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -487,6 +487,8 @@ struct Shared<'a> {
     csp_links: usize,
     csp_ranges: bool,
     notes: Mutex<Vec<String>>,
+    /// Disconnects and reconnects of the outage, for the charts' markers.
+    events: Mutex<Vec<report::RunEvent>>,
 }
 
 impl Shared<'_> {
@@ -500,6 +502,18 @@ impl Shared<'_> {
         let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
         if notes.len() < 50 {
             notes.push(text);
+        }
+    }
+
+    /// Records that `what` happened now; `marker` is its word on the charts.
+    fn event(&self, what: String, marker: &str) {
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        if events.len() < 50 {
+            events.push(report::RunEvent {
+                t_s: self.origin.elapsed().as_secs_f64(),
+                what,
+                marker: marker.to_owned(),
+            });
         }
     }
 
@@ -588,6 +602,7 @@ fn run_once(
         csp_links: setup.csp_tokens.len(),
         csp_ranges: setup.csp_ranges,
         notes: Mutex::new(Vec::new()),
+        events: Mutex::new(Vec::new()),
     };
 
     let progress = if opts.progress {
@@ -670,6 +685,11 @@ fn run_once(
 
     let verdict = shared.checker().finish();
     let notes = shared.notes.into_inner().unwrap_or_else(|e| e.into_inner());
+    let mut events = shared
+        .events
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner());
+    events.sort_by(|a, b| a.t_s.total_cmp(&b.t_s));
     Ok(report::build_run_report(report::RunInputs {
         label: setup.label,
         scenario: opts.scenario,
@@ -689,6 +709,7 @@ fn run_once(
         stats: &all_stats,
         verdict,
         notes,
+        events,
     }))
 }
 
@@ -876,6 +897,8 @@ impl<'s, 'a> Peer<'s, 'a> {
             if let Some((down, up)) = outage {
                 if phase == Phase::Up && now_s >= down {
                     self.go_down();
+                    self.shared
+                        .event(format!("{} disconnects", self.name()), "disconnects");
                     phase = Phase::Down;
                     continue;
                 }
@@ -886,6 +909,8 @@ impl<'s, 'a> Peer<'s, 'a> {
                     }
                     self.try_reconnect();
                     if self.client.is_some() {
+                        self.shared
+                            .event(format!("{} reconnects", self.name()), "reconnects");
                         phase = Phase::Restored;
                     }
                     continue;
