@@ -896,7 +896,68 @@ impl Config {
             csp.window = Some(resolved.window);
         }
         raw.priority.scheduled_response_level = Some(self.priority.scheduled_response_level.get());
-        toml::to_string_pretty(&raw).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+        toml::to_string_pretty(&raw)
+            .map(|text| hex_alert_codes(&text))
+            .unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+    }
+
+    /// What is legal but unwise in this configuration, one sentence each, for `check-config`
+    /// to print as warnings: an admin interface without a token, and a peer using a token of
+    /// the embedded demo configuration (published with dsplane, so anyone could connect as it).
+    /// Tokens are never shown, only the key that sets them.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.admin_token.is_none() {
+            out.push(format!(
+                "admin.token is empty: the admin interface on {} runs without authentication, so \
+                 any local user or process can pause Service Users, restrict traffic and reload; \
+                 set admin.token or admin.token_env",
+                self.listen.admin
+            ));
+        }
+        let demo = demo_tokens();
+        let source = |token_env: &Option<String>| {
+            if token_env.is_some() {
+                "token_env"
+            } else {
+                "token"
+            }
+        };
+        let peers = self
+            .service_users
+            .iter()
+            .zip(&self.raw.service_user)
+            .enumerate()
+            .map(|(i, (su, raw))| {
+                (
+                    format!("service_user[{i}].{}", source(&raw.token_env)),
+                    format!("Service User {}", su.id),
+                    &su.token,
+                )
+            })
+            .chain(
+                self.csps
+                    .iter()
+                    .zip(&self.raw.csp)
+                    .enumerate()
+                    .map(|(i, (csp, raw))| {
+                        (
+                            format!("csp[{i}].{}", source(&raw.token_env)),
+                            format!("CSP link {}", csp.name),
+                            &csp.token,
+                        )
+                    }),
+            );
+        for (key, name, token) in peers {
+            if demo.iter().any(|d| d.as_bytes() == token.expose()) {
+                out.push(format!(
+                    "{key} is a demo token of the embedded default configuration \
+                     (src/default.toml), published with dsplane: anyone can connect as {name}; \
+                     give it a secret of its own"
+                ));
+            }
+        }
+        out
     }
 
     /// The SU with this id.
@@ -961,6 +1022,92 @@ impl Config {
             keys: BTreeMap::new(),
         })
     }
+}
+
+/// The tokens of the embedded demo configuration ([`DEFAULT_TOML`]).
+fn demo_tokens() -> Vec<String> {
+    let Ok(raw) = toml::from_str::<RawConfig>(DEFAULT_TOML) else {
+        return Vec::new();
+    };
+    let mut tokens: Vec<String> = raw
+        .service_user
+        .into_iter()
+        .filter_map(|su| su.token)
+        .chain(raw.csp.into_iter().filter_map(|csp| csp.token))
+        .collect();
+    if !raw.admin.token.is_empty() {
+        tokens.push(raw.admin.token);
+    }
+    tokens
+}
+
+/// `text`, a configuration as the TOML serializer prints it, with its alert codes in hex
+/// (`code = 0x8F1C`, `exclusions = [0x8F57, …]`) as the GBCS alert tables and the shipped file
+/// write them, instead of the decimal the serializer knows (36636). Only the values of
+/// `priority.high_priority_alerts[].code` and `alert_storm.exclusions` change; TOML reads both
+/// forms as the same integer, so the text still parses to the same configuration.
+fn hex_alert_codes(text: &str) -> String {
+    fn hex_numbers(line: &str) -> String {
+        let mut out = String::with_capacity(line.len() + 8);
+        let mut digits = String::new();
+        let flush = |digits: &mut String, out: &mut String| {
+            if !digits.is_empty() {
+                match digits.parse::<u16>() {
+                    Ok(code) => {
+                        let _ = fmt::Write::write_fmt(out, format_args!("{code:#06X}"));
+                    }
+                    Err(_) => out.push_str(digits),
+                }
+                digits.clear();
+            }
+        };
+        for c in line.chars() {
+            if c.is_ascii_digit() {
+                digits.push(c);
+            } else {
+                flush(&mut digits, &mut out);
+                out.push(c);
+            }
+        }
+        flush(&mut digits, &mut out);
+        // `{:#06X}` writes the prefix as `0X`; TOML wants `0x`.
+        out.replace("0X", "0x")
+    }
+    let mut out = String::with_capacity(text.len() + 64);
+    let mut table = "";
+    let mut in_exclusions = false;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim();
+        if !in_exclusions && trimmed.starts_with('[') {
+            table = trimmed;
+            out.push_str(line);
+            continue;
+        }
+        let value_line = if in_exclusions {
+            true
+        } else if table == "[alert_storm]" && trimmed.starts_with("exclusions") {
+            in_exclusions = true;
+            true
+        } else {
+            table == "[[priority.high_priority_alerts]]" && trimmed.starts_with("code")
+        };
+        if value_line {
+            match line.split_once('=') {
+                Some((key, value)) if !key.contains(']') => {
+                    out.push_str(key);
+                    out.push('=');
+                    out.push_str(&hex_numbers(value));
+                }
+                _ => out.push_str(&hex_numbers(line)),
+            }
+            if in_exclusions && trimmed.ends_with(']') {
+                in_exclusions = false;
+            }
+        } else {
+            out.push_str(line);
+        }
+    }
+    out
 }
 
 fn check_range<T: PartialOrd + fmt::Display + Copy>(
@@ -1950,6 +2097,73 @@ exclusions = [ 0x8F57 ]
         let lines = ["[admin]", "token = \"\"\"abc", "def\"\"\" x"];
         assert!(excerpt_may_hold_secret(&lines, 2));
         assert!(!excerpt_may_hold_secret(&lines, 0));
+    }
+
+    #[test]
+    fn alert_codes_print_in_hex_in_every_form_the_serializer_writes() {
+        let text = "[priority]\nalert_level = 3\n\n[[priority.high_priority_alerts]]\ncode = 36636\nlevel = 1\n\n[alert_storm]\nthreshold = 10\nexclusions = [\n    36695,\n    1,\n]\nmax_tracked_keys = 4000000\n";
+        assert_eq!(
+            hex_alert_codes(text),
+            "[priority]\nalert_level = 3\n\n[[priority.high_priority_alerts]]\ncode = 0x8F1C\nlevel = 1\n\n[alert_storm]\nthreshold = 10\nexclusions = [\n    0x8F57,\n    0x0001,\n]\nmax_tracked_keys = 4000000\n"
+        );
+        assert_eq!(
+            hex_alert_codes("[alert_storm]\nexclusions = [36695, 2]\nwindow_s = 60\n"),
+            "[alert_storm]\nexclusions = [0x8F57, 0x0002]\nwindow_s = 60\n"
+        );
+        assert_eq!(
+            hex_alert_codes("[alert_storm]\nexclusions = []\nwindow_s = 60\n"),
+            "[alert_storm]\nexclusions = []\nwindow_s = 60\n"
+        );
+        // Every code round-trips, whatever the configuration.
+        let config = config(
+            "[priority]\nhigh_priority_alerts = [{ code = 0, level = 1 }, { code = 0xFFFF, level = 2 }]\n[alert_storm]\nexclusions = [0x8F75, 65535, 0]\n",
+        );
+        let printed = config.effective_toml();
+        assert!(
+            printed.contains("code = 0xFFFF") && printed.contains("0x0000"),
+            "{printed}"
+        );
+        let back = Config::from_toml(&printed).unwrap();
+        assert_eq!(
+            back.priority.high_priority_alerts,
+            config.priority.high_priority_alerts
+        );
+        assert_eq!(back.alert_storm.exclusions, config.alert_storm.exclusions);
+        assert!(!printed.contains("65535"), "{printed}");
+    }
+
+    #[test]
+    fn warnings_name_the_missing_admin_token_and_demo_tokens_by_key() {
+        let demo = Config::embedded_default().unwrap().warnings();
+        assert_eq!(demo.len(), 3, "{demo:?}");
+        assert!(demo[0].starts_with("admin.token is empty"), "{demo:?}");
+        assert!(
+            demo[1].starts_with("service_user[0].token is a demo token"),
+            "{demo:?}"
+        );
+        assert!(
+            demo[2].starts_with("csp[0].token is a demo token"),
+            "{demo:?}"
+        );
+        // A demo token through the environment is still a demo token; the warning never
+        // shows it.
+        let via_env = Config::from_toml_with_env(
+            "[admin]\ntoken = \"a-long-admin-token\"\n[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-07\"\ntoken_env = \"SU\"\n",
+            |_| Some("demo-su-token".into()),
+        )
+        .unwrap()
+        .warnings();
+        assert_eq!(via_env.len(), 1, "{via_env:?}");
+        assert!(via_env[0].starts_with("service_user[0].token_env is a demo token"));
+        assert!(!via_env[0].contains("demo-su-token"));
+        // Tokens of its own and an admin token: nothing to say.
+        assert!(config(
+            RUNNING
+                .replace("[delivery]", "[admin]\ntoken = \"adm\"\n[delivery]")
+                .as_str()
+        )
+        .warnings()
+        .is_empty());
     }
 
     #[test]

@@ -101,6 +101,9 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(config) => {
                 print!("{}", config.effective_toml());
+                for warning in config.warnings() {
+                    eprintln!("{}: warning: {warning}", file.display());
+                }
                 eprintln!("{}: ok", file.display());
                 ExitCode::SUCCESS
             }

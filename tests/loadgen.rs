@@ -192,3 +192,130 @@ fn dsplane_demo_prints_both_tables_and_writes_the_report() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// Issue 14 item 2: against an engine whose storm window outlasts the run and the drain, the
+/// drain waits for the windows to close, and the alerts their STORM_SUMMARY frames stand for
+/// are throttled, not lost.
+#[test]
+fn the_drain_waits_for_open_storm_windows_and_throttled_alerts_are_not_lost() {
+    let _serial = serial();
+    let dir = std::env::temp_dir().join(format!("dsplane-storm-drain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let su: dsplane::ids::Eui64 = "90-B3-D5-1F-30-01-00-00".parse().unwrap();
+    let text = format!(
+        r#"
+[engine]
+cores = 1
+durability = "none"
+data_dir = "{}"
+[listen]
+su = "127.0.0.1:0"
+csp = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+[delivery]
+rate = 5000
+burst = 500
+[[service_user]]
+id = "{su}"
+token = "storm-su"
+[[csp]]
+name = "c"
+token = "storm-csp"
+[alert_storm]
+threshold = 10
+window_s = 6
+"#,
+        dir.join("data").display()
+    );
+    let file = dir.join("engine.toml");
+    std::fs::write(&file, &text).unwrap();
+    let engine =
+        dsplane::engine::Engine::start(dsplane::config::Config::from_toml(&text).unwrap()).unwrap();
+    let opts = Options {
+        scenario: ScenarioKind::Storm,
+        target: Target::Remote {
+            su_addr: engine.su_addr(),
+            csp_addr: engine.csp_addr(),
+            sus: vec![(su, "storm-su".into())],
+            csp_tokens: vec!["storm-csp".into()],
+            config: Some(file),
+        },
+        duration: Duration::from_secs(2),
+        // Shorter than the window: the drain must wait past it for the summaries.
+        drain_max: Duration::from_secs(1),
+        rate: 400.0,
+        req_rate: 10.0,
+        su_rate: 5_000,
+        ..Options::default()
+    };
+    let runs = run(&opts).unwrap();
+    engine.shutdown();
+    engine.join();
+    let r = &runs[0];
+    assert!(r.passed, "{}", explain(r));
+    let v = &r.checks;
+    assert_eq!(v.lost, 0, "{}", explain(r));
+    assert!(
+        v.storm_summaries >= 3 && v.throttled > 100,
+        "{}",
+        explain(r)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Issue 14 item 8: the demo's report says what it is (title "dsplane demo"), when it was made
+/// (UTC), by which version, with which settings, and marks on its time charts where the SU
+/// disconnects and reconnects.
+#[test]
+fn the_demo_report_has_its_title_date_version_settings_and_outage_markers() {
+    let _serial = serial();
+    let dir = std::env::temp_dir().join(format!("dsplane-demo-report-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let html = dir.join("demo.html");
+    let mut out = Vec::new();
+    let runs =
+        dsplane::loadgen::run_demo(Duration::from_secs(2), false, &mut out, Some(&html)).unwrap();
+    assert!(
+        runs.iter().all(|r| r.passed),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    let text = std::fs::read_to_string(&html).unwrap();
+    assert!(text.contains("<title>dsplane demo"), "title");
+    assert!(text.contains("<h1>dsplane demo"), "heading");
+    assert!(
+        text.contains(&format!("dsplane {}", env!("CARGO_PKG_VERSION"))),
+        "version"
+    );
+    let today = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .unwrap();
+    let today = String::from_utf8(today.stdout).unwrap();
+    assert!(
+        text.contains(&format!("{} ", today.trim())) && text.contains(" UTC"),
+        "date"
+    );
+    for setting in [
+        "2 s of traffic",
+        "seed 1",
+        "release ramp",
+        "SU delivery rate",
+    ] {
+        assert!(
+            text.contains(setting),
+            "{setting:?} missing from the settings"
+        );
+    }
+    // Both runs' time charts (latency, queue depth, southbound) carry a marker at each event.
+    let disconnects = text.matches("class=\"marker\"").count();
+    assert!(disconnects >= 2 * 3 * 2, "{disconnects} markers");
+    assert!(text.contains("disconnects") && text.contains("reconnects"));
+    // Still one well-formed, self-contained page of SVG.
+    assert!(!text.contains("<script"));
+    for svg in text.split("<svg").skip(1) {
+        let svg = format!("<svg{}", &svg[..svg.find("</svg>").unwrap() + 6]);
+        roxmltree::Document::parse(&svg).unwrap_or_else(|e| panic!("{e}: {svg}"));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -159,6 +159,12 @@ pub struct Checker {
     awaiting_delivery: u64,
     /// Messages neither acknowledged nor refused.
     awaiting_ack: u64,
+    /// Of `awaiting_delivery`, the DEVICE_ALERTs: storm protection may be counting them.
+    awaiting_alerts: u64,
+    /// DEVICE_ALERTs acknowledged so far, for the drain to see when the last one entered.
+    alerts_acked: u64,
+    /// Alerts the STORM_SUMMARY frames received so far stand for, in all.
+    summarised: u64,
     verdict: Verdict,
     /// How many CSP links split the device space between them (0 = unknown: any CSP may
     /// receive any request).
@@ -225,10 +231,17 @@ impl Checker {
         e.acked = true;
         self.awaiting_ack -= 1;
         self.verdict.acked += 1;
+        let alert = e.sent.kind == Kind::DeviceAlert;
+        if alert {
+            self.alerts_acked += 1;
+        }
         if e.received {
             self.inflight.remove(&seq);
         } else {
             self.awaiting_delivery += 1;
+            if alert {
+                self.awaiting_alerts += 1;
+            }
         }
     }
 
@@ -320,6 +333,9 @@ impl Checker {
         self.verdict.delivered += 1;
         if e.acked {
             self.awaiting_delivery -= 1;
+            if e.sent.kind == Kind::DeviceAlert {
+                self.awaiting_alerts -= 1;
+            }
             self.inflight.remove(&seq);
         } else if e.abandoned {
             self.inflight.remove(&seq);
@@ -366,15 +382,31 @@ impl Checker {
     /// A STORM_SUMMARY arrived at SU `at`: it stands for `counter` alerts of its device and code.
     pub fn storm_summary(&mut self, at: Eui64, header: &Header) {
         self.verdict.storm_summaries += 1;
+        self.summarised += header.counter;
         *self
             .summaries
             .entry((at, header.device_id, header.alert_code))
             .or_insert(0) += header.counter;
     }
 
-    /// (acknowledged and not yet received, neither acknowledged nor refused).
+    /// (acknowledged and not yet received, neither acknowledged nor refused). Alerts that the
+    /// STORM_SUMMARY frames received so far stand for are not waited for: they will never
+    /// arrive one by one.
     pub fn pending(&self) -> (u64, u64) {
-        (self.awaiting_delivery, self.awaiting_ack)
+        let throttled = self.summarised.min(self.awaiting_alerts);
+        (self.awaiting_delivery - throttled, self.awaiting_ack)
+    }
+
+    /// Alerts acknowledged, not received, and not (yet) stood for by a STORM_SUMMARY: storm
+    /// protection may be counting them in a window still open, whose summary comes when it
+    /// closes. The drain waits for those windows before it calls anything lost.
+    pub fn awaiting_summary(&self) -> u64 {
+        self.awaiting_alerts.saturating_sub(self.summarised)
+    }
+
+    /// DEVICE_ALERTs acknowledged so far (grows while alerts still enter dsplane).
+    pub fn alerts_acked(&self) -> u64 {
+        self.alerts_acked
     }
 
     /// Messages acknowledged and not yet delivered, per SU (northbound) and per stream: for the
@@ -647,7 +679,14 @@ mod tests {
         summary.device_id = device;
         summary.alert_code = 0x8F75;
         summary.counter = 4;
+        // Until the summary comes, the five alerts may be in an open window.
+        assert_eq!(
+            (c.pending(), c.awaiting_summary(), c.alerts_acked()),
+            ((5, 0), 5, 5)
+        );
         c.storm_summary(SU_A, &summary);
+        // The four it stands for are no longer waited for; the fifth still is.
+        assert_eq!((c.pending(), c.awaiting_summary()), ((1, 0), 1));
         let v = c.finish();
         assert_eq!((v.throttled, v.lost, v.storm_summaries), (4, 1, 1));
     }

@@ -123,8 +123,11 @@ pub fn run_demo(
         }
     }
     if let Some(path) = html {
-        write_html(path, &runs)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        std::fs::write(
+            path,
+            report::html_titled(&runs, "dsplane demo: priority vs FIFO after an outage"),
+        )
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         writeln!(out, "HTML report: {}", path.display())?;
     }
     Ok(runs)

@@ -125,8 +125,25 @@ pub struct RunSettings {
     pub req_rate: f64,
     /// Delivery rate per SU, msg/s.
     pub su_rate: u32,
+    /// The engine's `release_start`: the share of the rate a release starts at.
+    pub release_start: f64,
+    /// The engine's `release_ramp_s`: how long a release takes to reach the full rate, s.
+    pub release_ramp_s: u32,
+    /// The engine's storm window (`alert_storm.window_s`), s.
+    pub storm_window_s: u64,
     /// The flows played.
     pub flows: Vec<String>,
+}
+
+/// Something that happened during a run, marked on its time charts.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunEvent {
+    /// When, seconds from the start of the traffic (the charts' time axis).
+    pub t_s: f64,
+    /// What, in a few words: `SU 90-B3-D5-1F-30-01-00-00 disconnects`.
+    pub what: String,
+    /// The word on the chart's marker: `disconnects`, `reconnects`.
+    pub marker: String,
 }
 
 /// Everything about one run.
@@ -148,6 +165,8 @@ pub struct RunReport {
     pub passed: bool,
     /// Things worth knowing (reconnects, drain cut short, refusals).
     pub notes: Vec<String>,
+    /// Events in time order (the outage's disconnect and reconnect), marked on the charts.
+    pub events: Vec<RunEvent>,
     /// For the charts.
     pub series: Series,
 }
@@ -176,6 +195,10 @@ pub struct RunInputs<'a> {
     pub req_rate: f64,
     /// SU delivery rate.
     pub su_rate: u32,
+    /// The engine's (`release_start`, `release_ramp_s`).
+    pub release: (f64, u32),
+    /// The engine's storm window, s.
+    pub storm_window_s: u64,
     /// Headline description.
     pub headline: Option<&'static str>,
     /// Flow names.
@@ -186,6 +209,8 @@ pub struct RunInputs<'a> {
     pub verdict: Verdict,
     /// Notes.
     pub notes: Vec<String>,
+    /// Events.
+    pub events: Vec<RunEvent>,
 }
 
 fn level_series(stats: &Stats, dir: Direction, level: u8, len: usize) -> LevelSeries {
@@ -290,6 +315,9 @@ pub fn build_run_report(i: RunInputs<'_>) -> RunReport {
             rate: i.rate,
             req_rate: i.req_rate,
             su_rate: i.su_rate,
+            release_start: i.release.0,
+            release_ramp_s: i.release.1,
+            storm_window_s: i.storm_window_s,
             flows: i.flows,
         },
         levels: rows,
@@ -297,6 +325,7 @@ pub fn build_run_report(i: RunInputs<'_>) -> RunReport {
         checks: i.verdict,
         passed,
         notes: i.notes,
+        events: i.events,
         series,
     }
 }
@@ -562,7 +591,22 @@ fn nice_step(range: f64) -> f64 {
 
 /// An SVG line chart; `log_y` plots y on a log scale (values ≤ 0 are left out).
 pub fn line_chart(title: &str, y_label: &str, lines: &[Line], log_y: bool) -> String {
-    let xs = lines.iter().flat_map(|l| l.points.iter().map(|p| p.0));
+    line_chart_marked(title, y_label, lines, log_y, &[])
+}
+
+/// [`line_chart`] with a dashed vertical marker at each event's time, labelled with its
+/// `marker` word (`class="marker"` on the line, for readers and tests).
+pub fn line_chart_marked(
+    title: &str,
+    y_label: &str,
+    lines: &[Line],
+    log_y: bool,
+    events: &[RunEvent],
+) -> String {
+    let xs = lines
+        .iter()
+        .flat_map(|l| l.points.iter().map(|p| p.0))
+        .chain(events.iter().map(|e| e.t_s));
     let x_max = xs.fold(0.0f64, f64::max).max(1e-9);
     let ys: Vec<f64> = lines
         .iter()
@@ -697,6 +741,19 @@ pub fn line_chart(title: &str, y_label: &str, lines: &[Line], log_y: bool) -> St
             esc(&line.name)
         );
     }
+    // Markers over the lines.
+    for (j, e) in events.iter().enumerate() {
+        let x = px(e.t_s.max(0.0));
+        let _ = write!(
+            s,
+            r##"<line class="marker" x1="{x:.1}" x2="{x:.1}" y1="{MT}" y2="{}" stroke="#d62728" stroke-width="1" stroke-dasharray="4 3"><title>{}</title></line><text x="{:.1}" y="{}" fill="#d62728" font-size="10">{}</text>"##,
+            H - MB,
+            esc(&format!("{} at {:.1} s", e.what, e.t_s)),
+            x + 3.0,
+            MT + 11.0 + (j % 2) as f64 * 11.0,
+            esc(&e.marker)
+        );
+    }
     s.push_str("</svg>");
     s
 }
@@ -748,16 +805,31 @@ fn run_section(r: &RunReport) -> String {
     );
     let _ = write!(
         s,
-        "<p>{} SUs, {} CSP links, {:.1} s of traffic + {:.1} s drain; base rate {} msg/s, {} requests/s per SU, SU delivery rate {} msg/s; seed {}.</p>",
+        "<p>{} SUs, {} CSP links, {} s of traffic + {:.1} s drain; base rate {} msg/s, {} requests/s per SU, SU delivery rate {} msg/s; release ramp {} s from {} % of the rate; storm window {} s; seed {}.</p>",
         r.settings.sus,
         r.settings.csp_links,
-        r.settings.duration_s,
+        trim_num(r.settings.duration_s),
         r.settings.drain_s,
         r.settings.rate,
         r.settings.req_rate,
         r.settings.su_rate,
+        r.settings.release_ramp_s,
+        trim_num(r.settings.release_start * 100.0),
+        r.settings.storm_window_s,
         r.settings.seed
     );
+    if !r.events.is_empty() {
+        let list: Vec<String> = r
+            .events
+            .iter()
+            .map(|e| format!("{} at {:.1} s", e.what, e.t_s))
+            .collect();
+        let _ = write!(
+            s,
+            "<p>Marked on the charts (dashed red lines): {}.</p>",
+            esc(&list.join("; "))
+        );
+    }
     s.push_str("<table><tr><th>direction</th><th>level</th><th>sent</th><th>received</th><th>dup</th><th>refused</th><th>msg/s</th><th>p50 ms</th><th>p99 ms</th><th>p99.9 ms</th><th>max ms</th></tr>");
     for row in r.levels.iter().filter(|row| row.sent + row.received > 0) {
         let l = &row.latency_ms;
@@ -814,23 +886,26 @@ fn run_section(r: &RunReport) -> String {
                 .collect(),
         });
     }
-    s.push_str(&line_chart(
+    s.push_str(&line_chart_marked(
         "Northbound latency p99 per level (by receive time)",
         "ms (log)",
         &lines,
         true,
+        &r.events,
     ));
-    s.push_str(&line_chart(
+    s.push_str(&line_chart_marked(
         "Northbound queue depth estimate (sent − received − refused)",
         "messages",
         &series_lines(r, Direction::Northbound, |ls, i| Some(ls.depth[i] as f64)),
         false,
+        &r.events,
     ));
-    s.push_str(&line_chart(
+    s.push_str(&line_chart_marked(
         "Southbound latency p99 per level",
         "ms (log)",
         &series_lines(r, Direction::Southbound, |ls, i| ls.p99_ms[i]),
         true,
+        &r.events,
     ));
     s.push_str("</section>");
     s
@@ -951,17 +1026,59 @@ fn bar_chart(title: &str, bars: &[(String, f64, f64)]) -> String {
     s
 }
 
-/// The self-contained HTML report of `runs`.
+/// The self-contained HTML report of `runs`, titled `dsplane-loadgen: <scenario>`.
 pub fn html(runs: &[RunReport]) -> String {
     let scenario = runs.first().map_or("", |r| r.scenario.as_str());
+    html_titled(runs, &format!("dsplane-loadgen: {scenario}"))
+}
+
+/// When a report is written, as its header shows it: `2026-11-23 14:05 UTC`.
+fn utc_now() -> String {
+    let ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let day = crate::report::utc_day(ns);
+    let minute_of_day = ns / 60_000_000_000 % (24 * 60);
+    format!(
+        "{} {:02}:{:02} UTC",
+        crate::report::date_of(day),
+        minute_of_day / 60,
+        minute_of_day % 60
+    )
+}
+
+/// The self-contained HTML report of `runs` under `title` (`dsplane demo`), with the date it
+/// was written (UTC), the version of dsplane that wrote it, and the runs' settings.
+pub fn html_titled(runs: &[RunReport], title: &str) -> String {
+    let title = esc(title);
+    let version = env!("CARGO_PKG_VERSION");
+    let generated = utc_now();
+    let settings = runs.first().map_or_else(String::new, |r| {
+        let st = &r.settings;
+        format!(
+            "{} scenario, {} s of traffic per run, {} SUs, {} CSP links, base rate {} msg/s, {} requests/s per SU, SU delivery rate {} msg/s, release ramp {} s from {} % of the rate, storm window {} s, seed {}",
+            r.scenario.as_str(),
+            trim_num(st.duration_s),
+            st.sus,
+            st.csp_links,
+            st.rate,
+            st.req_rate,
+            st.su_rate,
+            st.release_ramp_s,
+            trim_num(st.release_start * 100.0),
+            st.storm_window_s,
+            st.seed
+        )
+    });
     let mut s = format!(
-        r#"<!doctype html><html><head><meta charset="utf-8"><title>dsplane-loadgen: {scenario}</title><style>
+        r#"<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>
 body{{font-family:sans-serif;margin:24px;color:#222}} h1{{font-size:20px}} h2{{font-size:16px}}
 .runs{{display:flex;flex-wrap:wrap;gap:24px}} section{{flex:1 1 580px;max-width:620px}} section.wide{{max-width:none;flex-basis:100%}}
 table{{border-collapse:collapse;font-size:12px;margin:8px 0}} td,th{{border:1px solid #ddd;padding:3px 6px;text-align:right}} th{{background:#f4f4f4}}
 .ok{{color:#2ca02c;font-size:13px}} .bad{{color:#d62728;font-size:13px}} .dot{{display:inline-block;width:9px;height:9px;border-radius:5px;margin-right:4px}}
 .headline{{background:#f7f7e8;padding:6px}} svg{{display:block;margin:8px 0}} p,li{{font-size:13px}}
-</style></head><body><h1>dsplane-loadgen: {scenario}</h1>
+</style></head><body><h1>{title}</h1>
+<p class="meta">dsplane {version} · {generated} · settings: {settings}.</p>
 <p>Latency is from each message's <code>created_ns</code> (set by the load generator when it built the message) to its receipt, per priority level dsplane wrote in the frame; the table's percentiles come from HdrHistogram (3 significant digits), the charts' from log-scale bins per time bucket (within 19 %). Queue depth is an estimate: messages sent minus received minus refused, per level, counting a sent message at the level dsplane's rules give it.</p>"#
     );
     if let Some(c) = compare(runs) {
@@ -1001,5 +1118,15 @@ mod tests {
         roxmltree::Document::parse(&bars).unwrap();
         // Empty data still draws.
         roxmltree::Document::parse(&line_chart("e", "y", &[], false)).unwrap();
+        // Markers: one dashed line per event, labelled, within the plot even with no data.
+        let events = [RunEvent {
+            t_s: 2.5,
+            what: "SU 90-B3-D5-1F-30-01-00-00 disconnects".into(),
+            marker: "disconnects".into(),
+        }];
+        let marked = line_chart_marked("m", "ms", &[], false, &events);
+        roxmltree::Document::parse(&marked).unwrap();
+        assert_eq!(marked.matches("class=\"marker\"").count(), 1);
+        assert!(marked.contains(">disconnects</text>") && marked.contains("at 2.5 s"));
     }
 }

@@ -18,6 +18,13 @@
 //! acknowledged has been received and every message sent has been acknowledged or refused, or
 //! until nothing has arrived for [`STALL`], or `drain_max` has passed. What is still missing then
 //! is lost.
+//!
+//! Alert Storm Protection is the exception: an alert it throttles is never delivered, and the
+//! STORM_SUMMARY that stands for it comes only when its window closes, up to `window_s` after
+//! the alert entered. So while alerts are acknowledged, undelivered and not yet summarised, the
+//! drain waits, past a stall and past `drain_max`, until every storm window that can hold one
+//! has closed (`window_s` + [`STALL`] after the last alert entered). The spawned engine's
+//! window is fitted to the run ([`spawned_storm_window_s`]) so that this costs seconds.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -167,16 +174,34 @@ pub fn generated_su_id(i: usize) -> Eui64 {
     Eui64(0x90B3_D51F_3001_0000 + i as u64)
 }
 
+/// The spawned engine's release ramp, seconds, and the share of the rate it starts at: short,
+/// so that runs of a few seconds show a whole release.
+pub const SPAWNED_RELEASE_RAMP_S: u32 = 1;
+/// See [`SPAWNED_RELEASE_RAMP_S`].
+pub const SPAWNED_RELEASE_START: f64 = 0.25;
+
+/// The spawned engine's `[alert_storm] window_s` for a run of `duration`: a fifth of the run,
+/// 1 to 60 s. The storm scenario floods from 20 % to 80 % of the run, so its last window closes
+/// before the traffic ends and its summary arrives within the run. The default 60 s window
+/// would still be open when a 10 s run ends: every throttled alert would then be waiting for a
+/// summary the run never sees.
+pub fn spawned_storm_window_s(duration: Duration) -> u32 {
+    (duration.as_secs_f64() / 5.0).clamp(1.0, 60.0) as u32
+}
+
 /// The load generator's engine configuration: loopback ports chosen by the OS, no durability,
 /// `data_dir` for what the engine keeps on disk even so, `su_ids` Service Users, `csp_links` CSP
 /// links splitting the device space in equal ranges, the rules of the embedded demo
-/// configuration, and a short release ramp so that runs of a few seconds show a whole release.
+/// configuration, a short release ramp ([`SPAWNED_RELEASE_RAMP_S`]) so that runs of a few
+/// seconds show a whole release, and storm windows of `storm_window_s` (see
+/// [`spawned_storm_window_s`]).
 pub fn engine_config_toml(
     data_dir: &Path,
     su_ids: &[Eui64],
     csp_links: usize,
     su_rate: u32,
     fifo: bool,
+    storm_window_s: u32,
 ) -> String {
     use std::fmt::Write;
     let per_su: u64 = 200_000;
@@ -203,8 +228,8 @@ window = 64
 window_reserved_top = 8
 nms_per_su = {per_su}
 nms_total = {total}
-release_start = 0.25
-release_ramp_s = 1
+release_start = {release_start}
+release_ramp_s = {release_ramp_s}
 
 [service_requests]
 capacity = 1000000
@@ -227,10 +252,16 @@ high_priority_alerts = [
   {{ code = 0x8F57, level = 1 }},
   {{ code = 0x81C0, level = 1 }},
 ]
+
+[alert_storm]
+threshold = 10
+window_s = {storm_window_s}
 "#,
         data_dir = data_dir.display().to_string().replace('\\', "/"),
         scheduling = if fifo { "fifo" } else { "priority" },
         burst = (su_rate / 10).max(1),
+        release_start = SPAWNED_RELEASE_START,
+        release_ramp_s = SPAWNED_RELEASE_RAMP_S,
     );
     for (i, id) in su_ids.iter().enumerate() {
         let _ = write!(
@@ -318,6 +349,10 @@ struct Setup {
     levels: u8,
     urgent_alerts: Vec<u16>,
     csp_ranges: bool,
+    /// The engine's `[alert_storm] window_s`: how long a throttled alert may wait for its summary.
+    storm_window: Duration,
+    /// Its `[delivery]` release settings, for the report: (release_start, release_ramp_s).
+    release: (f64, u32),
     engine: Spawned,
 }
 
@@ -345,8 +380,17 @@ fn setup(opts: &Options, replay: Option<&[ReplayFile]>) -> Result<Setup, RunErro
                 i += 1;
             }
             let data_dir = spawned_data_dir();
-            let toml = engine_config_toml(&data_dir, &ids, opts.csp_links, opts.su_rate, *fifo);
+            let toml = engine_config_toml(
+                &data_dir,
+                &ids,
+                opts.csp_links,
+                opts.su_rate,
+                *fifo,
+                spawned_storm_window_s(opts.duration),
+            );
             let config = Config::from_toml(&toml)?;
+            let storm_window = config.alert_storm.window;
+            let release = release_of(&config);
             let rules = Rules::new(&config.priority);
             let levels = config.engine.levels;
             let urgent_alerts = config
@@ -376,6 +420,8 @@ fn setup(opts: &Options, replay: Option<&[ReplayFile]>) -> Result<Setup, RunErro
                 levels,
                 urgent_alerts,
                 csp_ranges: opts.csp_links > 1,
+                storm_window,
+                release,
                 engine: Spawned(Some((engine, data_dir))),
             })
         }
@@ -410,10 +456,20 @@ fn setup(opts: &Options, replay: Option<&[ReplayFile]>) -> Result<Setup, RunErro
                     .map(|a| a.0)
                     .collect(),
                 csp_ranges: false,
+                storm_window: config.alert_storm.window,
+                release: release_of(&config),
                 engine: Spawned(None),
             })
         }
     }
+}
+
+/// A configuration's release settings: (`release_start`, `release_ramp_s`).
+fn release_of(config: &Config) -> (f64, u32) {
+    (
+        f64::from(config.delivery.release_start.ppm()) / 1e6,
+        config.delivery.release_ramp.as_secs() as u32,
+    )
 }
 
 /// What every peer thread shares.
@@ -431,6 +487,8 @@ struct Shared<'a> {
     csp_links: usize,
     csp_ranges: bool,
     notes: Mutex<Vec<String>>,
+    /// Disconnects and reconnects of the outage, for the charts' markers.
+    events: Mutex<Vec<report::RunEvent>>,
 }
 
 impl Shared<'_> {
@@ -444,6 +502,18 @@ impl Shared<'_> {
         let mut notes = self.notes.lock().unwrap_or_else(|e| e.into_inner());
         if notes.len() < 50 {
             notes.push(text);
+        }
+    }
+
+    /// Records that `what` happened now; `marker` is its word on the charts.
+    fn event(&self, what: String, marker: &str) {
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        if events.len() < 50 {
+            events.push(report::RunEvent {
+                t_s: self.origin.elapsed().as_secs_f64(),
+                what,
+                marker: marker.to_owned(),
+            });
         }
     }
 
@@ -532,6 +602,7 @@ fn run_once(
         csp_links: setup.csp_tokens.len(),
         csp_ranges: setup.csp_ranges,
         notes: Mutex::new(Vec::new()),
+        events: Mutex::new(Vec::new()),
     };
 
     let progress = if opts.progress {
@@ -599,7 +670,7 @@ fn run_once(
             }));
         }
 
-        drain_s = supervise(shared, opts, &progress);
+        drain_s = supervise(shared, opts, setup.storm_window, &progress);
         shared.done.store(true, Ordering::Release);
         for h in handles {
             match h.join() {
@@ -614,6 +685,11 @@ fn run_once(
 
     let verdict = shared.checker().finish();
     let notes = shared.notes.into_inner().unwrap_or_else(|e| e.into_inner());
+    let mut events = shared
+        .events
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner());
+    events.sort_by(|a, b| a.t_s.total_cmp(&b.t_s));
     Ok(report::build_run_report(report::RunInputs {
         label: setup.label,
         scenario: opts.scenario,
@@ -626,29 +702,52 @@ fn run_once(
         rate: opts.rate,
         req_rate: opts.req_rate,
         su_rate: opts.su_rate,
+        release: setup.release,
+        storm_window_s: setup.storm_window.as_secs(),
         headline: plan.headline,
         flows,
         stats: &all_stats,
         verdict,
         notes,
+        events,
     }))
 }
 
 /// Watches the run: progress, the end of the traffic, the drain. Returns the drain's length, s.
-fn supervise(shared: &Shared<'_>, opts: &Options, progress: &ProgressBar) -> f64 {
+/// `storm_window` is the engine's storm window: how long after the last alert entered a
+/// summary may still come (see the module docs).
+fn supervise(
+    shared: &Shared<'_>,
+    opts: &Options,
+    storm_window: Duration,
+    progress: &ProgressBar,
+) -> f64 {
     let tick = Duration::from_millis(50);
     let mut drain_start: Option<Instant> = None;
     let mut last_received = 0;
     let mut last_progress = Instant::now();
+    let mut last_alerts_acked = 0;
+    let mut last_alert = Instant::now();
     loop {
         std::thread::sleep(tick);
         let elapsed = shared.origin.elapsed();
         let sent = shared.sent.load(Ordering::Relaxed);
         let received = shared.received.load(Ordering::Relaxed);
-        let (awaiting_delivery, awaiting_ack) = shared.checker().pending();
+        let ((awaiting_delivery, awaiting_ack), awaiting_summary, alerts_acked) = {
+            let checker = shared.checker();
+            (
+                checker.pending(),
+                checker.awaiting_summary(),
+                checker.alerts_acked(),
+            )
+        };
         if received != last_received {
             last_received = received;
             last_progress = Instant::now();
+        }
+        if alerts_acked != last_alerts_acked {
+            last_alerts_acked = alerts_acked;
+            last_alert = Instant::now();
         }
         progress.set_position(elapsed.as_millis().min(opts.duration.as_millis()) as u64);
         match drain_start {
@@ -663,13 +762,25 @@ fn supervise(shared: &Shared<'_>, opts: &Options, progress: &ProgressBar) -> f64
                 }
             }
             Some(start) => {
-                progress.set_message(format!(
-                    "draining: {awaiting_delivery} to deliver, {awaiting_ack} to acknowledge"
-                ));
+                // A window holding a throttled alert closes at most `storm_window` after the
+                // alert entered; its summary follows within a stall's time.
+                let windows_open =
+                    awaiting_summary > 0 && last_alert.elapsed() < storm_window + STALL;
+                progress.set_message(if windows_open {
+                    format!("draining: {awaiting_delivery} to deliver ({awaiting_summary} alerts may be in open storm windows), {awaiting_ack} to acknowledge")
+                } else {
+                    format!("draining: {awaiting_delivery} to deliver, {awaiting_ack} to acknowledge")
+                });
                 let finished = awaiting_delivery == 0 && awaiting_ack == 0;
                 let stalled = last_progress.elapsed() >= STALL;
                 let too_long = start.elapsed() >= opts.drain_max;
-                if finished || stalled || too_long {
+                if finished || (!windows_open && (stalled || too_long)) {
+                    if too_long && start.elapsed() >= opts.drain_max + tick {
+                        shared.note(format!(
+                            "the drain went on {:.1} s past --drain-s for storm windows to close",
+                            (start.elapsed() - opts.drain_max).as_secs_f64()
+                        ));
+                    }
                     if !finished {
                         shared.note(format!(
                             "drain ended after {:.1} s ({}) with {awaiting_delivery} acknowledged frames undelivered and {awaiting_ack} unacknowledged",
@@ -786,6 +897,8 @@ impl<'s, 'a> Peer<'s, 'a> {
             if let Some((down, up)) = outage {
                 if phase == Phase::Up && now_s >= down {
                     self.go_down();
+                    self.shared
+                        .event(format!("{} disconnects", self.name()), "disconnects");
                     phase = Phase::Down;
                     continue;
                 }
@@ -796,6 +909,8 @@ impl<'s, 'a> Peer<'s, 'a> {
                     }
                     self.try_reconnect();
                     if self.client.is_some() {
+                        self.shared
+                            .event(format!("{} reconnects", self.name()), "reconnects");
                         phase = Phase::Restored;
                     }
                     continue;
