@@ -238,7 +238,7 @@ fn the_package_assets_exist_or_are_generated_by_build_deb() {
         if source.starts_with("target/release/") {
             continue; // cargo build
         }
-        if let Some(generated) = source.strip_prefix("target/package/") {
+        if let Some(generated) = source.strip_prefix("target/deb-assets/") {
             let dir = generated.split('/').next().unwrap();
             assert!(
                 script.contains(&format!("$generated/{dir}")),

@@ -5,7 +5,7 @@
 #   dpkg -i target/debian/dsplane_*.deb
 #
 # It builds the release binary, generates the man pages and shell completions from the clap
-# definitions (dsplane man, dsplane completions) into target/package/, then packages them with
+# definitions (dsplane man, dsplane completions) into target/deb-assets/, then packages them with
 # the unit, the example config and the maintainer scripts listed in Cargo.toml's
 # [package.metadata.deb]. The release profile is the one `cargo test --release` uses, so after
 # .ci/run's memory test little is left to compile.
@@ -20,9 +20,9 @@ fi
 cargo build --release --locked --bin dsplane
 bin="$(cargo metadata --format-version 1 --no-deps | sed 's/.*"target_directory":"\([^"]*\)".*/\1/')/release/dsplane"
 
-# cargo-deb reads these from target/package/ under the workspace root, wherever the target
+# cargo-deb reads these from target/deb-assets/ under the workspace root, wherever the target
 # directory is (only target/release/ paths are redirected to it).
-generated=target/package
+generated=target/deb-assets
 rm -rf "$generated"
 mkdir -p "$generated/completions"
 "$bin" man --dir "$generated/man"
