@@ -2,12 +2,13 @@
 
 mod client_cmd;
 mod demo_cmd;
+mod generate_cmd;
 mod recover_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use dsplane::config::Config;
 use dsplane::engine::Engine;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -66,6 +67,15 @@ enum Command {
     /// Check the write-ahead log of a data_dir without starting the engine; with --salvage,
     /// keep what is intact of a damaged log and write down exactly what is not.
     Recover(recover_cmd::RecoverArgs),
+    /// Print the completion script for a shell (packaging: tools/package/build-deb.sh).
+    #[command(hide = true)]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the dsplane(1) manual page, or write every page into --dir (packaging).
+    #[command(hide = true)]
+    Man(generate_cmd::ManArgs),
 }
 
 #[derive(Subcommand)]
@@ -98,6 +108,8 @@ fn main() -> ExitCode {
         Command::Client(command) => client_cmd::run(command),
         Command::Demo(args) => demo_cmd::run(args),
         Command::Recover(args) => recover_cmd::run(args),
+        Command::Completions { shell } => generate_cmd::completions(shell, Cli::command()),
+        Command::Man(args) => generate_cmd::man(args, Cli::command()),
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(config) => {
                 print!("{}", config.effective_toml());

@@ -42,6 +42,33 @@ use crate::ids::Level;
 use crate::ring;
 use shared::{Envelope, Shared, WorkerLink};
 
+/// Pins the calling worker thread to `core`. A refusal is not fatal: the worker runs unpinned,
+/// slower under load but correct, and a WARN says which worker and core, and why (typically a
+/// seccomp filter or a cpuset that excludes the core). A service manager that *kills* on the
+/// call (systemd's `SystemCallFilter=` without `SystemCallErrorNumber=`) cannot be survived
+/// here, which is why the shipped unit allows `sched_setaffinity` (tools/systemd/dsplane.service).
+fn pin_worker(worker: usize, core: Option<core_affinity::CoreId>) {
+    let Some(id) = core else {
+        tracing::warn!(
+            worker,
+            "core pinning unavailable (the CPU list could not be read); running unpinned"
+        );
+        return;
+    };
+    if core_affinity::set_for_current(id) {
+        tracing::info!(worker, core = id.id, "worker pinned");
+    } else {
+        // Read at once: errno is the thread's own and nothing has run since the call.
+        let error = io::Error::last_os_error();
+        tracing::warn!(
+            worker,
+            core = id.id,
+            error = %error,
+            "core pinning refused; running unpinned"
+        );
+    }
+}
+
 /// Frames each worker's ring holds per level. At 1 µs per frame a worker drains a full level in
 /// 8 ms; beyond that, intake answers NACK 5 rather than buffer without bound.
 pub const RING_FRAMES_PER_LEVEL: usize = 8192;
@@ -144,14 +171,7 @@ impl Engine {
             let handle = std::thread::Builder::new()
                 .name(format!("dsplane-worker-{index}"))
                 .spawn(move || {
-                    match core {
-                        Some(id) if core_affinity::set_for_current(id) => {
-                            tracing::info!(worker = index, core = id.id, "worker pinned");
-                        }
-                        _ => {
-                            tracing::info!(worker = index, "core pinning refused; running unpinned")
-                        }
-                    }
+                    pin_worker(index, core);
                     let worker =
                         worker::Worker::new(index, poll, shared, consumer, control_rx, store);
                     ready.wait();
