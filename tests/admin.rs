@@ -175,7 +175,10 @@ fn status_shows_each_su_its_queues_the_restriction_and_the_config() {
     assert_eq!(common::http(admin, "POST", "/reload", None).0, 200);
     let s = status(admin);
     let reloaded = s["config"]["loaded_at"].as_str().unwrap();
-    assert!(is_rfc3339_utc(reloaded) && reloaded > loaded.as_str(), "{reloaded} after {loaded}");
+    assert!(
+        is_rfc3339_utc(reloaded) && reloaded > loaded.as_str(),
+        "{reloaded} after {loaded}"
+    );
     engine.shutdown();
     engine.join();
 }

@@ -124,7 +124,10 @@ fn check_config_checks_that_data_dir_can_be_created_and_written() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("data_dir"), "{err}");
     assert!(err.contains(&bad_dir.display().to_string()), "{err}");
-    assert!(out.stdout.is_empty(), "no effective config for a config that cannot run");
+    assert!(
+        out.stdout.is_empty(),
+        "no effective config for a config that cannot run"
+    );
     assert_no_debug_text(&err);
 
     // A data_dir that does not exist yet is created, as `run` would, and left empty.
@@ -146,5 +149,9 @@ fn check_config_checks_that_data_dir_can_be_created_and_written() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(new_dir.is_dir());
-    assert_eq!(std::fs::read_dir(&new_dir).unwrap().count(), 0, "probe removed");
+    assert_eq!(
+        std::fs::read_dir(&new_dir).unwrap().count(),
+        0,
+        "probe removed"
+    );
 }

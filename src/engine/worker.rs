@@ -266,7 +266,7 @@ impl Worker {
                     su.config.sr_burst,
                     shared.now(),
                 ) {
-                    tracing::error!(su = %su.config.id, error = %e, "Service Request allocation refused");
+                    tracing::error!(peer = %su.config.id, error = %e, "Service Request allocation refused");
                 }
             }
         }
