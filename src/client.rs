@@ -47,7 +47,7 @@ pub enum ClientError {
     #[error("dsplane sent a malformed frame: {0}")]
     Decode(#[from] DecodeError),
     /// dsplane refused the HELLO.
-    #[error("HELLO refused: NACK reason {reason:?}: {detail}")]
+    #[error("HELLO refused: NACK {}: {detail}", reason_text(.reason))]
     Refused {
         /// The NACK reason.
         reason: Option<NackReason>,
@@ -55,7 +55,7 @@ pub enum ClientError {
         detail: String,
     },
     /// dsplane answered the HELLO with something other than HELLO_OK or NACK.
-    #[error("expected HELLO_OK, got {0:?}")]
+    #[error("expected HELLO_OK, got {0}")]
     Unexpected(Kind),
     /// The token is empty or longer than 256 bytes.
     #[error("a token must be 1 to 256 bytes")]
@@ -66,6 +66,11 @@ pub enum ClientError {
     /// No answer in time.
     #[error("timed out")]
     Timeout,
+}
+
+/// A NACK reason as a message shows it, `unknown` for an `aux` PROTOCOL.md does not define.
+fn reason_text(reason: &Option<NackReason>) -> String {
+    reason.map_or_else(|| "reason unknown".to_owned(), |r| r.to_string())
 }
 
 /// One connection to dsplane, as an SU or a CSP.

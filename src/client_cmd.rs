@@ -7,8 +7,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use clap::Subcommand;
-use dsplane::client::Client;
-use dsplane::ids::{Eui64, Srv};
+use dsplane::client::{Client, ClientError};
+use dsplane::ids::{AlertCode, Eui64, Srv};
 use dsplane::wire::{Frame, Header, Kind};
 
 const DEMO_SU: &str = "90-B3-D5-1F-30-01-00-00";
@@ -72,6 +72,31 @@ const MIX: [(Kind, &str, u16, &str); 5] = [
     (Kind::Response, "2.2", 0, "top up device (prepayment)"),
 ];
 
+/// Exit code when dsplane could not be reached or refused the HELLO: the run could not start.
+const EXIT_NO_CONNECTION: u8 = 2;
+
+/// Why a connection could not be made, in words an operator can act on: the address, what
+/// failed, and what to check.
+fn connect_error(addr: SocketAddr, port: &str, e: &ClientError) -> String {
+    match e {
+        ClientError::Io(io) => format!(
+            "cannot connect to {addr} (dsplane's {port} port): {io}. Is dsplane running? Is the port right (--addr)?"
+        ),
+        ClientError::Refused { .. } => {
+            let check = if port == "SU" {
+                "Are the SU id and token right (--id, --token)?"
+            } else {
+                "Is the CSP token right (--token)?"
+            };
+            format!("{addr} refused the connection: {e}. {check}")
+        }
+        ClientError::Timeout => format!(
+            "{addr} accepted the connection but did not answer the HELLO in time. Is it dsplane's {port} port?"
+        ),
+        other => format!("cannot open a session with {addr} ({port} port): {other}"),
+    }
+}
+
 pub fn run(command: ClientCommand) -> ExitCode {
     match command {
         ClientCommand::Su {
@@ -93,8 +118,8 @@ fn su(addr: SocketAddr, id: Eui64, token: &str, idle: Duration) -> ExitCode {
     let mut client = match Client::connect_su(addr, id, token) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("dsplane client: {e}");
-            return ExitCode::FAILURE;
+            eprintln!("dsplane client: {}", connect_error(addr, "SU", &e));
+            return ExitCode::from(EXIT_NO_CONNECTION);
         }
     };
     eprintln!("connected as Service User {id}; printing frames, ACKing each");
@@ -109,25 +134,25 @@ fn su(addr: SocketAddr, id: Eui64, token: &str, idle: Duration) -> ExitCode {
             Ok(Some(f)) if f.header.kind.is_data() => {
                 let h = f.header;
                 println!(
-                    "{:>6}  {:>5}  {:<13} {:>7} {:>#6x} {:>8}  {}",
+                    "{:>6}  {:>5}  {:<13} {:>7} {:>6} {:>8}  {}",
                     h.msg_id,
                     h.priority,
                     h.kind.as_str(),
                     h.srv.to_string(),
-                    h.alert_code,
+                    AlertCode(h.alert_code).to_string(),
                     h.counter,
                     String::from_utf8_lossy(&f.payload)
                 );
                 n += 1;
                 if let Err(e) = client.ack(h.msg_id) {
-                    eprintln!("dsplane client: {e}");
+                    eprintln!("dsplane client: connection to {addr} lost: {e}");
                     return ExitCode::FAILURE;
                 }
             }
             Ok(Some(_)) => {}
             Ok(None) => break,
             Err(e) => {
-                eprintln!("dsplane client: {e}");
+                eprintln!("dsplane client: connection to {addr} lost: {e}");
                 return ExitCode::FAILURE;
             }
         }
@@ -144,8 +169,8 @@ fn csp(addr: SocketAddr, token: &str, su: Eui64, count: u64) -> ExitCode {
     let mut client = match Client::connect_csp(addr, token) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("dsplane client: {e}");
-            return ExitCode::FAILURE;
+            eprintln!("dsplane client: {}", connect_error(addr, "CSP", &e));
+            return ExitCode::from(EXIT_NO_CONNECTION);
         }
     };
     let now_ns = SystemTime::now()
@@ -165,7 +190,7 @@ fn csp(addr: SocketAddr, token: &str, su: Eui64, count: u64) -> ExitCode {
     let last = match client.send_batch(frames) {
         Ok(last) => last,
         Err(e) => {
-            eprintln!("dsplane client: {e}");
+            eprintln!("dsplane client: connection to {addr} lost while sending: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -176,22 +201,29 @@ fn csp(addr: SocketAddr, token: &str, su: Eui64, count: u64) -> ExitCode {
                 .filter(|f| f.header.kind == Kind::Nack)
                 .collect();
             for f in &nacks {
+                let reason = f
+                    .header
+                    .nack_reason()
+                    .map_or_else(|| "reason unknown".to_owned(), |r| r.to_string());
                 eprintln!(
-                    "NACK msg_id {} reason {:?}: {}",
+                    "NACK msg_id {} reason {reason}: {}",
                     f.header.msg_id,
-                    f.header.nack_reason(),
                     String::from_utf8_lossy(&f.payload)
                 );
             }
+            let refused = nacks.len() as u64;
             eprintln!(
-                "sent {count} frames for Service User {su}: {} accepted, {} refused",
-                count - nacks.len() as u64,
-                nacks.len()
+                "sent {count} frames for Service User {su}: {} accepted, {refused} refused",
+                count - refused
             );
+            if count > 0 && refused >= count {
+                eprintln!("dsplane client: every frame was refused; see the NACK reasons above");
+                return ExitCode::FAILURE;
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("dsplane client: {e}");
+            eprintln!("dsplane client: no ACK from {addr} for the frames sent: {e}");
             ExitCode::FAILURE
         }
     }

@@ -252,6 +252,22 @@ impl fmt::Display for Level {
     }
 }
 
+/// A GBCS alert code, for display: always `0x` and four upper-case hex digits, as the GBCS
+/// tables write them (`0x8F75`), in logs, reports and tools alike.
+///
+/// ```
+/// assert_eq!(dsplane::ids::AlertCode(0x8F75).to_string(), "0x8F75");
+/// assert_eq!(dsplane::ids::AlertCode(0x1A).to_string(), "0x001A");
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct AlertCode(pub u16);
+
+impl fmt::Display for AlertCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "0x{:04X}", self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,3 +44,23 @@ pub type Nanos = u64;
 
 /// Nanoseconds in one second.
 pub const NANOS_PER_SEC: Nanos = 1_000_000_000;
+
+/// A message on one line, for a log line or a one-line error: the lines of `text` (a TOML
+/// error's source excerpt, say) trimmed and joined with `; `, leaving out the excerpt's bare
+/// `|` gutters and blank lines.
+///
+/// ```
+/// let toml = "TOML parse error at line 6, column 17\n  |\n6 | token = <redacted>\n  |\ninvalid basic string\n";
+/// assert_eq!(
+///     dsplane::one_line(toml),
+///     "TOML parse error at line 6, column 17; 6 | token = <redacted>; invalid basic string"
+/// );
+/// ```
+pub fn one_line(text: &str) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && *l != "|")
+        .collect();
+    lines.join("; ")
+}

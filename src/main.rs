@@ -1,9 +1,11 @@
 //! The `dsplane` command: `run` and `check-config` (ENGINE.md §8).
 
+mod check_cmd;
 mod client_cmd;
 mod demo_cmd;
 mod generate_cmd;
 mod recover_cmd;
+mod run_log;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -104,26 +106,14 @@ fn main() -> ExitCode {
             .init(),
         LogFormat::Json => logs.json().flatten_event(true).init(),
     }
+    let json = matches!(cli.log_format, LogFormat::Json);
     match cli.command {
         Command::Client(command) => client_cmd::run(command),
         Command::Demo(args) => demo_cmd::run(args),
         Command::Recover(args) => recover_cmd::run(args),
         Command::Completions { shell } => generate_cmd::completions(shell, Cli::command()),
         Command::Man(args) => generate_cmd::man(args, Cli::command()),
-        Command::CheckConfig { file } => match Config::load(&file) {
-            Ok(config) => {
-                print!("{}", config.effective_toml());
-                for warning in config.warnings() {
-                    eprintln!("{}: warning: {warning}", file.display());
-                }
-                eprintln!("{}: ok", file.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{}: {e}", file.display());
-                ExitCode::from(2)
-            }
-        },
+        Command::CheckConfig { file } => check_cmd::run(&file),
         Command::Run { config } => {
             let embedded = config.is_none();
             let config_path = config.clone();
@@ -134,11 +124,11 @@ fn main() -> ExitCode {
             let config = match loaded {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("dsplane: {e}");
+                    run_log::error(json, &e);
                     return ExitCode::from(2);
                 }
             };
-            run(config, embedded, path_of(config_path))
+            run(config, embedded, path_of(config_path), json)
         }
         Command::Report {
             what: ReportWhat::Alerts { config, day },
@@ -202,32 +192,15 @@ fn report_alerts(config: Option<PathBuf>, day: Option<String>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn run(config: Config, embedded: bool, config_path: Option<PathBuf>) -> ExitCode {
+fn run(config: Config, embedded: bool, config_path: Option<PathBuf>, json: bool) -> ExitCode {
     if embedded {
-        // The demo configuration's ids and tokens, so that a newcomer can connect at once.
-        eprintln!("dsplane: no --config given; running the embedded demo configuration");
-        for su in &config.service_users {
-            eprintln!(
-                "  demo Service User {} token {:?} on {}",
-                su.id,
-                su.token.expose_str(),
-                config.listen.su
-            );
-        }
-        for csp in &config.csps {
-            eprintln!(
-                "  demo CSP {:?} token {:?} on {}",
-                csp.name,
-                csp.token.expose_str(),
-                config.listen.csp
-            );
-        }
+        run_log::banner(&config, json);
     }
     for su in &config.service_users {
-        tracing::info!(su = %su.id, name = %su.name, rate = su.delivery.rate, "service user configured");
+        tracing::info!(peer = %su.id, name = %su.name, rate = su.delivery.rate, "service user configured");
     }
     for csp in &config.csps {
-        tracing::info!(csp = %csp.name, rate = csp.rate, "CSP link configured");
+        tracing::info!(peer = %csp.name, rate = csp.rate, "CSP link configured");
     }
     // The handlers go in before the engine starts: a SIGHUP's default action is to end the
     // process, so one sent as soon as "dsplane running" is logged (`systemctl reload` right
@@ -236,14 +209,14 @@ fn run(config: Config, embedded: bool, config_path: Option<PathBuf>) -> ExitCode
     let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("dsplane: cannot install signal handlers: {e}");
+            run_log::error(json, &format!("cannot install signal handlers: {e}"));
             return ExitCode::FAILURE;
         }
     };
     let engine = match Engine::start(config) {
         Ok(e) => e,
         Err(e) => {
-            eprintln!("dsplane: cannot start: {e}");
+            run_log::error(json, &format!("cannot start: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -255,9 +228,8 @@ fn run(config: Config, embedded: bool, config_path: Option<PathBuf>) -> ExitCode
     std::thread::spawn(move || {
         for signal in signals.forever() {
             if signal == SIGHUP {
-                if let Err(e) = stopper.reload() {
-                    tracing::error!(error = %e, "reload refused; the running configuration is unchanged");
-                }
+                // The engine logs the outcome: what changed, or why it was refused.
+                let _ = stopper.reload();
                 continue;
             }
             tracing::info!(

@@ -269,6 +269,9 @@ pub struct StormStats {
     pub keys_peak: u64,
     /// Throttled alerts not yet in a summary: `throttled − summarised`.
     pub owed: u64,
+    /// Storms started: windows in which an alert was throttled for the first time. The
+    /// [`Verdict::Throttled`] that raised it is the storm's first.
+    pub storms: u64,
 }
 
 /// The state of one key: 32 bytes.
@@ -409,6 +412,9 @@ impl StormDetector {
                 self.deliver()
             } else {
                 entry.throttled += 1;
+                if entry.throttled == 1 {
+                    self.stats.storms += 1;
+                }
                 self.stats.throttled += 1;
                 self.stats.owed += 1;
                 Verdict::Throttled
@@ -714,6 +720,24 @@ mod tests {
         assert_eq!(d.on_alert(1, Eui64(7), MAGNETIC, 30 * S), Verdict::Deliver);
         let st = d.stats();
         assert_eq!((st.delivered, st.throttled, st.owed), (13, 15, 15));
+        assert_eq!(
+            st.storms, 1,
+            "one storm: the first throttled alert starts it"
+        );
+    }
+
+    #[test]
+    fn each_window_with_throttling_is_one_storm() {
+        let mut d = detector(1, 10 * S, &[], 100);
+        for t in [0, 1, 2, 3] {
+            let _ = d.on_alert(0, D, MAGNETIC, t * S);
+        }
+        assert_eq!(d.stats().storms, 1);
+        // The window closes; the next one storms again.
+        for t in [20, 21, 22] {
+            let _ = d.on_alert(0, D, MAGNETIC, t * S);
+        }
+        assert_eq!(d.stats().storms, 2);
     }
 
     #[test]

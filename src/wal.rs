@@ -101,6 +101,17 @@ pub enum PeerKey {
     Csp(u64),
 }
 
+/// An SU as its EUI-64; a CSP link as `csp#` and its name's hash (the name itself is not in
+/// the log).
+impl std::fmt::Display for PeerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerKey::Su(id) => id.fmt(f),
+            PeerKey::Csp(h) => write!(f, "csp#{h:016x}"),
+        }
+    }
+}
+
 impl PeerKey {
     /// The key of the CSP link called `name`: FNV-1a, stable across builds and platforms.
     pub fn csp(name: &str) -> PeerKey {

@@ -235,6 +235,25 @@ impl NackReason {
             _ => return None,
         })
     }
+
+    /// The reason's name, as metrics and logs write it: `unauthorised`, `unknown_destination`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            NackReason::Malformed => "malformed",
+            NackReason::Throttled => "throttled",
+            NackReason::Unauthorised => "unauthorised",
+            NackReason::UnknownDestination => "unknown_destination",
+            NackReason::Overloaded => "overloaded",
+            NackReason::UnexpectedKind => "unexpected_kind",
+        }
+    }
+}
+
+/// `3 (unauthorised)`: the wire value and its name.
+impl fmt::Display for NackReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", *self as u16, self.as_str())
+    }
 }
 
 /// Which side of dsplane a peer is on: the `aux` field of a HELLO.
@@ -255,6 +274,16 @@ impl Role {
             2 => Some(Role::Csp),
             _ => None,
         }
+    }
+}
+
+/// `SU` or `CSP`, as the documents write them.
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Su => "SU",
+            Role::Csp => "CSP",
+        })
     }
 }
 

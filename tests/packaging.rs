@@ -153,14 +153,34 @@ fn the_example_config_for_a_host_passes_check_config_with_its_tokens_set() {
         !text.lines().any(|l| l.trim_start().starts_with("token =")),
         "the example holds no token itself"
     );
+    assert!(
+        text.contains("data_dir = \"/var/lib/dsplane\""),
+        "an absolute data_dir for a host"
+    );
+    // check-config creates and writes data_dir: the copy checked here keeps it in a temporary
+    // directory, so the test needs no root and leaves /var/lib alone.
+    let dir = std::env::temp_dir().join(format!("dsplane-example-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let data_dir = dir.join("data");
+    let example = dir.join("dsplane.toml");
+    std::fs::write(
+        &example,
+        text.replace(
+            "data_dir = \"/var/lib/dsplane\"",
+            &format!("data_dir = \"{}\"", data_dir.display()),
+        ),
+    )
+    .unwrap();
     let mut command = Command::new(BIN);
     command.arg("check-config").arg(&example);
     for (name, value) in EXAMPLE_ENV {
         command.env(name, value);
     }
     let effective = stdout(&command.output().unwrap());
+    let wanted_dir = format!("data_dir = \"{}\"", data_dir.display());
     for wanted in [
-        "data_dir = \"/var/lib/dsplane\"",
+        wanted_dir.as_str(),
         "name = \"csp-north\"",
         "name = \"csp-south\"",
         "rate = 2500",

@@ -226,7 +226,7 @@ impl Acceptor {
                 Err(e) => {
                     // EMFILE and the like: try again on the next event rather than spin.
                     *self.more(role) = false;
-                    let message = format!("accept failed on the {role:?} port: {e}");
+                    let message = format!("accept failed on the {role} port: {e}");
                     self.log(Refusal::AcceptFailed, None, &message);
                     return;
                 }
@@ -417,7 +417,7 @@ impl Acceptor {
         if counter.fetch_add(1, Ordering::Relaxed) >= limit {
             counter.fetch_sub(1, Ordering::Relaxed);
             let addr = self.table.get_mut(slot).map(|p| p.addr);
-            let message = format!("{role:?} port at its connection limit ({limit}); refusing");
+            let message = format!("{role} port at its connection limit ({limit}); refusing");
             self.log(Refusal::ConnectionLimit, addr, &message);
             let nack = Frame::nack(
                 0,

@@ -6,6 +6,7 @@
 //! |------------------------------|------|
 //! | `GET /healthz`               | `ok` while the engine runs |
 //! | `GET /metrics`               | Prometheus text format (see `docs/operations.md`) |
+//! | `GET /status`                | JSON: workers, each SU (connected, paused or away, its queue per tier), restriction, config file and load time |
 //! | `POST /su/{EUI-64}/pause`    | the SU is unavailable: its traffic is kept (NMS, then SURB) |
 //! | `POST /su/{EUI-64}/resume`   | available again: its backlog is released with the ramp |
 //! | `POST /restrict`             | the whole northbound side is unavailable |
@@ -14,6 +15,8 @@
 //! | `GET /report/alerts?day=D`   | the alert monitoring report of day `D` (YYYY-MM-DD, default today, UTC), JSON |
 //!
 //! When `[admin] token` is set, every request needs `Authorization: Bearer <token>`, else 401.
+//! A known path asked with another method gets 405 and an `Allow` header naming the one it
+//! takes; an unknown path gets 404 and the list above.
 //!
 //! # A server no client can stall (issue 13, `docs/admission.md`)
 //!
@@ -153,6 +156,30 @@ pub(crate) struct Response {
     pub status: u16,
     pub content_type: &'static str,
     pub body: String,
+    /// The `Allow` header of a 405: the method the path takes.
+    pub allow: Option<&'static str>,
+}
+
+/// Every endpoint, as a 404 lists them: (method, path).
+const ENDPOINTS: [(&str, &str); 9] = [
+    ("GET", "/healthz"),
+    ("GET", "/metrics"),
+    ("GET", "/status"),
+    ("GET", "/report/alerts?day=YYYY-MM-DD"),
+    ("POST", "/reload"),
+    ("POST", "/su/{EUI-64}/pause"),
+    ("POST", "/su/{EUI-64}/resume"),
+    ("POST", "/restrict"),
+    ("POST", "/restore"),
+];
+
+/// The method a known path takes, `None` for an unknown path.
+fn method_of(parts: &[&str]) -> Option<&'static str> {
+    match parts {
+        ["healthz"] | ["metrics"] | ["status"] | ["report", "alerts"] => Some("GET"),
+        ["reload"] | ["restrict"] | ["restore"] | ["su", _, "pause" | "resume"] => Some("POST"),
+        _ => None,
+    }
 }
 
 impl Response {
@@ -161,6 +188,19 @@ impl Response {
             status,
             content_type: "text/plain; charset=UTF-8",
             body: body.into(),
+            allow: None,
+        }
+    }
+
+    fn json(value: &serde_json::Value) -> Response {
+        match serde_json::to_string_pretty(value) {
+            Ok(json) => Response {
+                status: 200,
+                content_type: "application/json",
+                body: json + "\n",
+                allow: None,
+            },
+            Err(e) => Response::text(500, format!("{e}\n")),
         }
     }
 
@@ -170,6 +210,7 @@ impl Response {
             400 => "Bad Request",
             401 => "Unauthorized",
             404 => "Not Found",
+            405 => "Method Not Allowed",
             408 => "Request Timeout",
             413 => "Content Too Large",
             431 => "Request Header Fields Too Large",
@@ -178,8 +219,11 @@ impl Response {
             503 => "Service Unavailable",
             _ => "",
         };
+        let allow = self
+            .allow
+            .map_or_else(String::new, |m| format!("Allow: {m}\r\n"));
         let mut out = format!(
-            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n",
             self.status,
             self.content_type,
             self.body.len()
@@ -654,13 +698,31 @@ pub(crate) fn handle(shared: &Shared, request: &Request) -> Response {
         .split_once('?')
         .unwrap_or((&request.target, ""));
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let Some(allowed) = method_of(&parts) else {
+        let mut body = format!("no endpoint {path}; the endpoints are:\n");
+        for (method, path) in ENDPOINTS {
+            body.push_str(&format!("  {method} {path}\n"));
+        }
+        return Response::text(404, body);
+    };
+    if request.method != allowed {
+        return Response {
+            allow: Some(allowed),
+            ..Response::text(
+                405,
+                format!("{path} takes {allowed}, not {}\n", request.method),
+            )
+        };
+    }
     match (request.method.as_str(), parts.as_slice()) {
         ("GET", ["healthz"]) => Response::text(200, "ok\n"),
         ("GET", ["metrics"]) => Response {
             status: 200,
             content_type: "text/plain; version=0.0.4",
             body: shared.render_metrics(),
+            allow: None,
         },
+        ("GET", ["status"]) => Response::json(&status(shared)),
         ("GET", ["report", "alerts"]) => {
             let day = query
                 .split('&')
@@ -674,12 +736,8 @@ pub(crate) fn handle(shared: &Shared, request: &Request) -> Response {
                 Ok(r) => r.day_summary(day),
                 Err(_) => return Response::text(500, "report unavailable\n"),
             };
-            match serde_json::to_string_pretty(&summary) {
-                Ok(json) => Response {
-                    status: 200,
-                    content_type: "application/json",
-                    body: json + "\n",
-                },
+            match serde_json::to_value(&summary) {
+                Ok(json) => Response::json(&json),
                 Err(e) => Response::text(500, format!("{e}\n")),
             }
         }
@@ -704,13 +762,19 @@ pub(crate) fn handle(shared: &Shared, request: &Request) -> Response {
             let Some(owner) = shared.sus.get(su as usize).map(|s| s.owner) else {
                 return Response::text(404, "no such Service User\n");
             };
+            if let Some(flag) = shared.su_paused.get(su as usize) {
+                flag.store(paused, std::sync::atomic::Ordering::Relaxed);
+            }
             send(shared, owner, Control::Pause { su, paused });
-            tracing::info!(su = %id, paused, "operator action");
+            tracing::info!(peer = %id, paused, "operator action: {action}");
             let done = if paused { "paused" } else { "resumed" };
             Response::text(200, format!("{id} {done}\n"))
         }
         ("POST", [action @ ("restrict" | "restore")]) => {
             let restricted = *action == "restrict";
+            shared
+                .restricted
+                .store(restricted, std::sync::atomic::Ordering::Relaxed);
             for w in 0..shared.workers.len() {
                 send(shared, w, Control::Restrict(restricted));
             }
@@ -718,8 +782,95 @@ pub(crate) fn handle(shared: &Shared, request: &Request) -> Response {
             let done = if restricted { "restricted" } else { "restored" };
             Response::text(200, format!("northbound {done}\n"))
         }
-        _ => Response::text(404, "unknown path; see the engine's admin documentation\n"),
+        _ => Response::text(500, "endpoint without a handler\n"),
     }
+}
+
+/// `GET /status`: what an operator asks first, as JSON.
+fn status(shared: &Shared) -> serde_json::Value {
+    use super::shared::PeerRef;
+    use std::sync::atomic::Ordering;
+    let snapshots = shared.peer_snapshots();
+    let snapshot = |peer: PeerRef| snapshots.iter().find(|s| s.peer == peer).copied();
+    let sus: Vec<serde_json::Value> = shared
+        .sus
+        .iter()
+        .enumerate()
+        .map(|(i, su)| {
+            let seen = snapshot(PeerRef::Su(i as u32));
+            let connected = seen.is_some_and(|s| s.connected);
+            let paused = shared
+                .su_paused
+                .get(i)
+                .is_some_and(|p| p.load(Ordering::Relaxed));
+            let state = match (paused, connected) {
+                (true, _) => "paused",
+                (false, true) => "connected",
+                (false, false) => "away",
+            };
+            serde_json::json!({
+                "id": su.config.id.to_string(),
+                "name": su.config.name,
+                "state": state,
+                "connected": connected,
+                "paused": paused,
+                "worker": su.owner,
+                "queue_depth": {
+                    "nms": seen.map_or(0, |s| s.nms),
+                    "surb": seen.map_or(0, |s| s.surb),
+                },
+            })
+        })
+        .collect();
+    let csps: Vec<serde_json::Value> = shared
+        .csps
+        .iter()
+        .enumerate()
+        .map(|(i, csp)| {
+            let seen = snapshot(PeerRef::Csp(i as u32));
+            let connected = seen.is_some_and(|s| s.connected);
+            serde_json::json!({
+                "name": csp.config.name,
+                "state": if connected { "connected" } else { "away" },
+                "connected": connected,
+                "worker": csp.owner,
+                "queue_depth": {
+                    "nms": seen.map_or(0, |s| s.nms),
+                    "surb": seen.map_or(0, |s| s.surb),
+                },
+            })
+        })
+        .collect();
+    let file = shared
+        .config_path
+        .lock()
+        .ok()
+        .and_then(|p| p.as_ref().map(|p| p.display().to_string()));
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "workers": shared.workers.len(),
+        "restricted": shared.restricted.load(Ordering::Relaxed),
+        "config": {
+            "file": file,
+            "loaded_at": rfc3339(shared.config_loaded_unix_ns.load(Ordering::Relaxed)),
+        },
+        "service_users": sus,
+        "csps": csps,
+    })
+}
+
+/// `2026-11-23T10:15:30Z`: an instant in ns since the Unix epoch, UTC, to the second.
+fn rfc3339(unix_ns: u64) -> String {
+    let secs = unix_ns / 1_000_000_000;
+    let day = crate::report::utc_day(unix_ns);
+    let of_day = secs % 86_400;
+    format!(
+        "{}T{:02}:{:02}:{:02}Z",
+        crate::report::date_of(day),
+        of_day / 3600,
+        of_day / 60 % 60,
+        of_day % 60
+    )
 }
 
 fn send(shared: &Shared, worker: usize, control: Control) {
@@ -780,6 +931,21 @@ mod tests {
             Err(HeadError::Chunked)
         );
         assert_eq!(HeadError::TooLarge.status(), 431);
+    }
+
+    #[test]
+    fn instants_are_written_in_rfc_3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_795_428_930_999_000_000), "2026-11-23T10:15:30Z");
+    }
+
+    #[test]
+    fn every_listed_endpoint_has_its_method() {
+        for (method, path) in ENDPOINTS {
+            let path = path.split('?').next().unwrap().replace("{EUI-64}", "x");
+            let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+            assert_eq!(method_of(&parts), Some(method), "{path}");
+        }
     }
 
     #[test]

@@ -346,13 +346,13 @@ pub fn write_orphan(expiry_path: &std::path::Path, record: &crate::wal::Record) 
     } = record
     {
         tracing::warn!(
-            ?peer,
+            %peer,
             level,
             counter = frame.header.counter,
             "recovered frame for a peer no longer configured; written to the expiry record"
         );
         let line = format!(
-            "{{\"reason\":\"receiver no longer configured\",\"peer\":\"{peer:?}\",\"level\":{level},\"kind\":\"{}\",\"counter\":{}}}\n",
+            "{{\"reason\":\"receiver no longer configured\",\"peer\":\"{peer}\",\"level\":{level},\"kind\":\"{}\",\"counter\":{}}}\n",
             frame.header.kind, frame.header.counter
         );
         let _ = std::fs::OpenOptions::new()
@@ -399,35 +399,66 @@ fn save_report(shared: &Shared) {
     }
 }
 
+/// Reloads the configuration file and logs what happened: each change applied, each note, or
+/// the refusal, on one line each; counts the reload taken or refused.
 fn reload(shared: &Shared) -> Result<Vec<String>, String> {
+    use std::sync::atomic::Ordering;
     let path = shared
         .config_path
         .lock()
         .map_err(|_| "lock poisoned".to_string())?
         .clone();
-    let (config, file) = match &path {
-        Some(p) => (
-            Config::load(p).map_err(|e| e.in_file(p))?,
-            p.display().to_string(),
-        ),
-        None => (
-            Config::embedded_default().map_err(|e| e.to_string())?,
-            "the embedded configuration".to_owned(),
-        ),
+    let file = path.as_ref().map_or_else(
+        || "the embedded configuration".to_owned(),
+        |p| p.display().to_string(),
+    );
+    match reload_file(shared, path.as_deref(), &file) {
+        Ok((changes, warnings)) => {
+            shared.reloads[0].fetch_add(1, Ordering::Relaxed);
+            shared
+                .config_loaded_unix_ns
+                .store(shared::unix_now(), Ordering::Relaxed);
+            for w in &warnings {
+                tracing::warn!(file = %file, "reload: {w}");
+            }
+            for c in &changes {
+                tracing::info!(file = %file, "reload changed {c}");
+            }
+            tracing::info!(
+                file = %file,
+                changes = changes.len(),
+                "configuration reloaded: new rules and rates apply to traffic entering from now on"
+            );
+            Ok(warnings)
+        }
+        Err(e) => {
+            shared.reloads[1].fetch_add(1, Ordering::Relaxed);
+            let e = crate::one_line(&e);
+            tracing::error!(file = %file, error = %e, "reload refused; the running configuration is unchanged");
+            Err(e)
+        }
+    }
+}
+
+/// Reads, checks and applies a reload: (what changed, notes).
+fn reload_file(
+    shared: &Shared,
+    path: Option<&std::path::Path>,
+    file: &str,
+) -> Result<(Vec<String>, Vec<String>), String> {
+    let config = match path {
+        Some(p) => Config::load(p).map_err(|e| e.in_file(p))?,
+        None => Config::embedded_default().map_err(|e| e.to_string())?,
     };
     let mut applied = shared
         .applied
         .lock()
         .map_err(|_| "lock poisoned".to_string())?;
-    let (reload, warnings) = shared.reload_from(&applied, &config, &file)?;
+    let (reload, warnings) = shared.reload_from(&applied, &config, file)?;
+    let changes = shared::reload_changes(&applied, &config);
     shared.apply_reload(reload);
     *applied = config;
-    drop(applied);
-    for w in &warnings {
-        tracing::warn!("reload: {w}");
-    }
-    tracing::info!(file = ?path, "configuration reloaded: new rules and rates apply to traffic entering from now on");
-    Ok(warnings)
+    Ok((changes, warnings))
 }
 
 /// Pushes an envelope into a worker's ring at `level`, waking the worker if it sleeps. Hands

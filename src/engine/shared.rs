@@ -12,7 +12,7 @@ use mio::Waker;
 
 use crate::classify::Rules;
 use crate::config::{Config, Csp, DeviceRange, Secret, ServiceUser};
-use crate::ids::{Eui64, Level};
+use crate::ids::{AlertCode, Eui64, Level};
 use crate::ring;
 use crate::wal::PeerKey;
 use crate::wire::Frame;
@@ -188,6 +188,16 @@ pub(crate) struct Shared {
     /// the lock from its checks to its end, so that two (SIGHUP and `POST /reload`) never
     /// interleave, and each is checked against the one before it.
     pub applied: std::sync::Mutex<Config>,
+    /// Each SU paused by an operator (`POST /su/{id}/pause`), by directory index: what the admin
+    /// interface asked for, which the owner applies on its next turn.
+    pub su_paused: Vec<AtomicBool>,
+    /// The whole northbound side restricted by an operator (`POST /restrict`).
+    pub restricted: AtomicBool,
+    /// Reloads taken ([0]) and refused ([1]).
+    pub reloads: [AtomicU64; 2],
+    /// When the configuration now applied was loaded: start-up, then each reload taken; ns since
+    /// the Unix epoch.
+    pub config_loaded_unix_ns: AtomicU64,
 }
 
 impl Shared {
@@ -331,6 +341,129 @@ impl Shared {
     }
 }
 
+/// What a reload from `old` to `new` changes among what applies while running, one line each,
+/// for the log: `alert_storm.threshold: 10 → 20`, `service_user[90-B3-…].rate: 50 → 80`.
+/// Tokens are not compared here (the reload's notes name the peers whose token changed).
+pub(crate) fn reload_changes(old: &Config, new: &Config) -> Vec<String> {
+    fn diff(out: &mut Vec<String>, key: &str, a: String, b: String) {
+        if a != b {
+            out.push(format!("{key}: {a} → {b}"));
+        }
+    }
+    let alerts = |a: &[(u16, Level)]| {
+        let list: Vec<String> = a
+            .iter()
+            .map(|(code, level)| format!("{} level {}", AlertCode(*code), level.get()))
+            .collect();
+        format!("[{}]", list.join(", "))
+    };
+    let codes = |c: &[u16]| {
+        let list: Vec<String> = c.iter().map(|c| AlertCode(*c).to_string()).collect();
+        format!("[{}]", list.join(", "))
+    };
+    let mut out = Vec::new();
+    let (p, q) = (&old.priority, &new.priority);
+    if p.rules != q.rules {
+        let same = p.rules.iter().zip(&q.rules).filter(|(a, b)| a == b).count();
+        out.push(format!(
+            "priority.rules: {} rules → {} rules ({} changed, added or removed)",
+            p.rules.len(),
+            q.rules.len(),
+            p.rules.len().max(q.rules.len()) - same
+        ));
+    }
+    diff(
+        &mut out,
+        "priority.high_priority_alerts",
+        alerts(&p.high_priority_alerts),
+        alerts(&q.high_priority_alerts),
+    );
+    for (key, a, b) in [
+        ("priority.default_level", p.default_level, q.default_level),
+        ("priority.alert_level", p.alert_level, q.alert_level),
+        (
+            "priority.scheduled_response_level",
+            p.scheduled_response_level,
+            q.scheduled_response_level,
+        ),
+    ] {
+        diff(&mut out, key, a.get().to_string(), b.get().to_string());
+    }
+    let (s, t) = (&old.alert_storm, &new.alert_storm);
+    let storm = [
+        (
+            "alert_storm.threshold",
+            s.threshold.to_string(),
+            t.threshold.to_string(),
+        ),
+        (
+            "alert_storm.window_s",
+            s.window.as_secs().to_string(),
+            t.window.as_secs().to_string(),
+        ),
+        (
+            "alert_storm.max_tracked_keys",
+            s.max_tracked_keys.to_string(),
+            t.max_tracked_keys.to_string(),
+        ),
+        (
+            "alert_storm.exclusions",
+            codes(&s.exclusions),
+            codes(&t.exclusions),
+        ),
+    ];
+    for (key, a, b) in storm {
+        diff(&mut out, key, a, b);
+    }
+    let (r, u) = (&old.service_requests, &new.service_requests);
+    diff(
+        &mut out,
+        "service_requests.capacity",
+        r.capacity.to_string(),
+        u.capacity.to_string(),
+    );
+    diff(
+        &mut out,
+        "service_requests.operating_threshold",
+        r.operating_threshold.to_string(),
+        u.operating_threshold.to_string(),
+    );
+    for su in &new.service_users {
+        let Some(was) = old.service_users.iter().find(|o| o.id == su.id) else {
+            continue;
+        };
+        for (key, a, b) in [
+            ("rate", was.delivery.rate, su.delivery.rate),
+            ("burst", was.delivery.burst, su.delivery.burst),
+            ("sr_rate", was.sr_rate, su.sr_rate),
+            ("sr_burst", was.sr_burst, su.sr_burst),
+        ] {
+            let key = format!("service_user[{}].{key}", su.id);
+            diff(&mut out, &key, a.to_string(), b.to_string());
+        }
+    }
+    for csp in &new.csps {
+        let Some(was) = old.csps.iter().find(|o| o.name == csp.name) else {
+            continue;
+        };
+        for (key, a, b) in [
+            ("rate", was.rate, csp.rate),
+            ("burst", was.burst, csp.burst),
+        ] {
+            let key = format!("csp[{}].{key}", csp.name);
+            diff(&mut out, &key, a.to_string(), b.to_string());
+        }
+    }
+    out
+}
+
+/// Nanoseconds since the Unix epoch, now.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 /// Spreads SU ids over workers (a multiplicative hash, so consecutive ids do not all land on
 /// one worker).
 pub(crate) fn owner_of(su: Eui64, workers: usize) -> usize {
@@ -387,6 +520,10 @@ impl Shared {
             csp: csps.iter().map(|c| c.config.token.clone()).collect(),
         };
         Shared {
+            su_paused: sus.iter().map(|_| AtomicBool::new(false)).collect(),
+            restricted: AtomicBool::new(false),
+            reloads: [AtomicU64::new(0), AtomicU64::new(0)],
+            config_loaded_unix_ns: AtomicU64::new(unix_now()),
             applied: std::sync::Mutex::new(config.clone()),
             tokens: RwLock::new(tokens),
             memory_frames_max: config.delivery.nms_total,
@@ -462,18 +599,43 @@ impl Shared {
                 merged.merge(m);
             }
         }
-        let nacks: [u64; 7] =
-            std::array::from_fn(|i| self.acceptor_nacks[i].load(Ordering::Relaxed));
-        let connections = [
-            self.connections[0].load(Ordering::Relaxed),
-            self.connections[1].load(Ordering::Relaxed),
-        ];
-        let admission = super::metrics::Admission {
-            handshakes_pending: self.handshakes_pending.load(Ordering::Relaxed),
-            handshakes_evicted: self.handshakes_evicted.load(Ordering::Relaxed),
-            log_lines_suppressed: self.log_lines_suppressed.load(Ordering::Relaxed),
-        };
-        super::metrics::render(&merged, &nacks, connections, &admission)
+        super::metrics::render(&merged, &self.engine_figures())
+    }
+
+    /// The workers' latest snapshots of the peers they own, merged.
+    pub(crate) fn peer_snapshots(&self) -> Vec<super::metrics::PeerSnapshot> {
+        match self.metrics.lock() {
+            Ok(all) => all.iter().flat_map(|m| m.peers.iter().copied()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// The engine-wide figures a scrape shows beside the workers' counters.
+    fn engine_figures(&self) -> super::metrics::EngineFigures {
+        super::metrics::EngineFigures {
+            acceptor_nacks: std::array::from_fn(|i| self.acceptor_nacks[i].load(Ordering::Relaxed)),
+            connections: [
+                self.connections[0].load(Ordering::Relaxed),
+                self.connections[1].load(Ordering::Relaxed),
+            ],
+            admission: super::metrics::Admission {
+                handshakes_pending: self.handshakes_pending.load(Ordering::Relaxed),
+                handshakes_evicted: self.handshakes_evicted.load(Ordering::Relaxed),
+                log_lines_suppressed: self.log_lines_suppressed.load(Ordering::Relaxed),
+            },
+            su_names: self.sus.iter().map(|s| s.config.id.to_string()).collect(),
+            su_paused: self
+                .su_paused
+                .iter()
+                .map(|p| p.load(Ordering::Relaxed))
+                .collect(),
+            restricted: self.restricted.load(Ordering::Relaxed),
+            reloads: [
+                self.reloads[0].load(Ordering::Relaxed),
+                self.reloads[1].load(Ordering::Relaxed),
+            ],
+            config_loaded_unix_s: self.config_loaded_unix_ns.load(Ordering::Relaxed) as f64 / 1e9,
+        }
     }
 
     /// The worker that owns a peer.
@@ -490,7 +652,10 @@ impl Shared {
             PeerRef::Su(i) => self.sus.get(i as usize).map(|s| s.config.id.to_string()),
             PeerRef::Csp(i) => self.csps.get(i as usize).map(|c| c.config.name.clone()),
         }
-        .unwrap_or_else(|| format!("{peer:?}"))
+        .unwrap_or_else(|| match peer {
+            PeerRef::Su(i) => format!("service user #{i}"),
+            PeerRef::Csp(i) => format!("csp #{i}"),
+        })
     }
 
     /// Counts a NACK the acceptor sent.

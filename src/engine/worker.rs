@@ -33,12 +33,12 @@ use bytes::BytesMut;
 use mio::{Events, Interest, Poll, Token};
 
 use super::conn::{Conn, ConnState};
-use super::metrics::{Outcome as Seen, WorkerMetrics};
+use super::metrics::{Outcome as Seen, PeerSnapshot, SuOutcome, WorkerMetrics};
 use super::shared::{Adopt, Control, Destination, Envelope, PeerRef, Reload, Shared, Ticket};
 use crate::classify::{Classifier, RequestId};
 use crate::config::Scheduling;
 use crate::delivery::{Blocked, DeliveryScheduler, DeliverySettings};
-use crate::ids::{Level, Mode};
+use crate::ids::{AlertCode, Level, Mode};
 use crate::limiter::{ReleaseStart, TokenBucket};
 use crate::report::{utc_day, AlertReport, Outcome};
 use crate::ring;
@@ -165,6 +165,8 @@ pub(crate) struct Worker {
     metrics: WorkerMetrics,
     /// Frames expired (the log line says the SU and level of each).
     expired: u64,
+    /// Storms started, as last logged: the detector's count moving on is a storm's first alert.
+    storms_seen: u64,
 }
 
 fn settings(shared: &Shared, window: u32, memory_max: u64) -> DeliverySettings {
@@ -264,7 +266,7 @@ impl Worker {
                     su.config.sr_burst,
                     shared.now(),
                 ) {
-                    tracing::error!(su = %su.config.id, error = %e, "Service Request allocation refused");
+                    tracing::error!(peer = %su.config.id, error = %e, "Service Request allocation refused");
                 }
             }
         }
@@ -304,6 +306,7 @@ impl Worker {
             report: AlertReport::new(),
             metrics: WorkerMetrics::default(),
             expired: 0,
+            storms_seen: 0,
         };
         worker.fifo = worker.shared.config.engine.scheduling == Scheduling::Fifo;
         // Frames recovered from the previous run wait on disk: count them in their lanes, so
@@ -488,7 +491,7 @@ impl Worker {
             h.alert_code = summary.code;
             h.counter = summary.count;
             h.created_ns = unix;
-            tracing::info!(su = %entry.config.id, device = %summary.device, alert_code = format_args!("{:#06x}", summary.code), count = summary.count, early = summary.early, "alert storm summary");
+            tracing::info!(peer = %entry.config.id, device = %summary.device, alert_code = %AlertCode(summary.code), count = summary.count, early = summary.early, "alert storm summary: one STORM_SUMMARY stands for the alerts throttled in the window");
             let envelope = Envelope {
                 to: Destination::Northbound { su: summary.su },
                 frame: Frame {
@@ -605,6 +608,7 @@ impl Worker {
             peer,
             addr,
         } = adopt;
+        let adopt_peer = peer;
         let slot = match self.conns.iter().position(Option::is_none) {
             Some(i) => i,
             None => {
@@ -617,8 +621,9 @@ impl Worker {
             Token(slot),
             Interest::READABLE | Interest::WRITABLE,
         ) {
-            tracing::warn!(error = %e, %addr, "cannot register connection");
-            self.shared.connection_closed(peer);
+            let peer = self.peer_name(peer);
+            tracing::warn!(%peer, %addr, error = %e, "cannot register connection; closed");
+            self.shared.connection_closed(adopt_peer);
             return;
         }
         let now = self.now();
@@ -632,8 +637,8 @@ impl Worker {
         // A second HELLO for the same peer takes over: the old connection is closed and what it
         // had not acknowledged goes back to the front of the queues, to be re-sent here.
         if let Some(old) = self.peer_mut(peer).and_then(|p| p.conn) {
-            tracing::info!(peer = %self.peer_name(peer), %addr, "takeover: closing the older connection");
-            self.close(old);
+            let reason = format!("taken over by a newer connection from {addr}");
+            self.close(old, &reason);
         }
         // Frames already in the ring for this peer belong to its backlog: take them in first,
         // so that the release (and its ramp) sees them.
@@ -642,7 +647,11 @@ impl Worker {
             state.sched.on_connect(now);
             state.conn = Some(slot);
         }
-        tracing::info!(peer = %self.peer_name(peer), %addr, worker = self.index, "connected");
+        let reason = match peer {
+            PeerRef::Su(_) => "HELLO accepted on the SU port",
+            PeerRef::Csp(_) => "HELLO accepted on the CSP port",
+        };
+        tracing::info!(peer = %self.peer_name(peer), %addr, reason, worker = self.index, "connected");
         // Frames that came with the HELLO are already in the decoder.
         self.on_readable(slot);
     }
@@ -673,12 +682,17 @@ impl Worker {
         }
     }
 
-    fn close(&mut self, slot: usize) {
+    /// Closes a connection and logs why. A connection that was closing after a final NACK
+    /// was logged then ([`Self::close_with`]), with that NACK's reason.
+    fn close(&mut self, slot: usize, reason: &str) {
         self.detach(slot);
         if let Some(mut conn) = self.conns.get_mut(slot).and_then(Option::take) {
             self.shared.connection_closed(conn.peer);
             let _ = self.poll.registry().deregister(&mut conn.stream);
-            tracing::debug!(addr = %conn.addr, "connection closed");
+            if conn.state == ConnState::Open {
+                let peer = self.peer_name(conn.peer);
+                tracing::info!(%peer, addr = %conn.addr, reason, worker = self.index, "disconnected");
+            }
         }
     }
 
@@ -688,6 +702,14 @@ impl Worker {
         self.metrics.nack(reason);
         self.detach(slot);
         let now = self.now();
+        let Some(conn) = self.conns.get(slot).and_then(Option::as_ref) else {
+            return;
+        };
+        if conn.state == ConnState::Open {
+            let peer = self.peer_name(conn.peer);
+            let why = format!("NACK {reason}: {detail}");
+            tracing::info!(%peer, addr = %conn.addr, reason = %why, worker = self.index, "disconnected");
+        }
         let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
@@ -712,8 +734,8 @@ impl Worker {
             }
             Ok(false) => {}
             Err(e) => {
-                tracing::debug!(addr = %conn.addr, error = %e, "write failed; closing");
-                self.close(slot);
+                let reason = format!("write failed: {e}");
+                self.close(slot, &reason);
             }
         }
     }
@@ -736,7 +758,7 @@ impl Worker {
                     // The peer closed; whatever it sent before is processed (and ACKed).
                     self.process_frames(slot);
                     self.flush_acks(slot);
-                    return self.close(slot);
+                    return self.close(slot, "closed by the peer");
                 }
                 Ok(_) => conn.last_rx = now,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -746,8 +768,8 @@ impl Worker {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    tracing::debug!(addr = %conn.addr, error = %e, "read failed; closing");
-                    return self.close(slot);
+                    let reason = format!("read failed: {e}");
+                    return self.close(slot, &reason);
                 }
             }
         }
@@ -891,6 +913,9 @@ impl Worker {
                 Seen::Delivered,
                 1,
             );
+            if let PeerRef::Su(su) = peer {
+                metrics.count_su(su, level.get(), SuOutcome::Delivered);
+            }
             if let Some(stored) = held.stored {
                 store.done(key, lane_of(level.get()), stored);
             }
@@ -1091,8 +1116,22 @@ impl Worker {
                         Outcome::from(verdict),
                     );
                     if verdict == Verdict::Throttled {
+                        let storms = self.storm.stats().storms;
+                        if storms != self.storms_seen {
+                            self.storms_seen = storms;
+                            let settings = self.storm.settings();
+                            tracing::warn!(
+                                peer = %self.shared.peer_label(PeerRef::Su(su)),
+                                device = %h.device_id,
+                                alert_code = %AlertCode(h.alert_code),
+                                threshold = settings.threshold(),
+                                window_s = settings.window() / NANOS_PER_SEC,
+                                "alert storm started: further alerts of this device and code are counted, not delivered, until the window closes"
+                            );
+                        }
                         self.metrics
                             .count(0, h.kind, level.get(), Seen::Throttled, 1);
+                        self.metrics.count_su(su, level.get(), SuOutcome::Throttled);
                         // Counted, not delivered: the window's STORM_SUMMARY stands for it.
                         // Its sender's ACK needs nothing written.
                         if let Some(t) = ticket {
@@ -1114,7 +1153,8 @@ impl Worker {
             &mut self.store,
         );
         let Some(state) = state else {
-            tracing::error!(?peer, "frame for a peer this worker does not own; refused");
+            let peer = self.shared.peer_label(peer);
+            tracing::error!(%peer, "frame for a peer this worker does not own; refused");
             if let Some(t) = ticket {
                 self.send_ticket(t, false);
             }
@@ -1211,7 +1251,8 @@ impl Worker {
                 held.stored = None;
             }
             if state.sched.enqueue(level, held).is_err() {
-                tracing::error!(?peer, "scheduler bound reached; frame dropped");
+                let peer = self.shared.peer_label(peer);
+                tracing::error!(%peer, "scheduler bound reached; frame dropped");
                 continue;
             }
             self.shared.memory_frames.fetch_add(1, Ordering::Relaxed);
@@ -1222,6 +1263,7 @@ impl Worker {
     /// Brings up to [`LOAD_BATCH`] spilled frames of a lane back into memory.
     fn load_spilled(&mut self, peer: PeerRef, lane: usize) {
         let fifo = self.fifo;
+        let shared = Arc::clone(&self.shared);
         let now_unix = unix_now();
         let (state, store) = (
             peer_in(&mut self.sus, &mut self.csps, peer),
@@ -1232,14 +1274,14 @@ impl Worker {
         let loaded = match store.load(key, lane as u8, LOAD_BATCH, Self::lane_of(fifo)) {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!(error = %e, ?peer, lane, "cannot read spilled frames; they are skipped");
+                tracing::error!(peer = %shared.peer_label(peer), lane, error = %e, "cannot read spilled frames; they are skipped");
                 state.sched.set_spilled_lane(lane, 0);
                 return;
             }
         };
         if loaded.is_empty() {
             tracing::error!(
-                ?peer,
+                peer = %shared.peer_label(peer),
                 lane,
                 counted = state.sched.spilled_in(lane),
                 "spilled frames not found in the log"
@@ -1298,6 +1340,9 @@ impl Worker {
             Seen::Expired,
             1,
         );
+        if let PeerRef::Su(su) = peer {
+            self.metrics.count_su(su, level.get(), SuOutcome::Expired);
+        }
         tracing::warn!(peer = %name, level = level.get(), kind = %h.kind, device = %h.device_id, counter = h.counter, "frame expired after retention_h");
         let line = format!(
             "{{\"expired_unix_ns\":{},\"peer\":\"{}\",\"level\":{},\"kind\":\"{}\",\"srv\":\"{}\",\"alert_code\":{},\"su_id\":\"{}\",\"device_id\":\"{}\",\"counter\":{},\"created_ns\":{},\"enqueued_unix_ns\":{}}}\n",
@@ -1361,6 +1406,7 @@ impl Worker {
     /// lane whose frames must be loaded from disk first, if that is what stopped it.
     fn pump(&mut self, peer: PeerRef, now: Nanos) -> Option<usize> {
         let now_unix = self.unix_turn;
+        let direction = usize::from(matches!(peer, PeerRef::Csp(_)));
         let metrics = &mut self.metrics;
         let (state, conns, scratch) = match peer {
             PeerRef::Su(i) => (
@@ -1387,6 +1433,7 @@ impl Worker {
                     frame.header.priority = out.level.get();
                     if frame.header.created_ns > 0 {
                         metrics.latency(
+                            direction,
                             out.level.get(),
                             now_unix.saturating_sub(frame.header.created_ns),
                         );
@@ -1419,10 +1466,15 @@ impl Worker {
             };
             match conn.state {
                 ConnState::Open if now.saturating_sub(conn.last_rx) > idle => {
-                    tracing::info!(addr = %conn.addr, "idle timeout; closing");
-                    self.close(slot);
+                    let reason = format!(
+                        "idle timeout: nothing received for {} s (engine.idle_timeout_s)",
+                        idle / NANOS_PER_SEC
+                    );
+                    self.close(slot, &reason);
                 }
-                ConnState::Closing { deadline } if now >= deadline => self.close(slot),
+                ConnState::Closing { deadline } if now >= deadline => {
+                    self.close(slot, "closed after a final NACK")
+                }
                 _ => {}
             }
         }
@@ -1467,6 +1519,7 @@ impl Worker {
     /// Publishes a copy of this worker's metrics for `/metrics`, with the gauges read now.
     fn publish_metrics(&mut self) {
         let mut depth = Vec::new();
+        let mut peers = Vec::new();
         let sus = self
             .sus
             .iter()
@@ -1480,18 +1533,30 @@ impl Worker {
         for (peer, state) in sus.chain(csps) {
             let Some(state) = state else { continue };
             let name = self.peer_name(peer);
+            let mut snapshot = PeerSnapshot {
+                peer,
+                connected: state.conn.is_some(),
+                nms: 0,
+                surb: 0,
+            };
             for lane in 0..state.sched.lanes() {
                 let level = lane as u8 + 1;
                 let nms = state.sched.waiting_in(lane) as u64;
+                let surb = state.sched.spilled_in(lane);
+                snapshot.nms += nms;
+                snapshot.surb += surb;
                 depth.push((name.clone(), "nms", level, nms));
-                depth.push((name.clone(), "surb", level, state.sched.spilled_in(lane)));
+                depth.push((name.clone(), "surb", level, surb));
             }
+            peers.push(snapshot);
         }
         let storm = self.storm.stats();
         self.metrics.queue_depth = depth;
+        self.metrics.peers = peers;
         self.metrics.storm_keys_tracked = storm.keys_tracked;
         self.metrics.storm_alerts_owed = storm.owed;
         self.metrics.storm_summaries = storm.summaries;
+        self.metrics.storms_started = storm.storms;
         self.metrics.surb_bytes = self.store.disk_bytes();
         self.metrics.inflight_requests_evicted = self.classifier.inflight_stats().evicted_full;
         if let Ok(mut all) = self.shared.metrics.lock() {
@@ -1506,7 +1571,7 @@ impl Worker {
             if let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) {
                 let _ = conn.flush();
             }
-            self.close(slot);
+            self.close(slot, "dsplane shutting down");
         }
         let held: usize = self
             .sus
