@@ -195,7 +195,11 @@ fn list_generations(data_dir: &Path) -> Result<Vec<u64>, WalError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Found {
     /// Nothing here yet: a new data directory.
-    Fresh,
+    Fresh {
+        /// Generation directories of a first start that stopped before its generation was
+        /// complete (they never held a frame): deleted before the new one is made.
+        leftovers: Vec<PathBuf>,
+    },
     /// A generation of logs to recover.
     Generation {
         /// Its facts. For a first-format generation, `workers` counts its worker directories
@@ -292,6 +296,21 @@ pub fn resolve(data_dir: &Path) -> Result<Found, WalError> {
         }
         (current, Some(m)) => {
             let why = describe(current);
+            // A newer generation without an intact MANIFEST that holds frames may be the
+            // current one, its MANIFEST damaged: with CURRENT damaged too, nothing says which.
+            for &g in generations.iter().filter(|&&g| g > m.generation) {
+                let dir = gen_dir(data_dir, g);
+                if holds_frames(&dir)? {
+                    return missing(
+                        dir.join(MANIFEST),
+                        format!(
+                            "{} {why}, and generation {g} holds frames but has no intact {MANIFEST}: it may be the current generation, so neither it nor generation {} is used",
+                            current_path.display(),
+                            m.generation
+                        ),
+                    );
+                }
+            }
             notes.push(format!(
                 "{} {why}; generation {} was found from the directories and {CURRENT} is written again",
                 current_path.display(),
@@ -299,7 +318,18 @@ pub fn resolve(data_dir: &Path) -> Result<Found, WalError> {
             ));
             (m, false, true)
         }
-        (Small::Missing, None) if generations.is_empty() => return Ok(Found::Fresh),
+        (Small::Missing, None) if generations.is_empty() => {
+            return Ok(Found::Fresh {
+                leftovers: Vec::new(),
+            })
+        }
+        (Small::Missing, None) if no_frames(data_dir, &generations)? => {
+            // A first start that stopped before its generation was complete: it never took a
+            // frame (the MANIFEST is written before any worker runs).
+            return Ok(Found::Fresh {
+                leftovers: generations.iter().map(|&g| gen_dir(data_dir, g)).collect(),
+            });
+        }
         (current, None) => {
             let why = describe(current);
             let path = if generations.is_empty() {
@@ -328,6 +358,45 @@ pub fn resolve(data_dir: &Path) -> Result<Found, WalError> {
         rewrite_current,
         stale,
     })
+}
+
+fn no_frames(data_dir: &Path, generations: &[u64]) -> Result<bool, WalError> {
+    for &g in generations {
+        if holds_frames(&gen_dir(data_dir, g))? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Whether a generation directory may hold frames: an ENQUEUE record in any segment, or a
+/// segment that cannot be read far enough to tell (of the first format, or with a bad
+/// header). A torn SEGMENT_START of the current format holds none.
+fn holds_frames(dir: &Path) -> Result<bool, WalError> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(true);
+    };
+    for worker in entries.flatten().filter(|e| e.path().is_dir()) {
+        let segments = wal::list_segments(&worker.path()).map_err(|source| WalError::Io {
+            path: worker.path(),
+            source,
+        })?;
+        for n in segments {
+            let Ok(mut reader) = wal::SegmentReader::open(&wal::segment_path(&worker.path(), n), 0)
+            else {
+                return Ok(true);
+            };
+            if reader.version() < 2 {
+                return Ok(true);
+            }
+            while let Some((_, record)) = reader.next_record()? {
+                if matches!(record, wal::Record::Enqueue { .. }) {
+                    return Ok(true);
+                }
+            }
+        }
+    }
+    Ok(false)
 }
 
 fn describe(current: &Small) -> String {
@@ -478,8 +547,11 @@ mod tests {
     #[test]
     fn an_empty_directory_is_fresh() {
         let dir = temp_dir("fresh");
-        assert_eq!(resolve(&dir).unwrap(), Found::Fresh);
-        assert_eq!(resolve(&dir.join("not-yet")).unwrap(), Found::Fresh);
+        let fresh = Found::Fresh {
+            leftovers: Vec::new(),
+        };
+        assert_eq!(resolve(&dir).unwrap(), fresh);
+        assert_eq!(resolve(&dir.join("not-yet")).unwrap(), fresh);
     }
 
     #[test]

@@ -9,8 +9,8 @@
 //! * every segment the newest segment's SEGMENT_START names as live, less those it names in a
 //!   DROPPED record, is there, and the newest segment does not end by naming a successor (a
 //!   deleted newest segment);
-//! * every record is intact, except a torn tail: damage in the last, unfinished batch of the
-//!   newest segment (`crate::wal` explains how the two are told apart).
+//! * every record is intact, except a torn tail: damage in the newest segment where nothing
+//!   had been synced yet (`crate::wal` explains how the two are told apart).
 //!
 //! Anything else is refused with the file (and byte offset) named, and nothing is deleted.
 //!
@@ -185,15 +185,21 @@ fn scan_segment(
         match reader.end() {
             Some(SegmentEnd::Damaged { offset, why }) => {
                 readable.push((from, offset));
-                let next_batch = if version >= 2 {
-                    wal::find_commit_after(path, offset + 1).map_err(io_err(path))?
+                let later = if version >= 2 {
+                    wal::commits_after(path, offset + 1).map_err(io_err(path))?
                 } else {
-                    None
+                    Vec::new()
                 };
-                if newest && next_batch.is_none() {
+                // Damage in what a later batch records as durable was synced, and may have
+                // been acknowledged: corruption. Anything else in the newest segment had not
+                // been synced: a torn write (see `crate::wal`).
+                let damaged_at = store::log_pos(number, offset);
+                let synced = later.iter().any(|c| c.durable_through > damaged_at);
+                if newest && !synced {
                     scan.torn = Some((path.to_owned(), offset));
                     break;
                 }
+                let next_batch = later.first().map(|c| (c.start, c.end, c.next_seq));
                 if mode == Mode::Strict {
                     return Err(WalError::Corrupt {
                         path: path.to_owned(),
@@ -498,7 +504,11 @@ pub fn recover(
     let found = datadir::resolve(data_dir)?;
     let mut report = RecoveryReport::default();
     let (manifest, legacy, rewrite_current, stale) = match found {
-        Found::Fresh => {
+        Found::Fresh { leftovers } => {
+            for dir in &leftovers {
+                tracing::warn!(dir = %dir.display(), "deleting a generation left by a first start that stopped before it was complete (it never held a frame)");
+                fs::remove_dir_all(dir).map_err(io_err(dir))?;
+            }
             let manifest = Manifest {
                 generation: 1,
                 workers: settings.workers,
@@ -718,6 +728,11 @@ fn copy_into_new_generation(
         fifo: settings.fifo,
     };
     let mut stores = new_generation(data_dir, &manifest, settings, notify)?;
+    // The backlog may have been acknowledged as durable: every segment of the copy is synced
+    // before the generation is named, whatever this run's durability.
+    for store in &mut stores {
+        store.set_sync_rolls(true);
+    }
     let old_lane = LogSettings::lane_of(old.fifo);
     let new_lane = LogSettings::lane_of(settings.fifo);
     for scan in scans {
@@ -753,6 +768,7 @@ fn copy_into_new_generation(
         let dir = store.dir().to_owned();
         store.write_out().map_err(io_err(&dir))?;
         store.sync().map_err(io_err(&dir))?;
+        store.set_sync_rolls(false);
     }
     finish_generation(data_dir, &manifest)?;
     report.generation = manifest.generation;
@@ -952,7 +968,9 @@ fn fallback_generation(data_dir: &Path) -> Result<Found, WalError> {
         }
     }
     let Some(g) = newest else {
-        return Ok(Found::Fresh);
+        return Ok(Found::Fresh {
+            leftovers: Vec::new(),
+        });
     };
     let gen = datadir::gen_dir(data_dir, g);
     let workers = fs::read_dir(&gen)
@@ -1410,6 +1428,165 @@ mod tests {
             datadir::resolve(&dir).unwrap(),
             Found::Generation { legacy: false, .. }
         ));
+    }
+
+    #[test]
+    fn a_first_start_that_stopped_before_its_manifest_starts_fresh() {
+        // gen-1's logs were created, then the process died before MANIFEST and CURRENT.
+        let dir = temp_dir("fresh-interrupted");
+        let w0 = datadir::worker_dir(&datadir::gen_dir(&dir, 1), 0);
+        std::mem::forget(
+            Store::create(&w0, settings(1, Durability::Batch).log, Box::new(|| {})).unwrap(),
+        );
+        let (_, report) = recover_into(&dir, 1);
+        assert_eq!((report.generation, report.frames_recovered), (1, 0));
+        // The same with a frame in it is not a fresh start: refused.
+        let dir = temp_dir("fresh-with-frames");
+        let wal_dir = write_batches(&dir, 1);
+        fs::remove_file(dir.join(datadir::CURRENT)).unwrap();
+        fs::remove_file(datadir::gen_dir(&dir, 1).join(datadir::MANIFEST)).unwrap();
+        let _ = wal_dir;
+        assert!(matches!(
+            try_recover(&dir, 1),
+            Err(WalError::Missing { .. })
+        ));
+    }
+
+    #[test]
+    fn a_damaged_current_beside_a_newer_generation_with_frames_and_no_manifest_is_refused() {
+        let dir = temp_dir("two-faults");
+        write_batches(&dir, 2);
+        // Generation 2 holds frames and its MANIFEST is gone; CURRENT is damaged too.
+        let w0 = datadir::worker_dir(&datadir::gen_dir(&dir, 2), 0);
+        let mut store =
+            Store::create(&w0, settings(1, Durability::None).log, Box::new(|| {})).unwrap();
+        store.append(SU, 2, 3, &frame(9), 0, true);
+        store.write_out().unwrap();
+        drop(store);
+        fs::write(dir.join(datadir::CURRENT), b"garbage").unwrap();
+        let e = try_recover(&dir, 1).unwrap_err().to_string();
+        assert!(
+            e.contains("gen-2") && e.contains("may be the current"),
+            "{e}"
+        );
+        assert!(datadir::gen_dir(&dir, 2).exists() && datadir::gen_dir(&dir, 1).exists());
+    }
+
+    #[test]
+    fn a_power_loss_tear_inside_an_unsynced_batch_is_a_torn_tail() {
+        let dir = temp_dir("powerloss");
+        let (mut stores, _) = recover_into(&dir, 1);
+        stores[0].append(SU, 2, 3, &frame(0), 0, true);
+        let pos = stores[0].write_out().unwrap();
+        while stores[0].durable_pos() < pos {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let synced = fs::metadata(newest_segment(stores[0].dir())).unwrap().len();
+        // One batch of 200 frames, written but not synced when the power went.
+        for i in 1..=200 {
+            stores[0].append(SU, 2, 3, &frame(i), 0, true);
+        }
+        stores[0].write_out().unwrap();
+        let wal_dir = stores[0].dir().to_owned();
+        std::mem::forget(stores);
+        let path = newest_segment(&wal_dir);
+        let mut bytes = fs::read(&path).unwrap();
+        // The batch's last page (with its COMMIT) reached the disk, an earlier one did not.
+        let page = ((synced as usize / 4096) + 1) * 4096;
+        assert!(page + 4096 < bytes.len() - 64);
+        bytes[page..page + 4096].fill(0);
+        fs::write(&path, &bytes).unwrap();
+        assert!(!wal::commits_after(&path, page as u64).unwrap().is_empty());
+        let (_, report) = recover_into(&dir, 1);
+        assert_eq!(report.torn_tails.len(), 1, "{report:?}");
+        assert!(report.frames_recovered >= 1, "the synced frame is kept");
+    }
+
+    #[test]
+    fn a_written_batch_is_taken_even_when_the_roll_after_it_fails() {
+        let dir = temp_dir("rollfail");
+        let (mut stores, _) = recover_into(&dir, 1);
+        let store = &mut stores[0];
+        let big = Frame::new(Header::new(Kind::Response), Bytes::from(vec![7u8; 1 << 20])).unwrap();
+        // Segment 2 cannot be created: a directory is in its place.
+        fs::create_dir_all(wal::segment_path(store.dir(), 2)).unwrap();
+        for i in 0..70u64 {
+            store.append(SU, 3, 4, &big, i, false);
+            assert!(store.write_out().is_ok(), "frame {i}: written, so taken");
+        }
+        assert!(store.stats.roll_errors > 0);
+        let wal_dir = store.dir().to_owned();
+        std::mem::forget(stores);
+        fs::remove_dir(wal::segment_path(&wal_dir, 2)).unwrap();
+        let (_, report) = recover_into(&dir, 1);
+        assert_eq!(report.frames_recovered, 70);
+    }
+
+    /// On a full disk, failed writes never keep a segment whose DROPPED record is durable: it is
+    /// deleted, and that is the space intake waits for. Needs a tmpfs (root).
+    #[test]
+    fn a_full_disk_still_deletes_dropped_segments() {
+        let mnt = temp_dir("dropped-tmpfs");
+        fs::create_dir_all(&mnt).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
+            return;
+        }
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+            }
+        }
+        let _unmount = Unmount(mnt.clone());
+        let dir = mnt.join("w0");
+        let options = LogOptions {
+            durability: Durability::Batch,
+            flush_interval: Duration::from_millis(1),
+            reserve_bytes: 64 << 10,
+        };
+        let mut store = Store::create(&dir, options, Box::new(|| {})).unwrap();
+        let big = Frame::new(
+            Header::new(Kind::Response),
+            Bytes::from(vec![7u8; 100 << 10]),
+        )
+        .unwrap();
+        let mut stored = Vec::new();
+        for _ in 0..12 {
+            stored.push(store.append(SU, 3, 4, &big, 0, false).0);
+            store.write_out().unwrap();
+        }
+        for s in &stored {
+            store.done(SU, 3, *s);
+        }
+        store.write_out().unwrap();
+        assert_eq!(
+            wal::list_segments(&dir).unwrap(),
+            vec![1, 2],
+            "rolled once acknowledged"
+        );
+        let mut filler = fs::File::create(mnt.join("filler")).unwrap();
+        while std::io::Write::write_all(&mut filler, &[1u8; 4096]).is_ok() {}
+        let pos = store.write_out().unwrap();
+        while store.durable_pos() < pos {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for _ in 0..50 {
+            store.append(SU, 3, 4, &big, 0, false);
+            let _ = store.write_out();
+        }
+        let segments = wal::list_segments(&dir).unwrap();
+        drop(store);
+        assert!(!segments.contains(&1), "{segments:?}");
+        assert!(
+            segments.len() <= 2,
+            "no roll per failed write: {segments:?}"
+        );
     }
 
     #[test]

@@ -202,6 +202,11 @@ pub struct Store {
     reserve_present: bool,
     /// A write failed since the last successful one or roll.
     write_failed: bool,
+    /// Where the records of the segment being written begin (after its SEGMENT_START).
+    segment_start: u64,
+    /// Rolled segments are synced even with durability `none` (while recovery copies a
+    /// backlog that may have been acknowledged as durable).
+    sync_rolls: bool,
     /// [`Store::close`] has run.
     closed: bool,
     /// Counters.
@@ -234,6 +239,8 @@ pub struct StoreStats {
     pub write_errors: u64,
     /// Times the reserve file was given up to make room for a roll.
     pub reserve_used: u64,
+    /// Rolls to a new segment that failed (and were tried again later).
+    pub roll_errors: u64,
 }
 
 fn segment_start(
@@ -358,6 +365,8 @@ impl Store {
             data_end: log_pos(resume.segment, offset),
             reserve_present,
             write_failed: false,
+            segment_start: offset,
+            sync_rolls: false,
             closed: false,
             stats: StoreStats::default(),
         };
@@ -488,10 +497,16 @@ impl Store {
             .encode(&mut self.buf);
             if let Err(e) = (&*self.file).write_all(&self.buf) {
                 self.undo_batch();
-                if self.live.get(&self.segment) == Some(&0) {
-                    // Everything here is acknowledged: roll, so the space comes back.
-                    let _ = self.roll();
+                // Everything here is acknowledged: roll, so the space comes back. Not again
+                // for a segment that holds nothing yet (a roll on every failed write would
+                // only burn the reserve).
+                if self.live.get(&self.segment) == Some(&0) && self.offset > self.segment_start {
+                    if let Err(e) = self.roll() {
+                        self.roll_failed(&e);
+                    }
                 }
+                // Segments already dropped still go: that is the space a full disk waits for.
+                self.delete_dropped();
                 return Err(e);
             }
             self.offset += self.buf.len() as u64;
@@ -518,10 +533,21 @@ impl Store {
         let acknowledged =
             self.live.get(&self.segment) == Some(&0) && self.offset >= RECLAIM_ROLL_BYTES;
         if self.offset >= SEGMENT_BYTES_MAX || acknowledged {
-            self.roll()?;
+            // The batch is written: its frames are taken whatever the roll does. A roll that
+            // fails is tried again with the next batch.
+            if let Err(e) = self.roll() {
+                self.roll_failed(&e);
+            }
         }
         self.delete_dropped();
         Ok(pos)
+    }
+
+    fn roll_failed(&mut self, e: &io::Error) {
+        self.stats.roll_errors += 1;
+        if self.stats.roll_errors.is_power_of_two() {
+            tracing::warn!(dir = %self.dir.display(), error = %e, failures = self.stats.roll_errors, "cannot start a new WAL segment; writing on in this one");
+        }
     }
 
     /// Forgets a batch that could not be written, so that the log on disk and the counts agree.
@@ -573,7 +599,7 @@ impl Store {
     /// before the old one is ended with ROLLED, so a crash leaves either no new segment or a
     /// complete one.
     fn roll(&mut self) -> io::Result<()> {
-        if self.is_durable() {
+        if self.is_durable() || self.sync_rolls {
             // Everything requested in the old segment is durable once this returns, so the
             // flusher may move on to the new file.
             self.file.sync_data()?;
@@ -599,6 +625,12 @@ impl Store {
             Err(e) if wal::is_no_space(&e) && self.give_up_reserve() => {
                 wal::create_segment(&self.dir, next, &first)
             }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                // Left by a roll that failed after creating it: it never held a frame (this
+                // log never switched to it), so it is made again.
+                fs::remove_file(wal::segment_path(&self.dir, next))?;
+                wal::create_segment(&self.dir, next, &first)
+            }
             other => other,
         }?;
         if self.is_durable() {
@@ -616,7 +648,7 @@ impl Store {
         // cannot be written (a full disk), the new segment exists anyway and nothing is lost.
         if (&*self.file).write_all(&tail).is_err() {
             let _ = self.file.set_len(self.offset);
-        } else if self.is_durable() {
+        } else if self.is_durable() || self.sync_rolls {
             self.file.sync_data()?;
         }
         let file = Arc::new(file);
@@ -624,6 +656,7 @@ impl Store {
         self.file = file;
         self.segment = next;
         self.offset = SEGMENT_HEADER_LEN + first.len() as u64;
+        self.segment_start = self.offset;
         self.live.insert(next, 0);
         self.recorded_durable = durable_through;
         self.write_failed = false;
@@ -690,9 +723,14 @@ impl Store {
         }
         let path = self.dir.join(RESERVE_FILE);
         let result = (|| -> io::Result<()> {
-            let mut f = File::create(&path)?;
+            // An existing shorter reserve (a smaller configuration before) is extended, not
+            // thrown away.
+            let mut f = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?;
             let zeros = vec![0u8; 64 << 10];
-            let mut left = bytes;
+            let mut left = bytes.saturating_sub(f.metadata()?.len());
             while left > 0 {
                 let n = left.min(zeros.len() as u64) as usize;
                 f.write_all(zeros.get(..n).unwrap_or(&zeros))?;
@@ -700,23 +738,22 @@ impl Store {
             }
             f.sync_all()
         })();
-        match result {
-            Ok(()) => self.reserve_present = true,
-            Err(_) => {
-                let _ = fs::remove_file(&path);
-            }
+        // On an error what was written stays: part of a reserve is still room for a roll.
+        if result.is_ok() {
+            self.reserve_present = true;
         }
     }
 
     /// Deletes the reserve file to make room; whether there was one.
     fn give_up_reserve(&mut self) -> bool {
-        if !self.reserve_present {
+        self.reserve_present = false;
+        // Whole or partly made, the file is room.
+        if fs::remove_file(self.dir.join(RESERVE_FILE)).is_err() {
             return false;
         }
-        self.reserve_present = false;
         self.stats.reserve_used += 1;
         tracing::warn!(dir = %self.dir.display(), "disk full: the log's reserve is used to start a new segment and reclaim acknowledged ones");
-        fs::remove_file(self.dir.join(RESERVE_FILE)).is_ok()
+        true
     }
 
     /// The highest position known durable (everything, with durability `none`).
@@ -740,6 +777,11 @@ impl Store {
                 }
             })
             .sum()
+    }
+
+    /// Syncs every rolled segment, whatever the durability (recovery's copy of a backlog).
+    pub(crate) fn set_sync_rolls(&mut self, on: bool) {
+        self.sync_rolls = on;
     }
 
     /// Makes everything written durable now (recovery, before the generation is named).

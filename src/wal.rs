@@ -28,11 +28,13 @@
 //! position the flusher had made durable when the batch was written (`durable_through`), and
 //! an idle log writes one more COMMIT once its last batch is durable. So after a damaged record:
 //!
-//! * if an intact COMMIT follows it ([`find_commit_after`] scans for its magic), the damaged
-//!   record was not in the last batch: a later batch was written after it. That is corruption.
-//! * if a later COMMIT says the damaged bytes were already durable (and so acknowledged), that
-//!   is corruption too; this is implied by the first rule, since such a COMMIT follows them.
-//! * otherwise the damage is in the last, unfinished batch: a torn tail, cut off.
+//! * if an intact COMMIT after it ([`commits_after`] scans for their magic, so a damaged length
+//!   field cannot hide them) says the damaged bytes were already durable when its batch was
+//!   written, they were synced, and may have been acknowledged: that is corruption.
+//! * otherwise the damage is in what had not been synced: a torn write, cut off there. That
+//!   is not always the very last batch: with several writes between two `fdatasync`s, a power
+//!   loss may keep a later page and lose an earlier one, so intact records after the damage do
+//!   not by themselves prove corruption; a durable position does.
 //!
 //! Damage in a segment that is not the newest is always corruption: older segments were
 //! complete and synced before the log moved on. Recovery refuses to start on corruption and
@@ -218,8 +220,8 @@ pub enum WalError {
         /// What is wrong with it.
         why: &'static str,
     },
-    /// A damaged record that cannot be a torn write: in a segment that is not the newest, or
-    /// followed by an intact later batch.
+    /// A damaged record that cannot be a torn write: in a segment that is not the newest, or in
+    /// what a later intact batch records as already durable.
     #[error("{path}: damaged record at byte {offset} ({why}); this is corruption, not a torn write, and acknowledged frames may be in it. dsplane will not start on it; `dsplane recover --salvage` keeps what is intact and lists what is not")]
     Corrupt {
         /// The file.
@@ -540,13 +542,17 @@ impl SegmentReader {
         }
         let offset = offset.max(SEGMENT_HEADER_LEN);
         reader.seek(SeekFrom::Start(offset)).map_err(io_err)?;
+        let end = (offset > len).then_some(SegmentEnd::Damaged {
+            offset,
+            why: "starts past the end of the file",
+        });
         Ok(SegmentReader {
             path: path.to_owned(),
             reader,
             offset,
             len,
             body: Vec::new(),
-            end: None,
+            end,
             version,
         })
     }
@@ -635,14 +641,28 @@ impl SegmentReader {
     }
 }
 
-/// The first intact COMMIT record that starts at or after `from` in the segment at `path`:
-/// (where it starts, where it ends, its `next_seq`). Found by its magic, so a damaged
-/// length field before it does not hide it. Reads the rest of the file: only for damaged logs.
-pub fn find_commit_after(path: &Path, from: u64) -> io::Result<Option<(u64, u64, u64)>> {
+/// An intact COMMIT record found by [`commits_after`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FoundCommit {
+    /// Where it starts.
+    pub start: u64,
+    /// Where it ends (the next record starts).
+    pub end: u64,
+    /// Its `durable_through`.
+    pub durable_through: u64,
+    /// Its `next_seq`.
+    pub next_seq: u64,
+}
+
+/// Every intact COMMIT record that starts at or after `from` in the segment at `path`, in
+/// order. Found by their magic, so a damaged length field before them does not hide them.
+/// Reads the rest of the file: only for damaged logs.
+pub fn commits_after(path: &Path, from: u64) -> io::Result<Vec<FoundCommit>> {
     let mut file = File::open(path)?;
     file.seek(SeekFrom::Start(from))?;
     let mut rest = Vec::new();
     file.read_to_end(&mut rest)?;
+    let mut out = Vec::new();
     // The magic sits 16 bytes into the record: 8 of prefix, 8 of the body's fixed part.
     let mut at = 0;
     while let Some(found) = rest
@@ -667,12 +687,21 @@ pub fn find_commit_after(path: &Path, from: u64) -> io::Result<Option<(u64, u64,
         if word(0) != Some(body.len() as u32) || word(4) != Some(crc32c::crc32c(body)) {
             continue;
         }
-        if let Some(Record::Commit { next_seq, .. }) = Record::decode(body) {
+        if let Some(Record::Commit {
+            durable_through,
+            next_seq,
+        }) = Record::decode(body)
+        {
             let start = from + start as u64;
-            return Ok(Some((start, start + COMMIT_RECORD_LEN as u64, next_seq)));
+            out.push(FoundCommit {
+                start,
+                end: start + COMMIT_RECORD_LEN as u64,
+                durable_through,
+                next_seq,
+            });
         }
     }
-    Ok(None)
+    Ok(out)
 }
 
 /// Cuts a segment at `offset` (a torn tail), making the cut durable.
