@@ -162,8 +162,9 @@ pub fn worker_dir(gen_dir: &Path, w: usize) -> PathBuf {
     gen_dir.join(format!("w{w}"))
 }
 
-/// The generation directories in `data_dir`, ascending.
-fn list_generations(data_dir: &Path) -> Result<Vec<u64>, WalError> {
+/// The generation directories in `data_dir`, ascending: `gen-N`, and with `kept` also the
+/// damaged generations a salvage set aside (`gen-N.salvaged-<time>`, counted as N).
+pub(crate) fn list_generations(data_dir: &Path, kept: bool) -> Result<Vec<u64>, WalError> {
     let mut out = Vec::new();
     let entries = match fs::read_dir(data_dir) {
         Ok(e) => e,
@@ -177,14 +178,16 @@ fn list_generations(data_dir: &Path) -> Result<Vec<u64>, WalError> {
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        if let Some(n) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("gen-"))
-            .and_then(|n| n.parse::<u64>().ok())
-        {
-            if entry.path().is_dir() {
-                out.push(n);
-            }
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("gen-")) else {
+            continue;
+        };
+        let number = match rest.split_once(".salvaged-") {
+            Some((n, _)) if kept => n,
+            Some(_) => continue,
+            None => rest,
+        };
+        if let (Ok(n), true) = (number.parse::<u64>(), entry.path().is_dir()) {
+            out.push(n);
         }
     }
     out.sort_unstable();
@@ -220,7 +223,7 @@ pub enum Found {
 pub fn resolve(data_dir: &Path) -> Result<Found, WalError> {
     let current_path = data_dir.join(CURRENT);
     let current = read_small(&current_path)?;
-    let generations = list_generations(data_dir)?;
+    let generations = list_generations(data_dir, false)?;
     let mut manifests = Vec::with_capacity(generations.len());
     for &g in &generations {
         let path = gen_dir(data_dir, g).join(MANIFEST);
@@ -283,7 +286,7 @@ pub fn resolve(data_dir: &Path) -> Result<Found, WalError> {
                     ),
                 );
             }
-            let workers = count_worker_dirs(&dir)?;
+            let workers = worker_dirs_in(&dir)?;
             let m = Manifest {
                 generation: *n,
                 workers: workers.max(1),
@@ -410,21 +413,25 @@ fn describe(current: &Small) -> String {
     }
 }
 
-fn count_worker_dirs(dir: &Path) -> Result<usize, WalError> {
+/// How many worker logs a generation directory was made with, as far as its directories tell:
+/// one more than the highest `wK` (so a missing `w0` beside a `w1` is still counted, and then
+/// found missing).
+pub(crate) fn worker_dirs_in(dir: &Path) -> Result<usize, WalError> {
     let entries = fs::read_dir(dir).map_err(|source| WalError::Io {
         path: dir.to_owned(),
         source,
     })?;
     Ok(entries
         .flatten()
-        .filter(|e| {
-            e.path().is_dir()
-                && e.file_name()
-                    .to_str()
-                    .and_then(|n| n.strip_prefix('w'))
-                    .is_some_and(|n| n.parse::<usize>().is_ok())
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix('w'))
+                .and_then(|n| n.parse::<usize>().ok())
         })
-        .count())
+        .max()
+        .map_or(0, |w| w + 1))
 }
 
 /// Writes `text` to `path` atomically and durably: a temporary file, `fsync`, rename, `fsync`

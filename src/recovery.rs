@@ -52,12 +52,6 @@ pub struct LogSettings {
     pub log: LogOptions,
 }
 
-impl LogSettings {
-    fn lane_of(fifo: bool) -> impl Fn(u8) -> u8 + Copy {
-        move |level: u8| if fifo { 0 } else { level.saturating_sub(1) }
-    }
-}
-
 /// What recovery found and did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RecoveryReport {
@@ -390,16 +384,15 @@ fn scan_worker(dir: &Path, mode: Mode, losses: &mut Losses) -> Result<WorkerScan
             losses,
         )?;
     }
-    let expected: BTreeSet<u64> = match (&start, v2) {
-        (Some(Record::SegmentStart { live_segments, .. }), _) => live_segments
+    let expected: BTreeSet<u64> = match &start {
+        Some(Record::SegmentStart { live_segments, .. }) => live_segments
             .iter()
             .copied()
             .filter(|s| !dropped.contains(s) && *s < newest)
             .collect(),
-        (_, false) => numbers.iter().copied().filter(|s| *s < newest).collect(),
-        // The newest segment's SEGMENT_START is damaged (and the scan above refused, unless
-        // this is a salvage): read whatever is there.
-        (_, true) => numbers.iter().copied().filter(|s| *s < newest).collect(),
+        // The first format, or a SEGMENT_START damaged (which the scan above refused, unless
+        // this is a salvage): every segment present is read.
+        _ => numbers.iter().copied().filter(|s| *s < newest).collect(),
     };
     let present: BTreeSet<u64> = numbers.iter().copied().collect();
     for seg in expected.difference(&present) {
@@ -621,7 +614,7 @@ fn resume_in_place(
     orphan: &mut impl FnMut(&Record),
     report: &mut RecoveryReport,
 ) -> Result<Option<Vec<Store>>, WalError> {
-    let lane_of = LogSettings::lane_of(settings.fifo);
+    let lane_of = store::lane_of(settings.fifo);
     let mut resumes = Vec::with_capacity(scans.len());
     let mut orphans: Vec<Vec<(PeerKey, u8, u64, Record)>> = Vec::with_capacity(scans.len());
     for (w, scan) in scans.iter().enumerate() {
@@ -733,8 +726,8 @@ fn copy_into_new_generation(
     for store in &mut stores {
         store.set_sync_rolls(true);
     }
-    let old_lane = LogSettings::lane_of(old.fifo);
-    let new_lane = LogSettings::lane_of(settings.fifo);
+    let old_lane = store::lane_of(old.fifo);
+    let new_lane = store::lane_of(settings.fifo);
     for scan in scans {
         live_frames(scan, old_lane, |_, _, record| {
             let Record::Enqueue {
@@ -807,7 +800,7 @@ pub fn check(data_dir: &Path) -> Result<CheckReport, WalError> {
     out.workers = manifest.workers;
     out.notes = notes;
     let gen = datadir::gen_dir(data_dir, manifest.generation);
-    let lane_of = LogSettings::lane_of(manifest.fifo && !legacy);
+    let lane_of = store::lane_of(manifest.fifo && !legacy);
     let mut losses = Vec::new();
     for w in 0..manifest.workers {
         let scan = scan_worker(&datadir::worker_dir(&gen, w), Mode::Strict, &mut losses)?;
@@ -887,17 +880,9 @@ pub fn salvage(
         }
     }
     // Every generation directory, so the new one never collides with one kept aside.
-    let newest = fs::read_dir(data_dir)
-        .map_err(io_err(data_dir))?
-        .flatten()
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_prefix("gen-"))
-                .and_then(|n| n.split('.').next())
-                .and_then(|n| n.parse::<u64>().ok())
-        })
-        .max()
+    let newest = datadir::list_generations(data_dir, true)?
+        .last()
+        .copied()
         .unwrap_or(0);
     old.generation = old.generation.max(newest);
     let mut stores = copy_into_new_generation(
@@ -954,36 +939,12 @@ pub fn salvage(
 /// When even the current generation cannot be determined: the newest generation directory,
 /// with as many workers as it has worker directories.
 fn fallback_generation(data_dir: &Path) -> Result<Found, WalError> {
-    let mut newest = None;
-    if let Ok(entries) = fs::read_dir(data_dir) {
-        for e in entries.flatten() {
-            if let Some(n) = e
-                .file_name()
-                .to_str()
-                .and_then(|n| n.strip_prefix("gen-"))
-                .and_then(|n| n.parse::<u64>().ok())
-            {
-                newest = newest.max(Some(n));
-            }
-        }
-    }
-    let Some(g) = newest else {
+    let Some(&g) = datadir::list_generations(data_dir, false)?.last() else {
         return Ok(Found::Fresh {
             leftovers: Vec::new(),
         });
     };
-    let gen = datadir::gen_dir(data_dir, g);
-    let workers = fs::read_dir(&gen)
-        .map_err(io_err(&gen))?
-        .flatten()
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_prefix('w'))
-                .and_then(|n| n.parse::<usize>().ok())
-        })
-        .max()
-        .map_or(0, |w| w + 1);
+    let workers = datadir::worker_dirs_in(&datadir::gen_dir(data_dir, g))?;
     Ok(Found::Generation {
         manifest: Manifest {
             generation: g,
@@ -1059,6 +1020,22 @@ mod tests {
 
     fn recover_into(dir: &Path, workers: usize) -> (Vec<Store>, RecoveryReport) {
         try_recover(dir, workers).unwrap()
+    }
+
+    /// A response frame with a payload of `len` bytes.
+    fn big_frame(len: usize) -> Frame {
+        Frame::new(Header::new(Kind::Response), Bytes::from(vec![7u8; len])).unwrap()
+    }
+
+    /// Flips the bits of `mask` in byte `at` of the file.
+    fn flip(path: &Path, at: usize, mask: u8) {
+        let mut bytes = fs::read(path).unwrap();
+        bytes[at] ^= mask;
+        fs::write(path, &bytes).unwrap();
+    }
+
+    fn file_len(path: &Path) -> usize {
+        fs::metadata(path).unwrap().len() as usize
     }
 
     fn counters(loaded: &[store::Loaded]) -> Vec<u64> {
@@ -1137,7 +1114,7 @@ mod tests {
         let dir = temp_dir("reclaim");
         let (mut stores, _) = recover_into(&dir, 1);
         let store = &mut stores[0];
-        let big = Frame::new(Header::new(Kind::Response), Bytes::from(vec![7u8; 1 << 20])).unwrap();
+        let big = big_frame(1 << 20);
         let mut stored = Vec::new();
         // ~70 MiB: two segments.
         for _ in 0..70 {
@@ -1204,10 +1181,8 @@ mod tests {
         let dir = temp_dir("bitflip");
         let wal_dir = write_batches(&dir, 20);
         let path = newest_segment(&wal_dir);
-        let mut bytes = fs::read(&path).unwrap();
-        let middle = bytes.len() / 2;
-        bytes[middle] ^= 0x10;
-        fs::write(&path, &bytes).unwrap();
+        let middle = file_len(&path) / 2;
+        flip(&path, middle, 0x10);
         let before = fs::read(&path).unwrap();
         match try_recover(&dir, 1) {
             Err(WalError::Corrupt {
@@ -1231,10 +1206,11 @@ mod tests {
         let dir = temp_dir("bitflip-last");
         let wal_dir = write_batches(&dir, 3);
         let path = newest_segment(&wal_dir);
-        let mut bytes = fs::read(&path).unwrap();
-        let in_last_batch = bytes.len() - wal::COMMIT_RECORD_LEN * 2 - 10;
-        bytes[in_last_batch] ^= 0x01;
-        fs::write(&path, &bytes).unwrap();
+        flip(
+            &path,
+            file_len(&path) - wal::COMMIT_RECORD_LEN * 2 - 10,
+            0x01,
+        );
         assert!(matches!(
             try_recover(&dir, 1),
             Err(WalError::Corrupt { .. })
@@ -1246,7 +1222,7 @@ mod tests {
         // The newest segment deleted: the one before it names its successor.
         let dir = temp_dir("missing-newest");
         let (mut stores, _) = recover_into(&dir, 1);
-        let big = Frame::new(Header::new(Kind::Response), Bytes::from(vec![1u8; 1 << 20])).unwrap();
+        let big = big_frame(1 << 20);
         for _ in 0..70 {
             stores[0].append(SU, 3, 4, &big, 0, true);
             stores[0].write_out().unwrap();
@@ -1278,6 +1254,27 @@ mod tests {
         fs::remove_dir_all(datadir::worker_dir(&datadir::gen_dir(&dir, 1), 1)).unwrap();
         let e = try_recover(&dir, 2).unwrap_err().to_string();
         assert!(e.contains("w1") && e.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn damage_in_an_older_segment_is_corruption_even_at_its_end() {
+        let dir = temp_dir("older-damaged");
+        let (mut stores, _) = recover_into(&dir, 1);
+        let big = big_frame(1 << 20);
+        for _ in 0..70 {
+            stores[0].append(SU, 3, 4, &big, 0, true);
+            stores[0].write_out().unwrap();
+        }
+        let wal_dir = stores[0].dir().to_owned();
+        drop(stores);
+        let older = wal::segment_path(&wal_dir, wal::list_segments(&wal_dir).unwrap()[0]);
+        // In its last record (ROLLED and COMMIT follow): the place of a torn tail, were it the
+        // newest segment.
+        flip(&older, file_len(&older) - wal::COMMIT_RECORD_LEN - 4, 0x01);
+        match try_recover(&dir, 1) {
+            Err(WalError::Corrupt { path, .. }) => assert_eq!(path, older),
+            other => panic!("{other:?}"),
+        }
     }
 
     fn copy_dir(from: &Path, to: &Path) {
@@ -1328,8 +1325,7 @@ mod tests {
     #[test]
     fn a_generation_half_made_by_a_crash_during_recovery_is_deleted() {
         let dir = temp_dir("half-made");
-        let wal_dir = write_batches(&dir, 3);
-        let _ = wal_dir;
+        write_batches(&dir, 3);
         // A crash while copying into generation 2: its directory exists, its MANIFEST not.
         fs::create_dir_all(datadir::gen_dir(&dir, 2).join("w0")).unwrap();
         fs::write(datadir::gen_dir(&dir, 2).join("w0").join("junk"), b"x").unwrap();
@@ -1357,10 +1353,8 @@ mod tests {
         let wal_dir = write_batches(&dir, 20);
         let path = newest_segment(&wal_dir);
         let tenth = enqueue_offsets(&path)[9] as usize;
-        let mut bytes = fs::read(&path).unwrap();
         // Inside the tenth frame's record body.
-        bytes[tenth + 40] ^= 0x10;
-        fs::write(&path, &bytes).unwrap();
+        flip(&path, tenth + 40, 0x10);
         let out = salvage(&dir, settings(1, Durability::Batch), |_| Some(0), |_| {}).unwrap();
         assert_eq!(out.frames_kept, 19, "{out:?}");
         assert_eq!(out.losses.len(), 1, "{:?}", out.losses);
@@ -1442,10 +1436,9 @@ mod tests {
         assert_eq!((report.generation, report.frames_recovered), (1, 0));
         // The same with a frame in it is not a fresh start: refused.
         let dir = temp_dir("fresh-with-frames");
-        let wal_dir = write_batches(&dir, 1);
+        write_batches(&dir, 1);
         fs::remove_file(dir.join(datadir::CURRENT)).unwrap();
         fs::remove_file(datadir::gen_dir(&dir, 1).join(datadir::MANIFEST)).unwrap();
-        let _ = wal_dir;
         assert!(matches!(
             try_recover(&dir, 1),
             Err(WalError::Missing { .. })
@@ -1507,7 +1500,7 @@ mod tests {
         let dir = temp_dir("rollfail");
         let (mut stores, _) = recover_into(&dir, 1);
         let store = &mut stores[0];
-        let big = Frame::new(Header::new(Kind::Response), Bytes::from(vec![7u8; 1 << 20])).unwrap();
+        let big = big_frame(1 << 20);
         // Segment 2 cannot be created: a directory is in its place.
         fs::create_dir_all(wal::segment_path(store.dir(), 2)).unwrap();
         for i in 0..70u64 {
@@ -1551,11 +1544,7 @@ mod tests {
             reserve_bytes: 64 << 10,
         };
         let mut store = Store::create(&dir, options, Box::new(|| {})).unwrap();
-        let big = Frame::new(
-            Header::new(Kind::Response),
-            Bytes::from(vec![7u8; 100 << 10]),
-        )
-        .unwrap();
+        let big = big_frame(100 << 10);
         let mut stored = Vec::new();
         for _ in 0..12 {
             stored.push(store.append(SU, 3, 4, &big, 0, false).0);

@@ -64,6 +64,12 @@ const OFFSET_BITS: u32 = 40;
 /// A position in one worker's log: segment number and byte offset, ordered.
 pub type LogPos = u64;
 
+/// The lane of the log a frame at `level` goes in: the one FIFO queue (`scheduling = "fifo"`),
+/// or its level (lane 0 is level 1). DONE records and spills are kept per lane.
+pub fn lane_of(fifo: bool) -> impl Fn(u8) -> u8 + Copy {
+    move |level: u8| if fifo { 0 } else { level.saturating_sub(1) }
+}
+
 /// The position of byte `offset` of segment `segment`.
 pub fn log_pos(segment: u64, offset: u64) -> LogPos {
     (segment << OFFSET_BITS) | offset

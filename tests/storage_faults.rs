@@ -179,17 +179,15 @@ fn su_log(data: &Path) -> (PathBuf, Vec<PathBuf>) {
     panic!("no worker log rolled to a second segment");
 }
 
-/// Starts the binary, drains the SU, stops it with SIGTERM: the counters delivered.
-fn deliver_all(config: &Path) -> (Vec<u64>, Vec<String>) {
-    // The lines before "dsplane running" are read by the launcher; the rest are returned.
+/// Starts the binary, drains the SU, stops it with SIGTERM: the counters delivered, sorted.
+fn deliver_all(config: &Path) -> Vec<u64> {
     let mut d = common::spawn_dsplane(config);
     let mut su = Client::connect_su(d.su, SU1, "su1-token").unwrap();
     let mut got = drain(&mut su, Duration::from_secs(2));
     std::thread::sleep(Duration::from_millis(200));
     kill(&mut d.child, "-TERM");
-    let lines: Vec<String> = d.lines.try_iter().collect();
     got.sort_unstable();
-    (got, lines)
+    got
 }
 
 /// Runs `dsplane ARGS…` to its end, or for at most 15 s (a `run` that starts is stopped with
@@ -273,7 +271,7 @@ fn damage_to_the_data_dir_is_refused_or_survived_never_silently_lost() {
             stdout.contains("CURRENT") && stdout.contains(&format!("{TOTAL} frames waiting")),
             "CURRENT {what}: {stdout}"
         );
-        let (got, _) = deliver_all(&config);
+        let got = deliver_all(&config);
         assert_eq!(
             got, all,
             "CURRENT {what}: every acknowledged frame delivered"
@@ -325,7 +323,7 @@ fn damage_to_the_data_dir_is_refused_or_survived_never_silently_lost() {
         .expect("a salvage report in data_dir");
     let text = std::fs::read_to_string(report.path()).unwrap();
     assert!(text.contains(name) && text.contains("bytes"), "{text}");
-    let (got, _) = deliver_all(&config);
+    let got = deliver_all(&config);
     assert_eq!(
         got.len() as u64,
         TOTAL - lost,
@@ -377,7 +375,7 @@ fn damage_to_the_data_dir_is_refused_or_survived_never_silently_lost() {
         b"DSPLWAL2",
     )
     .unwrap();
-    let (got, _) = deliver_all(&config);
+    let got = deliver_all(&config);
     assert_eq!(got, all);
     assert!(!half.exists(), "the half-made generation is deleted");
 }
@@ -402,7 +400,7 @@ fn a_second_engine_on_the_same_data_dir_is_refused() {
     send_acked(&mut csp, (0..10).map(|c| response(c, 100)));
     kill(&mut first.child, "-TERM");
     // Once it has stopped, the data_dir is free.
-    let (got, _) = deliver_all(&config);
+    let got = deliver_all(&config);
     assert_eq!(got, (0..10).collect::<Vec<_>>());
 }
 

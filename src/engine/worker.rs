@@ -337,10 +337,6 @@ impl Worker {
             .find(|p| p.key == key)
     }
 
-    fn lane_of(fifo: bool) -> impl Fn(u8) -> u8 {
-        move |level| if fifo { 0 } else { level.saturating_sub(1) }
-    }
-
     fn now(&self) -> Nanos {
         self.shared.now()
     }
@@ -902,7 +898,7 @@ impl Worker {
             return;
         };
         let key = state.key;
-        let lane_of = Self::lane_of(fifo);
+        let lane_of = crate::store::lane_of(fifo);
         let metrics = &mut self.metrics;
         let direction = usize::from(matches!(peer, PeerRef::Csp(_)));
         let released = state.sched.on_ack(msg_id, |level, held| {
@@ -1271,7 +1267,7 @@ impl Worker {
         );
         let Some(state) = state else { return };
         let key = state.key;
-        let loaded = match store.load(key, lane as u8, LOAD_BATCH, Self::lane_of(fifo)) {
+        let loaded = match store.load(key, lane as u8, LOAD_BATCH, crate::store::lane_of(fifo)) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(peer = %shared.peer_label(peer), lane, error = %e, "cannot read spilled frames; they are skipped");
@@ -1327,7 +1323,7 @@ impl Worker {
         };
         if let Some(stored) = held.stored {
             self.store
-                .done(key, Self::lane_of(fifo)(level.get()), stored);
+                .done(key, crate::store::lane_of(fifo)(level.get()), stored);
         }
         if in_memory {
             self.shared.memory_frames.fetch_sub(1, Ordering::Relaxed);
