@@ -1217,18 +1217,22 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn missing_segments_and_worker_logs_are_refused() {
-        // The newest segment deleted: the one before it names its successor.
-        let dir = temp_dir("missing-newest");
-        let (mut stores, _) = recover_into(&dir, 1);
+    /// 70 frames of 1 MiB, waiting: a log of two segments. Returns its directory.
+    fn two_segment_log(dir: &Path) -> PathBuf {
+        let (mut stores, _) = recover_into(dir, 1);
         let big = big_frame(1 << 20);
         for _ in 0..70 {
             stores[0].append(SU, 3, 4, &big, 0, true);
             stores[0].write_out().unwrap();
         }
-        let wal_dir = stores[0].dir().to_owned();
-        drop(stores);
+        stores[0].dir().to_owned()
+    }
+
+    #[test]
+    fn missing_segments_and_worker_logs_are_refused() {
+        // The newest segment deleted: the one before it names its successor.
+        let dir = temp_dir("missing-newest");
+        let wal_dir = two_segment_log(&dir);
         let segs = wal::list_segments(&wal_dir).unwrap();
         assert_eq!(segs.len(), 2);
         let copy = temp_dir("missing-older");
@@ -1259,14 +1263,7 @@ mod tests {
     #[test]
     fn damage_in_an_older_segment_is_corruption_even_at_its_end() {
         let dir = temp_dir("older-damaged");
-        let (mut stores, _) = recover_into(&dir, 1);
-        let big = big_frame(1 << 20);
-        for _ in 0..70 {
-            stores[0].append(SU, 3, 4, &big, 0, true);
-            stores[0].write_out().unwrap();
-        }
-        let wal_dir = stores[0].dir().to_owned();
-        drop(stores);
+        let wal_dir = two_segment_log(&dir);
         let older = wal::segment_path(&wal_dir, wal::list_segments(&wal_dir).unwrap()[0]);
         // In its last record (ROLLED and COMMIT follow): the place of a torn tail, were it the
         // newest segment.
