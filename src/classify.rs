@@ -426,6 +426,13 @@ impl Classifier {
         }
     }
 
+    /// A RESPONSE's request level, if its request is in the in-flight table (taken out): the
+    /// owner's half of classifying a response, whose rules half was done at intake
+    /// ([`Rules::unknown_response_level`]).
+    pub fn inherit(&mut self, id: &RequestId, now: Nanos) -> Option<Level> {
+        self.inflight.take(id, now)
+    }
+
     /// Classifies a DEVICE_ALERT or DCC_ALERT by its code.
     pub fn alert(&self, code: u16) -> Level {
         self.rules.alert_level(code)

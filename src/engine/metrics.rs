@@ -18,194 +18,11 @@
 
 use std::fmt::Write as _;
 
-use hdrhistogram::Histogram;
-
-use crate::wire::{Kind, NackReason};
-
-/// Directions: 0 northbound (to an SU), 1 southbound (to a CSP).
-pub(crate) const DIRECTIONS: [&str; 2] = ["northbound", "southbound"];
-/// What happened to a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    /// Taken in by its owner (in memory or on disk).
-    Taken = 0,
-    /// Acknowledged by its receiver.
-    Delivered = 1,
-    /// Counted by Alert Storm Protection instead of delivered.
-    Throttled = 2,
-    /// Expired after `retention_h`.
-    Expired = 3,
-}
-const OUTCOMES: [&str; 4] = ["taken", "delivered", "throttled", "expired"];
-const KINDS: usize = 12;
-const LEVELS: usize = 17;
-/// Latency is recorded in microseconds, up to an hour, to 3 significant digits.
-const LATENCY_US_MAX: u64 = 3_600_000_000;
-/// The upper bounds of the latency histogram's buckets, in microseconds: 100 µs to 60 s.
-const LATENCY_BUCKETS_US: [u64; 18] = [
-    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
-    1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000, 60_000_000,
-];
-/// What happened to a frame for one SU, as `dsplane_su_messages_total` counts it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum SuOutcome {
-    /// Acknowledged by the SU.
-    Delivered = 0,
-    /// Counted by Alert Storm Protection instead of delivered.
-    Throttled = 1,
-    /// Expired after `retention_h`.
-    Expired = 2,
-}
-const SU_OUTCOMES: [&str; 3] = ["delivered", "throttled", "expired"];
-
-/// One peer as its owner saw it at publication: for `/status` and the per-SU gauges.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct PeerSnapshot {
-    pub peer: super::shared::PeerRef,
-    pub connected: bool,
-    /// Frames waiting in memory (the NMS), every level.
-    pub nms: u64,
-    /// Frames waiting on disk (the SURB), every level.
-    pub surb: u64,
-}
-
-/// One worker's counters.
-#[derive(Debug, Clone)]
-pub(crate) struct WorkerMetrics {
-    messages: Vec<u64>,
-    /// NACKs sent, by reason (index = aux).
-    pub nacks: [u64; 7],
-    /// Per direction and level (index `direction * LEVELS + level`): latency from `created_ns`
-    /// to the frame being handed to its receiver's connection.
-    latency: Vec<Option<Histogram<u64>>>,
-    /// Per SU (its directory index), level and [`SuOutcome`]: index
-    /// `(su * LEVELS + level) * 3 + outcome`, grown on first use.
-    su_outcomes: Vec<u64>,
-    /// (peer, tier, level, frames): filled at publication.
-    pub queue_depth: Vec<(String, &'static str, u8, u64)>,
-    /// Each peer this worker owns: filled at publication.
-    pub peers: Vec<PeerSnapshot>,
-    pub storm_keys_tracked: u64,
-    pub storm_alerts_owed: u64,
-    pub storm_summaries: u64,
-    pub storms_started: u64,
-    pub surb_bytes: u64,
-    pub inflight_requests_evicted: u64,
-}
-
-impl Default for WorkerMetrics {
-    fn default() -> Self {
-        WorkerMetrics {
-            messages: vec![0; DIRECTIONS.len() * KINDS * LEVELS * OUTCOMES.len()],
-            nacks: [0; 7],
-            latency: (0..DIRECTIONS.len() * LEVELS).map(|_| None).collect(),
-            su_outcomes: Vec::new(),
-            queue_depth: Vec::new(),
-            peers: Vec::new(),
-            storm_keys_tracked: 0,
-            storm_alerts_owed: 0,
-            storm_summaries: 0,
-            storms_started: 0,
-            surb_bytes: 0,
-            inflight_requests_evicted: 0,
-        }
-    }
-}
-
-fn index(direction: usize, kind: Kind, level: u8, outcome: Outcome) -> usize {
-    ((direction * KINDS + kind as usize % KINDS) * LEVELS + usize::from(level) % LEVELS)
-        * OUTCOMES.len()
-        + outcome as usize
-}
-
-impl WorkerMetrics {
-    /// Counts `n` messages.
-    #[inline]
-    pub(crate) fn count(
-        &mut self,
-        direction: usize,
-        kind: Kind,
-        level: u8,
-        outcome: Outcome,
-        n: u64,
-    ) {
-        if let Some(c) = self
-            .messages
-            .get_mut(index(direction, kind, level, outcome))
-        {
-            *c += n;
-        }
-    }
-
-    /// Counts a NACK sent.
-    #[inline]
-    pub(crate) fn nack(&mut self, reason: NackReason) {
-        if let Some(c) = self.nacks.get_mut(reason as usize) {
-            *c += 1;
-        }
-    }
-
-    /// Counts one frame for Service User `su` (its directory index).
-    #[inline]
-    pub(crate) fn count_su(&mut self, su: u32, level: u8, outcome: SuOutcome) {
-        let i = (su as usize * LEVELS + usize::from(level) % LEVELS) * SU_OUTCOMES.len()
-            + outcome as usize;
-        if i >= self.su_outcomes.len() {
-            // Once per SU at most: the directory is fixed at start-up.
-            self.su_outcomes.resize(i + 1, 0);
-        }
-        if let Some(c) = self.su_outcomes.get_mut(i) {
-            *c += 1;
-        }
-    }
-
-    /// Records one message's latency in its direction at its level.
-    #[inline]
-    pub(crate) fn latency(&mut self, direction: usize, level: u8, latency_ns: u64) {
-        let i = direction * LEVELS + usize::from(level) % LEVELS;
-        let Some(slot) = self.latency.get_mut(i) else {
-            return;
-        };
-        let h = slot.get_or_insert_with(|| {
-            Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("fixed, valid bounds")
-        });
-        let _ = h.record((latency_ns / 1_000).clamp(1, LATENCY_US_MAX));
-    }
-
-    /// Adds another worker's counters to these.
-    pub(crate) fn merge(&mut self, other: &WorkerMetrics) {
-        for (a, b) in self.messages.iter_mut().zip(&other.messages) {
-            *a += b;
-        }
-        for (a, b) in self.nacks.iter_mut().zip(&other.nacks) {
-            *a += b;
-        }
-        for (a, b) in self.latency.iter_mut().zip(&other.latency) {
-            if let Some(b) = b {
-                match a {
-                    Some(a) => {
-                        let _ = a.add(b);
-                    }
-                    None => *a = Some(b.clone()),
-                }
-            }
-        }
-        if self.su_outcomes.len() < other.su_outcomes.len() {
-            self.su_outcomes.resize(other.su_outcomes.len(), 0);
-        }
-        for (a, b) in self.su_outcomes.iter_mut().zip(&other.su_outcomes) {
-            *a += b;
-        }
-        self.queue_depth.extend(other.queue_depth.iter().cloned());
-        self.peers.extend(other.peers.iter().copied());
-        self.storm_keys_tracked += other.storm_keys_tracked;
-        self.storm_alerts_owed += other.storm_alerts_owed;
-        self.storm_summaries += other.storm_summaries;
-        self.storms_started += other.storms_started;
-        self.surb_bytes += other.surb_bytes;
-        self.inflight_requests_evicted += other.inflight_requests_evicted;
-    }
-}
+pub(crate) use crate::counters::{
+    PeerSnapshot, WorkerMetrics, DIRECTIONS, KINDS, LATENCY_BUCKETS_US,
+    LEVELS, OUTCOMES, SU_OUTCOMES,
+};
+use crate::wire::Kind;
 
 fn kind_name(i: usize) -> Option<&'static str> {
     Kind::from_u8(i as u8).map(Kind::as_str)
@@ -634,14 +451,16 @@ fn process_metrics(out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::counters::SuOutcome;
+    use crate::owner::Direction;
 
     #[test]
     fn latency_buckets_are_cumulative_and_end_at_the_count() {
         let mut m = WorkerMetrics::default();
         for us in [50, 100, 300, 2_000, 70_000_000] {
-            m.latency(0, 2, us * 1_000);
+            m.latency(Direction::Northbound, 2, us * 1_000);
         }
-        m.latency(1, 1, 1_000_000);
+        m.latency(Direction::Southbound, 1, 1_000_000);
         let text = render(&m, &EngineFigures::default());
         let bucket = |labels: &str, le: &str| -> u64 {
             let key = format!("dsplane_latency_seconds_bucket{{{labels},le=\"{le}\"}} ");

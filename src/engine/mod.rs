@@ -69,13 +69,9 @@ fn pin_worker(worker: usize, core: Option<core_affinity::CoreId>) {
     }
 }
 
-/// Frames each worker's ring holds per level. At 1 µs per frame a worker drains a full level in
-/// 8 ms; beyond that, intake answers NACK 5 rather than buffer without bound.
-pub const RING_FRAMES_PER_LEVEL: usize = 8192;
-/// Listen backlog of the SU and CSP ports.
-const LISTEN_BACKLOG: i32 = 1024;
-/// Socket send and receive buffers asked for, bytes.
-const SOCKET_BUFFER_BYTES: usize = 1 << 20;
+/// Frames each worker's ring holds per level ([`crate::limits::RING_FRAMES_PER_LEVEL`]).
+pub use crate::limits::RING_FRAMES_PER_LEVEL;
+use crate::limits::{LISTEN_BACKLOG, SOCKET_BUFFER_BYTES};
 
 /// A running engine. Dropping it does not stop it; call [`Engine::shutdown`] and
 /// [`Engine::join`].
@@ -162,8 +158,22 @@ impl Engine {
         // Start-up returns once every worker is in its loop, so nothing waits on a worker that is
         // still being built.
         let ready = Arc::new(std::sync::Barrier::new(workers + 1));
-        for (index, ((poll, consumer, control_rx), store)) in
-            parts.into_iter().zip(stores).enumerate()
+        // The owners are built here, so that a refusal stops the start-up with its reason.
+        let mut owners = Vec::with_capacity(workers);
+        for (index, store) in stores.into_iter().enumerate() {
+            let setup = crate::owner::OwnerSetup::from_config(&shared.config, index, workers)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            let nms = crate::owner::Nms::new(
+                Arc::clone(&shared.memory_frames),
+                shared.memory_frames_max,
+            );
+            owners.push(
+                crate::owner::Owner::new(setup, store, nms, shared.now())
+                    .map_err(|e| io::Error::other(e.to_string()))?,
+            );
+        }
+        for (index, ((poll, consumer, control_rx), owner)) in
+            parts.into_iter().zip(owners).enumerate()
         {
             let shared = Arc::clone(&shared);
             let ready = Arc::clone(&ready);
@@ -173,7 +183,7 @@ impl Engine {
                 .spawn(move || {
                     pin_worker(index, core);
                     let worker =
-                        worker::Worker::new(index, poll, shared, consumer, control_rx, store);
+                        worker::Worker::new(index, poll, shared, consumer, control_rx, owner);
                     ready.wait();
                     worker.run();
                 })?;
@@ -417,7 +427,7 @@ fn reload(shared: &Shared) -> Result<Vec<String>, String> {
             shared.reloads[0].fetch_add(1, Ordering::Relaxed);
             shared
                 .config_loaded_unix_ns
-                .store(shared::unix_now(), Ordering::Relaxed);
+                .store(crate::unix_now(), Ordering::Relaxed);
             for w in &warnings {
                 tracing::warn!(file = %file, "reload: {w}");
             }

@@ -15,7 +15,7 @@ use crate::config::{Config, Csp, DeviceRange, Secret, ServiceUser};
 use crate::ids::{AlertCode, Eui64, Level};
 use crate::ring;
 use crate::wal::PeerKey;
-use crate::wire::Frame;
+pub(crate) use crate::owner::{Envelope, PeerRef, Ticket};
 
 /// A connection handed from the acceptor to the worker that owns its peer.
 #[derive(Debug)]
@@ -42,16 +42,11 @@ pub(crate) enum Control {
     Reload(Arc<Reload>),
 }
 
-/// What a live reload changes (ENGINE.md §8): priority rules, alert levels, exclusions,
-/// thresholds and rates. Limiter and storm state are kept, not reset.
+/// What a live reload changes (ENGINE.md §8): the owners' part (rules, alert levels,
+/// exclusions, thresholds, rates; limiter and storm state are kept, not reset), and the tokens.
 #[derive(Debug)]
 pub(crate) struct Reload {
-    pub rules: Arc<Rules>,
-    pub storm: crate::storm::StormSettings,
-    /// (SU index, delivery rate, burst, SR rate, SR burst).
-    pub sus: Vec<(u32, u32, u32, u32, u32)>,
-    /// (CSP index, rate, burst).
-    pub csps: Vec<(u32, u32, u32)>,
+    pub owner: crate::owner::Reload,
     /// Every peer's token from the new file, for HELLOs from now on; taken out by
     /// [`Shared::apply_reload`] before the rest goes to the workers.
     pub tokens: Tokens,
@@ -66,46 +61,9 @@ pub(crate) struct Tokens {
     pub csp: Vec<Secret>,
 }
 
-/// Who to ACK once a frame is durable: the intake worker's connection and the frame's msg_id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Ticket {
-    pub origin: u16,
-    pub slot: u32,
-    /// The connection's id, so that a ticket for a closed connection whose slot was reused is
-    /// recognised and dropped.
-    pub conn_id: u64,
-    pub msg_id: u64,
-}
 
-/// Work crossing to the worker that owns its receiver.
-#[derive(Debug)]
-pub(crate) struct Envelope {
-    pub to: Destination,
-    pub frame: Frame,
-    /// Set when durability asks for the frame to be on disk before it is ACKed.
-    pub ticket: Option<Ticket>,
-    /// When dsplane took it, ns since the Unix epoch.
-    pub enqueued_unix_ns: u64,
-}
 
-/// The receiver of an [`Envelope`].
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Destination {
-    /// A RESPONSE or alert for Service User `su`; the owner classifies it (a response inherits
-    /// its request's level from the owner's in-flight table).
-    Northbound { su: u32 },
-    /// A REQUEST for CSP link `csp`, already classified at intake.
-    Southbound { csp: u32, level: Level },
-}
 
-/// A peer, by its index in the directory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum PeerRef {
-    /// A Service User.
-    Su(u32),
-    /// A CSP link.
-    Csp(u32),
-}
 
 /// One configured Service User.
 #[derive(Debug)]
@@ -113,10 +71,6 @@ pub(crate) struct SuEntry {
     pub config: ServiceUser,
     /// The worker that owns it.
     pub owner: usize,
-    /// Most frames held in memory for it: its NMS share (`nms_per_su`).
-    pub held_max: u64,
-    /// Its key in the write-ahead log.
-    pub key: PeerKey,
 }
 
 /// One configured CSP link.
@@ -124,7 +78,6 @@ pub(crate) struct SuEntry {
 pub(crate) struct CspEntry {
     pub config: Csp,
     pub owner: usize,
-    pub held_max: u64,
     pub key: PeerKey,
 }
 
@@ -143,7 +96,6 @@ pub(crate) struct Shared {
     /// The start-up configuration. What a reload changes is applied to the workers and to
     /// [`Shared::tokens`], not here; see [`Shared::applied`].
     pub config: Config,
-    pub rules: Arc<Rules>,
     pub sus: Vec<SuEntry>,
     su_index: HashMap<Eui64, u32>,
     pub csps: Vec<CspEntry>,
@@ -153,7 +105,7 @@ pub(crate) struct Shared {
     default_csp: Option<u32>,
     /// Frames held in memory for every receiver together, and the bound on it (`nms_total`):
     /// beyond it frames go to the SURB (disk) instead.
-    pub memory_frames: AtomicU64,
+    pub memory_frames: Arc<AtomicU64>,
     pub memory_frames_max: u64,
     /// Whether frames are made durable before they are ACKed.
     pub durable: bool,
@@ -268,13 +220,13 @@ impl Shared {
             let i = self
                 .su(su.id)
                 .ok_or_else(|| format!("service_user {} is not in the running engine", su.id))?;
-            sus.push((
-                i,
-                su.delivery.rate,
-                su.delivery.burst,
-                su.sr_rate,
-                su.sr_burst,
-            ));
+            sus.push(crate::owner::SuRates {
+                su: i,
+                rate: su.delivery.rate,
+                burst: su.delivery.burst,
+                sr_rate: su.sr_rate,
+                sr_burst: su.sr_burst,
+            });
             if let Some(t) = tokens.su.get_mut(i as usize) {
                 t.clone_from(&su.token);
             }
@@ -286,7 +238,11 @@ impl Shared {
                 .iter()
                 .position(|e| e.config.name == c.name)
                 .ok_or_else(|| format!("csp {} is not in the running engine", c.name))?;
-            csps.push((i as u32, c.rate, c.burst));
+            csps.push(crate::owner::CspRates {
+                csp: i as u32,
+                rate: c.rate,
+                burst: c.burst,
+            });
             if let Some(t) = tokens.csp.get_mut(i) {
                 t.clone_from(&c.token);
             }
@@ -306,10 +262,12 @@ impl Shared {
             .map_err(|e| e.to_string())?;
         Ok((
             Reload {
-                rules: Arc::new(Rules::new(&new.priority)),
-                storm,
-                sus,
-                csps,
+                owner: crate::owner::Reload {
+                    rules: Arc::new(Rules::new(&new.priority)),
+                    storm,
+                    sus,
+                    csps,
+                },
                 tokens,
             },
             warnings,
@@ -457,19 +415,8 @@ pub(crate) fn reload_changes(old: &Config, new: &Config) -> Vec<String> {
     out
 }
 
-/// Nanoseconds since the Unix epoch, now.
-pub(crate) fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
 
-/// Spreads SU ids over workers (a multiplicative hash, so consecutive ids do not all land on
-/// one worker).
-pub(crate) fn owner_of(su: Eui64, workers: usize) -> usize {
-    let mixed = su.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    ((mixed >> 32) % workers.max(1) as u64) as usize
-}
+pub(crate) use crate::owner::owner_of_su as owner_of;
 
 impl Shared {
     pub(crate) fn new(
@@ -479,14 +426,11 @@ impl Shared {
         report: crate::report::AlertReport,
     ) -> Shared {
         let n = workers.len();
-        let rules = Arc::new(Rules::new(&config.priority));
         let sus: Vec<SuEntry> = config
             .service_users
             .iter()
             .map(|su| SuEntry {
                 owner: owner_of(su.id, n),
-                held_max: su.delivery.nms_per_su,
-                key: PeerKey::Su(su.id),
                 config: su.clone(),
             })
             .collect();
@@ -500,8 +444,7 @@ impl Shared {
             .iter()
             .enumerate()
             .map(|(i, c)| CspEntry {
-                owner: i % n.max(1),
-                held_max: config.delivery.nms_per_su,
+                owner: crate::owner::owner_of_csp(i, n),
                 key: PeerKey::csp(&c.name),
                 config: c.clone(),
             })
@@ -523,19 +466,18 @@ impl Shared {
             su_paused: sus.iter().map(|_| AtomicBool::new(false)).collect(),
             restricted: AtomicBool::new(false),
             reloads: [AtomicU64::new(0), AtomicU64::new(0)],
-            config_loaded_unix_ns: AtomicU64::new(unix_now()),
+            config_loaded_unix_ns: AtomicU64::new(crate::unix_now()),
             applied: std::sync::Mutex::new(config.clone()),
             tokens: RwLock::new(tokens),
             memory_frames_max: config.delivery.nms_total,
             durable: config.engine.durability != crate::config::Durability::None,
             config,
-            rules,
             sus,
             su_index,
             csps,
             routes,
             default_csp,
-            memory_frames: AtomicU64::new(0),
+            memory_frames: Arc::new(AtomicU64::new(0)),
             workers,
             shutdown: AtomicBool::new(false),
             origin: std::time::Instant::now(),

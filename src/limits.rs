@@ -1,0 +1,41 @@
+//! Every fixed limit of the dataplane, in one place (in the way of TigerBeetle's
+//! `constants.zig`): what bounds memory, work per turn and time. Limits an operator sets are in
+//! the configuration file and validated with it ([`crate::config`]); these are the ones the code
+//! fixes, each with the reason for its value.
+
+use crate::{Nanos, NANOS_PER_SEC};
+
+pub use crate::limiter::{BURST_MAX, RATE_PER_S_MAX, RELEASE_RAMP_NS_MAX};
+pub use crate::wire::PAYLOAD_BYTES_MAX_DEFAULT;
+
+/// Spilled frames loaded back from the SURB at a time, per lane.
+pub const LOAD_BATCH: usize = 256;
+/// Loads from the SURB in one [`crate::owner::Owner::poll_transmit`] before it gives up for the
+/// turn (each load either brings frames or empties a lane's count, so one is almost always
+/// enough).
+pub const LOADS_PER_POLL_MAX: usize = 64;
+/// In-flight requests remembered per owner for response inheritance. An evicted request's
+/// response is classified by its own SRV and mode (the same level unless the rules were
+/// reloaded in between), so the bound trades little accuracy for ~100 bytes an entry: 64 Ki
+/// entries is ~6.5 MiB per worker, and 7 minutes of requests at 160/s per worker.
+pub const INFLIGHT_REQUESTS_MAX: usize = 1 << 16;
+/// How long a request is remembered: future-dated requests are answered days later.
+pub const INFLIGHT_AGE_MAX: Nanos = 7 * 24 * 3600 * NANOS_PER_SEC;
+/// How often idle connections, lingering closes, retention and the in-flight table are
+/// checked, and the metrics published.
+pub const HOUSEKEEPING_INTERVAL: Nanos = NANOS_PER_SEC / 4;
+
+/// Frames each worker's ring holds per level. At 1 µs per frame a worker drains a full level in
+/// 8 ms; beyond that, intake holds the frame and stops reading its connection until it goes in
+/// (TCP flow control then slows the sender), rather than buffer without bound.
+pub const RING_FRAMES_PER_LEVEL: usize = 8192;
+/// Envelopes taken from a ring in one go.
+pub const RING_BATCH_MAX: usize = 1024;
+/// Reads from one connection in one turn before the others get theirs.
+pub const READS_PER_TURN_MAX: usize = 16;
+/// How long a connection being closed is kept, half-closed, so its peer reads the last NACK.
+pub const LINGER: Nanos = NANOS_PER_SEC;
+/// Listen backlog of the SU and CSP ports.
+pub const LISTEN_BACKLOG: i32 = 1024;
+/// Socket send and receive buffers asked for, bytes.
+pub const SOCKET_BUFFER_BYTES: usize = 1 << 20;
