@@ -143,6 +143,17 @@ pub struct Envelope {
     pub enqueued_unix_ns: u64,
 }
 
+/// What became of a frame handed to [`Owner::take`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// Staged for the next [`Owner::commit`] (in memory, or in the SURB).
+    Staged,
+    /// A DEVICE_ALERT throttled by Alert Storm Protection: counted for its window's summary.
+    Throttled,
+    /// Refused: its receiver is not this owner's (its sender gets NACK 5).
+    Refused,
+}
+
 /// What the owner asks of the I/O around it.
 #[derive(Debug)]
 pub enum Event {
@@ -756,7 +767,7 @@ impl<L: Log> Owner<L> {
     /// level, an alert goes through Alert Storm Protection, and the frame gets its tier (memory
     /// while its peer's share and the total allow and its lane has nothing on disk, else disk
     /// only) and its log record. Nothing is placed before [`Owner::commit`] writes the batch.
-    pub fn take(&mut self, envelope: Envelope, now: Nanos) {
+    pub fn take(&mut self, envelope: Envelope, now: Nanos) -> Taken {
         let Envelope {
             to,
             mut frame,
@@ -787,7 +798,7 @@ impl<L: Log> Owner<L> {
                             durable: true,
                         });
                     }
-                    return;
+                    return Taken::Throttled;
                 }
                 if h.kind == Kind::DeviceAlert {
                     self.report_alert(&frame, enqueued_unix_ns, Outcome::Delivered);
@@ -808,7 +819,7 @@ impl<L: Log> Owner<L> {
                     durable: false,
                 });
             }
-            return;
+            return Taken::Refused;
         };
         let spill = log.is_spilled(state.key, lane)
             || !nms.has_room(state.sched.held() + state.staged_memory, state.memory_max);
@@ -842,6 +853,7 @@ impl<L: Log> Owner<L> {
             spill,
             ticket,
         });
+        Taken::Staged
     }
 
     /// Alert Storm Protection's verdict on a DEVICE_ALERT for `su`; `true` when it is throttled
@@ -890,9 +902,10 @@ impl<L: Log> Owner<L> {
     /// Writes the frames taken since the last call (one write) and places them: in memory, or
     /// counted in the SURB. If the write fails (a full disk), frames that were to be ACKed when
     /// durable are refused (NACK 5); frames already ACKed (durability `none`) stay in memory.
-    pub fn commit(&mut self) {
+    /// `false` when the write failed.
+    pub fn commit(&mut self) -> bool {
         if self.staged.is_empty() {
-            return;
+            return true;
         }
         let written = self.surb.log.write_out();
         self.nms.staged = 0;
@@ -946,6 +959,7 @@ impl<L: Log> Owner<L> {
             self.nms.add(1);
         }
         self.staged = staged;
+        written.is_ok()
     }
 
     /// Hands back, as [`Event::Ack`], the tickets of frames the log has made durable. After a
@@ -1275,7 +1289,7 @@ impl<L: Log> Owner<L> {
             h.counter = summary.count;
             h.created_ns = unix;
             tracing::info!(peer = %state.label, device = %summary.device, alert_code = %AlertCode(summary.code), count = summary.count, early = summary.early, "alert storm summary: one STORM_SUMMARY stands for the alerts throttled in the window");
-            self.take(
+            let _ = self.take(
                 Envelope {
                     to: Destination::Northbound { su: summary.su, level },
                     frame: Frame {
@@ -1289,7 +1303,7 @@ impl<L: Log> Owner<L> {
             );
         }
         self.summaries = out;
-        self.commit();
+        let _ = self.commit();
     }
 
     // ---- what it shows ----------------------------------------------------------------------

@@ -201,9 +201,9 @@ impl Worker {
             }
             let now = self.now();
             for (_, envelope) in self.popped.drain(..) {
-                self.owner.take(envelope, now);
+                let _ = self.owner.take(envelope, now);
             }
-            self.owner.commit();
+            let _ = self.owner.commit();
             self.carry_out();
             if n < RING_BATCH_MAX {
                 return;
