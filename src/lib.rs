@@ -22,6 +22,7 @@ pub mod client;
 pub mod config;
 pub mod datadir;
 pub mod delivery;
+pub mod disk;
 pub mod engine;
 pub mod ids;
 pub mod limiter;
