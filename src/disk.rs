@@ -52,9 +52,10 @@ pub enum Open {
 
 /// An open file. Writes take `&self`, as they do on `&std::fs::File`, so that a segment can be
 /// shared between the worker that appends and the flusher that syncs it.
-pub trait DiskFile: Read + Seek + Send + Sync + 'static {
-    /// Appends all of `buf` (at the file's end for [`Open::Append`] files, else at the write
-    /// position). On an error part of it may have been written, as with `write_all`.
+pub trait DiskFile: Read + Seek + Send + Sync + std::fmt::Debug + 'static {
+    /// Appends all of `buf` (every write the log makes is an append; a file opened with
+    /// [`Open::Truncate`] is empty). On an error part of it may have been written, as with
+    /// `write_all`.
     fn append_all(&self, buf: &[u8]) -> io::Result<()>;
     /// `fdatasync`: the file's data is durable once this returns.
     fn sync_data(&self) -> io::Result<()>;
@@ -63,11 +64,11 @@ pub trait DiskFile: Read + Seek + Send + Sync + 'static {
     /// Cuts the file to `len` bytes (or extends it with zeros).
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Bytes in the file.
-    fn len(&self) -> io::Result<u64>;
+    fn size(&self) -> io::Result<u64>;
 }
 
 /// A file system. Paths are plain paths; the simulated disk keys its files by them.
-pub trait Disk: Clone + Send + Sync + 'static {
+pub trait Disk: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// Its open files.
     type File: DiskFile;
     /// Opens `path` as `how` says.
@@ -120,7 +121,7 @@ impl DiskFile for File {
     }
 
     #[inline]
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.metadata()?.len())
     }
 }

@@ -765,7 +765,7 @@ impl DiskFile for SimFile {
         })
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         self.with_inode(|state, ino| Ok(state.inodes.get(&ino).map_or(0, |i| i.data.len() as u64)))
     }
 }
@@ -793,7 +793,7 @@ impl Read for SimFile {
 
 impl Seek for SimFile {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
-        let len = self.len()?;
+        let len = self.size()?;
         let target = match to {
             SeekFrom::Start(at) => Some(at),
             SeekFrom::End(d) => len.checked_add_signed(d),
