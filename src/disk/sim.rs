@@ -809,3 +809,158 @@ impl Seek for SimFile {
         Ok(target)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal::is_no_space;
+
+    fn dir() -> PathBuf {
+        PathBuf::from("/sim/d")
+    }
+
+    fn disk_with_dir() -> SimDisk {
+        let disk = SimDisk::new();
+        disk.create_dir_all(&dir()).unwrap();
+        disk
+    }
+
+    #[test]
+    fn unsynced_bytes_are_lost_or_torn_and_synced_ones_kept() {
+        let mut saw_loss = false;
+        for seed in 0..64 {
+            let mut disk = disk_with_dir();
+            let path = dir().join("f");
+            let f = disk.open(&path, Open::CreateNew).unwrap();
+            f.append_all(b"synced--").unwrap();
+            f.sync_data().unwrap();
+            disk.sync_dir(&dir()).unwrap();
+            f.append_all(b"not synced").unwrap();
+            assert_eq!(disk.synced_len(&path).unwrap(), 8);
+            disk.crash(&mut SimRng::new(seed));
+            let after = disk.contents(&path).unwrap();
+            assert_eq!(after.get(..8), Some(&b"synced--"[..]), "seed {seed}");
+            assert!(after.len() <= 18, "seed {seed}");
+            saw_loss |= after.len() < 18;
+        }
+        assert!(saw_loss, "some crash must lose unsynced bytes");
+    }
+
+    #[test]
+    fn a_crash_kills_every_handle_made_before_it() {
+        let mut disk = disk_with_dir();
+        let old = disk.clone();
+        let f = disk.open(&dir().join("f"), Open::CreateNew).unwrap();
+        disk.crash(&mut SimRng::new(1));
+        assert!(f.append_all(b"x").is_err());
+        assert!(old.create_dir_all(Path::new("/sim/e")).is_err());
+        assert!(disk.create_dir_all(Path::new("/sim/e")).is_ok());
+    }
+
+    #[test]
+    fn a_file_whose_directory_was_not_synced_may_vanish_and_a_rename_is_atomic() {
+        let (mut vanished, mut kept) = (false, false);
+        for seed in 0..64 {
+            let mut disk = disk_with_dir();
+            disk.write_file(&dir().join("CURRENT"), b"old").unwrap();
+            let new = disk.open(&dir().join("new"), Open::CreateNew).unwrap();
+            new.sync_all().unwrap();
+            let tmp = disk
+                .open(&dir().join("CURRENT.tmp"), Open::Truncate)
+                .unwrap();
+            tmp.append_all(b"new").unwrap();
+            tmp.sync_all().unwrap();
+            disk.rename(&dir().join("CURRENT.tmp"), &dir().join("CURRENT"))
+                .unwrap();
+            disk.crash(&mut SimRng::new(seed));
+            let current = disk.contents(&dir().join("CURRENT")).unwrap();
+            assert!(current == b"old" || current == b"new", "seed {seed}");
+            let exists = disk.exists(&dir().join("new"));
+            vanished |= !exists;
+            kept |= exists;
+        }
+        assert!(vanished && kept);
+        // Once the directory is synced, the name is durable; a removal not synced may be
+        // undone.
+        let (mut back, mut gone) = (false, false);
+        for seed in 0..64 {
+            let mut disk = disk_with_dir();
+            disk.open(&dir().join("seg"), Open::CreateNew).unwrap();
+            disk.open(&dir().join("keep"), Open::CreateNew).unwrap();
+            disk.sync_dir(&dir()).unwrap();
+            disk.remove_file(&dir().join("seg")).unwrap();
+            disk.crash(&mut SimRng::new(seed));
+            assert!(disk.exists(&dir().join("keep")), "seed {seed}");
+            let exists = disk.exists(&dir().join("seg"));
+            back |= exists;
+            gone |= !exists;
+        }
+        assert!(back && gone);
+    }
+
+    #[test]
+    fn a_full_disk_fails_writes_with_enospc_after_writing_what_fits() {
+        let disk = disk_with_dir();
+        let f = disk.open(&dir().join("f"), Open::CreateNew).unwrap();
+        f.append_all(b"12345").unwrap();
+        disk.set_capacity(Some(8));
+        let e = f.append_all(b"6789").unwrap_err();
+        assert!(is_no_space(&e), "{e:?}");
+        assert_eq!(e.raw_os_error(), Some(28));
+        assert_eq!(disk.contents(&dir().join("f")).unwrap(), b"12345678");
+        disk.fill();
+        assert!(is_no_space(&f.append_all(b"x").unwrap_err()));
+        // Space comes back when files go.
+        disk.remove_file(&dir().join("f")).unwrap();
+        let g = disk.open(&dir().join("g"), Open::CreateNew).unwrap();
+        g.append_all(b"abcdefgh").unwrap();
+        assert_eq!(disk.stats().no_space_errors, 2);
+    }
+
+    #[test]
+    fn a_sync_error_is_returned_as_often_as_asked_and_makes_nothing_durable() {
+        let disk = disk_with_dir();
+        let path = dir().join("f");
+        let f = disk.open(&path, Open::CreateNew).unwrap();
+        f.append_all(b"abc").unwrap();
+        disk.fail_syncs(1);
+        let e = f.sync_data().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(5));
+        assert_eq!(disk.synced_len(&path).unwrap(), 0);
+        f.sync_data().unwrap();
+        assert_eq!(disk.synced_len(&path).unwrap(), 3);
+        assert_eq!(disk.stats().sync_errors, 1);
+        assert_eq!(disk.stats().syncs, 1);
+    }
+
+    #[test]
+    fn a_flipped_bit_in_synced_bytes_survives_a_crash() {
+        let mut disk = disk_with_dir();
+        let path = dir().join("f.wal");
+        disk.write_file(&path, &[0u8; 32]).unwrap();
+        disk.flip_bit(&path, 3, 2).unwrap();
+        let mut rng = SimRng::new(9);
+        let (flipped, at) = disk
+            .flip_random_bit(&mut rng, 16, |p| p.extension().is_some_and(|e| e == "wal"))
+            .unwrap();
+        assert_eq!(flipped, path);
+        assert!((16..32).contains(&at));
+        disk.crash(&mut rng);
+        let bytes = disk.contents(&path).unwrap();
+        assert_eq!(bytes[3], 4);
+        assert_ne!(bytes[at as usize], 0);
+    }
+
+    #[test]
+    fn a_crash_is_replayed_from_its_seed() {
+        let run = |seed| {
+            let mut disk = disk_with_dir();
+            let f = disk.open(&dir().join("f"), Open::CreateNew).unwrap();
+            f.append_all(&[7u8; 4096]).unwrap();
+            disk.sync_dir(&dir()).unwrap();
+            disk.crash(&mut SimRng::new(seed));
+            disk.contents(&dir().join("f")).unwrap()
+        };
+        assert_eq!(run(42), run(42));
+    }
+}
