@@ -31,6 +31,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
+use crate::disk::{Disk, DiskFile, Open, OsDisk};
 use crate::wal::{self, WalError};
 
 /// The file naming the current generation.
@@ -121,12 +122,12 @@ enum Small {
     Legacy(u64),
 }
 
-fn read_small(path: &Path) -> Result<Small, WalError> {
+fn read_small<D: Disk>(disk: &D, path: &Path) -> Result<Small, WalError> {
     let io_err = |source| WalError::Io {
         path: path.to_owned(),
         source,
     };
-    let file = match File::open(path) {
+    let file = match disk.open(path, Open::Read) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Small::Missing),
         Err(e) => return Err(io_err(e)),
@@ -164,9 +165,13 @@ pub fn worker_dir(gen_dir: &Path, w: usize) -> PathBuf {
 
 /// The generation directories in `data_dir`, ascending: `gen-N`, and with `kept` also the
 /// damaged generations a salvage set aside (`gen-N.salvaged-<time>`, counted as N).
-pub(crate) fn list_generations(data_dir: &Path, kept: bool) -> Result<Vec<u64>, WalError> {
+pub(crate) fn list_generations<D: Disk>(
+    disk: &D,
+    data_dir: &Path,
+    kept: bool,
+) -> Result<Vec<u64>, WalError> {
     let mut out = Vec::new();
-    let entries = match fs::read_dir(data_dir) {
+    let entries = match disk.read_dir(data_dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
         Err(source) => {
@@ -176,8 +181,7 @@ pub(crate) fn list_generations(data_dir: &Path, kept: bool) -> Result<Vec<u64>, 
             })
         }
     };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
+    for name in entries {
         let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("gen-")) else {
             continue;
         };
@@ -186,7 +190,7 @@ pub(crate) fn list_generations(data_dir: &Path, kept: bool) -> Result<Vec<u64>, 
             Some(_) => continue,
             None => rest,
         };
-        if let (Ok(n), true) = (number.parse::<u64>(), entry.path().is_dir()) {
+        if let (Ok(n), true) = (number.parse::<u64>(), disk.is_dir(&data_dir.join(&name))) {
             out.push(n);
         }
     }
@@ -221,13 +225,18 @@ pub enum Found {
 
 /// Finds the current generation. See the module documentation for the rules.
 pub fn resolve(data_dir: &Path) -> Result<Found, WalError> {
+    resolve_on(&OsDisk, data_dir)
+}
+
+/// [`resolve`] on `disk`.
+pub fn resolve_on<D: Disk>(disk: &D, data_dir: &Path) -> Result<Found, WalError> {
     let current_path = data_dir.join(CURRENT);
-    let current = read_small(&current_path)?;
-    let generations = list_generations(data_dir, false)?;
+    let current = read_small(disk, &current_path)?;
+    let generations = list_generations(disk, data_dir, false)?;
     let mut manifests = Vec::with_capacity(generations.len());
     for &g in &generations {
         let path = gen_dir(data_dir, g).join(MANIFEST);
-        let state = match read_small(&path)? {
+        let state = match read_small(disk, &path)? {
             Small::Intact(m) if m.generation != g => Small::Damaged("names another generation"),
             Small::Legacy(_) => Small::Damaged("not a manifest"),
             s => s,
@@ -244,7 +253,7 @@ pub fn resolve(data_dir: &Path) -> Result<Found, WalError> {
     let (manifest, legacy, rewrite_current) = match (&current, complete) {
         (Small::Intact(c), _) => {
             let dir = gen_dir(data_dir, c.generation);
-            if !dir.is_dir() {
+            if !disk.is_dir(&dir) {
                 return missing(
                     dir,
                     format!(
@@ -277,7 +286,7 @@ pub fn resolve(data_dir: &Path) -> Result<Found, WalError> {
         }
         (Small::Legacy(n), None) => {
             let dir = gen_dir(data_dir, *n);
-            if !dir.is_dir() {
+            if !disk.is_dir(&dir) {
                 return missing(
                     dir,
                     format!(
@@ -286,7 +295,7 @@ pub fn resolve(data_dir: &Path) -> Result<Found, WalError> {
                     ),
                 );
             }
-            let workers = worker_dirs_in(&dir)?;
+            let workers = worker_dirs_in(disk, &dir)?;
             let m = Manifest {
                 generation: *n,
                 workers: workers.max(1),
@@ -303,7 +312,7 @@ pub fn resolve(data_dir: &Path) -> Result<Found, WalError> {
             // current one, its MANIFEST damaged: with CURRENT damaged too, nothing says which.
             for &g in generations.iter().filter(|&&g| g > m.generation) {
                 let dir = gen_dir(data_dir, g);
-                if holds_frames(&dir)? {
+                if holds_frames(disk, &dir)? {
                     return missing(
                         dir.join(MANIFEST),
                         format!(
@@ -326,7 +335,7 @@ pub fn resolve(data_dir: &Path) -> Result<Found, WalError> {
                 leftovers: Vec::new(),
             })
         }
-        (Small::Missing, None) if no_frames(data_dir, &generations)? => {
+        (Small::Missing, None) if no_frames(disk, data_dir, &generations)? => {
             // A first start that stopped before its generation was complete: it never took a
             // frame (the MANIFEST is written before any worker runs).
             return Ok(Found::Fresh {
@@ -363,9 +372,9 @@ pub fn resolve(data_dir: &Path) -> Result<Found, WalError> {
     })
 }
 
-fn no_frames(data_dir: &Path, generations: &[u64]) -> Result<bool, WalError> {
+fn no_frames<D: Disk>(disk: &D, data_dir: &Path, generations: &[u64]) -> Result<bool, WalError> {
     for &g in generations {
-        if holds_frames(&gen_dir(data_dir, g))? {
+        if holds_frames(disk, &gen_dir(data_dir, g))? {
             return Ok(false);
         }
     }
@@ -375,18 +384,22 @@ fn no_frames(data_dir: &Path, generations: &[u64]) -> Result<bool, WalError> {
 /// Whether a generation directory may hold frames: an ENQUEUE record in any segment, or a
 /// segment that cannot be read far enough to tell (of the first format, or with a bad
 /// header). A torn SEGMENT_START of the current format holds none.
-fn holds_frames(dir: &Path) -> Result<bool, WalError> {
-    let Ok(entries) = fs::read_dir(dir) else {
+fn holds_frames<D: Disk>(disk: &D, dir: &Path) -> Result<bool, WalError> {
+    let Ok(entries) = disk.read_dir(dir) else {
         return Ok(true);
     };
-    for worker in entries.flatten().filter(|e| e.path().is_dir()) {
-        let segments = wal::list_segments(&worker.path()).map_err(|source| WalError::Io {
-            path: worker.path(),
+    let workers = entries
+        .iter()
+        .map(|name| dir.join(name))
+        .filter(|p| disk.is_dir(p));
+    for worker in workers {
+        let segments = wal::list_segments_on(disk, &worker).map_err(|source| WalError::Io {
+            path: worker.clone(),
             source,
         })?;
         for n in segments {
-            let Ok(mut reader) = wal::SegmentReader::open(&wal::segment_path(&worker.path(), n), 0)
-            else {
+            let path = wal::segment_path(&worker, n);
+            let Ok(mut reader) = wal::SegmentReader::open_on(disk, &path, 0) else {
                 return Ok(true);
             };
             if reader.version() < 2 {
@@ -416,17 +429,16 @@ fn describe(current: &Small) -> String {
 /// How many worker logs a generation directory was made with, as far as its directories tell:
 /// one more than the highest `wK` (so a missing `w0` beside a `w1` is still counted, and then
 /// found missing).
-pub(crate) fn worker_dirs_in(dir: &Path) -> Result<usize, WalError> {
-    let entries = fs::read_dir(dir).map_err(|source| WalError::Io {
+pub(crate) fn worker_dirs_in<D: Disk>(disk: &D, dir: &Path) -> Result<usize, WalError> {
+    let entries = disk.read_dir(dir).map_err(|source| WalError::Io {
         path: dir.to_owned(),
         source,
     })?;
     Ok(entries
-        .flatten()
-        .filter(|e| e.path().is_dir())
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
+        .iter()
+        .filter(|name| disk.is_dir(&dir.join(name)))
+        .filter_map(|name| {
+            name.to_str()
                 .and_then(|n| n.strip_prefix('w'))
                 .and_then(|n| n.parse::<usize>().ok())
         })
@@ -437,27 +449,43 @@ pub(crate) fn worker_dirs_in(dir: &Path) -> Result<usize, WalError> {
 /// Writes `text` to `path` atomically and durably: a temporary file, `fsync`, rename, `fsync`
 /// of the directory.
 pub fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
+    write_atomic_on(&OsDisk, path, text)
+}
+
+/// [`write_atomic`] on `disk`.
+pub fn write_atomic_on<D: Disk>(disk: &D, path: &Path, text: &str) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
-    let mut f = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(&tmp)?;
-    f.write_all(text.as_bytes())?;
+    let f = disk.open(&tmp, Open::Truncate)?;
+    f.append_all(text.as_bytes())?;
     f.sync_all()?;
-    fs::rename(&tmp, path)?;
-    wal::sync_dir(dir)
+    disk.rename(&tmp, path)?;
+    disk.sync_dir(dir)
 }
 
 /// Names `manifest`'s generation as current.
 pub fn write_current(data_dir: &Path, manifest: &Manifest) -> io::Result<()> {
-    write_atomic(&data_dir.join(CURRENT), &manifest.encode())
+    write_current_on(&OsDisk, data_dir, manifest)
+}
+
+/// [`write_current`] on `disk`.
+pub fn write_current_on<D: Disk>(disk: &D, data_dir: &Path, manifest: &Manifest) -> io::Result<()> {
+    write_atomic_on(disk, &data_dir.join(CURRENT), &manifest.encode())
 }
 
 /// Writes a generation's `MANIFEST`: it is complete from then on.
 pub fn write_manifest(data_dir: &Path, manifest: &Manifest) -> io::Result<()> {
-    write_atomic(
+    write_manifest_on(&OsDisk, data_dir, manifest)
+}
+
+/// [`write_manifest`] on `disk`.
+pub fn write_manifest_on<D: Disk>(
+    disk: &D,
+    data_dir: &Path,
+    manifest: &Manifest,
+) -> io::Result<()> {
+    write_atomic_on(
+        disk,
         &gen_dir(data_dir, manifest.generation).join(MANIFEST),
         &manifest.encode(),
     )
@@ -465,6 +493,9 @@ pub fn write_manifest(data_dir: &Path, manifest: &Manifest) -> io::Result<()> {
 
 /// The exclusive hold of one engine on its data directory (`flock` on `LOCK`), released when
 /// dropped or when the process dies.
+///
+/// On real files only: it guards against a second engine process, which a simulation on
+/// [`crate::disk::SimDisk`] (one process) does not have, so the simulator skips it.
 #[derive(Debug)]
 pub struct DataDirLock {
     _file: File,

@@ -23,6 +23,7 @@ pub mod config;
 pub mod counters;
 pub mod datadir;
 pub mod delivery;
+pub mod disk;
 pub mod engine;
 pub mod ids;
 pub mod limiter;

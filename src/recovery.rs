@@ -33,12 +33,12 @@
 //! `gen-N.salvaged`, for whoever wants to look at it.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::datadir::{self, Found, Manifest};
-use crate::store::{self, LogOptions, Notify, Resume, Spill, Store};
+use crate::disk::{Disk, Open, OsDisk};
+use crate::store::{self, Flusher, LogOptions, Notify, Resume, Spill, Store};
 use crate::wal::{self, PeerKey, Record, SegmentEnd, SegmentReader, WalError};
 
 /// How this run's logs are kept.
@@ -115,7 +115,8 @@ fn raise(marks: &mut HashMap<(PeerKey, u8), u64>, peer: PeerKey, lane: u8, seq: 
 /// skipped to the next intact batch and written down). Returns the segment it says the log
 /// continues in (its ROLLED record), and its SEGMENT_START, if any.
 #[allow(clippy::too_many_arguments)]
-fn scan_segment(
+fn scan_segment<D: Disk>(
+    disk: &D,
     path: &Path,
     number: u64,
     newest: bool,
@@ -124,7 +125,7 @@ fn scan_segment(
     losses: &mut Losses,
     dropped: &mut BTreeSet<u64>,
 ) -> Result<(Option<u64>, Option<Record>), WalError> {
-    let mut reader = match SegmentReader::open(path, 0) {
+    let mut reader = match SegmentReader::open_on(disk, path, 0) {
         Ok(r) => r,
         Err(e @ WalError::BadHeader { .. }) if mode == Mode::Salvage => {
             losses.push(format!("{e}: the whole segment is skipped"));
@@ -180,7 +181,7 @@ fn scan_segment(
             Some(SegmentEnd::Damaged { offset, why }) => {
                 readable.push((from, offset));
                 let later = if version >= 2 {
-                    wal::commits_after(path, offset + 1).map_err(io_err(path))?
+                    wal::commits_after_on(disk, path, offset + 1).map_err(io_err(path))?
                 } else {
                     Vec::new()
                 };
@@ -203,12 +204,12 @@ fn scan_segment(
                 }
                 // Skip only the damaged record when its length still leads to an intact one;
                 // else skip to the next intact batch.
-                let resume = match skip_one_record(path, offset, len)? {
+                let resume = match skip_one_record(disk, path, offset, len)? {
                     Some(after) => Some(after),
                     None => next_batch.map(|(_, end, _)| end),
                 };
                 let next_seq = match resume {
-                    Some(at) => first_seq_from(path, at)?,
+                    Some(at) => first_seq_from(disk, path, at)?,
                     None => None,
                 };
                 let lost = match (seq_cursor, next_seq, resume) {
@@ -234,7 +235,7 @@ fn scan_segment(
                         if let Some(n) = next_seq {
                             seq_cursor = Some(n);
                         }
-                        reader = SegmentReader::open(path, at)?;
+                        reader = SegmentReader::open_on(disk, path, at)?;
                         from = at;
                     }
                     None => break,
@@ -272,10 +273,15 @@ fn refuse_or_note(
 
 /// Where the record after a damaged one at `offset` starts, if the damaged record's length field
 /// leads to an intact record (or to the end of the file).
-fn skip_one_record(path: &Path, offset: u64, len: u64) -> Result<Option<u64>, WalError> {
+fn skip_one_record<D: Disk>(
+    disk: &D,
+    path: &Path,
+    offset: u64,
+    len: u64,
+) -> Result<Option<u64>, WalError> {
     use std::io::{Read, Seek, SeekFrom};
     let mut prefix = [0u8; 4];
-    let read = fs::File::open(path).and_then(|mut f| {
+    let read = disk.open(path, Open::Read).and_then(|mut f| {
         f.seek(SeekFrom::Start(offset))?;
         f.read_exact(&mut prefix)
     });
@@ -286,7 +292,7 @@ fn skip_one_record(path: &Path, offset: u64, len: u64) -> Result<Option<u64>, Wa
     if after >= len {
         return Ok(None);
     }
-    let mut reader = SegmentReader::open(path, after)?;
+    let mut reader = SegmentReader::open_on(disk, path, after)?;
     Ok(match reader.next_record() {
         Ok(Some(_)) => Some(after),
         _ => None,
@@ -295,8 +301,8 @@ fn skip_one_record(path: &Path, offset: u64, len: u64) -> Result<Option<u64>, Wa
 
 /// The seq the first ENQUEUE from `at` on has (or the next seq a COMMIT names, if one comes
 /// first): what a salvage that resumes at `at` lost up to.
-fn first_seq_from(path: &Path, at: u64) -> Result<Option<u64>, WalError> {
-    let mut reader = SegmentReader::open(path, at)?;
+fn first_seq_from<D: Disk>(disk: &D, path: &Path, at: u64) -> Result<Option<u64>, WalError> {
+    let mut reader = SegmentReader::open_on(disk, path, at)?;
     while let Some((_, record)) = reader.next_record()? {
         match record {
             Record::Enqueue { seq, .. } => return Ok(Some(seq)),
@@ -308,7 +314,12 @@ fn first_seq_from(path: &Path, at: u64) -> Result<Option<u64>, WalError> {
 }
 
 /// Reads and checks one worker's log (see the module documentation).
-fn scan_worker(dir: &Path, mode: Mode, losses: &mut Losses) -> Result<WorkerScan, WalError> {
+fn scan_worker<D: Disk>(
+    disk: &D,
+    dir: &Path,
+    mode: Mode,
+    losses: &mut Losses,
+) -> Result<WorkerScan, WalError> {
     let mut scan = WorkerScan {
         next_seq: 1,
         ..WorkerScan::default()
@@ -317,7 +328,7 @@ fn scan_worker(dir: &Path, mode: Mode, losses: &mut Losses) -> Result<WorkerScan
         path: path.to_owned(),
         why,
     };
-    if !dir.is_dir() {
+    if !disk.is_dir(dir) {
         let e = missing(
             dir,
             "the generation's MANIFEST counts this worker, but its log directory is missing".into(),
@@ -325,7 +336,7 @@ fn scan_worker(dir: &Path, mode: Mode, losses: &mut Losses) -> Result<WorkerScan
         refuse_or_note(mode, e, "every frame of this log is lost", losses)?;
         return Ok(scan);
     }
-    let mut numbers = wal::list_segments(dir).map_err(io_err(dir))?;
+    let mut numbers = wal::list_segments_on(disk, dir).map_err(io_err(dir))?;
     let Some(&newest) = numbers.last() else {
         let e = missing(
             dir,
@@ -338,7 +349,7 @@ fn scan_worker(dir: &Path, mode: Mode, losses: &mut Losses) -> Result<WorkerScan
     let mut dropped = BTreeSet::new();
     // The newest segment first: it says which others must exist.
     let path = wal::segment_path(dir, newest);
-    let mut first = SegmentReader::open(&path, 0);
+    let mut first = SegmentReader::open_on(disk, &path, 0);
     let v2 = match &first {
         Ok(r) => r.version() >= 2,
         Err(_) => true,
@@ -355,6 +366,7 @@ fn scan_worker(dir: &Path, mode: Mode, losses: &mut Losses) -> Result<WorkerScan
             let mut probe = WorkerScan::default();
             let mut probe_losses = Vec::new();
             let (rolled, _) = scan_segment(
+                disk,
                 &wal::segment_path(dir, previous),
                 previous,
                 true,
@@ -371,7 +383,16 @@ fn scan_worker(dir: &Path, mode: Mode, losses: &mut Losses) -> Result<WorkerScan
         }
     }
     let path = wal::segment_path(dir, newest);
-    let (rolled, start) = scan_segment(&path, newest, true, mode, &mut scan, losses, &mut dropped)?;
+    let (rolled, start) = scan_segment(
+        disk,
+        &path,
+        newest,
+        true,
+        mode,
+        &mut scan,
+        losses,
+        &mut dropped,
+    )?;
     if let Some(next) = rolled {
         let e = missing(
             &wal::segment_path(dir, next),
@@ -412,6 +433,7 @@ fn scan_worker(dir: &Path, mode: Mode, losses: &mut Losses) -> Result<WorkerScan
         let path = wal::segment_path(dir, *seg);
         if expected.contains(seg) {
             scan_segment(
+                disk,
                 &path,
                 *seg,
                 false,
@@ -429,14 +451,15 @@ fn scan_worker(dir: &Path, mode: Mode, losses: &mut Losses) -> Result<WorkerScan
 }
 
 /// Every frame of a scanned log not yet acknowledged, in log order: (segment, offset, record).
-fn live_frames(
+fn live_frames<D: Disk>(
+    disk: &D,
     scan: &WorkerScan,
     lane_of: impl Fn(u8) -> u8,
     mut each: impl FnMut(u64, u64, Record) -> Result<(), WalError>,
 ) -> Result<(), WalError> {
     for segment in &scan.segments {
         for &(from, to) in &segment.readable {
-            let mut reader = SegmentReader::open(&segment.path, from)?;
+            let mut reader = SegmentReader::open_on(disk, &segment.path, from)?;
             while let Some((at, record)) = reader.next_record()? {
                 if at >= to {
                     break;
@@ -462,15 +485,15 @@ fn live_frames(
 }
 
 /// Cuts a torn tail and deletes the segments not needed.
-fn tidy(scan: &WorkerScan, report: &mut RecoveryReport) -> Result<(), WalError> {
+fn tidy<D: Disk>(disk: &D, scan: &WorkerScan, report: &mut RecoveryReport) -> Result<(), WalError> {
     if let Some((path, offset)) = &scan.torn {
         tracing::warn!(file = %path.display(), offset, "cutting off a torn WAL tail: the last batch was not completely written before the crash");
-        wal::truncate_torn_tail(path, *offset).map_err(io_err(path))?;
+        wal::truncate_torn_tail_on(disk, path, *offset).map_err(io_err(path))?;
         report.torn_tails.push((path.clone(), *offset));
     }
     for path in &scan.leftovers {
         tracing::info!(file = %path.display(), "deleting a WAL segment with nothing live left over from before the crash");
-        match fs::remove_file(path) {
+        match disk.remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(path)(e)),
@@ -491,24 +514,44 @@ pub fn recover(
     settings: LogSettings,
     owner: impl Fn(PeerKey) -> Option<usize>,
     mut notify: impl FnMut(usize) -> Notify,
-    mut orphan: impl FnMut(&Record),
+    orphan: impl FnMut(&Record),
 ) -> Result<(Vec<Store>, RecoveryReport), WalError> {
-    fs::create_dir_all(data_dir).map_err(io_err(data_dir))?;
-    let found = datadir::resolve(data_dir)?;
+    recover_on(
+        &OsDisk,
+        data_dir,
+        settings,
+        owner,
+        |w| Flusher::Thread(notify(w)),
+        orphan,
+    )
+}
+
+/// [`recover`] on `disk`, with `flusher` giving each worker's store its flusher (a thread with
+/// its callback, or [`Flusher::Manual`]).
+pub fn recover_on<D: Disk>(
+    disk: &D,
+    data_dir: &Path,
+    settings: LogSettings,
+    owner: impl Fn(PeerKey) -> Option<usize>,
+    mut flusher: impl FnMut(usize) -> Flusher,
+    mut orphan: impl FnMut(&Record),
+) -> Result<(Vec<Store<D>>, RecoveryReport), WalError> {
+    disk.create_dir_all(data_dir).map_err(io_err(data_dir))?;
+    let found = datadir::resolve_on(disk, data_dir)?;
     let mut report = RecoveryReport::default();
     let (manifest, legacy, rewrite_current, stale) = match found {
         Found::Fresh { leftovers } => {
             for dir in &leftovers {
                 tracing::warn!(dir = %dir.display(), "deleting a generation left by a first start that stopped before it was complete (it never held a frame)");
-                fs::remove_dir_all(dir).map_err(io_err(dir))?;
+                disk.remove_dir_all(dir).map_err(io_err(dir))?;
             }
             let manifest = Manifest {
                 generation: 1,
                 workers: settings.workers,
                 fifo: settings.fifo,
             };
-            let stores = new_generation(data_dir, &manifest, settings, &mut notify)?;
-            finish_generation(data_dir, &manifest)?;
+            let stores = new_generation(disk, data_dir, &manifest, settings, &mut flusher)?;
+            finish_generation(disk, data_dir, &manifest)?;
             report.generation = 1;
             return Ok((stores, report));
         }
@@ -531,6 +574,7 @@ pub fn recover(
     let mut scans = Vec::with_capacity(manifest.workers);
     for w in 0..manifest.workers {
         scans.push(scan_worker(
+            disk,
             &datadir::worker_dir(&gen, w),
             Mode::Strict,
             &mut losses,
@@ -539,23 +583,24 @@ pub fn recover(
     // The state is known and intact: what is not part of it can go.
     for dir in &stale {
         tracing::warn!(dir = %dir.display(), "deleting a generation that is not the current one (left by a crash during recovery, or superseded)");
-        fs::remove_dir_all(dir).map_err(io_err(dir))?;
+        disk.remove_dir_all(dir).map_err(io_err(dir))?;
     }
     if rewrite_current {
-        datadir::write_current(data_dir, &manifest).map_err(io_err(data_dir))?;
+        datadir::write_current_on(disk, data_dir, &manifest).map_err(io_err(data_dir))?;
     }
     for scan in &scans {
-        tidy(scan, &mut report)?;
+        tidy(disk, scan, &mut report)?;
     }
     let same_layout =
         !legacy && manifest.workers == settings.workers && manifest.fifo == settings.fifo;
     if same_layout {
         if let Some(stores) = resume_in_place(
+            disk,
             &gen,
             &scans,
             settings,
             &owner,
-            &mut notify,
+            &mut flusher,
             &mut orphan,
             &mut report,
         )? {
@@ -578,12 +623,13 @@ pub fn recover(
     };
     tracing::info!("recovering into a new generation: {why}");
     let stores = copy_into_new_generation(
+        disk,
         data_dir,
         &manifest,
         &scans,
         settings,
         &owner,
-        &mut notify,
+        &mut flusher,
         &mut orphan,
         &mut report,
     )
@@ -598,22 +644,24 @@ pub fn recover(
         e => e,
     })?;
     let old = datadir::gen_dir(data_dir, manifest.generation);
-    if let Err(e) = fs::remove_dir_all(&old) {
+    if let Err(e) = disk.remove_dir_all(&old) {
         tracing::warn!(dir = %old.display(), error = %e, "cannot delete the previous WAL generation");
     }
     Ok((stores, report))
 }
 
 /// Takes each worker's log over where it is. `None` if a receiver moved to another worker.
-fn resume_in_place(
+#[allow(clippy::too_many_arguments)]
+fn resume_in_place<D: Disk>(
+    disk: &D,
     gen: &Path,
     scans: &[WorkerScan],
     settings: LogSettings,
     owner: &impl Fn(PeerKey) -> Option<usize>,
-    notify: &mut impl FnMut(usize) -> Notify,
+    flusher: &mut impl FnMut(usize) -> Flusher,
     orphan: &mut impl FnMut(&Record),
     report: &mut RecoveryReport,
-) -> Result<Option<Vec<Store>>, WalError> {
+) -> Result<Option<Vec<Store<D>>>, WalError> {
     let lane_of = store::lane_of(settings.fifo);
     let mut resumes = Vec::with_capacity(scans.len());
     let mut orphans: Vec<Vec<(PeerKey, u8, u64, Record)>> = Vec::with_capacity(scans.len());
@@ -632,7 +680,7 @@ fn resume_in_place(
         }
         let mut gone = Vec::new();
         let mut moved = false;
-        live_frames(scan, lane_of, |segment, offset, record| {
+        live_frames(disk, scan, lane_of, |segment, offset, record| {
             let Record::Enqueue {
                 peer, level, seq, ..
             } = &record
@@ -660,8 +708,8 @@ fn resume_in_place(
     for (w, (resume, gone)) in resumes.into_iter().zip(orphans).enumerate() {
         report.frames_recovered += resume.spills.values().map(|s| s.count).sum::<u64>();
         let dir = datadir::worker_dir(gen, w);
-        let mut store =
-            Store::resume(&dir, settings.log, notify(w), resume).map_err(io_err(&dir))?;
+        let mut store = Store::resume(disk.clone(), &dir, settings.log, flusher(w), resume)
+            .map_err(io_err(&dir))?;
         for (peer, lane, seq, record) in gone {
             orphan(&record);
             report.frames_orphaned += 1;
@@ -676,51 +724,59 @@ fn resume_in_place(
     Ok(Some(stores))
 }
 
-fn new_generation(
+fn new_generation<D: Disk>(
+    disk: &D,
     data_dir: &Path,
     manifest: &Manifest,
     settings: LogSettings,
-    notify: &mut impl FnMut(usize) -> Notify,
-) -> Result<Vec<Store>, WalError> {
+    flusher: &mut impl FnMut(usize) -> Flusher,
+) -> Result<Vec<Store<D>>, WalError> {
     let gen = datadir::gen_dir(data_dir, manifest.generation);
-    if gen.exists() {
+    if disk.exists(&gen) {
         // A half-made generation (no MANIFEST) from a crash during an earlier recovery.
-        fs::remove_dir_all(&gen).map_err(io_err(&gen))?;
+        disk.remove_dir_all(&gen).map_err(io_err(&gen))?;
     }
     let mut stores = Vec::with_capacity(settings.workers);
     for w in 0..settings.workers {
         let dir = datadir::worker_dir(&gen, w);
-        stores.push(Store::create(&dir, settings.log, notify(w)).map_err(io_err(&dir))?);
+        stores.push(
+            Store::create_on(disk.clone(), &dir, settings.log, flusher(w)).map_err(io_err(&dir))?,
+        );
     }
     Ok(stores)
 }
 
 /// Makes a new generation complete (its MANIFEST) and current (`CURRENT`).
-fn finish_generation(data_dir: &Path, manifest: &Manifest) -> Result<(), WalError> {
+fn finish_generation<D: Disk>(
+    disk: &D,
+    data_dir: &Path,
+    manifest: &Manifest,
+) -> Result<(), WalError> {
     let gen = datadir::gen_dir(data_dir, manifest.generation);
-    wal::sync_dir(&gen).map_err(io_err(&gen))?;
-    datadir::write_manifest(data_dir, manifest).map_err(io_err(&gen))?;
-    datadir::write_current(data_dir, manifest).map_err(io_err(data_dir))
+    disk.sync_dir(&gen).map_err(io_err(&gen))?;
+    datadir::write_manifest_on(disk, data_dir, manifest).map_err(io_err(&gen))?;
+    datadir::write_current_on(disk, data_dir, manifest).map_err(io_err(data_dir))
 }
 
 /// Copies every frame not yet acknowledged from `scans` into a new generation, in order.
 #[allow(clippy::too_many_arguments)]
-fn copy_into_new_generation(
+fn copy_into_new_generation<D: Disk>(
+    disk: &D,
     data_dir: &Path,
     old: &Manifest,
     scans: &[WorkerScan],
     settings: LogSettings,
     owner: &impl Fn(PeerKey) -> Option<usize>,
-    notify: &mut impl FnMut(usize) -> Notify,
+    flusher: &mut impl FnMut(usize) -> Flusher,
     orphan: &mut impl FnMut(&Record),
     report: &mut RecoveryReport,
-) -> Result<Vec<Store>, WalError> {
+) -> Result<Vec<Store<D>>, WalError> {
     let manifest = Manifest {
         generation: old.generation + 1,
         workers: settings.workers,
         fifo: settings.fifo,
     };
-    let mut stores = new_generation(data_dir, &manifest, settings, notify)?;
+    let mut stores = new_generation(disk, data_dir, &manifest, settings, flusher)?;
     // The backlog may have been acknowledged as durable: every segment of the copy is synced
     // before the generation is named, whatever this run's durability.
     for store in &mut stores {
@@ -729,7 +785,7 @@ fn copy_into_new_generation(
     let old_lane = store::lane_of(old.fifo);
     let new_lane = store::lane_of(settings.fifo);
     for scan in scans {
-        live_frames(scan, old_lane, |_, _, record| {
+        live_frames(disk, scan, old_lane, |_, _, record| {
             let Record::Enqueue {
                 peer,
                 level,
@@ -763,7 +819,7 @@ fn copy_into_new_generation(
         store.sync().map_err(io_err(&dir))?;
         store.set_sync_rolls(false);
     }
-    finish_generation(data_dir, &manifest)?;
+    finish_generation(disk, data_dir, &manifest)?;
     report.generation = manifest.generation;
     Ok(stores)
 }
@@ -786,13 +842,18 @@ pub struct CheckReport {
 /// Reads and checks the data directory as a start would, and changes nothing: `dsplane
 /// recover` without `--salvage`. The same refusals as [`recover`].
 pub fn check(data_dir: &Path) -> Result<CheckReport, WalError> {
+    check_on(&OsDisk, data_dir)
+}
+
+/// [`check`] on `disk`.
+pub fn check_on<D: Disk>(disk: &D, data_dir: &Path) -> Result<CheckReport, WalError> {
     let mut out = CheckReport::default();
     let Found::Generation {
         manifest,
         notes,
         legacy,
         ..
-    } = datadir::resolve(data_dir)?
+    } = datadir::resolve_on(disk, data_dir)?
     else {
         return Ok(out);
     };
@@ -803,9 +864,14 @@ pub fn check(data_dir: &Path) -> Result<CheckReport, WalError> {
     let lane_of = store::lane_of(manifest.fifo && !legacy);
     let mut losses = Vec::new();
     for w in 0..manifest.workers {
-        let scan = scan_worker(&datadir::worker_dir(&gen, w), Mode::Strict, &mut losses)?;
+        let scan = scan_worker(
+            disk,
+            &datadir::worker_dir(&gen, w),
+            Mode::Strict,
+            &mut losses,
+        )?;
         out.torn_tails.extend(scan.torn.clone());
-        live_frames(&scan, lane_of, |_, _, _| {
+        live_frames(disk, &scan, lane_of, |_, _, _| {
             out.frames_waiting += 1;
             Ok(())
         })?;
@@ -839,16 +905,36 @@ pub fn salvage(
     data_dir: &Path,
     settings: LogSettings,
     owner: impl Fn(PeerKey) -> Option<usize>,
+    orphan: impl FnMut(&Record),
+) -> Result<SalvageReport, WalError> {
+    salvage_on(
+        &OsDisk,
+        data_dir,
+        settings,
+        owner,
+        |_| Flusher::Thread(Box::new(|| {})),
+        orphan,
+    )
+}
+
+/// [`salvage`] on `disk`, with `flusher` giving each new store its flusher (see
+/// [`recover_on`]).
+pub fn salvage_on<D: Disk>(
+    disk: &D,
+    data_dir: &Path,
+    settings: LogSettings,
+    owner: impl Fn(PeerKey) -> Option<usize>,
+    mut flusher: impl FnMut(usize) -> Flusher,
     mut orphan: impl FnMut(&Record),
 ) -> Result<SalvageReport, WalError> {
     let mut out = SalvageReport::default();
-    let found = match datadir::resolve(data_dir) {
+    let found = match datadir::resolve_on(disk, data_dir) {
         Ok(found) => found,
         Err(e) => {
             out.losses.push(format!(
                 "the current generation could not be determined: {e}"
             ));
-            fallback_generation(data_dir)?
+            fallback_generation(disk, data_dir)?
         }
     };
     let mut report = RecoveryReport::default();
@@ -873,6 +959,7 @@ pub fn salvage(
         let gen = datadir::gen_dir(data_dir, manifest.generation);
         for w in 0..manifest.workers {
             scans.push(scan_worker(
+                disk,
                 &datadir::worker_dir(&gen, w),
                 Mode::Salvage,
                 &mut out.losses,
@@ -880,18 +967,19 @@ pub fn salvage(
         }
     }
     // Every generation directory, so the new one never collides with one kept aside.
-    let newest = datadir::list_generations(data_dir, true)?
+    let newest = datadir::list_generations(disk, data_dir, true)?
         .last()
         .copied()
         .unwrap_or(0);
     old.generation = old.generation.max(newest);
     let mut stores = copy_into_new_generation(
+        disk,
         data_dir,
         &old,
         &scans,
         settings,
         &owner,
-        &mut |_| Box::new(|| {}),
+        &mut flusher,
         &mut orphan,
         &mut report,
     )?;
@@ -908,13 +996,13 @@ pub fn salvage(
     if let Some(g) = out.from_generation {
         let from = datadir::gen_dir(data_dir, g);
         let kept = data_dir.join(format!("gen-{g}.salvaged-{unix}"));
-        if from.exists() {
-            fs::rename(&from, &kept).map_err(io_err(&from))?;
+        if disk.exists(&from) {
+            disk.rename(&from, &kept).map_err(io_err(&from))?;
             out.kept_as = Some(kept);
         }
     }
     for dir in stale {
-        let _ = fs::remove_dir_all(dir);
+        let _ = disk.remove_dir_all(&dir);
     }
     out.report_file = data_dir.join(format!("salvage-{unix}.txt"));
     let mut text = format!(
@@ -932,19 +1020,19 @@ pub fn salvage(
     for loss in &out.losses {
         text.push_str(&format!("- {loss}\n"));
     }
-    datadir::write_atomic(&out.report_file, &text).map_err(io_err(&out.report_file))?;
+    datadir::write_atomic_on(disk, &out.report_file, &text).map_err(io_err(&out.report_file))?;
     Ok(out)
 }
 
 /// When even the current generation cannot be determined: the newest generation directory,
 /// with as many workers as it has worker directories.
-fn fallback_generation(data_dir: &Path) -> Result<Found, WalError> {
-    let Some(&g) = datadir::list_generations(data_dir, false)?.last() else {
+fn fallback_generation<D: Disk>(disk: &D, data_dir: &Path) -> Result<Found, WalError> {
+    let Some(&g) = datadir::list_generations(disk, data_dir, false)?.last() else {
         return Ok(Found::Fresh {
             leftovers: Vec::new(),
         });
     };
-    let workers = datadir::worker_dirs_in(&datadir::gen_dir(data_dir, g))?;
+    let workers = datadir::worker_dirs_in(disk, &datadir::gen_dir(data_dir, g))?;
     Ok(Found::Generation {
         manifest: Manifest {
             generation: g,
@@ -974,6 +1062,7 @@ mod tests {
     use crate::ids::Eui64;
     use crate::wire::{Frame, Header, Kind};
     use bytes::Bytes;
+    use std::fs;
     use std::time::Duration;
 
     fn temp_dir(name: &str) -> PathBuf {

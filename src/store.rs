@@ -36,16 +36,23 @@
 //! Appends go to a buffer; [`Store::write_out`] writes it to the segment once per worker turn.
 //! A flusher thread calls `fdatasync` (every `flush_interval` with `batch`, at once with `sync`)
 //! and publishes the position it made durable; the worker sends the ACKs of frames up to it.
+//! With [`Flusher::Manual`] there is no thread and the caller runs each group commit with
+//! [`Store::flush`] (a simulator, which decides when time passes).
+//!
+//! # The disk
+//!
+//! A store writes through a [`Disk`] ([`OsDisk`], real files, unless told otherwise), so that a
+//! simulator can run it on [`crate::disk::SimDisk`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use crate::config::Durability;
+use crate::disk::{Disk, DiskFile, Open, OsDisk};
 use crate::wal::{self, PeerKey, Record, SegmentReader, WalError, SEGMENT_HEADER_LEN};
 use crate::wire::Frame;
 
@@ -138,11 +145,11 @@ pub(crate) struct Resume {
     pub next_seq: u64,
 }
 
-/// Publishes durable positions from the flusher thread to the worker.
+/// Publishes durable positions from the flusher (a thread, or [`Store::flush`]) to the worker.
 #[derive(Debug)]
-struct FlushShared {
+struct FlushShared<F> {
     /// The segment being written, for `fdatasync`.
-    file: Mutex<Arc<File>>,
+    file: Mutex<Arc<F>>,
     /// Highest position written out and waiting to be made durable.
     requested: AtomicU64,
     /// Highest position made durable.
@@ -156,6 +163,26 @@ struct FlushShared {
 
 /// Something to call when the flusher has made more durable (the worker's `mio::Waker`).
 pub type Notify = Box<dyn Fn() + Send>;
+
+/// Who makes written records durable, with durability `batch` or `sync`.
+pub enum Flusher {
+    /// A flusher thread: `fdatasync` every `flush_interval` (at once with `sync`) while there
+    /// is something to sync, then `notify`. What the engine uses.
+    Thread(Notify),
+    /// No thread: the caller calls [`Store::flush`] when it chooses (a deterministic
+    /// simulator). [`Store::durable_pos`] and [`Store::flush_failed`] mean the same as with a
+    /// thread.
+    Manual,
+}
+
+impl std::fmt::Debug for Flusher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Flusher::Thread(_) => "Flusher::Thread",
+            Flusher::Manual => "Flusher::Manual",
+        })
+    }
+}
 
 /// How a log is written.
 #[derive(Debug, Clone, Copy)]
@@ -177,13 +204,14 @@ struct Uncommitted {
     spill: bool,
 }
 
-/// One worker's store. See the module documentation.
-pub struct Store {
+/// One worker's store, on real files unless `D` says otherwise. See the module documentation.
+pub struct Store<D: Disk = OsDisk> {
+    disk: D,
     dir: PathBuf,
     options: LogOptions,
     segment: u64,
     offset: u64,
-    file: Arc<File>,
+    file: Arc<D::File>,
     buf: Vec<u8>,
     next_seq: u64,
     /// Live frames per segment; a segment is in here until its file is deleted.
@@ -193,7 +221,7 @@ pub struct Store {
     dropping: BTreeMap<u64, Option<LogPos>>,
     watermarks: HashMap<(PeerKey, u8), u64>,
     spills: HashMap<(PeerKey, u8), Spill>,
-    flush: Arc<FlushShared>,
+    flush: Arc<FlushShared<D::File>>,
     flusher: Option<std::thread::JoinHandle<()>>,
     uncommitted: Vec<Uncommitted>,
     /// The seq of the first append since the last successful write (seqs stay gapless).
@@ -219,7 +247,7 @@ pub struct Store {
     pub stats: StoreStats,
 }
 
-impl std::fmt::Debug for Store {
+impl<D: Disk> std::fmt::Debug for Store<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
             .field("dir", &self.dir)
@@ -275,19 +303,31 @@ fn segment_start(
 
 impl Store {
     /// Starts a new, empty log in `dir` (which must hold no segments): segment 1, durable
-    /// before this returns, and its flusher.
+    /// before this returns, and its flusher thread.
     pub fn create(dir: &Path, options: LogOptions, notify: Notify) -> io::Result<Store> {
-        fs::create_dir_all(dir)?;
-        if !wal::list_segments(dir)?.is_empty() {
+        Store::create_on(OsDisk, dir, options, Flusher::Thread(notify))
+    }
+}
+
+impl<D: Disk> Store<D> {
+    /// [`Store::create`] on `disk`, with `flusher` making it durable.
+    pub fn create_on(
+        disk: D,
+        dir: &Path,
+        options: LogOptions,
+        flusher: Flusher,
+    ) -> io::Result<Store<D>> {
+        disk.create_dir_all(dir)?;
+        if !wal::list_segments_on(&disk, dir)?.is_empty() {
             return Err(io::Error::other(format!(
                 "{}: a new log cannot start where segments exist",
                 dir.display()
             )));
         }
         let first = segment_start(1, Vec::new(), &HashMap::new(), 0);
-        let file = wal::create_segment(dir, 1, &first)?;
+        let file = wal::create_segment_on(&disk, dir, 1, &first)?;
         file.sync_all()?;
-        wal::sync_dir(dir)?;
+        disk.sync_dir(dir)?;
         let mut live = BTreeMap::new();
         live.insert(1, 0);
         let resume = Resume {
@@ -297,31 +337,33 @@ impl Store {
             ..Resume::default()
         };
         let offset = SEGMENT_HEADER_LEN + first.len() as u64;
-        Store::start(dir, options, notify, file, offset, resume)
+        Store::start(disk, dir, options, flusher, file, offset, resume)
     }
 
     /// Goes on writing an existing log whose state recovery rebuilt, from the end of its newest
     /// segment.
     pub(crate) fn resume(
+        disk: D,
         dir: &Path,
         options: LogOptions,
-        notify: Notify,
+        flusher: Flusher,
         resume: Resume,
-    ) -> io::Result<Store> {
+    ) -> io::Result<Store<D>> {
         let path = wal::segment_path(dir, resume.segment);
-        let file = fs::OpenOptions::new().read(true).append(true).open(&path)?;
-        let offset = file.metadata()?.len();
-        Store::start(dir, options, notify, file, offset, resume)
+        let file = disk.open(&path, Open::Append)?;
+        let offset = file.size()?;
+        Store::start(disk, dir, options, flusher, file, offset, resume)
     }
 
     fn start(
+        disk: D,
         dir: &Path,
         options: LogOptions,
-        notify: Notify,
-        file: File,
+        flusher: Flusher,
+        file: D::File,
         offset: u64,
         resume: Resume,
-    ) -> io::Result<Store> {
+    ) -> io::Result<Store<D>> {
         let file = Arc::new(file);
         let flush = Arc::new(FlushShared {
             file: Mutex::new(Arc::clone(&file)),
@@ -332,23 +374,26 @@ impl Store {
             stop: AtomicBool::new(false),
             failed: AtomicBool::new(false),
         });
-        let flusher = if options.durability == Durability::None {
-            None
-        } else {
-            let shared = Arc::clone(&flush);
-            let interval = match options.durability {
-                Durability::Sync => Duration::ZERO,
-                _ => options.flush_interval,
-            };
-            Some(
-                std::thread::Builder::new()
-                    .name("dsplane-flusher".into())
-                    .spawn(move || run_flusher(&shared, interval, &notify))?,
-            )
+        let flusher = match flusher {
+            Flusher::Thread(notify) if options.durability != Durability::None => {
+                let shared = Arc::clone(&flush);
+                let interval = match options.durability {
+                    Durability::Sync => Duration::ZERO,
+                    _ => options.flush_interval,
+                };
+                Some(
+                    std::thread::Builder::new()
+                        .name("dsplane-flusher".into())
+                        .spawn(move || run_flusher(&shared, interval, &notify))?,
+                )
+            }
+            _ => None,
         };
-        let reserve_present =
-            fs::metadata(dir.join(RESERVE_FILE)).is_ok_and(|m| m.len() >= options.reserve_bytes);
+        let reserve_present = disk
+            .file_len(&dir.join(RESERVE_FILE))
+            .is_ok_and(|len| len >= options.reserve_bytes);
         let mut store = Store {
+            disk,
             dir: dir.to_owned(),
             options,
             segment: resume.segment,
@@ -501,7 +546,7 @@ impl Store {
                 next_seq: self.next_seq,
             }
             .encode(&mut self.buf);
-            if let Err(e) = (&*self.file).write_all(&self.buf) {
+            if let Err(e) = self.file.append_all(&self.buf) {
                 self.undo_batch();
                 // Everything here is acknowledged: roll, so the space comes back. Not again
                 // for a segment that holds nothing yet (a roll on every failed write would
@@ -627,22 +672,22 @@ impl Store {
             &self.watermarks,
             durable_through,
         );
-        let file = match wal::create_segment(&self.dir, next, &first) {
+        let file = match wal::create_segment_on(&self.disk, &self.dir, next, &first) {
             Err(e) if wal::is_no_space(&e) && self.give_up_reserve() => {
-                wal::create_segment(&self.dir, next, &first)
+                wal::create_segment_on(&self.disk, &self.dir, next, &first)
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 // Left by a roll that failed after creating it: it never held a frame (this
                 // log never switched to it), so it is made again.
-                fs::remove_file(wal::segment_path(&self.dir, next))?;
-                wal::create_segment(&self.dir, next, &first)
+                self.disk.remove_file(&wal::segment_path(&self.dir, next))?;
+                wal::create_segment_on(&self.disk, &self.dir, next, &first)
             }
             other => other,
         }?;
         if self.is_durable() {
             file.sync_data()?;
         }
-        wal::sync_dir(&self.dir)?;
+        self.disk.sync_dir(&self.dir)?;
         let mut tail = Vec::with_capacity(64);
         Record::Rolled { next }.encode(&mut tail);
         Record::Commit {
@@ -652,7 +697,7 @@ impl Store {
         .encode(&mut tail);
         // The old segment names its successor, so a deleted newest segment is noticed. If this
         // cannot be written (a full disk), the new segment exists anyway and nothing is lost.
-        if (&*self.file).write_all(&tail).is_err() {
+        if self.file.append_all(&tail).is_err() {
             let _ = self.file.set_len(self.offset);
         } else if self.is_durable() || self.sync_rolls {
             self.file.sync_data()?;
@@ -702,7 +747,7 @@ impl Store {
             .collect();
         let mut freed = false;
         for seg in ready {
-            match fs::remove_file(wal::segment_path(&self.dir, seg)) {
+            match self.disk.remove_file(&wal::segment_path(&self.dir, seg)) {
                 Ok(()) => {
                     self.stats.segments_deleted += 1;
                     freed = true;
@@ -731,15 +776,12 @@ impl Store {
         let result = (|| -> io::Result<()> {
             // An existing shorter reserve (a smaller configuration before) is extended, not
             // thrown away.
-            let mut f = fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)?;
+            let f = self.disk.open(&path, Open::AppendOrCreate)?;
             let zeros = vec![0u8; 64 << 10];
-            let mut left = bytes.saturating_sub(f.metadata()?.len());
+            let mut left = bytes.saturating_sub(f.size()?);
             while left > 0 {
                 let n = left.min(zeros.len() as u64) as usize;
-                f.write_all(zeros.get(..n).unwrap_or(&zeros))?;
+                f.append_all(zeros.get(..n).unwrap_or(&zeros))?;
                 left -= n as u64;
             }
             f.sync_all()
@@ -754,7 +796,7 @@ impl Store {
     fn give_up_reserve(&mut self) -> bool {
         self.reserve_present = false;
         // Whole or partly made, the file is room.
-        if fs::remove_file(self.dir.join(RESERVE_FILE)).is_err() {
+        if self.disk.remove_file(&self.dir.join(RESERVE_FILE)).is_err() {
             return false;
         }
         self.stats.reserve_used += 1;
@@ -779,7 +821,9 @@ impl Store {
                 if *seg == self.segment {
                     self.offset
                 } else {
-                    fs::metadata(wal::segment_path(&self.dir, *seg)).map_or(0, |m| m.len())
+                    self.disk
+                        .file_len(&wal::segment_path(&self.dir, *seg))
+                        .unwrap_or(0)
                 }
             })
             .sum()
@@ -793,7 +837,29 @@ impl Store {
     /// Makes everything written durable now (recovery, before the generation is named).
     pub fn sync(&self) -> io::Result<()> {
         self.file.sync_data()?;
-        wal::sync_dir(&self.dir)
+        self.disk.sync_dir(&self.dir)
+    }
+
+    /// One group commit now, what the flusher thread does once per interval: syncs what was
+    /// written out and advances [`Self::durable_pos`], or on an error sets
+    /// [`Self::flush_failed`]. For a store made with [`Flusher::Manual`], whose caller decides
+    /// when; harmless beside a thread. Returns the durable position. Like the thread, it does
+    /// nothing when nothing new was written, and after a failure it never syncs again (the
+    /// kernel may have dropped the pages: a later success would claim what it cannot give).
+    pub fn flush(&self) -> io::Result<LogPos> {
+        if !self.is_durable() {
+            return Ok(LogPos::MAX);
+        }
+        if self.flush_failed() {
+            return Err(io::Error::other(
+                "an earlier fdatasync failed: nothing more is made durable",
+            ));
+        }
+        if self.flush.requested.load(Ordering::Acquire) > self.flush.durable.load(Ordering::Acquire)
+        {
+            flush_once(&self.flush)?;
+        }
+        Ok(self.durable_pos())
     }
 
     /// Whether `fdatasync` has failed: nothing more can be ACKed as durable.
@@ -833,7 +899,7 @@ impl Store {
                 0
             };
             let path = wal::segment_path(&self.dir, seg);
-            let mut reader = SegmentReader::open(&path, start)?;
+            let mut reader = SegmentReader::open_on(&self.disk, &path, start)?;
             while let Some((at, record)) = reader.next_record()? {
                 spill.segment = seg;
                 spill.offset = at;
@@ -888,7 +954,7 @@ impl Store {
                 next_seq: self.next_seq,
             }
             .encode(&mut last);
-            if (&*self.file).write_all(&last).is_ok() {
+            if self.file.append_all(&last).is_ok() {
                 self.offset += last.len() as u64;
                 let _ = self.file.sync_data();
             } else {
@@ -906,13 +972,13 @@ impl Store {
     }
 }
 
-impl Drop for Store {
+impl<D: Disk> Drop for Store<D> {
     fn drop(&mut self) {
         self.close();
     }
 }
 
-fn run_flusher(shared: &FlushShared, interval: Duration, notify: &Notify) {
+fn run_flusher<F: DiskFile>(shared: &FlushShared<F>, interval: Duration, notify: &Notify) {
     let mut last_sync = std::time::Instant::now() - interval;
     loop {
         {
@@ -938,22 +1004,31 @@ fn run_flusher(shared: &FlushShared, interval: Duration, notify: &Notify) {
             std::thread::sleep(interval - since);
         }
         last_sync = std::time::Instant::now();
-        // Acquire pairs with the worker's Release `fetch_max` in `write_out`: the bytes up to
-        // `target` were written before it was published.
-        let target = shared.requested.load(Ordering::Acquire);
-        let file = Arc::clone(&shared.file.lock().unwrap_or_else(|p| p.into_inner()));
-        match file.sync_data() {
-            Ok(()) => {
-                // Release pairs with the worker's Acquire load in `durable_pos`.
-                shared.durable.fetch_max(target, Ordering::Release);
-                notify();
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "fdatasync failed: no more frames will be acknowledged");
-                shared.failed.store(true, Ordering::Release);
-                notify();
-                return;
-            }
+        let synced = flush_once(shared);
+        notify();
+        if synced.is_err() {
+            return;
+        }
+    }
+}
+
+/// One group commit: `fdatasync` of the segment being written, then the position it made
+/// durable is published; on an error, the log is failed for good (see `docs/durability.md`).
+fn flush_once<F: DiskFile>(shared: &FlushShared<F>) -> io::Result<()> {
+    // Acquire pairs with the worker's Release `fetch_max` in `write_out`: the bytes up to
+    // `target` were written before it was published.
+    let target = shared.requested.load(Ordering::Acquire);
+    let file = Arc::clone(&shared.file.lock().unwrap_or_else(|p| p.into_inner()));
+    match file.sync_data() {
+        Ok(()) => {
+            // Release pairs with the worker's Acquire load in `durable_pos`.
+            shared.durable.fetch_max(target, Ordering::Release);
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "fdatasync failed: no more frames will be acknowledged");
+            shared.failed.store(true, Ordering::Release);
+            Err(e)
         }
     }
 }

@@ -60,10 +60,11 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use crate::disk::{Disk, DiskFile, Open, OsDisk};
 use crate::ids::Eui64;
 use crate::wire::{Frame, Header, HEADER_LEN, PAYLOAD_BYTES_MAX_CEILING};
 
@@ -431,14 +432,18 @@ pub fn segment_path(dir: &Path, n: u64) -> PathBuf {
 
 /// The segment numbers in `dir`, ascending.
 pub fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
+    list_segments_on(&OsDisk, dir)
+}
+
+/// [`list_segments`] on `disk`.
+pub fn list_segments_on<D: Disk>(disk: &D, dir: &Path) -> io::Result<Vec<u64>> {
     let mut out = Vec::new();
-    let entries = match fs::read_dir(dir) {
+    let entries = match disk.read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
         Err(e) => return Err(e),
     };
-    for entry in entries {
-        let name = entry?.file_name();
+    for name in entries {
         let Some(name) = name.to_str() else { continue };
         if let Some(n) = name
             .strip_suffix(".wal")
@@ -454,19 +459,25 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
 /// Creates segment `n` in `dir` with its header and `first` (its SEGMENT_START record) in one
 /// write. If the write fails (a full disk), the file is removed again.
 pub fn create_segment(dir: &Path, n: u64, first: &[u8]) -> io::Result<File> {
+    create_segment_on(&OsDisk, dir, n, first)
+}
+
+/// [`create_segment`] on `disk`.
+pub fn create_segment_on<D: Disk>(
+    disk: &D,
+    dir: &Path,
+    n: u64,
+    first: &[u8],
+) -> io::Result<D::File> {
     let path = segment_path(dir, n);
-    let mut file = OpenOptions::new()
-        .create_new(true)
-        .read(true)
-        .append(true)
-        .open(&path)?;
+    let file = disk.open(&path, Open::CreateNew)?;
     let mut bytes = Vec::with_capacity(SEGMENT_HEADER_LEN as usize + first.len());
     bytes.extend_from_slice(SEGMENT_MAGIC);
     bytes.extend_from_slice(&n.to_le_bytes());
     bytes.extend_from_slice(first);
-    if let Err(e) = file.write_all(&bytes) {
+    if let Err(e) = file.append_all(&bytes) {
         drop(file);
-        let _ = fs::remove_file(&path);
+        let _ = disk.remove_file(&path);
         return Err(e);
     }
     Ok(file)
@@ -491,11 +502,11 @@ pub enum SegmentEnd {
     },
 }
 
-/// Reads one segment's records in order.
+/// Reads one segment's records in order (of a real file unless `F` says otherwise).
 #[derive(Debug)]
-pub struct SegmentReader {
+pub struct SegmentReader<F = File> {
     path: PathBuf,
-    reader: BufReader<File>,
+    reader: BufReader<F>,
     offset: u64,
     len: u64,
     body: Vec<u8>,
@@ -507,12 +518,23 @@ impl SegmentReader {
     /// Opens a segment and checks its header; reading starts at `offset` (at least the header's
     /// end).
     pub fn open(path: &Path, offset: u64) -> Result<SegmentReader, WalError> {
+        SegmentReader::open_on(&OsDisk, path, offset)
+    }
+}
+
+impl<F: DiskFile> SegmentReader<F> {
+    /// [`SegmentReader::open`] on `disk`.
+    pub fn open_on<D: Disk<File = F>>(
+        disk: &D,
+        path: &Path,
+        offset: u64,
+    ) -> Result<SegmentReader<F>, WalError> {
         let io_err = |source| WalError::Io {
             path: path.to_owned(),
             source,
         };
-        let file = File::open(path).map_err(io_err)?;
-        let len = file.metadata().map_err(io_err)?.len();
+        let file = disk.open(path, Open::Read).map_err(io_err)?;
+        let len = file.size().map_err(io_err)?;
         let mut reader = BufReader::with_capacity(256 * 1024, file);
         let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
         let bad = |why| {
@@ -658,7 +680,12 @@ pub struct FoundCommit {
 /// order. Found by their magic, so a damaged length field before them does not hide them.
 /// Reads the rest of the file: only for damaged logs.
 pub fn commits_after(path: &Path, from: u64) -> io::Result<Vec<FoundCommit>> {
-    let mut file = File::open(path)?;
+    commits_after_on(&OsDisk, path, from)
+}
+
+/// [`commits_after`] on `disk`.
+pub fn commits_after_on<D: Disk>(disk: &D, path: &Path, from: u64) -> io::Result<Vec<FoundCommit>> {
+    let mut file = disk.open(path, Open::Read)?;
     file.seek(SeekFrom::Start(from))?;
     let mut rest = Vec::new();
     file.read_to_end(&mut rest)?;
@@ -706,14 +733,19 @@ pub fn commits_after(path: &Path, from: u64) -> io::Result<Vec<FoundCommit>> {
 
 /// Cuts a segment at `offset` (a torn tail), making the cut durable.
 pub fn truncate_torn_tail(path: &Path, offset: u64) -> io::Result<()> {
-    let file = OpenOptions::new().write(true).open(path)?;
+    truncate_torn_tail_on(&OsDisk, path, offset)
+}
+
+/// [`truncate_torn_tail`] on `disk`.
+pub fn truncate_torn_tail_on<D: Disk>(disk: &D, path: &Path, offset: u64) -> io::Result<()> {
+    let file = disk.open(path, Open::Append)?;
     file.set_len(offset)?;
     file.sync_all()
 }
 
 /// Makes a directory's entries (created, renamed, deleted files) durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    OsDisk.sync_dir(dir)
 }
 
 #[cfg(test)]
@@ -721,6 +753,8 @@ mod tests {
     use super::*;
     use crate::wire::Kind;
     use bytes::Bytes;
+    use std::fs;
+    use std::io::Write;
 
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("dsplane-wal-{name}-{}", std::process::id()));
