@@ -57,7 +57,7 @@ pub trait Log {
     fn disk_bytes(&self) -> u64;
 }
 
-impl Log for Store {
+impl<D: crate::disk::Disk> Log for Store<D> {
     #[inline]
     fn append(
         &mut self,
