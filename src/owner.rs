@@ -146,8 +146,8 @@ pub struct Envelope {
 /// What became of a frame handed to [`Owner::take`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Taken {
-    /// Staged for the next [`Owner::commit`] (in memory, or in the SURB).
-    Staged,
+    /// Staged for the next [`Owner::commit`] (in memory, or in the SURB), at this level.
+    Staged(Level),
     /// A DEVICE_ALERT throttled by Alert Storm Protection: counted for its window's summary.
     Throttled,
     /// Refused: its receiver is not this owner's (its sender gets NACK 5).
@@ -853,7 +853,7 @@ impl<L: Log> Owner<L> {
             spill,
             ticket,
         });
-        Taken::Staged
+        Taken::Staged(level)
     }
 
     /// Alert Storm Protection's verdict on a DEVICE_ALERT for `su`; `true` when it is throttled

@@ -1,0 +1,1440 @@
+//! dsplane's deterministic simulator, in the way of TigerBeetle's VOPR and FoundationDB's
+//! simulation: the engine's real decision code (the owner with its classifier, delivery
+//! schedulers, Alert Storm Protection and Service Request throttle; the store, its WAL and
+//! recovery) runs against simulated time, a simulated network of peers and a simulated disk
+//! ([`dsplane::disk::SimDisk`]), all driven from one seed, while invariants are checked as it
+//! runs. Only the I/O is simulated: what the engine's worker does with sockets and rings, the
+//! [`World`] does with queues.
+//!
+//! A run is a function of its seed: the same seed replays the same run, event for event.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use dsplane::config::{Config, Durability};
+use dsplane::disk::{SimDisk, SimRng};
+use dsplane::ids::{Eui64, Level, Srv};
+use dsplane::limits::{LOAD_BATCH, RING_BATCH_MAX};
+use dsplane::owner::{
+    owner_of_csp, owner_of_su, Destination, Envelope, Event, Nms, Owner, OwnerSetup, PeerRef,
+    Reload, Taken, Ticket,
+};
+use dsplane::recovery::{self, LogSettings};
+use dsplane::store::{Flusher, LogOptions, Store};
+use dsplane::throttle::GlobalIntake;
+use dsplane::wire::{Frame, Header, Kind, NackReason};
+use dsplane::{Nanos, NANOS_PER_SEC};
+
+const MS: Nanos = 1_000_000;
+/// The simulated wall clock at the start of a run (2026-01-01).
+const UNIX_START: u64 = 1_767_225_600 * NANOS_PER_SEC;
+/// Frames a peer's connection holds on the way to it (its socket buffers): beyond, the owner's
+/// pump stops, as the worker's stops at `OUT_BYTES_MAX`.
+const INBOX_MAX: usize = 96;
+/// Envelopes each simulated ring holds per level (small, so that intake stalls).
+const RING_PER_LEVEL: usize = 512;
+/// Ticks of the drain at the end of a run, at most.
+const DRAIN_TICKS_MAX: u64 = 400_000;
+const DATA_DIR: &str = "/sim/data";
+/// A DEVICE_ALERT code that storms (strong magnetic field, not excluded).
+const STORM_CODE: u16 = 0x8F75;
+/// A code that is always excluded from throttling (supply interrupted).
+const EXCLUDED_CODE: u16 = 0x8F57;
+
+/// How long a run is.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Steps of traffic and faults before the drain.
+    pub steps: u64,
+    /// Events kept for the trace of a failure.
+    pub trace_len: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            steps: 3_000,
+            trace_len: 40,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Simulated time, ns.
+    pub simulated_ns: u64,
+    /// Frames ACKed to their senders (promises made).
+    pub acked: u64,
+    /// Frames delivered to their receivers (first deliveries).
+    pub delivered: u64,
+    /// Frames expired.
+    pub expired: u64,
+    /// Alerts throttled by Alert Storm Protection.
+    pub throttled: u64,
+    /// Crashes (and recoveries).
+    pub crashes: u64,
+    /// Recoveries that refused a damaged log.
+    pub refusals: u64,
+    /// Salvages run after a refusal.
+    pub salvages: u64,
+    /// Frames NACKed (5) because the log could not be written or synced.
+    pub refused_writes: u64,
+    /// Requests throttled (SECMP0067).
+    pub requests_throttled: u64,
+}
+
+/// A failed run: the invariant, and what happened just before.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The seed.
+    pub seed: u64,
+    /// The step it failed at.
+    pub step: u64,
+    /// What went wrong.
+    pub what: String,
+    /// The last events, oldest first.
+    pub trace: Vec<String>,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "seed {} failed at step {}: {}", self.seed, self.step, self.what)?;
+        writeln!(f, "last events:")?;
+        for line in &self.trace {
+            writeln!(f, "  {line}")?;
+        }
+        write!(
+            f,
+            "replay: cargo run --release -p dsplane-sim -- --seed {}",
+            self.seed
+        )
+    }
+}
+
+/// Runs one seed; a panic anywhere in the engine's code is a failure too.
+pub fn run(seed: u64, options: Options) -> Result<Summary, Failure> {
+    let trace = std::sync::Arc::new(std::sync::Mutex::new((0u64, VecDeque::<String>::new())));
+    let inner = std::sync::Arc::clone(&trace);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let mut world = World::new(seed, options, inner)?;
+        world.run()
+    }));
+    match result {
+        Ok(r) => r,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "a panic".to_owned());
+            let t = trace.lock().map(|t| t.clone()).unwrap_or_default();
+            Err(Failure {
+                seed,
+                step: t.0,
+                what: format!("panic: {what}"),
+                trace: t.1.into_iter().collect(),
+            })
+        }
+    }
+}
+
+/// The parameters a seed draws.
+#[derive(Debug, Clone)]
+struct Params {
+    workers: usize,
+    levels: u8,
+    durability: Durability,
+    sus: usize,
+    csps: usize,
+    crashes: bool,
+    disk_faults: bool,
+    window: u32,
+    rate: u32,
+    burst: u32,
+    nms_per_su: u64,
+    nms_total: u64,
+    storm_threshold: u32,
+    storm_window_s: u32,
+    sr_rate: u32,
+    sr_burst: u32,
+}
+
+impl Params {
+    fn draw(rng: &mut SimRng) -> Params {
+        let crashes = !rng.one_in(4) && std::env::var_os("SIM_NO_CRASHES").is_none();
+        let durability = match rng.below(3) {
+            0 if !crashes => Durability::None,
+            1 => Durability::Sync,
+            _ => Durability::Batch,
+        };
+        let mut p = Params {
+            workers: 1 + rng.below(3) as usize,
+            levels: 3 + rng.below(3) as u8,
+            durability,
+            sus: 2 + rng.below(4) as usize,
+            csps: 1 + rng.below(3) as usize,
+            crashes,
+            disk_faults: crashes && !rng.one_in(3) && std::env::var_os("SIM_NO_DISK_FAULTS").is_none(),
+            window: 4 + rng.below(60) as u32,
+            rate: 200 + rng.below(5_000) as u32,
+            burst: 5 + rng.below(100) as u32,
+            nms_per_su: 8 + rng.below(300),
+            nms_total: 0,
+            storm_threshold: 2 + rng.below(20) as u32,
+            storm_window_s: 1 + rng.below(5) as u32,
+            sr_rate: 20 + rng.below(200) as u32,
+            sr_burst: 2 + rng.below(20) as u32,
+        };
+        p.nms_total = p.nms_per_su + rng.below(2_000);
+        p
+    }
+
+    fn toml(&self) -> String {
+        let mut t = String::new();
+        let durability = match self.durability {
+            Durability::None => "none",
+            Durability::Batch => "batch",
+            Durability::Sync => "sync",
+        };
+        let _ = write!(
+            t,
+            "[engine]\nlevels = {}\ndata_dir = \"{DATA_DIR}\"\ndurability = \"{durability}\"\nflush_interval_ms = 2\n\
+             [delivery]\nrate = {}\nburst = {}\nwindow = {}\nwindow_reserved_top = 1\nnms_per_su = {}\nnms_total = {}\n\
+             release_start = 0.2\nrelease_ramp_s = 2\nretention_h = 48\n\
+             [service_requests]\ncapacity = 1000000\noperating_threshold = 0.9\nsr_rate = {}\nsr_burst = {}\n",
+            self.levels,
+            self.rate,
+            self.burst,
+            self.window,
+            self.nms_per_su,
+            self.nms_total,
+            self.sr_rate,
+            self.sr_burst
+        );
+        for i in 0..self.sus {
+            let _ = write!(
+                t,
+                "[[service_user]]\nid = \"{}\"\ntoken = \"sim-su-token-{i}\"\n",
+                su_id(i)
+            );
+        }
+        let step = u64::MAX / self.csps as u64;
+        for i in 0..self.csps {
+            let lo = Eui64(step * i as u64);
+            let hi = Eui64(if i + 1 == self.csps {
+                u64::MAX
+            } else {
+                step * (i as u64 + 1) - 1
+            });
+            let _ = write!(
+                t,
+                "[[csp]]\nname = \"csp-{i}\"\ntoken = \"sim-csp-token-{i}\"\nrate = {}\nburst = {}\nwindow = {}\ndevice_ranges = [\"{lo}..{hi}\"]\n",
+                self.rate * 2,
+                self.burst,
+                self.window
+            );
+        }
+        let top = self.levels;
+        let _ = write!(
+            t,
+            "[priority]\ndefault_level = {top}\nscheduled_response_level = {top}\nalert_level = {}\n\
+             rules = [{{ srv = \"2.2\", level = 1 }}, {{ srv = \"7.*\", level = 1 }}, {{ srv = \"8.1.1\", level = 2 }}, {{ srv = \"4.1.1\", level = 3 }}]\n\
+             high_priority_alerts = [{{ code = 0x8F57, level = 1 }}]\n\
+             [alert_storm]\nthreshold = {}\nwindow_s = {}\nexclusions = [0x8F57]\nmax_tracked_keys = 100000\n",
+            top.min(3),
+            self.storm_threshold,
+            self.storm_window_s
+        );
+        t
+    }
+}
+
+fn su_id(i: usize) -> Eui64 {
+    Eui64(0x90B3_D51F_3001_0000 + i as u64)
+}
+
+/// SRVs the simulated Service Users ask for, of every level under the simulator's rules.
+const SRVS: [Srv; 6] = [
+    Srv::new(2, 2, 0),
+    Srv::new(7, 1, 0),
+    Srv::new(8, 1, 1),
+    Srv::new(4, 1, 1),
+    Srv::new(4, 4, 2),
+    Srv::new(6, 2, 1),
+];
+
+/// One connection of a simulated peer.
+#[derive(Debug)]
+struct Conn {
+    epoch: u64,
+    /// Frames on their way to the peer: (arrival, frame).
+    inbox: VecDeque<(Nanos, Frame)>,
+    /// The peer's next `msg_id` for what it sends.
+    next_msg_id: u64,
+    /// The highest `msg_id` of ours the peer has received, and when it will ACK it.
+    ack_due: Option<(Nanos, u64)>,
+    /// Sent on this connection so far, per level: frames of the peer's `pending` lists.
+    sent: HashSet<u64>,
+}
+
+/// A simulated peer (an SU or a CSP link).
+#[derive(Debug)]
+struct Peer {
+    peer: PeerRef,
+    owner: usize,
+    conn: Option<Conn>,
+    reading: bool,
+    ack_delay: Nanos,
+    /// SUs: sends more requests than its allocation allows.
+    greedy: bool,
+    /// A well-behaved SU's own pacing of requests: (tokens, last refill).
+    pace: (f64, Nanos),
+    /// Frames placed at its owner for it and not yet acknowledged by it, per level, oldest
+    /// first: what strict priority and FIFO are checked against.
+    pending: Vec<VecDeque<u64>>,
+    /// A mirror of its delivery limiter: (tokens, last refill).
+    bucket: (f64, Nanos),
+    /// CSPs: requests received, to answer.
+    to_answer: VecDeque<Header>,
+}
+
+/// What the simulator knows of a frame it made.
+#[derive(Debug, Clone)]
+struct Known {
+    to: PeerRef,
+    /// Its level when it was placed (its owner's decision).
+    level: Option<Level>,
+}
+
+/// The simulated engine and its peers.
+pub struct World {
+    seed: u64,
+    options: Options,
+    rng: SimRng,
+    params: Params,
+    config: Config,
+    now: Nanos,
+    /// Added to the wall clock: an outage of days makes frames expire.
+    unix_offset: u64,
+    disk: SimDisk,
+    owners: Vec<Owner<Store<SimDisk>>>,
+    rings: Vec<Vec<VecDeque<Envelope>>>,
+    intake: GlobalIntake,
+    peers: Vec<Peer>,
+    next_epoch: u64,
+    next_id: u64,
+    known: HashMap<u64, Known>,
+    /// (kind, device, counter) of each frame: expiry records name frames by these.
+    by_key: HashMap<(String, u64, u64), u64>,
+    /// Tickets handed out: (origin, slot, conn epoch, msg_id) → frame id.
+    tickets: HashMap<(u16, u32, u64, u64), u64>,
+    /// Frames ACKed to their senders: the promise.
+    acked: HashSet<u64>,
+    /// Alerts throttled: ACKed, and stood for by a summary, not delivered.
+    throttled_ids: HashSet<u64>,
+    delivered: HashSet<u64>,
+    expired: HashSet<u64>,
+    /// Throttled alerts per (su, device, code), and what the summaries delivered say.
+    throttled: HashMap<(u32, u64, u16), u64>,
+    summarised: HashMap<(u32, u64, u16), u64>,
+    summaries_seen: HashSet<(u32, u64, u16, u64)>,
+    /// Set once a crash may have lost storm counts (kept in memory only).
+    storm_counts_lost: bool,
+    /// Salvages reported losses: acknowledged frames may be missing, as reported.
+    losses_reported: bool,
+    next_flush: Nanos,
+    restricted: bool,
+    paused: Vec<bool>,
+    sync_failed: bool,
+    crash_at: Option<u64>,
+    disk_full_until: Option<u64>,
+    step: u64,
+    summary: Summary,
+    trace: std::sync::Arc<std::sync::Mutex<(u64, VecDeque<String>)>>,
+}
+
+type Trace = std::sync::Arc<std::sync::Mutex<(u64, VecDeque<String>)>>;
+
+impl World {
+    fn new(seed: u64, options: Options, trace: Trace) -> Result<World, Failure> {
+        let mut rng = SimRng::new(seed);
+        let params = Params::draw(&mut rng);
+        let config = Config::from_toml_with_env(&params.toml(), |_| None).map_err(|e| Failure {
+            seed,
+            step: 0,
+            what: format!("the simulator's configuration was refused: {e}"),
+            trace: vec![params.toml()],
+        })?;
+        let intake = GlobalIntake::from_config(&config.service_requests, 0).map_err(|e| Failure {
+            seed,
+            step: 0,
+            what: e.to_string(),
+            trace: Vec::new(),
+        })?;
+        let levels = usize::from(params.levels);
+        let mut peers = Vec::new();
+        for (i, su) in config.service_users.iter().enumerate() {
+            peers.push(Peer {
+                peer: PeerRef::Su(i as u32),
+                owner: owner_of_su(su.id, params.workers),
+                conn: None,
+                reading: true,
+                ack_delay: rng.below(20) * MS,
+                greedy: rng.one_in(3),
+                pace: (f64::from(params.sr_burst) * 0.5, 0),
+                pending: vec![VecDeque::new(); levels],
+                bucket: (f64::from(params.burst), 0),
+                to_answer: VecDeque::new(),
+            });
+        }
+        for i in 0..config.csps.len() {
+            peers.push(Peer {
+                peer: PeerRef::Csp(i as u32),
+                owner: owner_of_csp(i, params.workers),
+                conn: None,
+                reading: true,
+                ack_delay: rng.below(10) * MS,
+                greedy: false,
+                pace: (0.0, 0),
+                pending: vec![VecDeque::new(); levels],
+                bucket: (f64::from(params.burst), 0),
+                to_answer: VecDeque::new(),
+            });
+        }
+        let sus = config.service_users.len();
+        let mut world = World {
+            seed,
+            options,
+            rng,
+            params,
+            config,
+            now: 0,
+            unix_offset: 0,
+            disk: SimDisk::new(),
+            owners: Vec::new(),
+            rings: Vec::new(),
+            intake,
+            peers,
+            next_epoch: 1,
+            next_id: 1,
+            known: HashMap::new(),
+            by_key: HashMap::new(),
+            tickets: HashMap::new(),
+            acked: HashSet::new(),
+            throttled_ids: HashSet::new(),
+            delivered: HashSet::new(),
+            expired: HashSet::new(),
+            throttled: HashMap::new(),
+            summarised: HashMap::new(),
+            summaries_seen: HashSet::new(),
+            storm_counts_lost: false,
+            losses_reported: false,
+            next_flush: 0,
+            restricted: false,
+            paused: vec![false; sus],
+            sync_failed: false,
+            crash_at: None,
+            disk_full_until: None,
+            step: 0,
+            summary: Summary::default(),
+            trace,
+        };
+        world.note(format!("parameters {:?}", world.params));
+        world.start()?;
+        Ok(world)
+    }
+
+    fn fail(&self, what: impl Into<String>) -> Failure {
+        let t = self.trace.lock().map(|t| t.1.clone()).unwrap_or_default();
+        Failure {
+            seed: self.seed,
+            step: self.step,
+            what: what.into(),
+            trace: t.into_iter().collect(),
+        }
+    }
+
+    fn note(&self, line: String) {
+        if let Ok(mut t) = self.trace.lock() {
+            t.0 = self.step;
+            t.1.push_back(format!("[{:>9.3} s] {line}", self.now as f64 / 1e9));
+            while t.1.len() > self.options.trace_len {
+                t.1.pop_front();
+            }
+        }
+    }
+
+    /// Notes an event of the frame named by `SIM_WATCH`, when debugging a seed.
+    fn watch(&self, id: u64, what: String) {
+        if std::env::var("SIM_WATCH").ok().and_then(|w| w.parse::<u64>().ok()) == Some(id) {
+            self.note(format!("frame {id}: {what}"));
+        }
+    }
+
+    fn unix(&self) -> u64 {
+        UNIX_START + self.now + self.unix_offset
+    }
+
+    fn settings(&self) -> LogSettings {
+        LogSettings {
+            workers: self.params.workers,
+            fifo: false,
+            log: LogOptions {
+                durability: self.config.engine.durability,
+                flush_interval: self.config.engine.flush_interval,
+                reserve_bytes: recovery::reserve_bytes(
+                    self.params.sus + self.params.csps,
+                    usize::from(self.params.levels),
+                ),
+            },
+        }
+    }
+
+    /// Recovers the logs and builds the owners, as the engine's start-up does. A refused log
+    /// is salvaged (as an operator would, with `dsplane recover --salvage`), and the loss must
+    /// be reported.
+    fn start(&mut self) -> Result<(), Failure> {
+        let workers = self.params.workers;
+        let config = &self.config;
+        let owner_of_key = |key| dsplane::engine::owner_in(config, workers)(key);
+        let dir = Path::new(DATA_DIR);
+        let recovered = recovery::recover_on(
+            &self.disk,
+            dir,
+            self.settings(),
+            owner_of_key,
+            |_| Flusher::Manual,
+            |_| {},
+        );
+        let stores = match recovered {
+            Ok((stores, report)) => {
+                self.note(format!(
+                    "recovered: {} frames, {} torn tails, in place {}",
+                    report.frames_recovered,
+                    report.torn_tails.len(),
+                    report.in_place
+                ));
+                stores
+            }
+            Err(e) => {
+                self.summary.refusals += 1;
+                self.note(format!("recovery refused: {e}"));
+                let salvaged = recovery::salvage_on(
+                    &self.disk,
+                    dir,
+                    self.settings(),
+                    owner_of_key,
+                    |_| Flusher::Manual,
+                    |_| {},
+                )
+                .map_err(|e| self.fail(format!("salvage failed after a refusal: {e}")))?;
+                self.summary.salvages += 1;
+                self.note(format!("salvaged: losses {:?}", salvaged.losses));
+                if salvaged.losses.is_empty() {
+                    return Err(self.fail(format!(
+                        "recovery refused the log ({e}) but salvage reported no loss"
+                    )));
+                }
+                self.losses_reported = true;
+                let (stores, _) = recovery::recover_on(
+                    &self.disk,
+                    dir,
+                    self.settings(),
+                    owner_of_key,
+                    |_| Flusher::Manual,
+                    |_| {},
+                )
+                .map_err(|e| self.fail(format!("recovery refused a salvaged log: {e}")))?;
+                stores
+            }
+        };
+        let total = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        self.owners.clear();
+        for (index, store) in stores.into_iter().enumerate() {
+            let setup = OwnerSetup::from_config(&self.config, index, workers)
+                .map_err(|e| self.fail(e.to_string()))?;
+            let nms = Nms::new(std::sync::Arc::clone(&total), self.config.delivery.nms_total);
+            let owner = Owner::new(setup, store, nms, self.now).map_err(|e| self.fail(e.to_string()))?;
+            self.owners.push(owner);
+        }
+        self.rings = (0..workers)
+            .map(|_| (0..self.params.levels).map(|_| VecDeque::new()).collect())
+            .collect();
+        self.restricted = false;
+        self.paused.iter_mut().for_each(|p| *p = false);
+        for p in &mut self.peers {
+            p.conn = None;
+            // A new limiter for every peer: the mirror starts full as well.
+            p.bucket = (f64::from(self.params.burst), self.now);
+        }
+        Ok(())
+    }
+
+    fn run(&mut self) -> Result<Summary, Failure> {
+        for step in 0..self.options.steps {
+            self.step = step;
+            self.now += 1 + self.rng.below(2 * MS);
+            self.traffic()?;
+            self.faults()?;
+            self.tick()?;
+        }
+        self.drain()?;
+        self.check_end()?;
+        self.summary.simulated_ns = self.now;
+        self.summary.acked = self.acked.len() as u64;
+        self.summary.delivered = self.delivered.len() as u64;
+        self.summary.expired = self.expired.len() as u64;
+        Ok(self.summary.clone())
+    }
+
+    // ---- peers ------------------------------------------------------------------------------
+
+    fn connect(&mut self, p: usize) -> Result<(), Failure> {
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        let Some(peer) = self.peers.get_mut(p) else {
+            return Ok(());
+        };
+        let (who, owner) = (peer.peer, peer.owner);
+        let took_over = peer.conn.is_some();
+        peer.conn = Some(Conn {
+            epoch,
+            inbox: VecDeque::new(),
+            next_msg_id: 1,
+            ack_due: None,
+            sent: HashSet::new(),
+        });
+        peer.reading = true;
+        if let Some(o) = self.owners.get_mut(owner) {
+            if took_over {
+                o.on_disconnect(who);
+            }
+        }
+        // The worker takes the ring's frames for the peer in before the release.
+        self.take_in(owner)?;
+        if let Some(o) = self.owners.get_mut(owner) {
+            o.on_connect(who, self.now);
+        }
+        self.note(format!("{who:?} connects (epoch {epoch}, take-over {took_over})"));
+        self.carry_out(owner)
+    }
+
+    fn disconnect(&mut self, p: usize) {
+        let Some(peer) = self.peers.get_mut(p) else {
+            return;
+        };
+        if peer.conn.take().is_none() {
+            return;
+        }
+        let (who, owner) = (peer.peer, peer.owner);
+        if let Some(o) = self.owners.get_mut(owner) {
+            o.on_disconnect(who);
+        }
+        self.note(format!("{who:?} disconnects"));
+    }
+
+    fn new_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// A peer sends a frame: the worker's intake (checks, the owner's intake half, the ring).
+    fn send_from(&mut self, p: usize, mut h: Header) -> Result<(), Failure> {
+        let Some(peer) = self.peers.get(p) else {
+            return Ok(());
+        };
+        let Some(conn) = peer.conn.as_ref() else {
+            return Ok(());
+        };
+        let (who, reader, epoch) = (peer.peer, peer.owner, conn.epoch);
+        let (to, receiver_owner) = match (who, h.kind) {
+            (PeerRef::Su(_), Kind::Request) => {
+                let csp = self.config.csps.iter().position(|c| {
+                    c.device_ranges.iter().any(|r| r.contains(h.device_id))
+                });
+                let Some(csp) = csp else {
+                    return Ok(());
+                };
+                (PeerRef::Csp(csp as u32), owner_of_csp(csp, self.params.workers))
+            }
+            (PeerRef::Csp(_), _) => {
+                let su = self
+                    .config
+                    .service_users
+                    .iter()
+                    .position(|s| s.id == h.su_id);
+                let Some(su) = su else { return Ok(()) };
+                (
+                    PeerRef::Su(su as u32),
+                    owner_of_su(h.su_id, self.params.workers),
+                )
+            }
+            _ => return Ok(()),
+        };
+        let level_guess = match to {
+            PeerRef::Csp(_) => None,
+            PeerRef::Su(_) => Some(self.owners[reader].intake_level(&h)),
+        };
+        // A full ring level stalls the sender: it does not send now.
+        let ring_level = level_guess.unwrap_or(Level::URGENT);
+        if self.rings[receiver_owner][ring_level.index()].len() >= RING_PER_LEVEL {
+            return Ok(());
+        }
+        let id = self.new_id();
+        let Some(conn) = self.peers[p].conn.as_mut() else {
+            return Ok(());
+        };
+        h.msg_id = conn.next_msg_id;
+        conn.next_msg_id += 1;
+        let destination = match (who, to) {
+            (PeerRef::Su(su), PeerRef::Csp(csp)) => {
+                match self.owners[reader].admit_request(su, &h, &self.intake, self.now) {
+                    Ok(level) => Destination::Southbound { csp, level },
+                    Err(reason) => {
+                        if reason == NackReason::Throttled {
+                            self.summary.requests_throttled += 1;
+                            if !self.peers[p].greedy {
+                                return Err(self.fail(format!(
+                                    "SECMP0067 throttled {who:?}, which paces its requests within its allocation"
+                                )));
+                            }
+                        }
+                        return Ok(());
+                    }
+                }
+            }
+            (_, PeerRef::Su(su)) => Destination::Northbound {
+                su,
+                level: level_guess.unwrap_or(Level::URGENT),
+            },
+            _ => return Ok(()),
+        };
+        let ring_level = destination.level();
+        if self.rings[receiver_owner][ring_level.index()].len() >= RING_PER_LEVEL {
+            return Ok(());
+        }
+        let durable = self.config.engine.durability != Durability::None;
+        let ticket = durable.then_some(Ticket {
+            origin: reader as u16,
+            slot: p as u32,
+            conn_id: epoch,
+            msg_id: h.msg_id,
+        });
+        if let Some(t) = ticket {
+            self.tickets
+                .insert((t.origin, t.slot, t.conn_id, t.msg_id), id);
+        } else {
+            // Durability `none`: ACKed once it is in the ring.
+            self.acked.insert(id);
+        }
+        self.known.insert(
+            id,
+            Known {
+                to,
+                level: None,
+            },
+        );
+        self.by_key
+            .insert((h.kind.to_string(), h.device_id.0, h.counter), id);
+        let frame = Frame {
+            header: h,
+            payload: Bytes::copy_from_slice(&id.to_le_bytes()),
+        };
+        let enqueued_unix_ns = self.unix();
+        self.rings[receiver_owner][ring_level.index()].push_back(Envelope {
+            to: destination,
+            frame,
+            ticket,
+            enqueued_unix_ns,
+        });
+        Ok(())
+    }
+
+    fn traffic(&mut self) -> Result<(), Failure> {
+        let sus = self.params.sus;
+        let n = self.peers.len();
+        for _ in 0..1 + self.rng.below(4) {
+            let p = self.rng.below(n as u64) as usize;
+            if self.peers[p].conn.is_none() {
+                if self.rng.one_in(3) {
+                    self.connect(p)?;
+                }
+                continue;
+            }
+            match self.peers[p].peer {
+                PeerRef::Su(_) => {
+                    // A well-behaved SU keeps within 80 % of its allocation.
+                    if !self.peers[p].greedy {
+                        let rate = f64::from(self.params.sr_rate) * 0.8;
+                        let burst = f64::from(self.params.sr_burst) * 0.8;
+                        let (tokens, last) = self.peers[p].pace;
+                        let tokens =
+                            (tokens + rate * (self.now - last) as f64 / 1e9).min(burst);
+                        self.peers[p].pace = (tokens, self.now);
+                        if tokens < 1.0 {
+                            continue;
+                        }
+                        self.peers[p].pace.0 -= 1.0;
+                    }
+                    let id = self.next_id;
+                    let mut h = Header::new(Kind::Request);
+                    h.su_id = su_id(p);
+                    h.device_id = Eui64(self.rng.next_u64());
+                    h.srv = SRVS[self.rng.below(SRVS.len() as u64) as usize];
+                    h.counter = id;
+                    h.created_ns = self.unix();
+                    self.send_from(p, h)?;
+                }
+                PeerRef::Csp(_) => {
+                    let mut h;
+                    if let Some(req) = self.peers[p].to_answer.pop_front() {
+                        h = Header::new(Kind::Response);
+                        h.su_id = req.su_id;
+                        h.device_id = req.device_id;
+                        h.srv = req.srv;
+                        h.counter = req.counter;
+                    } else {
+                        h = Header::new(Kind::DeviceAlert);
+                        h.su_id = su_id(self.rng.below(sus as u64) as usize);
+                        let storm = self.rng.one_in(2);
+                        h.device_id = Eui64(if storm { 7 } else { self.rng.next_u64() });
+                        h.alert_code = match self.rng.below(10) {
+                            0 => EXCLUDED_CODE,
+                            1..=6 => STORM_CODE,
+                            _ => 0x8000 + self.rng.below(0x7F) as u16,
+                        };
+                        h.counter = self.next_id;
+                    }
+                    h.created_ns = self.unix();
+                    self.send_from(p, h)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn faults(&mut self) -> Result<(), Failure> {
+        let n = self.peers.len() as u64;
+        let r = self.rng.below(1000);
+        match r {
+            0..=9 => {
+                let p = self.rng.below(n) as usize;
+                self.disconnect(p);
+            }
+            10..=14 => {
+                let p = self.rng.below(n) as usize;
+                if self.peers[p].conn.is_some() {
+                    self.connect(p)?; // take-over
+                }
+            }
+            15..=24 => {
+                let p = self.rng.below(n) as usize;
+                self.peers[p].reading = !self.peers[p].reading;
+                self.note(format!("{:?} reading {}", self.peers[p].peer, self.peers[p].reading));
+            }
+            25..=29 => {
+                let su = self.rng.below(self.params.sus as u64) as usize;
+                self.paused[su] = !self.paused[su];
+                let paused = self.paused[su];
+                for o in &mut self.owners {
+                    o.set_paused(su as u32, paused, self.now);
+                }
+                self.note(format!("operator: SU {su} paused {paused}"));
+            }
+            30..=31 => {
+                self.restricted = !self.restricted;
+                for o in &mut self.owners {
+                    o.set_restricted(self.restricted, self.now);
+                }
+                self.note(format!("operator: restricted {}", self.restricted));
+            }
+            32..=33 => self.reload(),
+            34 if self.rng.one_in(8) => {
+                // An outage of two days, as far as the wall clock is concerned.
+                self.unix_offset += 49 * 3600 * NANOS_PER_SEC;
+                self.note("the wall clock jumps 49 h".into());
+            }
+            40..=42 if self.params.crashes => self.crash("a crash")?,
+            43 if self.params.disk_faults && self.disk_full_until.is_none() => {
+                self.disk.fill();
+                self.disk_full_until = Some(self.step + 20 + self.rng.below(200));
+                self.note("disk full".into());
+            }
+            44 if self.params.disk_faults && !self.sync_failed => {
+                self.disk.fail_syncs(1);
+                self.note("the next fsync fails".into());
+            }
+            45 if self.params.disk_faults && self.rng.one_in(3) => {
+                let skip = self.rng.below(1 << 20);
+                let flipped = self.disk.flip_random_bit(&mut self.rng, skip, |p| {
+                    p.extension().is_some_and(|e| e == "wal")
+                });
+                self.note(format!("bit flip at {flipped:?}"));
+                self.crash("a crash after a bit flip")?;
+            }
+            _ => {}
+        }
+        if self.disk_full_until.is_some_and(|s| s <= self.step) {
+            self.disk.set_capacity(None);
+            self.disk_full_until = None;
+            self.note("disk space back".into());
+        }
+        if self.crash_at.is_some_and(|s| s <= self.step) {
+            self.crash_at = None;
+            self.crash("the restart after a failed fsync")?;
+        }
+        Ok(())
+    }
+
+    fn reload(&mut self) {
+        let levels = self.params.levels;
+        let threshold = 2 + self.rng.below(20) as u32;
+        let top = 1 + self.rng.below(u64::from(levels)) as u8;
+        let text = self.params.toml().replace(
+            "{ srv = \"4.1.1\", level = 3 }",
+            &format!("{{ srv = \"4.1.1\", level = {top} }}"),
+        );
+        let text = text.replace(
+            &format!("threshold = {}", self.params.storm_threshold),
+            &format!("threshold = {threshold}"),
+        );
+        let Ok(new) = Config::from_toml_with_env(&text, |_| None) else {
+            return;
+        };
+        let Ok(storm) = dsplane::storm::StormSettings::from_config(
+            &new.alert_storm,
+            self.params.workers as u32,
+        ) else {
+            return;
+        };
+        let reload = Reload {
+            rules: std::sync::Arc::new(dsplane::classify::Rules::new(&new.priority)),
+            storm,
+            sus: new
+                .service_users
+                .iter()
+                .enumerate()
+                .map(|(i, s)| dsplane::owner::SuRates {
+                    su: i as u32,
+                    rate: s.delivery.rate,
+                    burst: s.delivery.burst,
+                    sr_rate: s.sr_rate,
+                    sr_burst: s.sr_burst,
+                })
+                .collect(),
+            csps: new
+                .csps
+                .iter()
+                .enumerate()
+                .map(|(i, c)| dsplane::owner::CspRates {
+                    csp: i as u32,
+                    rate: c.rate,
+                    burst: c.burst,
+                })
+                .collect(),
+        };
+        for o in &mut self.owners {
+            o.reload(&reload, self.now);
+        }
+        self.note(format!("reload: 4.1.1 at level {top}, storm threshold {threshold}"));
+    }
+
+    fn crash(&mut self, why: &str) -> Result<(), Failure> {
+        self.summary.crashes += 1;
+        self.note(format!("{why}: every owner and connection is gone"));
+        // Throttled alerts are counted in memory until their window's summary is taken.
+        if self.owners.iter().any(|o| o.storm_stats().owed > 0) {
+            self.storm_counts_lost = true;
+        }
+        self.owners.clear();
+        self.rings.clear();
+        self.disk.crash(&mut self.rng);
+        self.disk.set_capacity(None);
+        self.disk_full_until = None;
+        self.sync_failed = false;
+        self.tickets.clear();
+        // What each peer was waiting for: the frames promised (ACKed) come back; others may.
+        for p in &mut self.peers {
+            for lane in &mut p.pending {
+                lane.retain(|id| self.acked.contains(id));
+            }
+        }
+        self.start()?;
+        // Sometimes the new run dies at once, before it wrote anything but its recovery.
+        if self.params.crashes && self.rng.one_in(6) {
+            self.summary.crashes += 1;
+            self.note("a crash right after recovery".into());
+            self.owners.clear();
+            self.disk.crash(&mut self.rng);
+            self.start()?;
+        }
+        Ok(())
+    }
+
+    // ---- the owners -------------------------------------------------------------------------
+
+    fn tick(&mut self) -> Result<(), Failure> {
+        let workers = self.owners.len();
+        let now = self.now;
+        let unix = self.unix();
+        // Group commit: the flusher syncs every flush interval (at once with `sync`).
+        let flush_due = now >= self.next_flush;
+        if flush_due {
+            self.next_flush = now + self.config.engine.flush_interval.as_nanos() as Nanos;
+        }
+        for w in 0..workers {
+            self.take_in(w)?;
+            let owner = &mut self.owners[w];
+            let _ = owner.handle_timeout(now, unix);
+            if flush_due && owner.surb().log().flush_failed() {
+                // as the engine: nothing more is acknowledged; the operator restarts it
+            } else if flush_due {
+                let durable = self.config.engine.durability != Durability::None;
+                if durable && self.owners[w].surb().log().flush().is_err() {
+                    self.sync_failed = true;
+                    self.note(format!("fsync failed on worker {w}"));
+                    if self.params.crashes {
+                        self.crash_at = Some(self.step + 1 + self.rng.below(50));
+                    }
+                }
+            }
+            self.owners[w].resolve_durable();
+            self.carry_out(w)?;
+            self.pump(w)?;
+            self.carry_out(w)?;
+        }
+        self.peers_read()?;
+        self.check_memory()?;
+        Ok(())
+    }
+
+    /// The owner takes its ring in, and the simulator notes what became of each frame.
+    fn take_in(&mut self, w: usize) -> Result<(), Failure> {
+        let mut batch = Vec::new();
+        'levels: for ring in self.rings[w].iter_mut() {
+            while let Some(e) = ring.pop_front() {
+                batch.push(e);
+                if batch.len() == RING_BATCH_MAX {
+                    break 'levels;
+                }
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut staged = Vec::new();
+        for e in batch {
+            let id = frame_id(&e.frame);
+            let su = match e.to {
+                Destination::Northbound { su, .. } => Some(su),
+                Destination::Southbound { .. } => None,
+            };
+            let key = (e.frame.header.device_id.0, e.frame.header.alert_code);
+            let has_ticket = e.ticket.is_some();
+            match self.owners[w].take(e, self.now) {
+                Taken::Staged(level) => staged.push((id, has_ticket, level)),
+                Taken::Throttled => {
+                    self.summary.throttled += 1;
+                    if let Some(su) = su {
+                        *self.throttled.entry((su, key.0, key.1)).or_default() += 1;
+                    }
+                    // Counted, not delivered: its window's summary stands for it.
+                    if let Some(id) = id {
+                        self.throttled_ids.insert(id);
+                    }
+                }
+                Taken::Refused => return Err(self.fail("a frame was refused by its own owner")),
+            }
+        }
+        let written = self.owners[w].commit();
+        for (id, has_ticket, level) in staged {
+            let Some(id) = id else { continue };
+            if !written && has_ticket {
+                continue; // NACK 5 follows
+            }
+            let Some(known) = self.known.get_mut(&id) else {
+                continue;
+            };
+            known.level = Some(level);
+            let to = known.to;
+            self.watch(id, format!("placed at level {} for {to:?}", level.get()));
+            if let Some(peer) = self.peer_index(to) {
+                self.peers[peer].pending[level.index()].push_back(id);
+            }
+        }
+        Ok(())
+    }
+
+    fn peer_index(&self, peer: PeerRef) -> Option<usize> {
+        match peer {
+            PeerRef::Su(i) => Some(i as usize),
+            PeerRef::Csp(i) => Some(self.params.sus + i as usize),
+        }
+    }
+
+    fn carry_out(&mut self, w: usize) -> Result<(), Failure> {
+        let Some(owner) = self.owners.get_mut(w) else {
+            return Ok(());
+        };
+        let mut events = Vec::new();
+        while let Some(e) = owner.poll_event() {
+            events.push(e);
+        }
+        for e in events {
+            match e {
+                Event::Ack { ticket, durable } => {
+                    let key = (ticket.origin, ticket.slot, ticket.conn_id, ticket.msg_id);
+                    let Some(id) = self.tickets.remove(&key) else {
+                        continue;
+                    };
+                    let sender = self.peers.get(ticket.slot as usize);
+                    let open = sender
+                        .and_then(|p| p.conn.as_ref())
+                        .is_some_and(|c| c.epoch == ticket.conn_id);
+                    if durable && open {
+                        self.acked.insert(id);
+                    } else if !durable {
+                        self.summary.refused_writes += 1;
+                    }
+                }
+                Event::Expired(r) => {
+                    let kind = r.kind.clone();
+                    let device = r
+                        .device_id
+                        .parse::<Eui64>()
+                        .map_err(|_| self.fail("expiry record with a bad device"))?;
+                    let Some(&id) = self.by_key.get(&(kind, device.0, r.counter)) else {
+                        continue;
+                    };
+                    self.expired.insert(id);
+                    for p in &mut self.peers {
+                        for lane in &mut p.pending {
+                            lane.retain(|x| *x != id);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn pump(&mut self, w: usize) -> Result<(), Failure> {
+        self.owners[w].start_pump();
+        let unix = self.unix();
+        for p in 0..self.peers.len() {
+            if self.peers[p].owner != w {
+                continue;
+            }
+            loop {
+                let peer = &self.peers[p];
+                let Some(conn) = peer.conn.as_ref() else {
+                    break;
+                };
+                if conn.inbox.len() >= INBOX_MAX {
+                    break;
+                }
+                let who = peer.peer;
+                let Some(frame) = self.owners[w].poll_transmit(who, self.now, unix) else {
+                    break;
+                };
+                if let Some(id) = frame_id(&frame) {
+                    self.watch(id, format!("sent to {who:?} as msg_id {} level {}", frame.header.msg_id, frame.header.priority));
+                }
+                self.check_send(p, &frame)?;
+                let latency = MS / 10 + self.rng.below(3 * MS);
+                let Some(conn) = self.peers[p].conn.as_mut() else {
+                    break;
+                };
+                let at = conn.inbox.back().map_or(0, |(t, _)| *t).max(self.now + latency);
+                conn.inbox.push_back((at, frame));
+            }
+        }
+        Ok(())
+    }
+
+    /// Strict priority, FIFO within a level, and the rate, for one frame the owner sends.
+    fn check_send(&mut self, p: usize, frame: &Frame) -> Result<(), Failure> {
+        let level = Level::new(frame.header.priority)
+            .ok_or_else(|| self.fail(format!("a frame sent with level {}", frame.header.priority)))?;
+        let who = self.peers[p].peer;
+        // The rate: a mirror of the peer's token bucket never runs more than a token short.
+        if let PeerRef::Su(_) = who {
+            let (rate, burst) = (f64::from(self.params.rate), f64::from(self.params.burst));
+            let (tokens, last) = self.peers[p].bucket;
+            let tokens = (tokens + rate * (self.now - last) as f64 / 1e9).min(burst) - 1.0;
+            self.peers[p].bucket = (tokens, self.now);
+            if tokens < -1.0 {
+                return Err(self.fail(format!(
+                    "{who:?} was sent more than its rate ({rate}/s) plus burst ({burst})"
+                )));
+            }
+        }
+        let id = frame_id(frame);
+        let peer = &self.peers[p];
+        let Some(conn) = peer.conn.as_ref() else {
+            return Ok(());
+        };
+        // Strict priority: nothing placed earlier at a more urgent level waits unsent.
+        for l in 0..level.index() {
+            if let Some(waiting) = peer.pending[l].iter().find(|i| !conn.sent.contains(i)) {
+                return Err(self.fail(format!(
+                    "{who:?}: a level {} frame was sent while frame {waiting} of level {} waited",
+                    level.get(),
+                    l + 1
+                )));
+            }
+        }
+        if let Some(id) = id {
+            if let Some(pos) = peer.pending[level.index()].iter().position(|i| *i == id) {
+                // FIFO: every frame placed before it at its level was sent first.
+                if let Some(earlier) = peer.pending[level.index()]
+                    .iter()
+                    .take(pos)
+                    .find(|i| !conn.sent.contains(i))
+                {
+                    return Err(self.fail(format!(
+                        "{who:?}: frame {id} of level {} overtook frame {earlier} of its level",
+                        level.get()
+                    )));
+                }
+                if let Some(c) = self.peers[p].conn.as_mut() {
+                    c.sent.insert(id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Peers read what reached them and acknowledge it; CSPs note requests to answer.
+    fn peers_read(&mut self) -> Result<(), Failure> {
+        for p in 0..self.peers.len() {
+            let now = self.now;
+            let ack_delay = self.peers[p].ack_delay;
+            let reading = self.peers[p].reading;
+            let who = self.peers[p].peer;
+            let owner = self.peers[p].owner;
+            let mut got = Vec::new();
+            let mut ack = None;
+            if let Some(conn) = self.peers[p].conn.as_mut() {
+                while reading && conn.inbox.front().is_some_and(|(t, _)| *t <= now) {
+                    let Some((_, frame)) = conn.inbox.pop_front() else {
+                        break;
+                    };
+                    // A delayed, cumulative ACK: due a delay after the first frame it covers.
+                    let due = conn.ack_due.map_or(now + ack_delay, |(due, _)| due);
+                    conn.ack_due = Some((due, frame.header.msg_id));
+                    got.push(frame);
+                }
+                if let Some((due, msg_id)) = conn.ack_due {
+                    if due <= now {
+                        ack = Some(msg_id);
+                        conn.ack_due = None;
+                    }
+                }
+            }
+            for frame in got {
+                self.received(p, who, frame)?;
+            }
+            if let Some(msg_id) = ack {
+                if let Some(o) = self.owners.get_mut(owner) {
+                    o.on_peer_ack(who, msg_id);
+                }
+                // What the peer acknowledged leaves its pending lists.
+                if let Some(conn) = self.peers[p].conn.as_mut() {
+                    let sent = std::mem::take(&mut conn.sent);
+                    for lane in &mut self.peers[p].pending {
+                        lane.retain(|id| !sent.contains(id) || !self.delivered.contains(id));
+                    }
+                    if let Some(conn) = self.peers[p].conn.as_mut() {
+                        conn.sent = sent
+                            .into_iter()
+                            .filter(|id| !self.delivered.contains(id))
+                            .collect();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn received(&mut self, p: usize, who: PeerRef, frame: Frame) -> Result<(), Failure> {
+        let h = frame.header;
+        if h.kind == Kind::StormSummary {
+            let PeerRef::Su(su) = who else {
+                return Err(self.fail("a storm summary sent to a CSP"));
+            };
+            if self.summaries_seen.insert((su, h.device_id.0, h.alert_code, h.created_ns)) {
+                *self
+                    .summarised
+                    .entry((su, h.device_id.0, h.alert_code))
+                    .or_default() += h.counter;
+            }
+            return Ok(());
+        }
+        let Some(id) = frame_id(&frame) else {
+            return Err(self.fail(format!("{who:?} got a {} with no id", h.kind)));
+        };
+        let Some(known) = self.known.get(&id) else {
+            return Err(self.fail(format!("{who:?} got frame {id}, which the simulator never sent")));
+        };
+        if known.to != who {
+            return Err(self.fail(format!(
+                "frame {id} for {:?} was delivered to {who:?}",
+                known.to
+            )));
+        }
+        self.watch(id, format!("received by {who:?} as msg_id {}", h.msg_id));
+        if self.delivered.insert(id) && h.kind == Kind::Request {
+            if let Some(peer) = self.peers.get_mut(p) {
+                peer.to_answer.push_back(h);
+            }
+        }
+        Ok(())
+    }
+
+    fn check_memory(&self) -> Result<(), Failure> {
+        let held: usize = self.owners.iter().map(Owner::held).sum();
+        let peers = self.peers.len() as u64;
+        let lanes = u64::from(self.params.levels);
+        let bound = self.params.nms_total
+            + peers * (lanes * LOAD_BATCH as u64 + u64::from(self.params.window));
+        if held as u64 > bound {
+            return Err(self.fail(format!(
+                "{held} frames held in memory, above the bound of {bound} (nms_total {} plus a load batch per lane and a window per peer)",
+                self.params.nms_total
+            )));
+        }
+        Ok(())
+    }
+
+    // ---- the end ----------------------------------------------------------------------------
+
+    /// No more traffic or faults: every peer connects and reads, operators restore, until
+    /// nothing is left to deliver.
+    fn drain(&mut self) -> Result<(), Failure> {
+        self.note("drain: faults off, every peer connected and reading".into());
+        self.disk.set_capacity(None);
+        if self.sync_failed {
+            self.crash("the restart after a failed fsync")?;
+        }
+        self.restricted = false;
+        for su in 0..self.paused.len() {
+            self.paused[su] = false;
+        }
+        for o in &mut self.owners {
+            o.set_restricted(false, self.now);
+            for su in 0..self.params.sus {
+                o.set_paused(su as u32, false, self.now);
+            }
+        }
+        for p in 0..self.peers.len() {
+            self.peers[p].reading = true;
+            self.peers[p].to_answer.clear();
+            if self.peers[p].conn.is_none() {
+                self.connect(p)?;
+            }
+        }
+        for i in 0..DRAIN_TICKS_MAX {
+            self.now += MS;
+            self.tick()?;
+            if i % 256 == 0 && self.settled() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn settled(&self) -> bool {
+        let held: usize = self.owners.iter().map(Owner::held).sum();
+        let spilled = self.owners.iter().any(|o| {
+            o.peers()
+                .any(|p| o.depth(p).iter().any(|(nms, surb)| *nms > 0 || *surb > 0))
+        });
+        let owed = self.owners.iter().any(|o| o.storm_stats().owed > 0);
+        held == 0 && !spilled && !owed && self.rings.iter().flatten().all(VecDeque::is_empty)
+    }
+
+    fn check_end(&mut self) -> Result<(), Failure> {
+        let mut missing: Vec<u64> = self
+            .acked
+            .iter()
+            .filter(|id| {
+                !self.delivered.contains(id)
+                    && !self.expired.contains(id)
+                    && !self.throttled_ids.contains(id)
+            })
+            .copied()
+            .collect();
+        missing.sort_unstable();
+        if !missing.is_empty() && !self.losses_reported {
+            let first = missing[0];
+            let known = self.known.get(&first).cloned();
+            return Err(self.fail(format!(
+                "{} frames ACKed to their senders were neither delivered nor expired (first: {first}, {known:?}); settled: {}",
+                missing.len(),
+                self.settled()
+            )));
+        }
+        if !self.storm_counts_lost {
+            for (key, throttled) in &self.throttled {
+                let summarised = self.summarised.get(key).copied().unwrap_or(0);
+                if summarised != *throttled {
+                    return Err(self.fail(format!(
+                        "storm summaries for SU {} device {:#x} code {:#06x} say {summarised} alerts, {throttled} were throttled",
+                        key.0, key.1, key.2
+                    )));
+                }
+            }
+            for (key, summarised) in &self.summarised {
+                if !self.throttled.contains_key(key) {
+                    return Err(self.fail(format!(
+                        "a storm summary of {summarised} alerts for {key:?}, none of which was throttled"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn frame_id(frame: &Frame) -> Option<u64> {
+    let bytes: [u8; 8] = frame.payload.get(..8)?.try_into().ok()?;
+    Some(u64::from_le_bytes(bytes))
+}
+
+/// Where a failing seed's files would go, if a caller wants to keep them.
+pub fn data_dir() -> PathBuf {
+    PathBuf::from(DATA_DIR)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_replays_exactly() {
+        let options = Options {
+            steps: 400,
+            trace_len: 10,
+        };
+        let a = run(7, options).map_err(|f| f.to_string()).unwrap();
+        let b = run(7, options).map_err(|f| f.to_string()).unwrap();
+        assert_eq!(a.simulated_ns, b.simulated_ns);
+        assert_eq!(a.acked, b.acked);
+        assert_eq!(a.delivered, b.delivered);
+        assert!(a.acked > 0);
+    }
+
+    #[test]
+    fn a_few_seeds_pass() {
+        for seed in 0..8 {
+            if let Err(f) = run(seed, Options::default()) {
+                panic!("{f}");
+            }
+        }
+    }
+}

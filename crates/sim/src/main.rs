@@ -1,0 +1,106 @@
+//! `dsplane-sim`: runs the deterministic simulator over many seeds, or replays one.
+//!
+//! ```text
+//! cargo run --release -p dsplane-sim -- --seeds 1000        seeds 0..1000
+//! cargo run --release -p dsplane-sim -- --seed 42           replay seed 42, with its trace
+//! ```
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+use dsplane_sim::{run, Options};
+
+/// dsplane's deterministic simulator.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Run this many seeds, from --first.
+    #[arg(long, default_value_t = 100, conflicts_with = "seed")]
+    seeds: u64,
+    /// The first seed of --seeds.
+    #[arg(long, default_value_t = 0)]
+    first: u64,
+    /// Replay one seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Steps of traffic and faults per seed, before the drain.
+    #[arg(long, default_value_t = 3_000)]
+    steps: u64,
+    /// Keep going after a failure (count failing seeds).
+    #[arg(long)]
+    keep_going: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if std::env::var_os("SIM_LOG").is_some() {
+        // The engine's own log lines, for a seed being replayed.
+        tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    }
+    let options = Options {
+        steps: args.steps,
+        ..Options::default()
+    };
+    let seeds: Vec<u64> = match args.seed {
+        Some(s) => vec![s],
+        None => (args.first..args.first + args.seeds).collect(),
+    };
+    let started = Instant::now();
+    let mut simulated = 0u64;
+    let mut failed = Vec::new();
+    let mut totals = dsplane_sim::Summary::default();
+    for &seed in &seeds {
+        match run(seed, options) {
+            Ok(s) => {
+                simulated += s.simulated_ns;
+                totals.acked += s.acked;
+                totals.delivered += s.delivered;
+                totals.expired += s.expired;
+                totals.throttled += s.throttled;
+                totals.crashes += s.crashes;
+                totals.refusals += s.refusals;
+                totals.salvages += s.salvages;
+                totals.refused_writes += s.refused_writes;
+                totals.requests_throttled += s.requests_throttled;
+                if args.seed.is_some() {
+                    println!("seed {seed} passed: {s:?}");
+                }
+            }
+            Err(f) => {
+                eprintln!("{f}");
+                failed.push(seed);
+                if !args.keep_going {
+                    break;
+                }
+            }
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let ran = if args.keep_going || failed.is_empty() {
+        seeds.len()
+    } else {
+        seeds.iter().position(|s| Some(s) == failed.first()).map_or(seeds.len(), |i| i + 1)
+    };
+    println!(
+        "{ran} seeds, {} failed; {:.1} simulated s in {wall:.1} s of wall clock ({:.1} simulated s per s); ACKed {}, delivered {}, expired {}, alerts throttled {}, crashes {}, refused logs {}, salvages {}, writes refused {}, requests throttled {}",
+        failed.len(),
+        simulated as f64 / 1e9,
+        simulated as f64 / 1e9 / wall.max(1e-9),
+        totals.acked,
+        totals.delivered,
+        totals.expired,
+        totals.throttled,
+        totals.crashes,
+        totals.refusals,
+        totals.salvages,
+        totals.refused_writes,
+        totals.requests_throttled,
+    );
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("failing seeds: {failed:?}");
+        ExitCode::FAILURE
+    }
+}
