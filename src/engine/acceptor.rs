@@ -32,6 +32,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
 use super::shared::{Adopt, Control, PeerRef, Shared};
+use super::{EngineError, EngineThread};
 use crate::admission::{Eviction, HandshakeLimits, HandshakeTable, HelloFailures, LogLimiter};
 use crate::wire::{
     Frame, FrameDecoder, Header, Kind, NackReason, Role, HEADER_LEN, TOKEN_BYTES_MAX,
@@ -115,11 +116,14 @@ impl Acceptor {
         mut su: TcpListener,
         mut csp: TcpListener,
         shared: Arc<Shared>,
-    ) -> io::Result<Acceptor> {
+    ) -> Result<Acceptor, EngineError> {
+        let failed = || EngineError::poll(EngineThread::Acceptor);
         poll.registry()
-            .register(&mut su, SU_LISTENER, Interest::READABLE)?;
+            .register(&mut su, SU_LISTENER, Interest::READABLE)
+            .map_err(failed())?;
         poll.registry()
-            .register(&mut csp, CSP_LISTENER, Interest::READABLE)?;
+            .register(&mut csp, CSP_LISTENER, Interest::READABLE)
+            .map_err(failed())?;
         let listen = &shared.config.listen;
         // A short idle timeout shortens the wait for HELLO too.
         let hello_deadline = listen

@@ -25,6 +25,7 @@
 mod acceptor;
 mod admin;
 mod conn;
+mod error;
 mod metrics;
 mod shared;
 mod worker;
@@ -41,6 +42,8 @@ use crate::config::Config;
 use crate::ids::Level;
 use crate::ring;
 use shared::{Envelope, Shared, WorkerLink};
+
+pub use error::{EngineError, EngineThread, Port};
 
 /// Pins the calling worker thread to `core`. A refusal is not fatal: the worker runs unpinned,
 /// slower under load but correct, and a WARN says which worker and core, and why (typically a
@@ -96,26 +99,38 @@ impl Engine {
     ///
     /// # Errors
     ///
-    /// A port that cannot be bound, or a thread or poll that cannot be created.
-    pub fn start(config: Config) -> io::Result<Engine> {
+    /// An [`EngineError`] naming what failed: the data directory's lock (another engine holds
+    /// it), a port that cannot be bound, recovery refusing the data directory, or a ring, event
+    /// loop or thread that cannot be created.
+    pub fn start(config: Config) -> Result<Engine, EngineError> {
         let workers = worker_count(&config);
         // One engine per data_dir, checked before anything is bound: the lock is held until
         // this engine is joined.
-        let lock = crate::datadir::DataDirLock::acquire(&config.engine.data_dir)
-            .map_err(io::Error::other)?;
-        let su_listener = listen(config.listen.su)?;
-        let csp_listener = listen(config.listen.csp)?;
-        let su_addr = su_listener.local_addr()?;
-        let csp_addr = csp_listener.local_addr()?;
+        let lock =
+            crate::datadir::DataDirLock::acquire(&config.engine.data_dir).map_err(|reason| {
+                EngineError::DataDirLock {
+                    data_dir: config.engine.data_dir.clone(),
+                    reason,
+                }
+            })?;
+        let (su_listener, su_addr) = listen(Port::Su, config.listen.su)?;
+        let (csp_listener, csp_addr) = listen(Port::Csp, config.listen.csp)?;
 
         let mut links = Vec::with_capacity(workers);
         let mut parts = Vec::with_capacity(workers);
-        for _ in 0..workers {
-            let poll = Poll::new()?;
-            let waker = Arc::new(Waker::new(poll.registry(), worker::WORKER_WAKER)?);
+        for index in 0..workers {
+            let thread = EngineThread::Worker(index);
+            let poll = Poll::new().map_err(EngineError::poll(thread))?;
+            let waker = Waker::new(poll.registry(), worker::WORKER_WAKER)
+                .map_err(EngineError::poll(thread))?;
+            let waker = Arc::new(waker);
             let (producer, consumer) =
-                ring::channel(usize::from(config.engine.levels), RING_FRAMES_PER_LEVEL)
-                    .map_err(|e| io::Error::other(e.to_string()))?;
+                ring::channel(usize::from(config.engine.levels), RING_FRAMES_PER_LEVEL).map_err(
+                    |source| EngineError::Ring {
+                        worker: index,
+                        source,
+                    },
+                )?;
             let (control_tx, control_rx) = mpsc::channel();
             links.push(WorkerLink {
                 ring: producer,
@@ -126,7 +141,7 @@ impl Engine {
         }
         let wakers: Vec<Arc<Waker>> = links.iter().map(|l| Arc::clone(&l.waker)).collect();
         let intake = crate::throttle::GlobalIntake::from_config(&config.service_requests, 0)
-            .map_err(|e| io::Error::other(e.to_string()))?;
+            .map_err(EngineError::Intake)?;
         let report = load_report(&config.engine.data_dir);
         let shared = Arc::new(Shared::new(config, links, intake, report));
 
@@ -146,7 +161,10 @@ impl Engine {
             },
             |record| write_orphan(&expiry_path, record),
         )
-        .map_err(|e| io::Error::other(e.to_string()))?;
+        .map_err(|source| EngineError::Recovery {
+            data_dir: engine.data_dir.clone(),
+            source,
+        })?;
         tracing::info!(
             frames = report.frames_recovered,
             orphaned = report.frames_orphaned,
@@ -176,6 +194,10 @@ impl Engine {
                         worker::Worker::new(index, poll, shared, consumer, control_rx, store);
                     ready.wait();
                     worker.run();
+                })
+                .map_err(|source| EngineError::Spawn {
+                    thread: EngineThread::Worker(index),
+                    source,
                 })?;
             threads.push(handle);
         }
@@ -186,11 +208,17 @@ impl Engine {
         threads.push(
             std::thread::Builder::new()
                 .name("dsplane-admin".into())
-                .spawn(move || admin.run())?,
+                .spawn(move || admin.run())
+                .map_err(|source| EngineError::Spawn {
+                    thread: EngineThread::Admin,
+                    source,
+                })?,
         );
 
-        let poll = Poll::new()?;
-        let acceptor_waker = Arc::new(Waker::new(poll.registry(), acceptor::ACCEPTOR_WAKER)?);
+        let poll = Poll::new().map_err(EngineError::poll(EngineThread::Acceptor))?;
+        let acceptor_waker = Waker::new(poll.registry(), acceptor::ACCEPTOR_WAKER)
+            .map_err(EngineError::poll(EngineThread::Acceptor))?;
+        let acceptor_waker = Arc::new(acceptor_waker);
         let acceptor = acceptor::Acceptor::new(
             poll,
             mio::net::TcpListener::from_std(su_listener),
@@ -200,7 +228,11 @@ impl Engine {
         threads.push(
             std::thread::Builder::new()
                 .name("dsplane-acceptor".into())
-                .spawn(move || acceptor.run())?,
+                .spawn(move || acceptor.run())
+                .map_err(|source| EngineError::Spawn {
+                    thread: EngineThread::Acceptor,
+                    source,
+                })?,
         );
         tracing::info!(su = %su_addr, csp = %csp_addr, admin = %admin_addr, workers, "dsplane running");
         Ok(Engine {
@@ -477,16 +509,25 @@ fn push(link: &WorkerLink, level: Level, envelope: Envelope) -> Result<(), Box<E
     }
 }
 
-fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+/// A non-blocking listener for `port` on `addr`, and the address it is bound to (the port
+/// chosen when `addr` asks for port 0).
+fn listen(
+    port: Port,
+    addr: SocketAddr,
+) -> Result<(std::net::TcpListener, SocketAddr), EngineError> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
+    let failed = || EngineError::listen(port, addr);
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(failed())?;
+    socket.set_reuse_address(true).map_err(failed())?;
+    socket.set_nonblocking(true).map_err(failed())?;
     socket
         .bind(&addr.into())
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))?;
-    socket.listen(LISTEN_BACKLOG)?;
-    Ok(socket.into())
+        .map_err(|source| EngineError::Bind { port, addr, source })?;
+    socket.listen(LISTEN_BACKLOG).map_err(failed())?;
+    let listener: std::net::TcpListener = socket.into();
+    let bound = listener.local_addr().map_err(failed())?;
+    Ok((listener, bound))
 }
 
 /// Socket options for a peer connection: no Nagle delay (frames are small and latency
