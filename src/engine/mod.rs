@@ -383,16 +383,41 @@ pub fn write_orphan(expiry_path: &std::path::Path, record: &crate::wal::Record) 
             counter = frame.header.counter,
             "recovered frame for a peer no longer configured; written to the expiry record"
         );
-        let line = format!(
-            "{{\"reason\":\"receiver no longer configured\",\"peer\":\"{peer}\",\"level\":{level},\"kind\":\"{}\",\"counter\":{}}}\n",
-            frame.header.kind, frame.header.counter
+        let mut line = orphan_line(
+            &peer.to_string(),
+            *level,
+            frame.header.kind.as_str(),
+            frame.header.counter,
         );
+        line.push('\n');
         let _ = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(expiry_path)
             .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
     }
+}
+
+/// One line of the expiry record for a recovered frame whose receiver is gone (without its
+/// newline): a JSON object, the fields in this order.
+fn orphan_line(peer: &str, level: u8, kind: &str, counter: u64) -> String {
+    #[derive(serde::Serialize)]
+    struct Orphan<'a> {
+        reason: &'a str,
+        peer: &'a str,
+        level: u8,
+        kind: &'a str,
+        counter: u64,
+    }
+    let record = Orphan {
+        reason: "receiver no longer configured",
+        peer,
+        level,
+        kind,
+        counter,
+    };
+    // A struct of strings and integers always serializes; the fallback is never taken.
+    serde_json::to_string(&record).unwrap_or_default()
 }
 
 /// The file of the alert monitoring report in `data_dir`.
@@ -538,4 +563,24 @@ fn tune_stream(stream: &mio::net::TcpStream) -> io::Result<()> {
     socket.set_send_buffer_size(SOCKET_BUFFER_BYTES)?;
     socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orphan_line_is_one_json_object_with_its_strings_escaped() {
+        let line = orphan_line("csp \"a\\b\"", 2, "ALERT", 7);
+        assert!(!line.contains('\n'), "{line}");
+        assert_eq!(
+            line,
+            r#"{"reason":"receiver no longer configured","peer":"csp \"a\\b\"","level":2,"kind":"ALERT","counter":7}"#
+        );
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["peer"], "csp \"a\\b\"");
+        assert_eq!(v["level"], 2);
+        assert_eq!(v["counter"], 7);
+        assert_eq!(v["kind"], "ALERT");
+    }
 }
