@@ -6,7 +6,7 @@
 //! |------------------------------|------|
 //! | `GET /healthz`               | `ok` while the engine runs |
 //! | `GET /metrics`               | Prometheus text format (see `docs/operations.md`) |
-//! | `GET /status`                | JSON: workers, each SU (connected, paused or away, its queue per tier), restriction, config file and load time |
+//! | `GET /status`                | JSON: version, workers, restriction, config file and load time, each SU (connected, paused or away, its queue per tier) and each CSP link (connected or away, its queue per tier) |
 //! | `POST /su/{EUI-64}/pause`    | the SU is unavailable: its traffic is kept (NMS, then SURB) |
 //! | `POST /su/{EUI-64}/resume`   | available again: its backlog is released with the ramp |
 //! | `POST /restrict`             | the whole northbound side is unavailable |

@@ -13,10 +13,37 @@
 //!
 //! Every SU and CSP link is owned by one worker (an SU by a hash of its id, a CSP link by its
 //! index), so its scheduler, limiter and in-flight table are touched by one thread only, without
-//! locks. The only things shared are the rings (one consumer each: the owner), the control
-//! channels that carry new connections from the acceptor, and relaxed admission counters that
-//! bound what dsplane holds for each receiver (a frame is ACKed only once it is admitted and in a
-//! ring, so an ACKed frame always has a place).
+//! locks. What is shared (`Shared`, in `shared.rs`): the rings (one consumer each: the owner); the
+//! control channels that carry new connections from the acceptor and operator actions from the
+//! admin interface; the engine-wide Service Request intake of SECMP0067
+//! ([`crate::throttle::GlobalIntake`], atomics); one relaxed counter of the frames held in memory
+//! for every receiver together; and, off the message path, the configuration being reloaded, the
+//! alert report and the workers' published metrics, each behind a mutex.
+//!
+//! # What bounds memory
+//!
+//! * **Intake.** A worker pushes each frame it reads into its owner's ring, which holds
+//!   [`RING_FRAMES_PER_LEVEL`] frames per level. When that level is full the frame is held on its
+//!   connection (one frame per connection) and nothing more is read from that connection until
+//!   the frame goes in, so TCP's flow control slows the sender; no frame is refused for a full
+//!   ring. A frame is ACKed once it is in the ring (durability `none`) or once its owner has
+//!   written it durably (otherwise), never before it has a place.
+//! * **Frames waiting for their receiver.** The owner keeps a frame in memory (the NMS) while its
+//!   receiver holds fewer than its share (`delivery.nms_per_su`) and the shared counter
+//!   (`Shared::memory_frames`) is below `delivery.nms_total`; otherwise the frame goes to the
+//!   SURB, on disk in the worker's log, and is loaded back a batch at a time as the receiver takes
+//!   frames. The counter is read `Relaxed` and added to after a batch is placed, so workers
+//!   placing batches at once may pass `nms_total` by what the others place in one batch: the bound
+//!   holds to within a few batches, not exactly.
+//! * **Output.** A connection takes frames from its scheduler only while less than
+//!   `OUT_BYTES_MAX` (1 MiB, `conn.rs`) is queued for
+//!   it.
+//! * **Before HELLO.** [`crate::admission`] caps the handshakes in progress (per address and in
+//!   all) and the acceptor reads at most one HELLO's bytes from each.
+//!
+//! What is refused rather than held: a Service Request over its SU's allocation or the engine's
+//! capacity (NACK, [`crate::throttle`]), and frames whose log write failed (NACK 5, durability
+//! other than `none`).
 //!
 //! The sans-IO pieces do the deciding: [`crate::wire`] (framing), [`crate::classify`] (levels),
 //! [`crate::delivery`] (strict priority, window, rate, ramp) and [`crate::limiter`]; the code here
@@ -73,7 +100,9 @@ fn pin_worker(worker: usize, core: Option<core_affinity::CoreId>) {
 }
 
 /// Frames each worker's ring holds per level. At 1 µs per frame a worker drains a full level in
-/// 8 ms; beyond that, intake answers NACK 5 rather than buffer without bound.
+/// 8 ms; beyond that, a connection whose frame finds its level full stops being read until the
+/// frame goes in (the sender is slowed by TCP's flow control), rather than dsplane buffering
+/// without bound.
 pub const RING_FRAMES_PER_LEVEL: usize = 8192;
 /// Listen backlog of the SU and CSP ports.
 const LISTEN_BACKLOG: i32 = 1024;
