@@ -4,14 +4,33 @@
 //!
 //! * a **sans-IO core**, plain data structures driven by explicit time (`now` is always an
 //!   argument, in [`Nanos`]) and tested without sockets or sleeps:
-//!   [`wire`] (the 64-byte frame header and the streaming decoder), [`config`] (the TOML file of
-//!   ENGINE.md §10 and its validation), [`classify`] (priority levels from rules), [`limiter`]
-//!   (per-Service-User token buckets with the release ramp), [`admission`] (connections before
-//!   their HELLO, the delay on bad tokens, the refusal log limit);
-//! * the **concurrent pieces**, whose every atomic and cell comes from [`sync`] so that loom can
-//!   model them: [`ring`] (the lock-free MPSC priority ring that carries work between cores).
-//!
-//! Domain identifiers shared by all of them (EUI-64, SRV, mode, level) are in [`ids`].
+//!   * [`ids`]: the domain identifiers (EUI-64, SRV, mode, level), parsed without panics;
+//!   * [`wire`]: PROTOCOL.md v1, the 64-byte frame header, frames and the streaming decoder;
+//!   * [`config`]: the TOML file of ENGINE.md §10, its defaults and its validation;
+//!   * [`classify`]: priority levels from the REQUEST rules and alert levels, responses
+//!     inheriting their request's level;
+//!   * [`limiter`]: per-Service-User token buckets with the release ramp;
+//!   * [`delivery`]: one peer's delivery scheduler (strict priority, window with reserved
+//!     level-1 slots, rate, re-send);
+//!   * [`storm`]: Alert Storm Protection (SECMP0062), alerts counted into one summary per window;
+//!   * [`throttle`]: Service Request throttling (SECMP0067), the engine-wide capacity and each
+//!     Service User's allocation;
+//!   * [`report`]: the daily alert monitoring report, in bounded memory, saved and merged;
+//!   * [`admission`]: connections before their HELLO, the delay on bad tokens, the refusal log
+//!     limit;
+//! * **storage**, the logs on disk:
+//!   * [`wal`]: the write-ahead log format (checksummed records, a COMMIT per batch);
+//!   * [`store`]: one worker's log (append, watermarks, SURB spill, group commit, reclaim);
+//!   * [`datadir`]: which generation of logs is current (`CURRENT`, `MANIFEST`) and the `LOCK`
+//!     that keeps one engine per data directory;
+//!   * [`recovery`]: recovery at start-up and `dsplane recover --salvage`;
+//! * the **concurrent pieces**, whose every atomic and cell comes from [`sync`] (std normally,
+//!   loom under `--cfg loom`) so that loom can model them: [`ring`], the lock-free MPSC priority
+//!   ring that carries work between cores;
+//! * the **I/O**: [`engine`], the running dataplane (acceptor, pinned mio workers, admin
+//!   interface, metrics);
+//! * the **tools**: [`client`], a blocking protocol client, and [`loadgen`], the load generator
+//!   behind `dsplane demo` and `dsplane-loadgen`.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]

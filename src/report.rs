@@ -34,10 +34,11 @@
 //! checks the length against the largest payload the bounds allow before reading it, the
 //! checksum before parsing, and every count, bound and ordering while parsing, so a corrupt or
 //! truncated file is an error, never a panic or an unbounded allocation. Writing to a temporary
-//! file and renaming it over the old one is the caller's part. The CRC is computed here
-//! (table-driven, Castagnoli polynomial, checked against the standard check value) rather than
-//! taken from the `crc32c` crate: a report of a few MiB written once a minute does not need
-//! SSE4.2, and one dependency fewer is one thing less to audit.
+//! file and renaming it over the old one is the caller's part. The CRC is the `crc32c` crate's,
+//! as in the write-ahead log ([`crate::wal`]): one CRC-32C implementation in the crate (the
+//! Castagnoli polynomial; reports written by the table-driven version this module used to carry
+//! load unchanged, which the tests check with the standard check value and a report's bytes
+//! written by that version).
 //!
 //! # Merging
 //!
@@ -295,37 +296,38 @@ fn mix(device: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-// Indexing here is safe: indices are bounded by the fixed sizes of the sketches (register counts, day and code limits), checked where the values are created.
-#[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
 fn hll_add(registers: &mut [u8; HLL_REGISTERS], device: u64) {
     let h = mix(device);
+    // The top HLL_P bits pick the register, so `at` < HLL_REGISTERS and `get_mut` always finds it.
     let at = (h >> (64 - HLL_P)) as usize;
     let rest = h << HLL_P;
     // The 52 remaining bits; all zero gives the largest rank.
     let rank = (rest.leading_zeros() + 1).min(u32::from(HLL_RANK_MAX)) as u8;
-    if registers[at] < rank {
-        registers[at] = rank;
+    if let Some(register) = registers.get_mut(at) {
+        *register = (*register).max(rank);
     }
 }
 
 /// Ertl's improved raw estimator over the register histogram.
-// Indexing here is safe: indices are bounded by the fixed sizes of the sketches (register counts, day and code limits), checked where the values are created.
-#[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
 fn hll_estimate(registers: &[u8; HLL_REGISTERS]) -> f64 {
-    let q = usize::from(HLL_RANK_MAX) - 1;
+    // histogram[k]: registers holding rank k, for k in 0..=q+1 where q + 1 = HLL_RANK_MAX.
     let mut histogram = [0u32; HLL_RANK_MAX as usize + 1];
     for &r in registers.iter() {
-        histogram[usize::from(r.min(HLL_RANK_MAX))] += 1;
+        if let Some(count) = histogram.get_mut(usize::from(r.min(HLL_RANK_MAX))) {
+            *count += 1;
+        }
     }
+    let [empty, middle @ .., full] = histogram;
     let m = HLL_REGISTERS as f64;
-    if histogram[0] as usize == HLL_REGISTERS {
+    if empty as usize == HLL_REGISTERS {
         return 0.0;
     }
-    let mut z = m * hll_tau(1.0 - f64::from(histogram[q + 1]) / m);
-    for k in (1..=q).rev() {
-        z = 0.5 * (z + f64::from(histogram[k]));
+    let mut z = m * hll_tau(1.0 - f64::from(full) / m);
+    // Ranks q down to 1.
+    for &count in middle.iter().rev() {
+        z = 0.5 * (z + f64::from(count));
     }
-    z += m * hll_sigma(f64::from(histogram[0]) / m);
+    z += m * hll_sigma(f64::from(empty) / m);
     let alpha_inf = 1.0 / (2.0 * std::f64::consts::LN_2);
     alpha_inf * m * m / z
 }
@@ -731,7 +733,7 @@ impl AlertReport {
         header[4..6].copy_from_slice(&REPORT_FORMAT_VERSION.to_le_bytes());
         // Bounded by REPORT_PAYLOAD_BYTES_MAX < u32::MAX.
         header[8..12].copy_from_slice(&(p.len() as u32).to_le_bytes());
-        header[12..16].copy_from_slice(&crc32c(&p).to_le_bytes());
+        header[12..16].copy_from_slice(&crc32c::crc32c(&p).to_le_bytes());
         out.write_all(&header)?;
         out.write_all(&p)?;
         out.flush()?;
@@ -765,7 +767,7 @@ impl AlertReport {
         if payload.len() != len as usize {
             return Err(ReportError::Truncated);
         }
-        let computed = crc32c(&payload);
+        let computed = crc32c::crc32c(&payload);
         if computed != stored {
             return Err(ReportError::Checksum { stored, computed });
         }
@@ -817,29 +819,28 @@ impl<'a> Cursor<'a> {
         Ok(head)
     }
 
-    // Indexing here is safe: indices are bounded by the fixed sizes of the sketches (register counts, day and code limits), checked where the values are created.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
-    fn u8(&mut self) -> Result<u8, ReportError> {
-        Ok(self.take(1)?[0])
+    /// The next `N` bytes, as an array.
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], ReportError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
     }
 
-    // Indexing here is safe: indices are bounded by the fixed sizes of the sketches (register counts, day and code limits), checked where the values are created.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
+    fn u8(&mut self) -> Result<u8, ReportError> {
+        let [b] = self.array()?;
+        Ok(b)
+    }
+
     fn u16(&mut self) -> Result<u16, ReportError> {
-        let b = self.take(2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
+        self.array().map(u16::from_le_bytes)
     }
 
     fn u32(&mut self) -> Result<u32, ReportError> {
-        let mut a = [0u8; 4];
-        a.copy_from_slice(self.take(4)?);
-        Ok(u32::from_le_bytes(a))
+        self.array().map(u32::from_le_bytes)
     }
 
     fn u64(&mut self) -> Result<u64, ReportError> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_le_bytes(a))
+        self.array().map(u64::from_le_bytes)
     }
 
     fn counts(&mut self) -> Result<Counts, ReportError> {
@@ -952,36 +953,6 @@ fn parse_payload(payload: &[u8]) -> Result<AlertReport, ReportError> {
     Ok(report)
 }
 
-/// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), as iSCSI and ext4 use.
-// Indexing here is safe: indices are bounded by the fixed sizes of the sketches (register counts, day and code limits), checked where the values are created.
-#[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
-pub fn crc32c(data: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut table = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut crc = i as u32;
-            let mut bit = 0;
-            while bit < 8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0x82F6_3B78
-                } else {
-                    crc >> 1
-                };
-                bit += 1;
-            }
-            table[i] = crc;
-            i += 1;
-        }
-        table
-    };
-    let mut crc = !0u32;
-    for &b in data {
-        crc = TABLE[((crc ^ u32::from(b)) & 0xFF) as usize] ^ (crc >> 8);
-    }
-    !crc
-}
-
 #[cfg(test)]
 mod date_tests {
     use super::*;
@@ -1014,10 +985,51 @@ mod tests {
 
     const DAY: u32 = 19_779; // 2024-02-26, when the DCC deployed its daily alert report.
 
+    /// The checksum in the header is CRC-32C (Castagnoli): the standard check value, which the
+    /// table-driven version once in this module met too.
     #[test]
     fn crc32c_check_value() {
-        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
-        assert_eq!(crc32c(b""), 0);
+        assert_eq!(crc32c::crc32c(b"123456789"), 0xE306_9283);
+        assert_eq!(crc32c::crc32c(b""), 0);
+    }
+
+    /// A report file written before the checksum came from the `crc32c` crate (by the
+    /// table-driven CRC this module used to have): the same report writes the same bytes, and
+    /// those bytes load back to it.
+    #[test]
+    fn report_written_by_the_earlier_crc_loads_and_is_written_the_same() {
+        // Header (magic, version, length 186, CRC 0xE26BD230), then the payload.
+        const GOLDEN: &str = concat!(
+            "4453415201000000ba00000030d26be2",
+            "0200434d00000000000000000000000000000000000000000000000000000100",
+            "758f020000000000000001000000000000000100000000000000000100a09078",
+            "563412db0001a09078563412db0002000000000000000000000000000000444d",
+            "000000000000000000000000000000000000000000000000000001001c8f0100",
+            "0000000000000100000000000000000000000000000000010007000000000000",
+            "0001070000000000000001000000000000000000000000000000",
+        );
+        let golden: Vec<u8> = (0..GOLDEN.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&GOLDEN[i..i + 2], 16).unwrap())
+            .collect();
+        let mut r = AlertReport::new();
+        r.record(
+            DAY,
+            0x8F75,
+            Eui64(0x00DB_1234_5678_90A0),
+            Outcome::Throttled,
+        );
+        r.record(
+            DAY,
+            0x8F75,
+            Eui64(0x00DB_1234_5678_90A0),
+            Outcome::Delivered,
+        );
+        r.record(DAY + 1, 0x8F1C, Eui64(7), Outcome::Delivered);
+        let mut bytes = Vec::new();
+        r.save_to(&mut bytes).unwrap();
+        assert_eq!(bytes, golden);
+        assert_eq!(AlertReport::load_from(&mut golden.as_slice()).unwrap(), r);
     }
 
     #[test]

@@ -5,17 +5,18 @@
 //! finishes its HELLO costs a worker nothing. What may wait for a HELLO, and for how long, is
 //! decided by [`crate::admission`] (`docs/admission.md`):
 //!
-//! * every connection is accepted, at once, however many wait: the listen queue is drained on
-//!   every turn and a full [`HandshakeTable`] evicts an older handshake (NACK 5 and a detail)
-//!   rather than refusing the newcomer, so a peer that sends its HELLO right after connecting
-//!   always gets through;
+//! * every connection is accepted, however many wait: up to [`ACCEPTS_PER_TURN`] per port on
+//!   each turn of the loop, the next turn coming at once while more are queued, and a full
+//!   [`HandshakeTable`] evicts an older handshake (NACK 5 and a detail) rather than refusing the
+//!   newcomer, so a peer that sends its HELLO right after connecting always gets through;
 //! * a connection has `listen.hello_deadline_ms` to send its HELLO, and reads nothing beyond it
 //!   (at most [`HELLO_BYTES_MAX`] bytes are held for it);
 //! * `listen.connections_max` counts authenticated connections only, from HELLO_OK to close,
 //!   so idle connections cannot take the peers' places;
 //! * a bad token is answered later and later ([`HelloFailures`]); a right token is accepted at
 //!   once, whatever its address did before;
-//! * every refusal is logged at most once a second per reason, with the count left out.
+//! * every refusal is logged at most once a second per reason, with the count of those left
+//!   out since the last line.
 
 #![cfg_attr(
     not(test),
@@ -32,6 +33,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
 use super::shared::{Adopt, Control, PeerRef, Shared};
+use super::{EngineError, EngineThread};
 use crate::admission::{Eviction, HandshakeLimits, HandshakeTable, HelloFailures, LogLimiter};
 use crate::wire::{
     Frame, FrameDecoder, Header, Kind, NackReason, Role, HEADER_LEN, TOKEN_BYTES_MAX,
@@ -115,11 +117,14 @@ impl Acceptor {
         mut su: TcpListener,
         mut csp: TcpListener,
         shared: Arc<Shared>,
-    ) -> io::Result<Acceptor> {
+    ) -> Result<Acceptor, EngineError> {
+        let failed = || EngineError::poll(EngineThread::Acceptor);
         poll.registry()
-            .register(&mut su, SU_LISTENER, Interest::READABLE)?;
+            .register(&mut su, SU_LISTENER, Interest::READABLE)
+            .map_err(failed())?;
         poll.registry()
-            .register(&mut csp, CSP_LISTENER, Interest::READABLE)?;
+            .register(&mut csp, CSP_LISTENER, Interest::READABLE)
+            .map_err(failed())?;
         let listen = &shared.config.listen;
         // A short idle timeout shortens the wait for HELLO too.
         let hello_deadline = listen

@@ -6,7 +6,7 @@
 //! |------------------------------|------|
 //! | `GET /healthz`               | `ok` while the engine runs |
 //! | `GET /metrics`               | Prometheus text format (see `docs/operations.md`) |
-//! | `GET /status`                | JSON: workers, each SU (connected, paused or away, its queue per tier), restriction, config file and load time |
+//! | `GET /status`                | JSON: version, workers, restriction, config file and load time, each SU (connected, paused or away, its queue per tier) and each CSP link (connected or away, its queue per tier) |
 //! | `POST /su/{EUI-64}/pause`    | the SU is unavailable: its traffic is kept (NMS, then SURB) |
 //! | `POST /su/{EUI-64}/resume`   | available again: its backlog is released with the ramp |
 //! | `POST /restrict`             | the whole northbound side is unavailable |
@@ -53,6 +53,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::shared::{token_eq, Control, Shared};
+use super::{EngineError, EngineThread, Port};
 use crate::ids::Eui64;
 
 fn unix_now() -> u64 {
@@ -286,15 +287,23 @@ pub(crate) struct Admin {
 }
 
 impl Admin {
-    pub(crate) fn bind(addr: SocketAddr, shared: Arc<Shared>) -> io::Result<(Admin, SocketAddr)> {
-        let listener = std::net::TcpListener::bind(addr)
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot bind admin {addr}: {e}")))?;
-        listener.set_nonblocking(true)?;
-        let bound = listener.local_addr()?;
+    pub(crate) fn bind(
+        addr: SocketAddr,
+        shared: Arc<Shared>,
+    ) -> Result<(Admin, SocketAddr), EngineError> {
+        let listener = std::net::TcpListener::bind(addr).map_err(|source| EngineError::Bind {
+            port: Port::Admin,
+            addr,
+            source,
+        })?;
+        let failed = || EngineError::listen(Port::Admin, addr);
+        listener.set_nonblocking(true).map_err(failed())?;
+        let bound = listener.local_addr().map_err(failed())?;
         let mut listener = TcpListener::from_std(listener);
-        let poll = Poll::new()?;
+        let poll = Poll::new().map_err(EngineError::poll(EngineThread::Admin))?;
         poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .map_err(EngineError::poll(EngineThread::Admin))?;
         Ok((
             Admin {
                 poll,

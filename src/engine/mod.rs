@@ -13,10 +13,37 @@
 //!
 //! Every SU and CSP link is owned by one worker (an SU by a hash of its id, a CSP link by its
 //! index), so its scheduler, limiter and in-flight table are touched by one thread only, without
-//! locks. The only things shared are the rings (one consumer each: the owner), the control
-//! channels that carry new connections from the acceptor, and relaxed admission counters that
-//! bound what dsplane holds for each receiver (a frame is ACKed only once it is admitted and in a
-//! ring, so an ACKed frame always has a place).
+//! locks. What is shared (`Shared`, in `shared.rs`): the rings (one consumer each: the owner); the
+//! control channels that carry new connections from the acceptor and operator actions from the
+//! admin interface; the engine-wide Service Request intake of SECMP0067
+//! ([`crate::throttle::GlobalIntake`], atomics); one relaxed counter of the frames held in memory
+//! for every receiver together; and, off the message path, the configuration being reloaded, the
+//! alert report and the workers' published metrics, each behind a mutex.
+//!
+//! # What bounds memory
+//!
+//! * **Intake.** A worker pushes each frame it reads into its owner's ring, which holds
+//!   [`RING_FRAMES_PER_LEVEL`] frames per level. When that level is full the frame is held on its
+//!   connection (one frame per connection) and nothing more is read from that connection until
+//!   the frame goes in, so TCP's flow control slows the sender; no frame is refused for a full
+//!   ring. A frame is ACKed once it is in the ring (durability `none`) or once its owner has
+//!   written it durably (otherwise), never before it has a place.
+//! * **Frames waiting for their receiver.** The owner keeps a frame in memory (the NMS) while its
+//!   receiver holds fewer than its share (`delivery.nms_per_su`) and the shared counter
+//!   (`Shared::memory_frames`) is below `delivery.nms_total`; otherwise the frame goes to the
+//!   SURB, on disk in the worker's log, and is loaded back a batch at a time as the receiver takes
+//!   frames. The counter is read `Relaxed` and added to after a batch is placed, so workers
+//!   placing batches at once may pass `nms_total` by what the others place in one batch: the bound
+//!   holds to within a few batches, not exactly.
+//! * **Output.** A connection takes frames from its scheduler only while less than
+//!   `OUT_BYTES_MAX` (1 MiB, `conn.rs`) is queued for
+//!   it.
+//! * **Before HELLO.** [`crate::admission`] caps the handshakes in progress (per address and in
+//!   all) and the acceptor reads at most one HELLO's bytes from each.
+//!
+//! What is refused rather than held: a Service Request over its SU's allocation or the engine's
+//! capacity (NACK, [`crate::throttle`]), and frames whose log write failed (NACK 5, durability
+//! other than `none`).
 //!
 //! The sans-IO pieces do the deciding: [`crate::wire`] (framing), [`crate::classify`] (levels),
 //! [`crate::delivery`] (strict priority, window, rate, ramp) and [`crate::limiter`]; the code here
@@ -25,6 +52,7 @@
 mod acceptor;
 mod admin;
 mod conn;
+mod error;
 mod metrics;
 mod shared;
 mod worker;
@@ -41,6 +69,8 @@ use crate::config::Config;
 use crate::ids::Level;
 use crate::ring;
 use shared::{Envelope, Shared, WorkerLink};
+
+pub use error::{EngineError, EngineThread, Port};
 
 /// Pins the calling worker thread to `core`. A refusal is not fatal: the worker runs unpinned,
 /// slower under load but correct, and a WARN says which worker and core, and why (typically a
@@ -92,26 +122,38 @@ impl Engine {
     ///
     /// # Errors
     ///
-    /// A port that cannot be bound, or a thread or poll that cannot be created.
-    pub fn start(config: Config) -> io::Result<Engine> {
+    /// An [`EngineError`] naming what failed: the data directory's lock (another engine holds
+    /// it), a port that cannot be bound, recovery refusing the data directory, or a ring, event
+    /// loop or thread that cannot be created.
+    pub fn start(config: Config) -> Result<Engine, EngineError> {
         let workers = worker_count(&config);
         // One engine per data_dir, checked before anything is bound: the lock is held until
         // this engine is joined.
-        let lock = crate::datadir::DataDirLock::acquire(&config.engine.data_dir)
-            .map_err(io::Error::other)?;
-        let su_listener = listen(config.listen.su)?;
-        let csp_listener = listen(config.listen.csp)?;
-        let su_addr = su_listener.local_addr()?;
-        let csp_addr = csp_listener.local_addr()?;
+        let lock =
+            crate::datadir::DataDirLock::acquire(&config.engine.data_dir).map_err(|reason| {
+                EngineError::DataDirLock {
+                    data_dir: config.engine.data_dir.clone(),
+                    reason,
+                }
+            })?;
+        let (su_listener, su_addr) = listen(Port::Su, config.listen.su)?;
+        let (csp_listener, csp_addr) = listen(Port::Csp, config.listen.csp)?;
 
         let mut links = Vec::with_capacity(workers);
         let mut parts = Vec::with_capacity(workers);
-        for _ in 0..workers {
-            let poll = Poll::new()?;
-            let waker = Arc::new(Waker::new(poll.registry(), worker::WORKER_WAKER)?);
+        for index in 0..workers {
+            let thread = EngineThread::Worker(index);
+            let poll = Poll::new().map_err(EngineError::poll(thread))?;
+            let waker = Waker::new(poll.registry(), worker::WORKER_WAKER)
+                .map_err(EngineError::poll(thread))?;
+            let waker = Arc::new(waker);
             let (producer, consumer) =
-                ring::channel(usize::from(config.engine.levels), RING_FRAMES_PER_LEVEL)
-                    .map_err(|e| io::Error::other(e.to_string()))?;
+                ring::channel(usize::from(config.engine.levels), RING_FRAMES_PER_LEVEL).map_err(
+                    |source| EngineError::Ring {
+                        worker: index,
+                        source,
+                    },
+                )?;
             let (control_tx, control_rx) = mpsc::channel();
             links.push(WorkerLink {
                 ring: producer,
@@ -122,7 +164,7 @@ impl Engine {
         }
         let wakers: Vec<Arc<Waker>> = links.iter().map(|l| Arc::clone(&l.waker)).collect();
         let intake = crate::throttle::GlobalIntake::from_config(&config.service_requests, 0)
-            .map_err(|e| io::Error::other(e.to_string()))?;
+            .map_err(EngineError::Intake)?;
         let report = load_report(&config.engine.data_dir);
         let shared = Arc::new(Shared::new(config, links, intake, report));
 
@@ -142,7 +184,10 @@ impl Engine {
             },
             |record| write_orphan(&expiry_path, record),
         )
-        .map_err(|e| io::Error::other(e.to_string()))?;
+        .map_err(|source| EngineError::Recovery {
+            data_dir: engine.data_dir.clone(),
+            source,
+        })?;
         tracing::info!(
             frames = report.frames_recovered,
             orphaned = report.frames_orphaned,
@@ -162,14 +207,21 @@ impl Engine {
         let mut owners = Vec::with_capacity(workers);
         for (index, store) in stores.into_iter().enumerate() {
             let setup = crate::owner::OwnerSetup::from_config(&shared.config, index, workers)
-                .map_err(|e| io::Error::other(e.to_string()))?;
+                .map_err(|source| EngineError::Owner {
+                    worker: index,
+                    source,
+                })?;
             let nms = crate::owner::Nms::new(
                 Arc::clone(&shared.memory_frames),
                 shared.memory_frames_max,
             );
             owners.push(
-                crate::owner::Owner::new(setup, store, nms, shared.now())
-                    .map_err(|e| io::Error::other(e.to_string()))?,
+                crate::owner::Owner::new(setup, store, nms, shared.now()).map_err(|source| {
+                    EngineError::Owner {
+                        worker: index,
+                        source,
+                    }
+                })?,
             );
         }
         for (index, ((poll, consumer, control_rx), owner)) in
@@ -186,6 +238,10 @@ impl Engine {
                         worker::Worker::new(index, poll, shared, consumer, control_rx, owner);
                     ready.wait();
                     worker.run();
+                })
+                .map_err(|source| EngineError::Spawn {
+                    thread: EngineThread::Worker(index),
+                    source,
                 })?;
             threads.push(handle);
         }
@@ -196,11 +252,17 @@ impl Engine {
         threads.push(
             std::thread::Builder::new()
                 .name("dsplane-admin".into())
-                .spawn(move || admin.run())?,
+                .spawn(move || admin.run())
+                .map_err(|source| EngineError::Spawn {
+                    thread: EngineThread::Admin,
+                    source,
+                })?,
         );
 
-        let poll = Poll::new()?;
-        let acceptor_waker = Arc::new(Waker::new(poll.registry(), acceptor::ACCEPTOR_WAKER)?);
+        let poll = Poll::new().map_err(EngineError::poll(EngineThread::Acceptor))?;
+        let acceptor_waker = Waker::new(poll.registry(), acceptor::ACCEPTOR_WAKER)
+            .map_err(EngineError::poll(EngineThread::Acceptor))?;
+        let acceptor_waker = Arc::new(acceptor_waker);
         let acceptor = acceptor::Acceptor::new(
             poll,
             mio::net::TcpListener::from_std(su_listener),
@@ -210,7 +272,11 @@ impl Engine {
         threads.push(
             std::thread::Builder::new()
                 .name("dsplane-acceptor".into())
-                .spawn(move || acceptor.run())?,
+                .spawn(move || acceptor.run())
+                .map_err(|source| EngineError::Spawn {
+                    thread: EngineThread::Acceptor,
+                    source,
+                })?,
         );
         tracing::info!(su = %su_addr, csp = %csp_addr, admin = %admin_addr, workers, "dsplane running");
         Ok(Engine {
@@ -361,16 +427,41 @@ pub fn write_orphan(expiry_path: &std::path::Path, record: &crate::wal::Record) 
             counter = frame.header.counter,
             "recovered frame for a peer no longer configured; written to the expiry record"
         );
-        let line = format!(
-            "{{\"reason\":\"receiver no longer configured\",\"peer\":\"{peer}\",\"level\":{level},\"kind\":\"{}\",\"counter\":{}}}\n",
-            frame.header.kind, frame.header.counter
+        let mut line = orphan_line(
+            &peer.to_string(),
+            *level,
+            frame.header.kind.as_str(),
+            frame.header.counter,
         );
+        line.push('\n');
         let _ = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(expiry_path)
             .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
     }
+}
+
+/// One line of the expiry record for a recovered frame whose receiver is gone (without its
+/// newline): a JSON object, the fields in this order.
+fn orphan_line(peer: &str, level: u8, kind: &str, counter: u64) -> String {
+    #[derive(serde::Serialize)]
+    struct Orphan<'a> {
+        reason: &'a str,
+        peer: &'a str,
+        level: u8,
+        kind: &'a str,
+        counter: u64,
+    }
+    let record = Orphan {
+        reason: "receiver no longer configured",
+        peer,
+        level,
+        kind,
+        counter,
+    };
+    // A struct of strings and integers always serializes; the fallback is never taken.
+    serde_json::to_string(&record).unwrap_or_default()
 }
 
 /// The file of the alert monitoring report in `data_dir`.
@@ -487,16 +578,25 @@ fn push(link: &WorkerLink, level: Level, envelope: Envelope) -> Result<(), Box<E
     }
 }
 
-fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+/// A non-blocking listener for `port` on `addr`, and the address it is bound to (the port
+/// chosen when `addr` asks for port 0).
+fn listen(
+    port: Port,
+    addr: SocketAddr,
+) -> Result<(std::net::TcpListener, SocketAddr), EngineError> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
+    let failed = || EngineError::listen(port, addr);
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(failed())?;
+    socket.set_reuse_address(true).map_err(failed())?;
+    socket.set_nonblocking(true).map_err(failed())?;
     socket
         .bind(&addr.into())
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))?;
-    socket.listen(LISTEN_BACKLOG)?;
-    Ok(socket.into())
+        .map_err(|source| EngineError::Bind { port, addr, source })?;
+    socket.listen(LISTEN_BACKLOG).map_err(failed())?;
+    let listener: std::net::TcpListener = socket.into();
+    let bound = listener.local_addr().map_err(failed())?;
+    Ok((listener, bound))
 }
 
 /// Socket options for a peer connection: no Nagle delay (frames are small and latency
@@ -507,4 +607,24 @@ fn tune_stream(stream: &mio::net::TcpStream) -> io::Result<()> {
     socket.set_send_buffer_size(SOCKET_BUFFER_BYTES)?;
     socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orphan_line_is_one_json_object_with_its_strings_escaped() {
+        let line = orphan_line("csp \"a\\b\"", 2, "ALERT", 7);
+        assert!(!line.contains('\n'), "{line}");
+        assert_eq!(
+            line,
+            r#"{"reason":"receiver no longer configured","peer":"csp \"a\\b\"","level":2,"kind":"ALERT","counter":7}"#
+        );
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["peer"], "csp \"a\\b\"");
+        assert_eq!(v["level"], 2);
+        assert_eq!(v["counter"], 7);
+        assert_eq!(v["kind"], "ALERT");
+    }
 }

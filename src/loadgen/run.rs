@@ -155,7 +155,7 @@ pub enum RunError {
     Config(#[from] crate::config::ConfigError),
     /// The in-process engine did not start.
     #[error("cannot start the engine: {0}")]
-    Engine(std::io::Error),
+    Engine(#[source] crate::engine::EngineError),
     /// A peer could not connect.
     #[error("{peer} cannot connect: {source}")]
     Connect {
