@@ -115,14 +115,7 @@ fn index(direction: Direction, kind: Kind, level: u8, outcome: Outcome) -> usize
 impl WorkerMetrics {
     /// Counts `n` messages.
     #[inline]
-    pub fn count(
-        &mut self,
-        direction: Direction,
-        kind: Kind,
-        level: u8,
-        outcome: Outcome,
-        n: u64,
-    ) {
+    pub fn count(&mut self, direction: Direction, kind: Kind, level: u8, outcome: Outcome, n: u64) {
         if let Some(c) = self
             .messages
             .get_mut(index(direction, kind, level, outcome))

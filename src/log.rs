@@ -7,7 +7,7 @@
 
 use std::io;
 
-use crate::store::{LogPos, Loaded, Store, Stored};
+use crate::store::{Loaded, LogPos, Store, Stored};
 use crate::wal::{PeerKey, WalError};
 use crate::wire::Frame;
 

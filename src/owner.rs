@@ -40,8 +40,8 @@ use crate::limiter::{LimiterError, ReleaseStart, TokenBucket};
 use crate::limits;
 use crate::log::Log;
 use crate::report::{utc_day, AlertReport, Outcome};
-use crate::storm::{StormDetector, StormError, StormSettings, StormSummary, Verdict};
 use crate::store::{LogPos, Stored};
+use crate::storm::{StormDetector, StormError, StormSettings, StormSummary, Verdict};
 use crate::throttle::{GlobalIntake, RequestThrottle, ThrottleError};
 use crate::wal::PeerKey;
 use crate::wire::{Frame, Header, Kind, NackReason};
@@ -1291,7 +1291,10 @@ impl<L: Log> Owner<L> {
             tracing::info!(peer = %state.label, device = %summary.device, alert_code = %AlertCode(summary.code), count = summary.count, early = summary.early, "alert storm summary: one STORM_SUMMARY stands for the alerts throttled in the window");
             let _ = self.take(
                 Envelope {
-                    to: Destination::Northbound { su: summary.su, level },
+                    to: Destination::Northbound {
+                        su: summary.su,
+                        level,
+                    },
                     frame: Frame {
                         header: h,
                         payload: Bytes::new(),
@@ -1310,9 +1313,7 @@ impl<L: Log> Owner<L> {
 
     /// The alert report counted since the last call, if any alert was seen.
     pub fn take_report(&mut self) -> Option<AlertReport> {
-        if self.report.days().next().is_none() {
-            return None;
-        }
+        self.report.days().next()?;
         Some(std::mem::take(&mut self.report))
     }
 

@@ -19,8 +19,8 @@
 use std::fmt::Write as _;
 
 pub(crate) use crate::counters::{
-    PeerSnapshot, WorkerMetrics, DIRECTIONS, KINDS, LATENCY_BUCKETS_US,
-    LEVELS, OUTCOMES, SU_OUTCOMES,
+    PeerSnapshot, WorkerMetrics, DIRECTIONS, KINDS, LATENCY_BUCKETS_US, LEVELS, OUTCOMES,
+    SU_OUTCOMES,
 };
 use crate::wire::Kind;
 

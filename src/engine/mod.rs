@@ -211,10 +211,8 @@ impl Engine {
                     worker: index,
                     source,
                 })?;
-            let nms = crate::owner::Nms::new(
-                Arc::clone(&shared.memory_frames),
-                shared.memory_frames_max,
-            );
+            let nms =
+                crate::owner::Nms::new(Arc::clone(&shared.memory_frames), shared.memory_frames_max);
             owners.push(
                 crate::owner::Owner::new(setup, store, nms, shared.now()).map_err(|source| {
                     EngineError::Owner {

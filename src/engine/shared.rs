@@ -13,9 +13,9 @@ use mio::Waker;
 use crate::classify::Rules;
 use crate::config::{Config, Csp, DeviceRange, Secret, ServiceUser};
 use crate::ids::{AlertCode, Eui64, Level};
+pub(crate) use crate::owner::{Envelope, PeerRef, Ticket};
 use crate::ring;
 use crate::wal::PeerKey;
-pub(crate) use crate::owner::{Envelope, PeerRef, Ticket};
 
 /// A connection handed from the acceptor to the worker that owns its peer.
 #[derive(Debug)]
@@ -60,10 +60,6 @@ pub(crate) struct Tokens {
     pub su: Vec<Secret>,
     pub csp: Vec<Secret>,
 }
-
-
-
-
 
 /// One configured Service User.
 #[derive(Debug)]
@@ -414,7 +410,6 @@ pub(crate) fn reload_changes(old: &Config, new: &Config) -> Vec<String> {
     }
     out
 }
-
 
 pub(crate) use crate::owner::owner_of_su as owner_of;
 

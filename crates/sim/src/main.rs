@@ -36,7 +36,9 @@ fn main() -> ExitCode {
     let args = Args::parse();
     if std::env::var_os("SIM_LOG").is_some() {
         // The engine's own log lines, for a seed being replayed.
-        tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .init();
     }
     let options = Options {
         steps: args.steps,
@@ -80,7 +82,10 @@ fn main() -> ExitCode {
     let ran = if args.keep_going || failed.is_empty() {
         seeds.len()
     } else {
-        seeds.iter().position(|s| Some(s) == failed.first()).map_or(seeds.len(), |i| i + 1)
+        seeds
+            .iter()
+            .position(|s| Some(s) == failed.first())
+            .map_or(seeds.len(), |i| i + 1)
     };
     println!(
         "{ran} seeds, {} failed; {:.1} simulated s in {wall:.1} s of wall clock ({:.1} simulated s per s); ACKed {}, delivered {}, expired {}, alerts throttled {}, crashes {}, refused logs {}, salvages {}, writes refused {}, requests throttled {}",
