@@ -27,6 +27,9 @@ struct Args {
     /// Steps of traffic and faults per seed, before the drain.
     #[arg(long, default_value_t = 3_000)]
     steps: u64,
+    /// Events kept for a failure's trace.
+    #[arg(long, default_value_t = 40)]
+    trace: usize,
     /// Keep going after a failure (count failing seeds).
     #[arg(long)]
     keep_going: bool,
@@ -42,7 +45,7 @@ fn main() -> ExitCode {
     }
     let options = Options {
         steps: args.steps,
-        ..Options::default()
+        trace_len: args.trace,
     };
     let seeds: Vec<u64> = match args.seed {
         Some(s) => vec![s],
