@@ -10,7 +10,7 @@
 
 #![no_main]
 
-use dsplane::wire::{FrameDecoder, HEADER_LEN};
+use dsplane_proto::wire::{FrameDecoder, HEADER_LEN};
 use libfuzzer_sys::fuzz_target;
 
 include!("../check.rs");

@@ -1,4 +1,4 @@
-//! loom models of `dsplane::throttle::GlobalIntake`, the one piece of SECMP0067 throttling that
+//! loom models of `dsplane_core::throttle::GlobalIntake`, the one piece of SECMP0067 throttling that
 //! workers share, through its public API only.
 //!
 //! Run with
@@ -8,7 +8,7 @@
 
 #![cfg(loom)]
 
-use dsplane::throttle::GlobalIntake;
+use dsplane_core::throttle::GlobalIntake;
 use loom::sync::Arc;
 use loom::thread;
 

@@ -1,0 +1,791 @@
+//! One worker: a pinned thread with its own `mio::Poll` and the connections of the peers it
+//! owns. It moves bytes; its [`Owner`] decides (classification, Alert Storm Protection, the NMS
+//! and SURB tiers, scheduling, which acknowledgements may go out, expiry). Nothing here is
+//! shared: other threads reach a worker only through its MPSC priority ring (frames) and its
+//! control channel (connections, tickets, operator actions), and wake it with its `mio::Waker`.
+//!
+//! # One turn of the loop
+//!
+//! 1. Poll (sleeping only when the ring is empty and nothing is ready; see the park protocol
+//!    in [`crate::ring`]), until the owner's next timeout at the latest.
+//! 2. Read from ready connections: every complete frame is validated, given its level (the
+//!    owner's intake half), and pushed into the ring of the worker that owns its receiver, then
+//!    ACKed in one cumulative ACK per read batch (durability `none`), or once its owner has made
+//!    it durable. Reads are bounded per connection per turn, so one busy peer cannot starve the
+//!    others; a full ring stalls the connection until its frame goes in.
+//! 3. Adopt connections from the acceptor, and apply operator actions.
+//! 4. Drain the ring into the owner, one log write per batch.
+//! 5. Carry out the owner's events (acknowledgements to their intake workers, expiry records)
+//!    and pump every connected peer: the owner's next frames, as far as
+//!    [`OUT_BYTES_MAX`](super::conn::OUT_BYTES_MAX) allows, written out with vectored writes.
+
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
+use std::io::{self, Write};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use mio::{Events, Interest, Poll, Token};
+
+use super::conn::{Conn, ConnState};
+use super::shared::{Adopt, Control, Shared};
+use crate::limits::{HOUSEKEEPING_INTERVAL, LINGER, READS_PER_TURN_MAX, RING_BATCH_MAX};
+use crate::owner::{Destination, Envelope, Event, Owner, PeerRef, Ticket};
+use crate::ring;
+use crate::store::Store;
+use crate::wire::{Frame, Kind, NackReason};
+use crate::{Nanos, NANOS_PER_SEC};
+
+/// The token of a worker's waker.
+pub(crate) const WORKER_WAKER: Token = Token(usize::MAX);
+
+pub(crate) struct Worker {
+    index: usize,
+    poll: Poll,
+    shared: Arc<Shared>,
+    ring: ring::Consumer<Envelope>,
+    control: Receiver<Control>,
+    owner: Owner<Store>,
+    conns: Vec<Option<Conn>>,
+    /// The connection slot of each SU and CSP link (by directory index), while connected.
+    su_conn: Vec<Option<usize>>,
+    csp_conn: Vec<Option<usize>>,
+    scratch: BytesMut,
+    popped: Vec<(usize, Envelope)>,
+    /// Acknowledgements decided by the owner, by intake worker, to hand over.
+    by_origin: Vec<Vec<(Ticket, bool)>>,
+    /// Connections whose read budget ran out with data left.
+    more_to_read: Vec<usize>,
+    /// Connections holding a frame that did not fit its owner's ring.
+    stalled: Vec<usize>,
+    next_housekeeping: Nanos,
+    next_conn_id: u64,
+    expiry_log: Option<std::fs::File>,
+    /// Wall-clock time of this turn, ns since the Unix epoch.
+    unix_turn: u64,
+}
+
+impl Worker {
+    pub(crate) fn new(
+        index: usize,
+        poll: Poll,
+        shared: Arc<Shared>,
+        ring: ring::Consumer<Envelope>,
+        control: Receiver<Control>,
+        owner: Owner<Store>,
+    ) -> Worker {
+        let workers = shared.workers.len();
+        Worker {
+            index,
+            poll,
+            su_conn: vec![None; shared.sus.len()],
+            csp_conn: vec![None; shared.csps.len()],
+            shared,
+            ring,
+            control,
+            owner,
+            conns: Vec::new(),
+            scratch: BytesMut::with_capacity(64 * 1024),
+            popped: Vec::with_capacity(RING_BATCH_MAX),
+            by_origin: vec![Vec::new(); workers],
+            more_to_read: Vec::new(),
+            stalled: Vec::new(),
+            next_housekeeping: 0,
+            next_conn_id: 1,
+            expiry_log: None,
+            unix_turn: crate::unix_now(),
+        }
+    }
+
+    fn now(&self) -> Nanos {
+        self.shared.now()
+    }
+
+    pub(crate) fn run(mut self) {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            if self.shared.is_shutting_down() {
+                self.shut_down();
+                return;
+            }
+            let now = self.now();
+            let timeout = if !self.more_to_read.is_empty() {
+                Some(Duration::ZERO)
+            } else if !self.stalled.is_empty() {
+                // A full ring drains in well under a millisecond; try again then.
+                Some(Duration::from_millis(1))
+            } else {
+                let until = self.owner.poll_timeout().min(self.next_housekeeping);
+                Some(Duration::from_nanos(until.saturating_sub(now)))
+            };
+            // Park protocol: announce that we may sleep, then re-check the ring, so that a
+            // producer either sees us parked (and wakes us) or we see its item.
+            let sleep = timeout != Some(Duration::ZERO) && self.ring.prepare_park();
+            let timeout = if sleep { timeout } else { Some(Duration::ZERO) };
+            let polled = self.poll.poll(&mut events, timeout);
+            // One wall-clock read per turn, not per frame: it stamps intake (`retention_h`, the
+            // report's day) and measures latency, where a turn's length is below their grain.
+            self.unix_turn = crate::unix_now();
+            if sleep {
+                self.ring.cancel_park();
+            }
+            if let Err(e) = polled {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!(worker = self.index, error = %e, "poll failed; worker stops");
+                    return;
+                }
+            }
+            for event in events.iter() {
+                let token = event.token();
+                if token == WORKER_WAKER {
+                    continue;
+                }
+                let slot = token.0;
+                if event.is_readable() || event.is_read_closed() || event.is_error() {
+                    self.on_readable(slot);
+                }
+                if event.is_writable() {
+                    self.on_writable(slot);
+                }
+            }
+            for slot in std::mem::take(&mut self.more_to_read) {
+                self.on_readable(slot);
+            }
+            self.retry_stalled();
+            // The ring first: what is in it entered before any reload now waiting in the control
+            // channel (its level, decided at intake, travels with it).
+            self.drain_ring();
+            self.drain_control();
+            self.drain_ring();
+            let now = self.now();
+            let housekeeping = self.owner.handle_timeout(now, self.unix_turn);
+            self.owner.resolve_durable();
+            self.carry_out();
+            self.pump_all(now);
+            if housekeeping {
+                self.publish();
+            }
+            if now >= self.next_housekeeping {
+                self.housekeeping(now);
+                self.next_housekeeping = now + HOUSEKEEPING_INTERVAL;
+            }
+        }
+    }
+
+    // ---- the owner's side -------------------------------------------------------------------
+
+    fn drain_control(&mut self) {
+        while let Ok(control) = self.control.try_recv() {
+            let now = self.now();
+            match control {
+                Control::Adopt(adopt) => self.adopt(adopt),
+                Control::Tickets(tickets) => self.on_tickets(&tickets),
+                Control::Pause { su, paused } => self.owner.set_paused(su, paused, now),
+                Control::Reload(reload) => self.owner.reload(&reload.owner, now),
+                Control::Restrict(restricted) => self.owner.set_restricted(restricted, now),
+            }
+        }
+    }
+
+    fn drain_ring(&mut self) {
+        loop {
+            self.popped.clear();
+            let n = self.ring.pop_bulk(&mut self.popped, RING_BATCH_MAX);
+            if n == 0 {
+                return;
+            }
+            let now = self.now();
+            for (_, envelope) in self.popped.drain(..) {
+                let _ = self.owner.take(envelope, now);
+            }
+            let _ = self.owner.commit();
+            self.carry_out();
+            if n < RING_BATCH_MAX {
+                return;
+            }
+        }
+    }
+
+    /// Carries out what the owner decided: acknowledgements go to the workers that took the
+    /// frames in (this one directly), expiry records to this worker's expiry file.
+    fn carry_out(&mut self) {
+        let mut any = false;
+        while let Some(event) = self.owner.poll_event() {
+            match event {
+                Event::Ack { ticket, durable } => {
+                    if let Some(list) = self.by_origin.get_mut(usize::from(ticket.origin)) {
+                        list.push((ticket, durable));
+                        any = true;
+                    }
+                }
+                Event::Expired(record) => self.write_expired(&record),
+            }
+        }
+        if !any {
+            return;
+        }
+        for origin in 0..self.by_origin.len() {
+            let Some(list) = self.by_origin.get_mut(origin) else {
+                continue;
+            };
+            if list.is_empty() {
+                continue;
+            }
+            if origin == self.index {
+                let list = std::mem::take(list);
+                self.on_tickets(&list);
+                if let Some(slot) = self.by_origin.get_mut(origin) {
+                    // Keep the allocation for the next turn.
+                    *slot = list;
+                    slot.clear();
+                }
+            } else if let Some(link) = self.shared.workers.get(origin) {
+                if link
+                    .control
+                    .send(Control::Tickets(std::mem::take(list)))
+                    .is_ok()
+                {
+                    let _ = link.waker.wake();
+                }
+            }
+        }
+    }
+
+    fn write_expired(&mut self, record: &crate::owner::ExpiredRecord) {
+        if self.expiry_log.is_none() {
+            let path =
+                (self.shared.config.engine.data_dir).join(format!("expired-w{}.jsonl", self.index));
+            match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+            {
+                Ok(f) => self.expiry_log = Some(f),
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot open the expiry record")
+                }
+            }
+        }
+        if let Some(f) = self.expiry_log.as_mut() {
+            let mut line = serde_json::to_vec(record).unwrap_or_default();
+            line.push(b'\n');
+            if let Err(e) = f.write_all(&line) {
+                tracing::error!(error = %e, "cannot write the expiry record");
+            }
+        }
+    }
+
+    /// Frames taken in on this worker's connections are durable (or refused) at their owner.
+    fn on_tickets(&mut self, tickets: &[(Ticket, bool)]) {
+        let mut touched = Vec::new();
+        for &(ticket, durable) in tickets {
+            let slot = ticket.slot as usize;
+            let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            if conn.id != ticket.conn_id {
+                continue;
+            }
+            if conn.resolve(ticket.msg_id, durable) && !durable {
+                self.owner.counters().nack(NackReason::Overloaded);
+                conn.queue(
+                    &Frame::nack(
+                        ticket.msg_id,
+                        NackReason::Overloaded,
+                        "could not be written to disk",
+                    ),
+                    &mut self.scratch,
+                );
+            }
+            if !touched.contains(&slot) {
+                touched.push(slot);
+            }
+        }
+        for slot in touched {
+            self.flush_acks(slot);
+        }
+    }
+
+    fn pump_all(&mut self, now: Nanos) {
+        self.owner.start_pump();
+        let sus = (self.su_conn.iter().enumerate()).map(|(i, c)| (PeerRef::Su(i as u32), *c));
+        let csps = (self.csp_conn.iter().enumerate()).map(|(i, c)| (PeerRef::Csp(i as u32), *c));
+        let connected: Vec<(PeerRef, usize)> = sus
+            .chain(csps)
+            .filter_map(|(p, c)| c.map(|c| (p, c)))
+            .collect();
+        for (peer, slot) in connected {
+            let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            let mut queued = false;
+            while conn.has_room() {
+                let Some(frame) = self.owner.poll_transmit(peer, now, self.unix_turn) else {
+                    break;
+                };
+                conn.queue(&frame, &mut self.scratch);
+                queued = true;
+            }
+            if queued {
+                self.on_writable(slot);
+            }
+        }
+        // Loads from the SURB may have expired frames.
+        self.carry_out();
+    }
+
+    /// Publishes a copy of the owner's metrics for `/metrics`, and its alert report.
+    fn publish(&mut self) {
+        if let Some(report) = self.owner.take_report() {
+            let mut shared = self
+                .shared
+                .report
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            shared.merge(&report);
+        }
+        let metrics = self.owner.snapshot();
+        if let Ok(mut all) = self.shared.metrics.lock() {
+            if let Some(slot) = all.get_mut(self.index) {
+                slot.clone_from(metrics);
+            }
+        }
+    }
+
+    // ---- connections ------------------------------------------------------------------------
+
+    fn conn_of(&mut self, peer: PeerRef) -> Option<&mut Option<usize>> {
+        match peer {
+            PeerRef::Su(i) => self.su_conn.get_mut(i as usize),
+            PeerRef::Csp(i) => self.csp_conn.get_mut(i as usize),
+        }
+    }
+
+    fn adopt(&mut self, adopt: Adopt) {
+        let Adopt {
+            mut stream,
+            decoder,
+            peer,
+            addr,
+        } = adopt;
+        let slot = match self.conns.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.conns.push(None);
+                self.conns.len() - 1
+            }
+        };
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(slot),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            let name = self.shared.peer_label(peer);
+            tracing::warn!(peer = %name, %addr, error = %e, "cannot register connection; closed");
+            self.shared.connection_closed(peer);
+            return;
+        }
+        let now = self.now();
+        let id = self.next_conn_id;
+        self.next_conn_id += 1;
+        let mut conn = Conn::new(stream, decoder, peer, addr, now, id);
+        conn.queue(&Frame::hello_ok(), &mut self.scratch);
+        if let Some(s) = self.conns.get_mut(slot) {
+            *s = Some(conn);
+        }
+        // A second HELLO for the same peer takes over: the old connection is closed and what it
+        // had not acknowledged goes back to the front of the queues, to be re-sent here.
+        if let Some(old) = self.conn_of(peer).and_then(|c| *c) {
+            let reason = format!("taken over by a newer connection from {addr}");
+            self.close(old, &reason);
+        }
+        // Frames already in the ring for this peer belong to its backlog: take them in first,
+        // so that the release (and its ramp) sees them.
+        self.drain_ring();
+        self.owner.on_connect(peer, now);
+        if let Some(c) = self.conn_of(peer) {
+            *c = Some(slot);
+        }
+        let reason = match peer {
+            PeerRef::Su(_) => "HELLO accepted on the SU port",
+            PeerRef::Csp(_) => "HELLO accepted on the CSP port",
+        };
+        tracing::info!(peer = %self.shared.peer_label(peer), %addr, reason, worker = self.index, "connected");
+        // Frames that came with the HELLO are already in the decoder.
+        self.on_readable(slot);
+    }
+
+    /// Detaches a connection from its peer (whose unacknowledged frames go back to the queues).
+    fn detach(&mut self, slot: usize) {
+        let Some(peer) = self
+            .conns
+            .get(slot)
+            .and_then(Option::as_ref)
+            .map(|c| c.peer)
+        else {
+            return;
+        };
+        if let Some(c) = self.conn_of(peer) {
+            if *c == Some(slot) {
+                *c = None;
+                self.owner.on_disconnect(peer);
+            }
+        }
+    }
+
+    fn peer_name(&self, peer: PeerRef) -> String {
+        self.shared.peer_label(peer)
+    }
+
+    /// Closes a connection and logs why. A connection that was closing after a final NACK
+    /// was logged then ([`Self::close_with`]), with that NACK's reason.
+    fn close(&mut self, slot: usize, reason: &str) {
+        self.detach(slot);
+        if let Some(mut conn) = self.conns.get_mut(slot).and_then(Option::take) {
+            self.shared.connection_closed(conn.peer);
+            let _ = self.poll.registry().deregister(&mut conn.stream);
+            if conn.state == ConnState::Open {
+                let peer = self.peer_name(conn.peer);
+                tracing::info!(%peer, addr = %conn.addr, reason, worker = self.index, "disconnected");
+            }
+        }
+    }
+
+    /// Sends a final NACK and closes: the peer is detached at once, its socket lingers until
+    /// the NACK is written and the peer closes (or [`LINGER`] passes).
+    fn close_with(&mut self, slot: usize, msg_id: u64, reason: NackReason, detail: &str) {
+        self.owner.counters().nack(reason);
+        self.detach(slot);
+        let now = self.now();
+        let Some(conn) = self.conns.get(slot).and_then(Option::as_ref) else {
+            return;
+        };
+        if conn.state == ConnState::Open {
+            let peer = self.peer_name(conn.peer);
+            let why = format!("NACK {reason}: {detail}");
+            tracing::info!(%peer, addr = %conn.addr, reason = %why, worker = self.index, "disconnected");
+        }
+        let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        conn.queue_ack(&mut self.scratch);
+        conn.queue(&Frame::nack(msg_id, reason, detail), &mut self.scratch);
+        conn.state = ConnState::Closing {
+            deadline: now + LINGER,
+        };
+        self.on_writable(slot);
+    }
+
+    fn on_writable(&mut self, slot: usize) {
+        let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        match conn.flush() {
+            Ok(true) => {
+                if matches!(conn.state, ConnState::Closing { .. }) && !conn.write_shut {
+                    conn.write_shut = true;
+                    let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                let reason = format!("write failed: {e}");
+                self.close(slot, &reason);
+            }
+        }
+    }
+
+    fn on_readable(&mut self, slot: usize) {
+        for _ in 0..READS_PER_TURN_MAX {
+            if !self.process_frames(slot) {
+                return;
+            }
+            let now = self.now();
+            let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+                return;
+            };
+            if conn.stalled.is_some() {
+                // Not a byte more until the held frame is in its ring (`retry_stalled`).
+                return self.flush_acks(slot);
+            }
+            match conn.decoder.fill_from(&mut conn.stream, usize::MAX) {
+                Ok(0) => {
+                    // The peer closed; whatever it sent before is processed (and ACKed).
+                    self.process_frames(slot);
+                    self.flush_acks(slot);
+                    return self.close(slot, "closed by the peer");
+                }
+                Ok(_) => conn.last_rx = now,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.process_frames(slot);
+                    self.flush_acks(slot);
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let reason = format!("read failed: {e}");
+                    return self.close(slot, &reason);
+                }
+            }
+        }
+        // Budget spent with data left: finish this batch, come back next turn.
+        if self.process_frames(slot) {
+            self.flush_acks(slot);
+            self.more_to_read.push(slot);
+        }
+    }
+
+    /// Retries the frames held back by a full ring; a connection whose frame went in carries
+    /// on reading.
+    fn retry_stalled(&mut self) {
+        for slot in std::mem::take(&mut self.stalled) {
+            let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            let Some((owner, level, envelope)) = conn.stalled.take() else {
+                continue;
+            };
+            let msg_id = envelope.frame.header.msg_id;
+            let durable = envelope.ticket.is_some();
+            let Some(link) = self.shared.workers.get(owner) else {
+                continue;
+            };
+            match super::push(link, level, *envelope) {
+                Ok(()) => {
+                    if durable {
+                        conn.pending.push_back((msg_id, false));
+                    } else {
+                        conn.ack_due = Some(msg_id);
+                    }
+                    self.on_readable(slot);
+                }
+                Err(envelope) => {
+                    conn.stalled = Some((owner, level, envelope));
+                    self.stalled.push(slot);
+                }
+            }
+        }
+    }
+
+    fn flush_acks(&mut self, slot: usize) {
+        if let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) {
+            if conn.state == ConnState::Open {
+                conn.queue_ack(&mut self.scratch);
+            }
+        }
+        self.on_writable(slot);
+    }
+
+    /// Handles every complete frame buffered on a connection. `false` when the connection is
+    /// gone.
+    fn process_frames(&mut self, slot: usize) -> bool {
+        loop {
+            let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+                return false;
+            };
+            if conn.state != ConnState::Open || conn.stalled.is_some() {
+                return true;
+            }
+            match conn.decoder.next_frame() {
+                Ok(None) => return true,
+                Ok(Some(frame)) => self.on_frame(slot, frame),
+                Err(e) => {
+                    tracing::info!(addr = %conn.addr, error = %e, "malformed frame; closing the connection");
+                    self.close_with(slot, e.msg_id, NackReason::Malformed, &e.to_string());
+                    return true;
+                }
+            }
+        }
+    }
+
+    fn nack(&mut self, slot: usize, msg_id: u64, reason: NackReason, detail: &str) {
+        self.owner.counters().nack(reason);
+        if let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) {
+            conn.queue(&Frame::nack(msg_id, reason, detail), &mut self.scratch);
+        }
+    }
+
+    fn on_frame(&mut self, slot: usize, frame: Frame) {
+        let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let peer = conn.peer;
+        let kind = frame.header.kind;
+        let msg_id = frame.header.msg_id;
+        if kind.is_data() {
+            if msg_id <= conn.last_msg_id {
+                let detail = format!(
+                    "msg_id {msg_id} does not increase (last was {})",
+                    conn.last_msg_id
+                );
+                return self.close_with(slot, msg_id, NackReason::Malformed, &detail);
+            }
+            conn.last_msg_id = msg_id;
+        }
+        match (peer, kind) {
+            (_, Kind::Ack) => self.owner.on_peer_ack(peer, msg_id),
+            (_, Kind::Ping) => {
+                let mut pong = Frame::pong();
+                pong.header.msg_id = msg_id;
+                conn.queue(&pong, &mut self.scratch);
+            }
+            (_, Kind::Pong) => {}
+            (PeerRef::Su(su), Kind::Request) => self.on_request(slot, su, frame),
+            (PeerRef::Csp(_), Kind::Response | Kind::DeviceAlert | Kind::DccAlert) => {
+                self.on_northbound(slot, frame)
+            }
+            (PeerRef::Su(_), _) => {
+                let detail = format!("{kind} is not accepted from a Service User");
+                self.nack(slot, msg_id, NackReason::UnexpectedKind, &detail);
+            }
+            (PeerRef::Csp(_), _) => {
+                let detail = format!("{kind} is not accepted from a CSP");
+                self.nack(slot, msg_id, NackReason::UnexpectedKind, &detail);
+            }
+        }
+    }
+
+    /// A REQUEST from Service User `su` (southbound, ENGINE.md §5): checked, admitted and given
+    /// its level by the owner (this worker owns the SU), and handed to the CSP's owner.
+    fn on_request(&mut self, slot: usize, su: u32, mut frame: Frame) {
+        let h = frame.header;
+        let own_id = self.shared.sus.get(su as usize).map(|s| s.config.id);
+        if Some(h.su_id) != own_id {
+            return self.nack(
+                slot,
+                h.msg_id,
+                NackReason::Unauthorised,
+                "su_id is not this connection's Service User",
+            );
+        }
+        let Some(csp) = self.shared.route(h.device_id) else {
+            return self.nack(
+                slot,
+                h.msg_id,
+                NackReason::UnknownDestination,
+                "no CSP serves this device",
+            );
+        };
+        let now = self.now();
+        let level = match self.owner.admit_request(su, &h, &self.shared.intake, now) {
+            Ok(level) => level,
+            Err(reason) => {
+                let detail = match reason {
+                    NackReason::Throttled => {
+                        "over your Service Request allocation (SECMP0067); retry later"
+                    }
+                    _ => "Service Request capacity reached; retry later",
+                };
+                return self.nack(slot, h.msg_id, reason, detail);
+            }
+        };
+        // Senders' priorities are ignored: dsplane writes its own on the way out.
+        frame.header.priority = 0;
+        let Some(owner) = self.shared.owner(PeerRef::Csp(csp)) else {
+            return;
+        };
+        self.forward(slot, owner, Destination::Southbound { csp, level }, frame);
+    }
+
+    /// Pushes a frame taken on connection `slot` into its owner's ring, and ACKs it at once
+    /// (durability `none`) or once its owner has made it durable.
+    fn forward(&mut self, slot: usize, owner: usize, to: Destination, frame: Frame) {
+        let ring_level = to.level();
+        let msg_id = frame.header.msg_id;
+        let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let ticket = self.shared.durable.then_some(Ticket {
+            origin: self.index as u16,
+            slot: slot as u32,
+            conn_id: conn.id,
+            msg_id,
+        });
+        let envelope = Envelope {
+            to,
+            frame,
+            ticket,
+            enqueued_unix_ns: self.unix_turn,
+        };
+        let Some(link) = self.shared.workers.get(owner) else {
+            return;
+        };
+        if let Err(envelope) = super::push(link, ring_level, envelope) {
+            // The owner's ring is full: hold the frame and stop reading this connection until
+            // it goes in, so that TCP's flow control slows the sender down (rather than
+            // refusing frames that the owner will have room for a moment later).
+            conn.stalled = Some((owner, ring_level, envelope));
+            if !self.stalled.contains(&slot) {
+                self.stalled.push(slot);
+            }
+            return;
+        }
+        match ticket {
+            Some(_) => conn.pending.push_back((msg_id, false)),
+            None => conn.ack_due = Some(msg_id),
+        }
+    }
+
+    /// A RESPONSE or alert from a CSP (northbound, ENGINE.md §2): its level is decided here, once,
+    /// and travels with it to the SU's owner (which may replace a response's by its request's).
+    fn on_northbound(&mut self, slot: usize, mut frame: Frame) {
+        let h = frame.header;
+        let Some(su) = self.shared.su(h.su_id) else {
+            return self.nack(
+                slot,
+                h.msg_id,
+                NackReason::UnknownDestination,
+                "no such Service User",
+            );
+        };
+        frame.header.priority = 0;
+        let level = self.owner.intake_level(&h);
+        let Some(owner) = self.shared.owner(PeerRef::Su(su)) else {
+            return;
+        };
+        self.forward(slot, owner, Destination::Northbound { su, level }, frame);
+    }
+
+    /// Idle connections and lingering closes.
+    fn housekeeping(&mut self, now: Nanos) {
+        let idle = self.shared.config.engine.idle_timeout.as_nanos() as Nanos;
+        for slot in 0..self.conns.len() {
+            let Some(conn) = self.conns.get(slot).and_then(Option::as_ref) else {
+                continue;
+            };
+            match conn.state {
+                ConnState::Open if now.saturating_sub(conn.last_rx) > idle => {
+                    let reason = format!(
+                        "idle timeout: nothing received for {} s (engine.idle_timeout_s)",
+                        idle / NANOS_PER_SEC
+                    );
+                    self.close(slot, &reason);
+                }
+                ConnState::Closing { deadline } if now >= deadline => {
+                    self.close(slot, "closed after a final NACK")
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn shut_down(&mut self) {
+        for slot in 0..self.conns.len() {
+            if let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) {
+                let _ = conn.flush();
+            }
+            self.close(slot, "dsplane shutting down");
+        }
+        self.publish();
+        tracing::info!(
+            worker = self.index,
+            frames_held = self.owner.held(),
+            "worker stopped"
+        );
+    }
+}
