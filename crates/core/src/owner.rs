@@ -1313,9 +1313,8 @@ impl<L: Log> Owner<L> {
 
     /// The alert report counted since the last call, if any alert was seen.
     pub fn take_report(&mut self) -> Option<AlertReport> {
-        if self.report.days().next().is_none() {
-            return None;
-        }
+        // No day counted: nothing to hand over.
+        self.report.days().next()?;
         Some(std::mem::take(&mut self.report))
     }
 
