@@ -4,7 +4,7 @@
 //! Run with
 //! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p loom-tests --release --test throttle`.
 //! Without `--cfg loom` this file compiles to nothing (the throttle's single-threaded behaviour
-//! is tested in `src/throttle.rs`).
+//! is tested in `crates/core/src/throttle.rs`).
 
 #![cfg(loom)]
 

@@ -952,7 +952,7 @@ impl Config {
             if demo.iter().any(|d| d.as_bytes() == token.expose()) {
                 out.push(format!(
                     "{key} is a demo token of the embedded default configuration \
-                     (src/default.toml), published with dsplane: anyone can connect as {name}; \
+                     (crates/core/src/default.toml), published with dsplane: anyone can connect as {name}; \
                      give it a secret of its own"
                 ));
             }

@@ -1,5 +1,5 @@
 //! The configuration reference (`docs/configuration.md`) and the embedded default configuration
-//! (`src/default.toml`) against the parser: every key the parser accepts is documented, and
+//! (`crates/core/src/default.toml`) against the parser: every key the parser accepts is documented, and
 //! shown in the default file.
 //!
 //! The keys are not listed by hand. They are asked of the parser itself: every table refuses
@@ -128,7 +128,7 @@ fn the_configuration_reference_stands_on_its_own() {
     );
 }
 
-/// The lines of `src/default.toml` under the table header `header` (`[engine]`,
+/// The lines of `crates/core/src/default.toml` under the table header `header` (`[engine]`,
 /// `[[service_user]]`), up to the next header, comments included.
 fn default_section(header: &str) -> String {
     let mut out = String::new();
@@ -149,7 +149,7 @@ fn default_section(header: &str) -> String {
 
 #[test]
 fn the_default_configuration_shows_every_key() {
-    // `src/default.toml` is the complete example: every key is set or, where setting it would
+    // `crates/core/src/default.toml` is the complete example: every key is set or, where setting it would
     // change the demo (token_env, per-SU overrides), shown in a comment.
     let mut missing = Vec::new();
     for key in accepted_keys() {
@@ -170,7 +170,7 @@ fn the_default_configuration_shows_every_key() {
     }
     assert!(
         missing.is_empty(),
-        "src/default.toml neither sets nor shows {missing:?}"
+        "crates/core/src/default.toml neither sets nor shows {missing:?}"
     );
     // And it is still the demo configuration `dsplane run` starts with.
     let config = Config::embedded_default().unwrap();
