@@ -1,7 +1,7 @@
 // The checks of the decoder fuzz target, shared word for word by `fuzz/fuzz_targets/decoder.rs`
-// (cargo-fuzz, nightly) and `tests/fuzz_decoder.rs` (proptest, in `cargo test`) through
+// (cargo-fuzz, nightly) and `crates/proto/tests/fuzz_decoder.rs` (proptest, in `cargo test`) through
 // `include!`, so the two can never drift apart. Expects `FrameDecoder` and `HEADER_LEN` of
-// `dsplane::wire` in scope.
+// `dsplane_proto::wire` in scope.
 
 /// The body of the fuzz target: no panic, the bound holds, frames re-encode to exactly the bytes
 /// they came from, and an error repeats.

@@ -15,7 +15,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
 command -v valgrind >/dev/null || { echo "valgrind not found: apt-get install valgrind" >&2; exit 2; }
 
 # The bench profile (LTO, one codegen unit, debug info), exactly as `cargo bench` builds it.
-bin=$(cargo bench --bench pipeline --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
+bin=$(cargo bench -p dsplane --bench pipeline --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
 [[ -x "$bin" ]] || { echo "could not build benches/pipeline.rs" >&2; exit 2; }
 
 out=${OUT:-$CARGO_TARGET_DIR/callgrind}

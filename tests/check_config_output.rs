@@ -1,7 +1,7 @@
 //! What `dsplane check-config` prints: the effective configuration with alert codes in hex, as
 //! the GBCS documents and the config file write them, that parses back to the same
 //! configuration; and warnings on stderr for an admin interface without a token and for the
-//! demo tokens of `src/default.toml`.
+//! demo tokens of `crates/core/src/default.toml`.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

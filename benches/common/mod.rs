@@ -114,8 +114,8 @@ impl Ratios {
 /// own slice and each rule checked in turn with an early return, the way one would first write
 /// it. It accepts and refuses exactly what `Header::decode` does, with the same errors.
 pub mod naive {
-    use dsplane::ids::{Eui64, Srv};
-    use dsplane::wire::{
+    use dsplane_proto::ids::{Eui64, Srv};
+    use dsplane_proto::wire::{
         DecodeError, Header, Kind, WireError, HEADER_LEN, MAGIC, PAYLOAD_BYTES_MAX_CEILING, VERSION,
     };
 
@@ -193,9 +193,9 @@ impl Rng {
 }
 
 /// `n` valid, varied data-frame headers (responses, alerts, requests), encoded.
-pub fn sample_headers(n: usize, seed: u64) -> Vec<[u8; dsplane::wire::HEADER_LEN]> {
-    use dsplane::ids::{Eui64, Srv};
-    use dsplane::wire::{Header, Kind};
+pub fn sample_headers(n: usize, seed: u64) -> Vec<[u8; dsplane_proto::wire::HEADER_LEN]> {
+    use dsplane_proto::ids::{Eui64, Srv};
+    use dsplane_proto::wire::{Header, Kind};
     let mut rng = Rng(seed);
     (0..n)
         .map(|i| {

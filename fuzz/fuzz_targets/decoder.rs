@@ -1,7 +1,7 @@
 //! The streaming frame decoder against arbitrary bytes in arbitrary chunks.
 //!
 //! Run: `cargo +nightly fuzz run decoder fuzz/corpus/decoder` (from the repository root, with
-//! `cargo install cargo-fuzz`). `tests/fuzz_decoder.rs` runs the same checks under proptest in
+//! `cargo install cargo-fuzz`). `crates/proto/tests/fuzz_decoder.rs` runs the same checks under proptest in
 //! `cargo test`, so CI exercises them without nightly.
 //!
 //! Checks: no input panics; the decoder never holds more than its bound; every frame it yields
@@ -10,7 +10,7 @@
 
 #![no_main]
 
-use dsplane::wire::{FrameDecoder, HEADER_LEN};
+use dsplane_proto::wire::{FrameDecoder, HEADER_LEN};
 use libfuzzer_sys::fuzz_target;
 
 include!("../check.rs");

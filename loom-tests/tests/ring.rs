@@ -1,4 +1,4 @@
-//! loom models of `dsplane::ring`, through its public API only.
+//! loom models of `dsplane_core::ring`, through its public API only.
 //!
 //! Run with `RUSTFLAGS="--cfg loom" cargo test -p loom-tests --release` (see the README). Each
 //! model prints its iteration count and time to stderr (`-- --nocapture` to see them).
@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use dsplane::ring::{channel, Consumer, Producer, PushError, Wake};
+use dsplane_core::ring::{channel, Consumer, Producer, PushError, Wake};
 use loom::thread;
 
 /// Explores `f` under loom with the given preemption bound and reports how much it explored.

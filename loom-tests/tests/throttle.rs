@@ -1,14 +1,14 @@
-//! loom models of `dsplane::throttle::GlobalIntake`, the one piece of SECMP0067 throttling that
+//! loom models of `dsplane_core::throttle::GlobalIntake`, the one piece of SECMP0067 throttling that
 //! workers share, through its public API only.
 //!
 //! Run with
 //! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p loom-tests --release --test throttle`.
 //! Without `--cfg loom` this file compiles to nothing (the throttle's single-threaded behaviour
-//! is tested in `src/throttle.rs`).
+//! is tested in `crates/core/src/throttle.rs`).
 
 #![cfg(loom)]
 
-use dsplane::throttle::GlobalIntake;
+use dsplane_core::throttle::GlobalIntake;
 use loom::sync::Arc;
 use loom::thread;
 

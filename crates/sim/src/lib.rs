@@ -2,7 +2,7 @@
 //! simulation: the engine's real decision code (the owner with its classifier, delivery
 //! schedulers, Alert Storm Protection and Service Request throttle; the store, its WAL and
 //! recovery) runs against simulated time, a simulated network of peers and a simulated disk
-//! ([`dsplane::disk::SimDisk`]), all driven from one seed, while invariants are checked as it
+//! ([`dsplane_engine::disk::SimDisk`]), all driven from one seed, while invariants are checked as it
 //! runs. Only the I/O is simulated: what the engine's worker does with sockets and rings, the
 //! [`World`] does with queues.
 //!
@@ -13,19 +13,19 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use dsplane::config::{Config, Durability};
-use dsplane::disk::{SimDisk, SimRng};
-use dsplane::ids::{Eui64, Level, Srv};
-use dsplane::limits::{LOAD_BATCH, RING_BATCH_MAX};
-use dsplane::owner::{
+use dsplane_core::{Nanos, NANOS_PER_SEC};
+use dsplane_engine::config::{Config, Durability};
+use dsplane_engine::disk::{SimDisk, SimRng};
+use dsplane_engine::ids::{Eui64, Level, Srv};
+use dsplane_engine::limits::{LOAD_BATCH, RING_BATCH_MAX};
+use dsplane_engine::owner::{
     owner_of_csp, owner_of_su, Destination, Envelope, Event, Nms, Owner, OwnerSetup, PeerRef,
     Reload, Taken, Ticket,
 };
-use dsplane::recovery::{self, LogSettings};
-use dsplane::store::{Flusher, LogOptions, Store};
-use dsplane::throttle::GlobalIntake;
-use dsplane::wire::{Frame, Header, Kind, NackReason};
-use dsplane::{Nanos, NANOS_PER_SEC};
+use dsplane_engine::recovery::{self, LogSettings};
+use dsplane_engine::store::{Flusher, LogOptions, Store};
+use dsplane_engine::throttle::GlobalIntake;
+use dsplane_engine::wire::{Frame, Header, Kind, NackReason};
 
 const MS: Nanos = 1_000_000;
 /// The simulated wall clock at the start of a run (2026-01-01).
@@ -510,7 +510,7 @@ impl World {
     fn start(&mut self) -> Result<(), Failure> {
         let workers = self.params.workers;
         let config = &self.config;
-        let owner_of_key = |key| dsplane::engine::owner_in(config, workers)(key);
+        let owner_of_key = |key| dsplane_engine::owner_in(config, workers)(key);
         let dir = Path::new(DATA_DIR);
         let recovered = recovery::recover_on(
             &self.disk,
@@ -930,20 +930,20 @@ impl World {
         let Ok(new) = Config::from_toml_with_env(&text, |_| None) else {
             return;
         };
-        let Ok(storm) = dsplane::storm::StormSettings::from_config(
+        let Ok(storm) = dsplane_engine::storm::StormSettings::from_config(
             &new.alert_storm,
             self.params.workers as u32,
         ) else {
             return;
         };
         let reload = Reload {
-            rules: std::sync::Arc::new(dsplane::classify::Rules::new(&new.priority)),
+            rules: std::sync::Arc::new(dsplane_engine::classify::Rules::new(&new.priority)),
             storm,
             sus: new
                 .service_users
                 .iter()
                 .enumerate()
-                .map(|(i, s)| dsplane::owner::SuRates {
+                .map(|(i, s)| dsplane_engine::owner::SuRates {
                     su: i as u32,
                     rate: s.delivery.rate,
                     burst: s.delivery.burst,
@@ -955,7 +955,7 @@ impl World {
                 .csps
                 .iter()
                 .enumerate()
-                .map(|(i, c)| dsplane::owner::CspRates {
+                .map(|(i, c)| dsplane_engine::owner::CspRates {
                     csp: i as u32,
                     rate: c.rate,
                     burst: c.burst,
@@ -1135,7 +1135,10 @@ impl World {
                     let open = sender
                         .and_then(|p| p.conn.as_ref())
                         .is_some_and(|c| c.epoch == ticket.conn_id);
-                    self.watch(id, format!("ticket back: durable {durable}, sender still connected {open}"));
+                    self.watch(
+                        id,
+                        format!("ticket back: durable {durable}, sender still connected {open}"),
+                    );
                     if durable && open {
                         self.acked.insert(id);
                     } else if !durable {
@@ -1157,7 +1160,10 @@ impl World {
                             return Err(self.fail(format!("an expired summary of no SU: {r:?}")));
                         };
                         let key = (su as u32, device.0, r.alert_code);
-                        if self.summaries_seen.insert((key.0, key.1, key.2, r.created_ns)) {
+                        if self
+                            .summaries_seen
+                            .insert((key.0, key.1, key.2, r.created_ns))
+                        {
                             *self.summarised.entry(key).or_default() += r.counter;
                         }
                         continue;
@@ -1271,7 +1277,9 @@ impl World {
                     .find(|i| !conn.sent.contains(i))
                 {
                     if std::env::var_os("SIM_SKIP_ORDER").is_some() {
-                        self.note(format!("(skipped) {who:?}: frame {id} overtook frame {earlier}"));
+                        self.note(format!(
+                            "(skipped) {who:?}: frame {id} overtook frame {earlier}"
+                        ));
                         return Ok(());
                     }
                     return Err(self.fail(format!(

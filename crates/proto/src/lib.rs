@@ -1,0 +1,15 @@
+//! dsplane-proto: what a Service User or a CSP needs to talk to dsplane, and nothing else.
+//!
+//! * [`ids`]: the domain identifiers that go on the wire (EUI-64, SRV, mode, level);
+//! * [`wire`]: the 64-byte frame header, frames, and the streaming decoder (PROTOCOL.md);
+//! * [`client`]: a small blocking client (connect, HELLO, send, receive).
+//!
+//! Its dependencies are `bytes` and `thiserror` alone, as quinn-proto's are free of any
+//! networking crate: a client depends on this crate, not on the dataplane.
+
+#![warn(missing_docs)]
+#![doc = include_str!("../README.md")]
+
+pub mod client;
+pub mod ids;
+pub mod wire;
