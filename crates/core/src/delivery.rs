@@ -193,11 +193,27 @@ impl<T> DeliveryScheduler<T> {
         self.waiting += 1;
     }
 
+    /// Whether a frame of `lane` has been sent and not yet acknowledged.
+    pub fn unacked_in(&self, lane: usize) -> bool {
+        self.unacked
+            .iter()
+            .any(|(_, level, _)| self.queue_index(*level) == lane)
+    }
+
     /// Takes out, from the front of every lane, the waiting frames for which `expired` says
     /// so (the oldest wait at the front); unacknowledged frames are left to their peer.
+    ///
+    /// A lane with a frame in flight is left alone: the log records acknowledgements and
+    /// expiries as one number per lane (everything through this frame is done), so a frame may
+    /// leave only after every older frame of its lane, and the frames in flight are older than
+    /// any waiting. Its expired frames go once the frames in flight are acknowledged, or come
+    /// back to the front of the lane when their connection goes.
     pub fn take_expired(&mut self, mut expired: impl FnMut(&T) -> bool) -> Vec<(Level, T)> {
         let mut out = Vec::new();
         for i in 0..self.queues.len() {
+            if self.unacked_in(i) {
+                continue;
+            }
             while self.queues[i]
                 .front()
                 .is_some_and(|(_, item, _)| expired(item))
@@ -324,6 +340,9 @@ impl<T> DeliveryScheduler<T> {
             return Err(Blocked::Unavailable);
         }
         let i = self.nonempty.trailing_zeros() as usize;
+        // The simulator's deliberate bug (docs/simulation.md): level 2 goes before level 1.
+        #[cfg(dsplane_mutation = "level2_before_level1")]
+        let i = if self.nonempty & 0b11 == 0b11 { 1 } else { i };
         let level = match self.queues[i].front() {
             Some((level, _, _)) => *level,
             None if self.spilled[i] > 0 => return Err(Blocked::Load(i)),

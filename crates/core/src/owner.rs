@@ -500,6 +500,8 @@ struct PeerState {
     retention: Nanos,
     /// Frames staged for memory in the batch being written (not yet in `sched`).
     staged_memory: usize,
+    /// The last load from the SURB failed (logged once until one succeeds).
+    load_failed: bool,
 }
 
 /// A frame taken from the ring, written (or not) to the log, waiting for the write.
@@ -575,6 +577,7 @@ fn peer_state(setup: PeerSetup) -> Result<PeerState, OwnerError> {
         paused: false,
         retention: setup.retention,
         staged_memory: 0,
+        load_failed: false,
     })
 }
 
@@ -932,6 +935,13 @@ impl<L: Log> Owner<L> {
                     });
                     continue;
                 }
+                // The simulator's deliberate bug (docs/simulation.md): ACK before durable.
+                #[cfg(dsplane_mutation = "ack_before_durable")]
+                (Ok(_), Some(ticket)) => self.events.push_back(Event::Ack {
+                    ticket,
+                    durable: true,
+                }),
+                #[cfg(not(dsplane_mutation = "ack_before_durable"))]
                 (Ok(pos), Some(ticket)) => self.awaiting.push_back((*pos, ticket)),
                 _ => {}
             }
@@ -946,6 +956,9 @@ impl<L: Log> Owner<L> {
                 continue;
             };
             if spill && written.is_ok() {
+                // The simulator's deliberate bug (docs/simulation.md): the SURB's frames of a
+                // lane are not counted, so the lane forgets them.
+                #[cfg(not(dsplane_mutation = "forget_spilled_lane"))]
                 state.sched.add_spilled(level, 1);
                 continue;
             }
@@ -1123,7 +1136,11 @@ impl<L: Log> Owner<L> {
                     self.rate_wake = Some(self.rate_wake.map_or(at, |w| w.min(at)));
                     return None;
                 }
-                Err(Blocked::Load(lane)) => self.load_spilled(peer, lane, unix),
+                Err(Blocked::Load(lane)) => {
+                    if !self.load_spilled(peer, lane, unix) {
+                        return None;
+                    }
+                }
                 Err(_) => return None,
             }
         }
@@ -1132,18 +1149,26 @@ impl<L: Log> Owner<L> {
 
     /// Brings up to [`limits::LOAD_BATCH`] frames of a lane back from the SURB into memory;
     /// those older than `retention_h` expire instead.
-    fn load_spilled(&mut self, peer: PeerRef, lane: usize, unix: u64) {
+    /// `false` when nothing could be loaded (the log could not be read).
+    fn load_spilled(&mut self, peer: PeerRef, lane: usize, unix: u64) -> bool {
         let fifo = self.surb.fifo;
         let log = &mut self.surb.log;
         let Some(state) = peer_in(&mut self.sus, &mut self.csps, peer) else {
-            return;
+            return false;
         };
         let loaded = match log.load(state.key, lane as u8, limits::LOAD_BATCH, fifo) {
-            Ok(l) => l,
+            Ok(l) => {
+                state.load_failed = false;
+                l
+            }
             Err(e) => {
-                tracing::error!(peer = %state.label, lane, error = %e, "cannot read spilled frames; they are skipped");
-                state.sched.set_spilled_lane(lane, 0);
-                return;
+                // Never skipped: the frames stay counted and the load is tried again on the next
+                // pump; the lane (and, by strict priority, the lanes below it) waits meanwhile.
+                if !state.load_failed {
+                    tracing::error!(peer = %state.label, lane, error = %e, "cannot read spilled frames; their lane waits until they can be read");
+                    state.load_failed = true;
+                }
+                return false;
             }
         };
         if loaded.is_empty() {
@@ -1154,12 +1179,17 @@ impl<L: Log> Owner<L> {
                 "spilled frames not found in the log"
             );
             state.sched.set_spilled_lane(lane, 0);
-            return;
+            return true;
         }
         let mut expired = Vec::new();
         let mut n = 0;
+        // Frames expire in their lane's order only (see `DeliveryScheduler::take_expired`):
+        // with a frame of the lane in flight, expired ones are loaded and wait their turn.
+        let may_expire = !state.sched.unacked_in(lane);
         for l in loaded {
             let Some(level) = Level::new(l.level) else {
+                // A checksummed record cannot say this unless written by another build.
+                tracing::error!(peer = %state.label, seq = l.stored.seq, level = l.level, "a frame in the log has a level no configuration allows; it is not delivered");
                 continue;
             };
             let held = Held {
@@ -1167,7 +1197,7 @@ impl<L: Log> Owner<L> {
                 stored: Some(l.stored),
                 enqueued_unix_ns: l.enqueued_unix_ns,
             };
-            if unix.saturating_sub(held.enqueued_unix_ns) > state.retention {
+            if may_expire && unix.saturating_sub(held.enqueued_unix_ns) > state.retention {
                 // Counted off the spill as if loaded, then expired.
                 state
                     .sched
@@ -1182,6 +1212,7 @@ impl<L: Log> Owner<L> {
         for (level, held) in expired {
             self.expire(peer, level, held, false, unix);
         }
+        true
     }
 
     /// A frame waited longer than `retention_h`: counted, logged, handed out for the expiry

@@ -411,12 +411,17 @@ impl StormDetector {
                 entry.delivered += 1;
                 self.deliver()
             } else {
-                entry.throttled += 1;
+                // The simulator's deliberate bug (docs/simulation.md): a throttled alert is not
+                // counted for its summary.
+                #[cfg(not(dsplane_mutation = "skip_storm_count"))]
+                {
+                    entry.throttled += 1;
+                    self.stats.owed += 1;
+                }
                 if entry.throttled == 1 {
                     self.stats.storms += 1;
                 }
                 self.stats.throttled += 1;
-                self.stats.owed += 1;
                 Verdict::Throttled
             };
         }

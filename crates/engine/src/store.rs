@@ -845,11 +845,11 @@ impl<D: Disk> Store<D> {
         let Some(mut spill) = self.spills.get(&(peer, lane)).copied() else {
             return Ok(out);
         };
-        if let Err(source) = self.write_out() {
-            return Err(WalError::Io {
-                path: self.dir.clone(),
-                source,
-            });
+        // What is buffered is written first, so that the reader sees every record. A write that
+        // fails (a full disk) undoes the appends buffered since the last one, spills included,
+        // so what is on disk is still all there is to load: the load goes on.
+        if let Err(e) = self.write_out() {
+            tracing::debug!(error = %e, "write before a load failed; loading what is on disk");
         }
         let watermark = self.watermarks.get(&(peer, lane)).copied().unwrap_or(0);
         let segments: Vec<u64> = self

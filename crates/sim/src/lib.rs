@@ -164,6 +164,10 @@ struct Params {
     storm_window_s: u32,
     sr_rate: u32,
     sr_burst: u32,
+    /// `[service_requests]`: engine-wide requests per second, and the share of it past which
+    /// Service Users over their allocation are throttled.
+    capacity: u32,
+    threshold_percent: u32,
 }
 
 impl Params {
@@ -193,6 +197,8 @@ impl Params {
             storm_window_s: 1 + rng.below(5) as u32,
             sr_rate: 20 + rng.below(200) as u32,
             sr_burst: 2 + rng.below(20) as u32,
+            capacity: 100 + rng.below(3_000) as u32,
+            threshold_percent: 30 + rng.below(60) as u32,
         };
         p.nms_total = p.nms_per_su + rng.below(2_000);
         p
@@ -210,13 +216,15 @@ impl Params {
             "[engine]\nlevels = {}\ndata_dir = \"{DATA_DIR}\"\ndurability = \"{durability}\"\nflush_interval_ms = 2\n\
              [delivery]\nrate = {}\nburst = {}\nwindow = {}\nwindow_reserved_top = 1\nnms_per_su = {}\nnms_total = {}\n\
              release_start = 0.2\nrelease_ramp_s = 2\nretention_h = 48\n\
-             [service_requests]\ncapacity = 1000000\noperating_threshold = 0.9\nsr_rate = {}\nsr_burst = {}\n",
+             [service_requests]\ncapacity = {}\noperating_threshold = {}\nsr_rate = {}\nsr_burst = {}\n",
             self.levels,
             self.rate,
             self.burst,
             self.window,
             self.nms_per_su,
             self.nms_total,
+            self.capacity,
+            self.threshold_percent as f64 / 100.0,
             self.sr_rate,
             self.sr_burst
         );
@@ -351,6 +359,8 @@ pub struct World {
     storm_counts_lost: bool,
     /// Salvages reported losses: acknowledged frames may be missing, as reported.
     losses_reported: bool,
+    /// Frames the salvages said they lost.
+    frames_reported_lost: u64,
     next_flush: Nanos,
     restricted: bool,
     paused: Vec<bool>,
@@ -439,6 +449,7 @@ impl World {
             summaries_seen: HashSet::new(),
             storm_counts_lost: false,
             losses_reported: false,
+            frames_reported_lost: 0,
             next_flush: 0,
             restricted: false,
             paused: vec![false; sus],
@@ -550,6 +561,13 @@ impl World {
                     )));
                 }
                 self.losses_reported = true;
+                self.frames_reported_lost +=
+                    salvaged.losses.iter().map(|l| frames_named(l)).sum::<u64>();
+                // Which frames the salvage lost is not known here: order is checked from now on
+                // only for frames taken after it.
+                for p in &mut self.peers {
+                    p.pending.iter_mut().for_each(VecDeque::clear);
+                }
                 let (stores, _) = recovery::recover_on(
                     &self.disk,
                     dir,
@@ -1461,7 +1479,7 @@ impl World {
             .copied()
             .collect();
         missing.sort_unstable();
-        if !missing.is_empty() && !self.losses_reported {
+        if !missing.is_empty() && missing.len() as u64 > self.frames_reported_lost {
             let first = missing[0];
             let known = self.known.get(&first).cloned();
             return Err(self.fail(format!(
@@ -1490,6 +1508,22 @@ impl World {
         }
         Ok(())
     }
+}
+
+/// The frames a salvage's loss line says were lost: the `N` of each "(N frame" or "(N frames".
+fn frames_named(line: &str) -> u64 {
+    line.match_indices('(')
+        .filter_map(|(i, _)| {
+            let rest = line.get(i + 1..)?;
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            let after = rest.get(digits.len()..)?;
+            if after.starts_with(" frame") {
+                digits.parse::<u64>().ok()
+            } else {
+                None
+            }
+        })
+        .sum()
 }
 
 fn frame_id(frame: &Frame) -> Option<u64> {
