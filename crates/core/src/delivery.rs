@@ -684,6 +684,40 @@ mod tests {
         assert_eq!(send_all(&mut s, 0), vec![8, 9]);
     }
 
+    /// Found by the simulator: an expiry is recorded in the log as "the lane is done through
+    /// this frame", so a frame may expire only once every older frame of its lane has left. A
+    /// frame in flight (sent, not acknowledged) is older than every waiting one of its lane.
+    #[test]
+    fn a_lane_with_a_frame_in_flight_expires_nothing() {
+        let mut s = connected(settings());
+        for (l, item) in [(3, 1), (3, 2), (3, 3), (2, 7)] {
+            s.enqueue(level(l), item).unwrap();
+        }
+        let sent = s.next_send(0).unwrap();
+        assert_eq!((*sent.item, sent.level), (7, level(2)));
+        let sent = s.next_send(0).unwrap();
+        assert_eq!(*sent.item, 1);
+        let first_of_level_3 = sent.msg_id;
+        assert!(s.unacked_in(level(3).index()) && s.unacked_in(level(2).index()));
+        // Everything is past its retention, but both lanes have a frame in flight.
+        assert_eq!(s.take_expired(|_| true), vec![]);
+        // Level 2's frame is acknowledged: that lane has nothing left; level 3's still waits.
+        s.on_ack(first_of_level_3 - 1, |_, _| {});
+        assert!(!s.unacked_in(level(2).index()));
+        assert_eq!(s.take_expired(|_| true), vec![]);
+        s.on_ack(first_of_level_3, |_, _| {});
+        assert_eq!(s.take_expired(|_| true), vec![(level(3), 2), (level(3), 3)]);
+        // A disconnect puts the frames in flight back at the front, where they expire first.
+        s.enqueue(level(4), 10).unwrap();
+        s.enqueue(level(4), 11).unwrap();
+        assert_eq!(*s.next_send(0).unwrap().item, 10);
+        s.on_disconnect();
+        assert_eq!(
+            s.take_expired(|_| true),
+            vec![(level(4), 10), (level(4), 11)]
+        );
+    }
+
     #[test]
     fn drain_returns_unacked_then_waiting_by_priority() {
         let mut s = connected(settings());

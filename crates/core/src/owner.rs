@@ -1406,3 +1406,6 @@ impl<L: Log> Owner<L> {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -842,15 +842,19 @@ impl<D: Disk> Store<D> {
         lane_of: impl Fn(u8) -> u8,
     ) -> Result<Vec<Loaded>, WalError> {
         let mut out = Vec::new();
-        let Some(mut spill) = self.spills.get(&(peer, lane)).copied() else {
+        if !self.spills.contains_key(&(peer, lane)) {
             return Ok(out);
-        };
+        }
         // What is buffered is written first, so that the reader sees every record. A write that
         // fails (a full disk) undoes the appends buffered since the last one, spills included,
-        // so what is on disk is still all there is to load: the load goes on.
+        // so what is on disk is still all there is to load: the load goes on, from the spill as
+        // the undo left it.
         if let Err(e) = self.write_out() {
             tracing::debug!(error = %e, "write before a load failed; loading what is on disk");
         }
+        let Some(mut spill) = self.spills.get(&(peer, lane)).copied() else {
+            return Ok(out);
+        };
         let watermark = self.watermarks.get(&(peer, lane)).copied().unwrap_or(0);
         let segments: Vec<u64> = self
             .live

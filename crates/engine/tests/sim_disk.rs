@@ -333,3 +333,34 @@ fn a_failed_sync_sets_flush_failed_for_good_with_or_without_a_thread() {
     }
     assert_eq!(store.durable_pos(), before);
 }
+
+/// Found by the simulator: a load writes what is buffered first, and on a full disk that write
+/// failed, the load returned the error, and the owner forgot the lane's frames. The load now
+/// goes on with what is on disk (the failed write undid only what it had buffered), from the
+/// spill as the undo left it (the first fix loaded from a copy taken before the write, and put
+/// the undone frame's count back).
+#[test]
+fn spilled_frames_load_on_a_full_disk() {
+    let disk = SimDisk::new();
+    let (mut store, _) = start(&disk, Durability::Batch);
+    for c in 1..=4 {
+        store.append(PEER, LANE, LEVEL, &frame(c), 0, true);
+    }
+    store.write_out().unwrap();
+    store.flush().unwrap();
+    disk.fill();
+    // Something buffered that cannot be written: a new spilled frame (refused, undone) and the
+    // acknowledgement of nothing yet.
+    store.append(PEER, LANE, LEVEL, &frame(5), 0, true);
+    let loaded = store
+        .load(PEER, LANE, 2, store::lane_of(false))
+        .expect("a full disk does not stop a load of what is on it");
+    let counters: Vec<u64> = loaded.iter().map(|l| l.frame.header.counter).collect();
+    assert_eq!(counters, vec![1, 2]);
+    assert_eq!(
+        store.spilled(PEER, LANE),
+        2,
+        "frame 5 was undone with the failed write"
+    );
+    assert_eq!(waiting(&mut store), vec![3, 4]);
+}

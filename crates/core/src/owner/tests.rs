@@ -1,0 +1,471 @@
+//! The owner, deterministically: time is an argument and the log is an in-memory double whose
+//! durability, write failures and read failures the test decides. What the engine's tests once
+//! waited for with sleeps (housekeeping, storm windows, retention) happens here at a chosen
+//! `now`.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::*;
+use crate::config::Config;
+use crate::ids::Srv;
+use crate::log::{Loaded, WalError};
+
+const S: Nanos = NANOS_PER_SEC;
+const UNIX: u64 = 1_767_225_600 * S;
+const SU: Eui64 = Eui64(0x90B3_D51F_3001_0000);
+const MAGNETIC: u16 = 0x8F75;
+
+/// A log in memory: every append gets the next seq; `durable` is what the test says it is.
+#[derive(Debug, Default)]
+struct MemLog {
+    next: u64,
+    /// Frames on disk only, by (peer, lane), oldest first.
+    spilled: HashMap<(PeerKey, u8), VecDeque<Loaded>>,
+    /// Appends since the last write.
+    buffered: Vec<((PeerKey, u8), Option<Loaded>)>,
+    written: u64,
+    durable: u64,
+    done: Vec<(PeerKey, u8, u64)>,
+    fail_writes: bool,
+    fail_loads: bool,
+    sync_failed: bool,
+}
+
+impl Log for MemLog {
+    fn append(
+        &mut self,
+        peer: PeerKey,
+        lane: u8,
+        level: u8,
+        frame: &Frame,
+        enqueued_unix_ns: u64,
+        spill: bool,
+    ) -> Stored {
+        self.next += 1;
+        let stored = Stored {
+            seq: self.next,
+            segment: 1,
+        };
+        let loaded = spill.then(|| Loaded {
+            stored,
+            level,
+            enqueued_unix_ns,
+            frame: frame.clone(),
+        });
+        if let Some(l) = &loaded {
+            self.spilled
+                .entry((peer, lane))
+                .or_default()
+                .push_back(l.clone());
+        }
+        self.buffered.push(((peer, lane), loaded));
+        stored
+    }
+
+    fn write_out(&mut self) -> io::Result<LogPos> {
+        if self.fail_writes && !self.buffered.is_empty() {
+            // Undone, as the store undoes a failed batch.
+            for (key, loaded) in self.buffered.drain(..) {
+                if loaded.is_some() {
+                    if let Some(q) = self.spilled.get_mut(&key) {
+                        q.pop_back();
+                    }
+                }
+            }
+            self.next = self.written;
+            return Err(io::Error::from_raw_os_error(28));
+        }
+        self.buffered.clear();
+        self.written = self.next;
+        Ok(self.written)
+    }
+
+    fn done(&mut self, peer: PeerKey, lane: u8, stored: Stored) {
+        self.done.push((peer, lane, stored.seq));
+    }
+
+    fn is_spilled(&self, peer: PeerKey, lane: u8) -> bool {
+        self.spilled
+            .get(&(peer, lane))
+            .is_some_and(|q| !q.is_empty())
+    }
+
+    fn spills(&self) -> Vec<(PeerKey, u8, u64)> {
+        (self.spilled.iter())
+            .filter(|(_, q)| !q.is_empty())
+            .map(|((p, l), q)| (*p, *l, q.len() as u64))
+            .collect()
+    }
+
+    fn load(
+        &mut self,
+        peer: PeerKey,
+        lane: u8,
+        max: usize,
+        _fifo: bool,
+    ) -> Result<Vec<Loaded>, WalError> {
+        if self.fail_loads {
+            return Err(WalError::Io {
+                path: PathBuf::from("/mem/w0"),
+                source: io::Error::from_raw_os_error(5),
+            });
+        }
+        let q = self.spilled.entry((peer, lane)).or_default();
+        let n = max.min(q.len());
+        Ok(q.drain(..n).collect())
+    }
+
+    fn durable_pos(&self) -> LogPos {
+        self.durable
+    }
+
+    fn flush_failed(&self) -> bool {
+        self.sync_failed
+    }
+
+    fn disk_bytes(&self) -> u64 {
+        0
+    }
+}
+
+fn config(extra: &str) -> Config {
+    let text = format!(
+        "[engine]\nlevels = 4\ndurability = \"batch\"\n\
+         [delivery]\nrate = 1000\nburst = 1000\nwindow = 8\nwindow_reserved_top = 1\nrelease_start = 1.0\n{extra}\n\
+         [[service_user]]\nid = \"{SU}\"\ntoken = \"owner-test-su\"\n\
+         [[csp]]\nname = \"csp-a\"\ntoken = \"owner-test-csp\"\ndevice_ranges = []\n\
+         [priority]\nrules = [{{ srv = \"2.2\", level = 1 }}]\n\
+         [alert_storm]\nthreshold = 2\nwindow_s = 10\nexclusions = [0x8F57]\n"
+    );
+    Config::from_toml_with_env(&text, |_| None).unwrap()
+}
+
+fn owner_with(extra: &str) -> Owner<MemLog> {
+    let config = config(extra);
+    let setup = OwnerSetup::from_config(&config, 0, 1).unwrap();
+    let nms = Nms::new(Arc::new(AtomicU64::new(0)), config.delivery.nms_total);
+    Owner::new(setup, MemLog::default(), nms, 0).unwrap()
+}
+
+fn owner() -> Owner<MemLog> {
+    owner_with("")
+}
+
+fn alert(code: u16, counter: u64) -> Frame {
+    let mut h = Header::new(Kind::DeviceAlert);
+    h.su_id = SU;
+    h.device_id = Eui64(7);
+    h.alert_code = code;
+    h.counter = counter;
+    Frame::new(h, Bytes::from_static(b"alert")).unwrap()
+}
+
+fn to_su(frame: Frame, level: u8, ticket: Option<Ticket>) -> Envelope {
+    Envelope {
+        to: Destination::Northbound {
+            su: 0,
+            level: Level::new(level).unwrap(),
+        },
+        frame,
+        ticket,
+        enqueued_unix_ns: UNIX,
+    }
+}
+
+fn ticket(msg_id: u64) -> Ticket {
+    Ticket {
+        origin: 0,
+        slot: 3,
+        conn_id: 1,
+        msg_id,
+    }
+}
+
+/// Everything the SU may be sent now: (counter, level).
+fn sent(o: &mut Owner<MemLog>, now: Nanos) -> Vec<(u64, u8)> {
+    o.start_pump();
+    std::iter::from_fn(|| o.poll_transmit(PeerRef::Su(0), now, UNIX + now))
+        .map(|f| (f.header.counter, f.header.priority))
+        .collect()
+}
+
+fn events(o: &mut Owner<MemLog>) -> Vec<Event> {
+    std::iter::from_fn(|| o.poll_event()).collect()
+}
+
+#[test]
+fn strict_priority_then_fifo_within_a_level() {
+    let mut o = owner();
+    for (counter, level) in [(1, 3), (2, 1), (3, 2), (4, 1), (5, 3)] {
+        assert_eq!(
+            o.take(
+                to_su(alert(0x8001 + counter as u16, counter), level, None),
+                0
+            ),
+            Taken::Staged(Level::new(level).unwrap())
+        );
+    }
+    assert!(o.commit());
+    assert_eq!(sent(&mut o, 0), vec![], "not connected");
+    o.on_connect(PeerRef::Su(0), 0);
+    assert_eq!(
+        sent(&mut o, 0),
+        vec![(2, 1), (4, 1), (3, 2), (1, 3), (5, 3)]
+    );
+}
+
+#[test]
+fn an_ack_goes_out_only_once_the_log_is_durable_through_the_frame() {
+    let mut o = owner();
+    // Two batches: the log ends at 1, then at 2.
+    let _ = o.take(to_su(alert(0x8001, 1), 2, Some(ticket(10))), 0);
+    assert!(o.commit());
+    let _ = o.take(to_su(alert(0x8002, 2), 2, Some(ticket(11))), 0);
+    assert!(o.commit());
+    o.resolve_durable();
+    assert!(events(&mut o).is_empty(), "written is not durable");
+    o.surb_mut().log_mut().durable = 1;
+    o.resolve_durable();
+    let acks: Vec<_> = events(&mut o)
+        .into_iter()
+        .map(|e| match e {
+            Event::Ack { ticket, durable } => (ticket.msg_id, durable),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(acks, vec![(10, true)], "only the first is durable");
+    // A failed sync: nothing it covered can be trusted, every waiting frame is refused.
+    o.surb_mut().log_mut().sync_failed = true;
+    o.resolve_durable();
+    assert!(matches!(
+        events(&mut o).as_slice(),
+        [Event::Ack { ticket, durable: false }] if ticket.msg_id == 11
+    ));
+}
+
+#[test]
+fn a_failed_write_refuses_the_frames_that_waited_for_it() {
+    let mut o = owner();
+    o.surb_mut().log_mut().fail_writes = true;
+    let _ = o.take(to_su(alert(0x8001, 1), 2, Some(ticket(10))), 0);
+    assert!(!o.commit());
+    assert!(matches!(
+        events(&mut o).as_slice(),
+        [Event::Ack { durable: false, .. }]
+    ));
+    o.on_connect(PeerRef::Su(0), 0);
+    assert_eq!(sent(&mut o, 0), vec![], "a refused frame is not delivered");
+}
+
+#[test]
+fn a_storm_is_throttled_and_its_summary_counts_every_throttled_alert() {
+    let mut o = owner();
+    o.on_connect(PeerRef::Su(0), 0);
+    let mut taken = Vec::new();
+    for counter in 1..=5 {
+        taken.push(o.take(to_su(alert(MAGNETIC, counter), 3, Some(ticket(counter))), S));
+    }
+    let level = Level::new(3).unwrap();
+    assert_eq!(
+        taken,
+        [
+            Taken::Staged(level),
+            Taken::Staged(level),
+            Taken::Throttled,
+            Taken::Throttled,
+            Taken::Throttled
+        ]
+    );
+    // The throttled alerts are ACKed at once: nothing of theirs is written.
+    let acks = events(&mut o)
+        .into_iter()
+        .filter(|e| matches!(e, Event::Ack { durable: true, .. }))
+        .count();
+    assert_eq!(acks, 3);
+    // An excluded code always passes.
+    assert!(matches!(
+        o.take(to_su(alert(0x8F57, 9), 1, None), S),
+        Taken::Staged(_)
+    ));
+    assert!(o.commit());
+    assert_eq!(o.storm_stats().owed, 3);
+    // The window (10 s) closes: one STORM_SUMMARY for the three.
+    let _ = o.handle_timeout(12 * S, UNIX + 12 * S);
+    o.start_pump();
+    let frames: Vec<Frame> =
+        std::iter::from_fn(|| o.poll_transmit(PeerRef::Su(0), 12 * S, UNIX + 12 * S)).collect();
+    let summaries: Vec<&Frame> = frames
+        .iter()
+        .filter(|f| f.header.kind == Kind::StormSummary)
+        .collect();
+    assert_eq!(summaries.len(), 1);
+    assert_eq!(summaries[0].header.counter, 3);
+    assert_eq!(summaries[0].header.alert_code, MAGNETIC);
+    assert_eq!(summaries[0].header.priority, 4, "the lowest level");
+    assert_eq!(o.storm_stats().owed, 0);
+}
+
+#[test]
+fn a_response_inherits_its_requests_level_and_the_intake_level_travels_through_a_reload() {
+    let mut o = owner();
+    let mut req = Header::new(Kind::Request);
+    req.su_id = SU;
+    req.device_id = Eui64(42);
+    req.counter = 77;
+    req.srv = Srv::new(2, 2, 0); // Top Up Device: level 1 under the default rules
+    let intake = GlobalIntake::new(100_000, 0.8, 0).unwrap();
+    assert_eq!(o.admit_request(0, &req, &intake, 0), Ok(Level::URGENT));
+    // Its response comes back with the intake's fallback level (its own SRV's, say 4).
+    let mut resp = Header::new(Kind::Response);
+    resp.su_id = SU;
+    resp.device_id = Eui64(42);
+    resp.counter = 77;
+    resp.srv = Srv::new(2, 2, 0);
+    let frame = Frame::new(resp, Bytes::new()).unwrap();
+    assert_eq!(
+        o.take(to_su(frame, 4, None), S),
+        Taken::Staged(Level::URGENT)
+    );
+    // An alert's level was decided at intake; a reload in between does not change it.
+    let mut reloaded = config("");
+    reloaded.priority.alert_level = Level::new(4).unwrap();
+    o.reload(
+        &Reload {
+            rules: Arc::new(Rules::new(&reloaded.priority)),
+            storm: StormSettings::from_config(&reloaded.alert_storm, 1).unwrap(),
+            sus: Vec::new(),
+            csps: Vec::new(),
+        },
+        S,
+    );
+    assert_eq!(o.intake_level(&alert(0x8001, 1).header).get(), 4);
+    assert_eq!(
+        o.take(to_su(alert(0x8001, 1), 3, None), S),
+        Taken::Staged(Level::new(3).unwrap())
+    );
+}
+
+#[test]
+fn frames_past_retention_expire_at_housekeeping_with_a_record() {
+    let mut o = owner();
+    let _ = o.take(to_su(alert(0x8001, 1), 2, None), 0);
+    assert!(o.commit());
+    assert!(o.handle_timeout(0, UNIX));
+    assert!(events(&mut o).is_empty());
+    // Two days later (retention_h = 48 by default), at the next housekeeping.
+    let later = UNIX + 49 * 3600 * S;
+    assert!(
+        !o.handle_timeout(limits::HOUSEKEEPING_INTERVAL / 2, later),
+        "not due yet"
+    );
+    assert!(o.handle_timeout(limits::HOUSEKEEPING_INTERVAL, later));
+    match events(&mut o).as_slice() {
+        [Event::Expired(r)] => {
+            assert_eq!(
+                (r.counter, r.level, r.kind.as_str()),
+                (1, 2, "DEVICE_ALERT")
+            );
+            assert_eq!(r.expired_unix_ns, later);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(o.held(), 0);
+}
+
+#[test]
+fn a_full_share_spills_to_the_surb_and_the_lane_stays_in_order() {
+    let mut o = owner_with("nms_per_su = 2");
+    for counter in 1..=5 {
+        let _ = o.take(to_su(alert(0x8000 + counter as u16, counter), 2, None), 0);
+    }
+    assert!(o.commit());
+    assert_eq!(o.held(), 2);
+    assert_eq!(
+        o.depth(PeerRef::Su(0))[1],
+        (2, 3),
+        "two in the NMS, three in the SURB"
+    );
+    // While the lane has frames in the SURB, a newer frame goes there too, behind them.
+    o.on_peer_ack(PeerRef::Su(0), 0);
+    let _ = o.take(to_su(alert(0x8006, 6), 2, None), 0);
+    assert!(o.commit());
+    assert_eq!(o.depth(PeerRef::Su(0))[1], (2, 4));
+    // The lane comes out in order across the tiers: memory first, then loads from the SURB.
+    o.on_connect(PeerRef::Su(0), 0);
+    let order: Vec<u64> = sent(&mut o, 0).into_iter().map(|(c, _)| c).collect();
+    assert_eq!(order, vec![1, 2, 3, 4, 5, 6]);
+}
+
+#[test]
+fn a_load_that_fails_keeps_the_frames_and_is_tried_again() {
+    let mut o = owner_with("nms_per_su = 1");
+    for counter in 1..=3 {
+        let _ = o.take(to_su(alert(0x8000 + counter as u16, counter), 2, None), 0);
+    }
+    // A lower level behind them: strict priority keeps it waiting while the lane cannot load.
+    let _ = o.take(to_su(alert(0x8F00, 9), 3, None), 0);
+    assert!(o.commit());
+    o.on_connect(PeerRef::Su(0), 0);
+    o.surb_mut().log_mut().fail_loads = true;
+    assert_eq!(
+        sent(&mut o, 0),
+        vec![(1, 2)],
+        "the one in memory, then the lane waits"
+    );
+    assert_eq!(
+        o.depth(PeerRef::Su(0))[1].1,
+        2,
+        "the SURB's frames are still counted"
+    );
+    o.surb_mut().log_mut().fail_loads = false;
+    o.on_peer_ack(PeerRef::Su(0), 1);
+    assert_eq!(sent(&mut o, 0), vec![(2, 2), (3, 2), (9, 3)]);
+}
+
+#[test]
+fn a_paused_su_gets_nothing_and_a_restore_releases_it() {
+    let mut o = owner();
+    o.on_connect(PeerRef::Su(0), 0);
+    o.set_paused(0, true, 0);
+    let _ = o.take(to_su(alert(0x8001, 1), 2, None), 0);
+    assert!(o.commit());
+    assert_eq!(sent(&mut o, 0), vec![]);
+    o.set_restricted(true, 0);
+    o.set_paused(0, false, 0);
+    assert_eq!(sent(&mut o, 0), vec![], "still restricted");
+    o.set_restricted(false, 0);
+    assert_eq!(sent(&mut o, 0), vec![(1, 2)]);
+}
+
+#[test]
+fn a_peer_ack_marks_the_log_done_and_a_disconnect_resends() {
+    let mut o = owner();
+    o.on_connect(PeerRef::Su(0), 0);
+    for counter in 1..=3 {
+        let _ = o.take(
+            to_su(
+                alert(0x8000 + counter as u16, counter),
+                2,
+                Some(ticket(counter)),
+            ),
+            0,
+        );
+    }
+    assert!(o.commit());
+    assert_eq!(sent(&mut o, 0).len(), 3);
+    o.on_peer_ack(PeerRef::Su(0), 1);
+    assert_eq!(o.surb().log().done.len(), 1);
+    o.on_disconnect(PeerRef::Su(0));
+    o.on_connect(PeerRef::Su(0), S);
+    assert_eq!(
+        sent(&mut o, S),
+        vec![(2, 2), (3, 2)],
+        "the unacknowledged, in order"
+    );
+}
