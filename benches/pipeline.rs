@@ -20,7 +20,8 @@
 //! payloads. Only `measured_*` functions are counted (callgrind `--toggle-collect`); a warm-up
 //! pass first grows every buffer and table to its steady size.
 //!
-//! Usage: `pipeline MODE [MESSAGES]`, MODE one of `pipeline` (the whole path), `frames` (step 1
+//! Usage: `pipeline MODE [MESSAGES]`, MODE one of `pipeline` (the whole path), `owner` (the same
+//! path through the engine's real owner, `dsplane::owner::Owner`), `frames` (step 1
 //! alone), `header` (`Header::decode` alone on 1,024 varied headers), `header-naive` (the
 //! field-by-field decoder of `benches/common`). Any other argument (`cargo bench` passes
 //! `--bench`) runs every mode once, briefly, as a smoke test.
@@ -28,6 +29,7 @@
 mod common;
 
 use std::hint::black_box;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -35,9 +37,13 @@ use bytes::{Bytes, BytesMut};
 use common::{naive, sample_headers, Rng};
 use dsplane::classify::{Classifier, RequestId, Rules};
 use dsplane::config::Config;
+use dsplane::config::Durability;
 use dsplane::delivery::{Blocked, DeliveryScheduler, DeliverySettings};
 use dsplane::ids::{Eui64, Level, Mode, Srv};
 use dsplane::limiter::{ReleaseStart, TokenBucket, BURST_MAX, RATE_PER_S_MAX};
+use dsplane::owner::{Destination, Envelope, Nms, Owner, OwnerSetup, PeerRef, Taken};
+use dsplane::store::{LogOptions, Store};
+use dsplane::throttle::GlobalIntake;
 use dsplane::wire::{Frame, FrameDecoder, Header, Kind, HEADER_LEN, PAYLOAD_BYTES_MAX_DEFAULT};
 use dsplane::Nanos;
 
@@ -45,6 +51,8 @@ const SU: Eui64 = Eui64(0x90B3_D51F_3001_0000);
 const PAYLOAD_LEN: usize = 128;
 const WARM_UP: usize = 20_000;
 const DEFAULT_MESSAGES: usize = 200_000;
+/// The wall clock of the owner mode's turns (2026-01-01).
+const UNIX_START: u64 = 1_767_225_600 * 1_000_000_000;
 
 /// The wire bytes of `n` northbound frames and the requests their responses answer.
 fn workload(n: usize, seed: u64) -> (Vec<u8>, Vec<(RequestId, Srv, Mode)>) {
@@ -242,6 +250,128 @@ impl Worker {
     }
 }
 
+/// The same path through the engine's real owner (`dsplane::owner::Owner` over the real
+/// `Store`, durability `none`): the level decided at intake (`intake_level`), `take` (response
+/// inheritance, Alert Storm Protection, the alert report, the NMS/SURB tier), one `commit` per
+/// read, the turn's `handle_timeout`, then `poll_transmit`, the encode and the peer's ACK. It
+/// does what the engine's worker does per message, where the `pipeline` mode above is a copy of
+/// its scheduling core.
+struct OwnerWorker {
+    owner: Owner<Store>,
+    decoder: FrameDecoder,
+    scratch: BytesMut,
+    out: Vec<Bytes>,
+    now: Nanos,
+    delivered: u64,
+    _dir: TempDir,
+}
+
+/// A directory removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl OwnerWorker {
+    fn new(requests: &[(RequestId, Srv, Mode)]) -> OwnerWorker {
+        let mut config = Config::embedded_default().unwrap();
+        config.engine.durability = Durability::None;
+        for su in &mut config.service_users {
+            su.id = SU;
+            su.delivery.rate = RATE_PER_S_MAX;
+            su.delivery.burst = BURST_MAX;
+            su.delivery.window = 4096;
+            su.delivery.release_start = ReleaseStart::FULL;
+            su.delivery.nms_per_su = 1 << 20;
+        }
+        config.delivery.nms_total = 1 << 20;
+        let dir = std::env::temp_dir().join(format!("dsplane-pipeline-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let options = LogOptions {
+            durability: Durability::None,
+            flush_interval: std::time::Duration::from_millis(2),
+            reserve_bytes: 0,
+        };
+        let store = Store::create(&dir, options, Box::new(|| {})).unwrap();
+        let setup = OwnerSetup::from_config(&config, 0, 1).unwrap();
+        let nms = Nms::new(Arc::new(AtomicU64::new(0)), config.delivery.nms_total);
+        let mut owner = Owner::new(setup, store, nms, 0).unwrap();
+        let intake = GlobalIntake::new(1_000_000, 0.99, 0).unwrap();
+        for &(id, srv, mode) in requests {
+            let mut h = Header::new(Kind::Request);
+            h.su_id = id.su;
+            h.device_id = id.device;
+            h.counter = id.counter;
+            h.srv = srv;
+            h.mode = mode as u8;
+            let _ = owner.admit_request(0, &h, &intake, 0);
+        }
+        owner.on_connect(PeerRef::Su(0), 0);
+        OwnerWorker {
+            owner,
+            decoder: FrameDecoder::new(PAYLOAD_BYTES_MAX_DEFAULT),
+            scratch: BytesMut::with_capacity(64 * 1024),
+            out: Vec::with_capacity(8192),
+            now: 0,
+            delivered: 0,
+            _dir: TempDir(dir),
+        }
+    }
+
+    #[inline(always)]
+    fn run(&mut self, bytes: &[u8]) {
+        let mut socket = Socket(bytes);
+        loop {
+            let read = self.decoder.fill_from(&mut socket, usize::MAX).unwrap();
+            self.now += 1_000_000;
+            let unix = UNIX_START + self.now;
+            while let Some(frame) = self.decoder.next_frame().unwrap() {
+                let level = self.owner.intake_level(&frame.header);
+                let taken = self.owner.take(
+                    Envelope {
+                        to: Destination::Northbound { su: 0, level },
+                        frame,
+                        ticket: None,
+                        enqueued_unix_ns: unix,
+                    },
+                    self.now,
+                );
+                assert!(matches!(taken, Taken::Staged(_)), "{taken:?}");
+            }
+            assert!(self.owner.commit());
+            let _ = self.owner.handle_timeout(self.now, unix);
+            self.owner.start_pump();
+            let mut last = None;
+            while let Some(frame) = self.owner.poll_transmit(PeerRef::Su(0), self.now, unix) {
+                if self.scratch.capacity() - self.scratch.len() < HEADER_LEN {
+                    self.scratch.reserve(HEADER_LEN * 1024);
+                }
+                self.scratch.extend_from_slice(&frame.header_bytes());
+                self.out.push(self.scratch.split().freeze());
+                last = Some(frame.header.msg_id);
+                self.out.push(frame.payload);
+                self.delivered += 1;
+            }
+            self.out.clear();
+            if let Some(msg_id) = last {
+                self.owner.on_peer_ack(PeerRef::Su(0), msg_id);
+            }
+            while self.owner.poll_event().is_some() {}
+            if read == 0 {
+                break;
+            }
+        }
+    }
+}
+
+#[inline(never)]
+fn measured_owner(worker: &mut OwnerWorker, bytes: &[u8]) {
+    worker.run(bytes);
+}
+
 #[inline(never)]
 fn measured_pipeline(worker: &mut Worker, bytes: &[u8]) {
     worker.run(bytes);
@@ -311,6 +441,21 @@ fn run_mode(mode: &str, messages: usize) {
                 stats.unknown
             );
         }
+        "owner" => {
+            let (warm, warm_requests) = workload(WARM_UP, 1);
+            let (bytes, requests) = workload(messages, 2);
+            let mut all = warm_requests;
+            all.extend(requests);
+            let mut worker = OwnerWorker::new(&all);
+            worker.run(&warm);
+            worker.delivered = 0;
+            measured_owner(&mut worker, &bytes);
+            assert_eq!(
+                worker.delivered, messages as u64,
+                "not every message delivered"
+            );
+            println!("{mode}: {messages} messages in {:?}", t.elapsed());
+        }
         "header" | "header-naive" => {
             let headers = sample_headers(1024, 7);
             let warm = decode_headers(&headers, 4096, Header::decode);
@@ -326,7 +471,9 @@ fn run_mode(mode: &str, messages: usize) {
             );
         }
         other => {
-            eprintln!("unknown mode {other:?}: use pipeline, frames, header or header-naive");
+            eprintln!(
+                "unknown mode {other:?}: use pipeline, owner, frames, header or header-naive"
+            );
             std::process::exit(2);
         }
     }
@@ -335,7 +482,7 @@ fn run_mode(mode: &str, messages: usize) {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some(mode @ ("pipeline" | "frames" | "header" | "header-naive")) => {
+        Some(mode @ ("pipeline" | "owner" | "frames" | "header" | "header-naive")) => {
             let messages = args
                 .get(1)
                 .map(|n| n.parse().expect("MESSAGES must be a number"))
@@ -344,7 +491,7 @@ fn main() {
         }
         _ => {
             // `cargo bench` (all benches) lands here: a quick check that every mode still runs.
-            for mode in ["pipeline", "frames", "header", "header-naive"] {
+            for mode in ["pipeline", "owner", "frames", "header", "header-naive"] {
                 run_mode(mode, 10_000);
             }
         }

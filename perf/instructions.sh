@@ -21,7 +21,7 @@ bin=$(cargo bench -p dsplane --bench pipeline --no-run 2>&1 | sed -n 's/.*Execut
 out=${OUT:-$CARGO_TARGET_DIR/callgrind}
 mkdir -p "$out"
 printf '%-13s %12s %14s  %s\n' mode count instructions per
-for mode in header header-naive frames pipeline; do
+for mode in header header-naive frames pipeline owner; do
     n=$messages
     unit=message
     case $mode in header*) n=$((messages * 10)); unit=header ;; esac
