@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Subcommand;
@@ -173,9 +173,7 @@ fn csp(addr: SocketAddr, token: &str, su: Eui64, count: u64) -> ExitCode {
             return ExitCode::from(EXIT_NO_CONNECTION);
         }
     };
-    let now_ns = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
+    let now_ns = dsplane::unix_now();
     let frames = (0..count).map(|i| {
         let (kind, srv, alert, what) = MIX[(i % MIX.len() as u64) as usize];
         let mut h = Header::new(kind);

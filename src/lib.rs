@@ -18,9 +18,9 @@
 
 pub use dsplane_core::{
     admission, classify, config, counters, delivery, limiter, limits, log, one_line, owner, report,
-    ring, storm, sync, throttle, unix_now, Nanos, NANOS_PER_SEC,
+    ring, storm, sync, throttle, Nanos, NANOS_PER_SEC,
 };
 pub use dsplane_engine as engine;
 pub use dsplane_engine::{datadir, disk, recovery, store, wal};
 pub use dsplane_loadgen as loadgen;
-pub use dsplane_proto::{client, ids, wire};
+pub use dsplane_proto::{client, ids, unix_now, wire};

@@ -162,11 +162,7 @@ fn report_alerts(config: Option<PathBuf>, day: Option<String>) -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        None => dsplane::report::utc_day(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64),
-        ),
+        None => dsplane::report::utc_day(dsplane::unix_now()),
     };
     let path = config
         .engine

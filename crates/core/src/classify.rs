@@ -66,8 +66,6 @@ pub struct Rules {
 
 impl Rules {
     /// Compiles the validated `[priority]` section.
-    // Indexing here is safe: the tables are sized for their index type (256 majors, 65,536 alert codes) and levels were validated against `levels` when the rules were built.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     pub fn new(priority: &Priority) -> Rules {
         let mut exact: Vec<(u32, ModeLevels)> = Vec::new();
         let mut major_minor: Vec<(u16, ModeLevels)> = Vec::new();
@@ -79,15 +77,21 @@ impl Rules {
                 SrvPattern::MajorMinor(ma, mi) => {
                     entry(&mut major_minor, u16::from(ma) << 8 | u16::from(mi))
                 }
-                SrvPattern::Major(ma) => &mut major[usize::from(ma)],
+                // 256 entries for a u8: always there.
+                SrvPattern::Major(ma) => major.get_mut(usize::from(ma)),
             };
-            levels[slot] = rule.level.get();
+            if let Some(l) = levels.and_then(|levels| levels.get_mut(slot)) {
+                *l = rule.level.get();
+            }
         }
         exact.sort_unstable_by_key(|e| e.0);
         major_minor.sort_unstable_by_key(|e| e.0);
         let mut alert_levels = Box::new([priority.alert_level.get(); 65_536]);
         for &(code, level) in &priority.high_priority_alerts {
-            alert_levels[usize::from(code)] = level.get();
+            // 65,536 entries for a u16: always there.
+            if let Some(l) = alert_levels.get_mut(usize::from(code)) {
+                *l = level.get();
+            }
         }
         Rules {
             levels: priority.levels,
@@ -111,16 +115,12 @@ impl Rules {
     }
 
     /// The level of a REQUEST with this SRV and mode.
-    // Indexing here is safe: the tables are sized for their index type (256 majors, 65,536 alert codes) and levels were validated against `levels` when the rules were built.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     pub fn request_level(&self, srv: Srv, mode: Mode) -> Level {
-        let pick = |levels: &ModeLevels| {
-            let l = levels[mode as usize];
-            if l != 0 {
-                l
-            } else {
-                levels[ANY_MODE]
-            }
+        // A mode's slot, else the any-mode slot; 0 where no rule gives a level. (`get` on the
+        // fixed tables compiles to the plain load: every index is in range by its type.)
+        let pick = |levels: &ModeLevels| match levels.get(mode as usize).copied() {
+            Some(l) if l != 0 => l,
+            _ => levels.get(ANY_MODE).copied().unwrap_or(0),
         };
         let by_exact = lookup(&self.exact, srv.0).map_or(0, pick);
         if by_exact != 0 {
@@ -131,7 +131,7 @@ impl Rules {
         if by_major_minor != 0 {
             return level(by_major_minor);
         }
-        let by_major = pick(&self.major[usize::from(srv.major())]);
+        let by_major = self.major.get(usize::from(srv.major())).map_or(0, pick);
         if by_major != 0 {
             return level(by_major);
         }
@@ -148,33 +148,30 @@ impl Rules {
     }
 
     /// The level of a DEVICE_ALERT or DCC_ALERT with this code.
-    // Indexing here is safe: the tables are sized for their index type (256 majors, 65,536 alert codes) and levels were validated against `levels` when the rules were built.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     pub fn alert_level(&self, code: u16) -> Level {
-        level(self.alert_levels[usize::from(code)])
+        level(
+            self.alert_levels
+                .get(usize::from(code))
+                .copied()
+                .unwrap_or(0),
+        )
     }
 }
 
-// Indexing here is safe: the tables are sized for their index type (256 majors, 65,536 alert codes) and levels were validated against `levels` when the rules were built.
-#[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
-fn entry<K: Copy + PartialEq>(table: &mut Vec<(K, ModeLevels)>, key: K) -> &mut ModeLevels {
-    let at = match table.iter().position(|e| e.0 == key) {
-        Some(at) => at,
-        None => {
-            table.push((key, [0; 4]));
-            table.len() - 1
-        }
-    };
-    &mut table[at].1
+/// The levels of `key` in `table`, added (empty) if it is not there yet.
+fn entry<K: Copy + PartialEq>(table: &mut Vec<(K, ModeLevels)>, key: K) -> Option<&mut ModeLevels> {
+    if !table.iter().any(|e| e.0 == key) {
+        table.push((key, [0; 4]));
+    }
+    table.iter_mut().find(|e| e.0 == key).map(|e| &mut e.1)
 }
 
-// Indexing here is safe: the tables are sized for their index type (256 majors, 65,536 alert codes) and levels were validated against `levels` when the rules were built.
-#[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
 fn lookup<K: Ord + Copy>(table: &[(K, ModeLevels)], key: K) -> Option<&ModeLevels> {
     table
         .binary_search_by_key(&key, |e| e.0)
         .ok()
-        .map(|i| &table[i].1)
+        .and_then(|i| table.get(i))
+        .map(|e| &e.1)
 }
 
 /// A level byte from a compiled table. Every byte stored is a validated, non-zero level.

@@ -47,14 +47,6 @@ pub type Nanos = u64;
 /// Nanoseconds in one second.
 pub const NANOS_PER_SEC: Nanos = 1_000_000_000;
 
-/// Nanoseconds since the Unix epoch, now: the one wall-clock read of the engine (each worker
-/// reads it once per turn and passes it in), the client and the load generator.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
 /// A message on one line, for a log line or a one-line error: the lines of `text` (a TOML
 /// error's source excerpt, say) trimmed and joined with `; `, leaving out the excerpt's bare
 /// `|` gutters and blank lines.

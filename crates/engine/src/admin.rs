@@ -56,11 +56,7 @@ use super::shared::{token_eq, Control, Shared};
 use super::{EngineError, EngineThread, Port};
 use crate::ids::Eui64;
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
+use crate::unix_now;
 
 /// How often the alert report is written to `data_dir`.
 const REPORT_SAVE_INTERVAL: Duration = Duration::from_secs(5);

@@ -62,9 +62,9 @@ pub mod wal;
 // written with (`crate::config`, `crate::wire`): one dependency on the engine gives them all.
 pub use dsplane_core::{
     admission, classify, config, counters, delivery, ids, limiter, limits, log, one_line, owner,
-    report, ring, storm, sync, throttle, unix_now, wire, Nanos, NANOS_PER_SEC,
+    report, ring, storm, sync, throttle, wire, Nanos, NANOS_PER_SEC,
 };
-pub use dsplane_proto::client;
+pub use dsplane_proto::{client, unix_now};
 
 mod acceptor;
 mod admin;

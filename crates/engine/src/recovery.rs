@@ -990,9 +990,7 @@ pub fn salvage_on<D: Disk>(
     out.generation = report.generation;
     out.frames_kept = report.frames_recovered;
     out.frames_orphaned = report.frames_orphaned;
-    let unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let unix = crate::unix_now() / crate::NANOS_PER_SEC;
     if let Some(g) = out.from_generation {
         let from = datadir::gen_dir(data_dir, g);
         let kept = data_dir.join(format!("gen-{g}.salvaged-{unix}"));

@@ -1,7 +1,7 @@
 //! What every thread of the engine can see: the directory of peers (fixed at start-up) and the
 //! tokens they present (replaced whole by a reload), the links into each worker (its ring, its
-//! waker, its control channel), and the admission counters that bound what dsplane holds for
-//! each receiver.
+//! waker, its control channel), and the count of frames held in memory by every owner
+//! together (`memory_frames`, bounded by `nms_total`; each owner's `Nms` reads and moves it).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -190,11 +190,8 @@ fn put_fixed(out: &mut Vec<u8>, kind: u8, level: u8, peer: PeerKey, seq: u64) {
     out.extend_from_slice(&peer_id.to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
 }
-// Indexing here is safe: `p` is the 8-byte prefix just pushed (split at `start + 8`).
 impl Record {
     /// Appends the record (prefix and body) to `out`.
-    // Indexing here is safe: see the module documentation.
-    #[allow(clippy::indexing_slicing, clippy::expect_used, clippy::unwrap_used)]
     pub fn encode(&self, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(&[0; RECORD_PREFIX_LEN]);
@@ -253,9 +250,13 @@ impl Record {
         let body_len = (out.len() - start - RECORD_PREFIX_LEN) as u32;
         let (prefix, body) = out.split_at_mut(start + RECORD_PREFIX_LEN);
         let crc = crc32c::crc32c(body);
+        // The prefix is the RECORD_PREFIX_LEN bytes pushed at `start`: length, then checksum.
         if let Some(p) = prefix.get_mut(start..) {
-            p[..4].copy_from_slice(&body_len.to_le_bytes());
-            p[4..].copy_from_slice(&crc.to_le_bytes());
+            let mut encoded = [0u8; RECORD_PREFIX_LEN];
+            let (len, sum) = encoded.split_at_mut(4);
+            len.copy_from_slice(&body_len.to_le_bytes());
+            sum.copy_from_slice(&crc.to_le_bytes());
+            p.copy_from_slice(&encoded);
         }
     }
 

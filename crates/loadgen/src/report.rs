@@ -1034,9 +1034,7 @@ pub fn html(runs: &[RunReport]) -> String {
 
 /// When a report is written, as its header shows it: `2026-11-23 14:05 UTC`.
 fn utc_now() -> String {
-    let ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
+    let ns = dsplane_proto::unix_now();
     let day = dsplane_core::report::utc_day(ns);
     let minute_of_day = ns / 60_000_000_000 % (24 * 60);
     format!(

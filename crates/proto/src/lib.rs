@@ -13,3 +13,12 @@
 pub mod client;
 pub mod ids;
 pub mod wire;
+
+/// Nanoseconds since the Unix epoch, now: how `created_ns` is stamped. The one wall-clock read
+/// of dsplane: the engine's workers read it once per turn and pass it to the core (which reads
+/// no clock), and the client, the load generator and the commands use it too.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
