@@ -76,6 +76,8 @@ pub struct Summary {
     pub throttled: u64,
     /// Crashes (and recoveries).
     pub crashes: u64,
+    /// Of those, deaths in the middle of a recovery.
+    pub deaths_in_recovery: u64,
     /// Recoveries that refused a damaged log.
     pub refusals: u64,
     /// Salvages run after a refusal.
@@ -523,14 +525,35 @@ impl World {
         let config = &self.config;
         let owner_of_key = |key| dsplane_engine::owner_in(config, workers)(key);
         let dir = Path::new(DATA_DIR);
-        let recovered = recovery::recover_on(
-            &self.disk,
-            dir,
-            self.settings(),
-            owner_of_key,
-            |_| Flusher::Manual,
-            |_| {},
-        );
+        // Sometimes the process dies in the middle of its recovery, at an operation the seed
+        // chooses; the next start recovers from whatever that left.
+        let recovered = loop {
+            let dies = self.params.crashes && self.rng.one_in(5);
+            let at = self.rng.below(300);
+            if dies {
+                self.disk.die_after(at);
+            }
+            let recovered = recovery::recover_on(
+                &self.disk,
+                dir,
+                self.settings(),
+                owner_of_key,
+                |_| Flusher::Manual,
+                |_| {},
+            );
+            if self.disk.has_died() {
+                drop(recovered);
+                self.summary.crashes += 1;
+                self.summary.deaths_in_recovery += 1;
+                self.note(format!(
+                    "the process died during its recovery, at disk operation {at}"
+                ));
+                self.disk.crash(&mut self.rng);
+                continue;
+            }
+            self.disk.live_on();
+            break recovered;
+        };
         let stores = match recovered {
             Ok((stores, report)) => {
                 self.note(format!(

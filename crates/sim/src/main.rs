@@ -64,6 +64,7 @@ fn main() -> ExitCode {
                 totals.expired += s.expired;
                 totals.throttled += s.throttled;
                 totals.crashes += s.crashes;
+                totals.deaths_in_recovery += s.deaths_in_recovery;
                 totals.refusals += s.refusals;
                 totals.salvages += s.salvages;
                 totals.refused_writes += s.refused_writes;
@@ -91,7 +92,7 @@ fn main() -> ExitCode {
             .map_or(seeds.len(), |i| i + 1)
     };
     println!(
-        "{ran} seeds, {} failed; {:.1} simulated s in {wall:.1} s of wall clock ({:.1} simulated s per s); ACKed {}, delivered {}, expired {}, alerts throttled {}, crashes {}, refused logs {}, salvages {}, writes refused {}, requests throttled {}",
+        "{ran} seeds, {} failed; {:.1} simulated s in {wall:.1} s of wall clock ({:.1} simulated s per s); ACKed {}, delivered {}, expired {}, alerts throttled {}, crashes {} ({} during a recovery), refused logs {}, salvages {}, writes refused {}, requests throttled {}",
         failed.len(),
         simulated as f64 / 1e9,
         simulated as f64 / 1e9 / wall.max(1e-9),
@@ -100,6 +101,7 @@ fn main() -> ExitCode {
         totals.expired,
         totals.throttled,
         totals.crashes,
+        totals.deaths_in_recovery,
         totals.refusals,
         totals.salvages,
         totals.refused_writes,

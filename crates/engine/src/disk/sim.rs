@@ -138,6 +138,8 @@ struct State {
     pending: BTreeMap<PathBuf, Vec<DirOp>>,
     capacity: Option<u64>,
     sync_failures: u64,
+    /// Operations left before the process dies ([`SimDisk::die_after`]).
+    die_after: Option<u64>,
     stats: SimStats,
 }
 
@@ -281,13 +283,39 @@ impl SimDisk {
 
     /// The state, for an operation of this handle's process.
     fn live(&self) -> io::Result<MutexGuard<'_, State>> {
-        let state = self.lock();
+        let mut state = self.lock();
         if state.epoch != self.epoch {
             return Err(io::Error::other(
                 "simulated disk: this handle belongs to a process that crashed",
             ));
         }
+        if let Some(left) = state.die_after.as_mut() {
+            if *left == 0 {
+                return Err(io::Error::other(
+                    "simulated disk: the process died here (SimDisk::die_after)",
+                ));
+            }
+            *left -= 1;
+        }
         Ok(state)
+    }
+
+    /// The process dies after `ops` more operations on the disk (any handle): from then on
+    /// every operation fails, until [`SimDisk::crash`]. A simulator sets it to kill a process in
+    /// the middle of something, a recovery say, at an operation chosen by its seed.
+    pub fn die_after(&self, ops: u64) {
+        self.lock().die_after = Some(ops);
+    }
+
+    /// Whether the process died ([`SimDisk::die_after`] ran out) and the disk waits for its
+    /// [`SimDisk::crash`].
+    pub fn has_died(&self) -> bool {
+        self.lock().die_after == Some(0)
+    }
+
+    /// No death pending any more.
+    pub fn live_on(&self) {
+        self.lock().die_after = None;
     }
 
     /// Power loss: what was not synced is lost or torn (see the module documentation), and
@@ -295,6 +323,7 @@ impl SimDisk {
     pub fn crash(&mut self, rng: &mut SimRng) {
         let shared = Arc::clone(&self.state);
         let mut state = shared.lock().unwrap_or_else(|p| p.into_inner());
+        state.die_after = None;
         state.epoch += 1;
         state.stats.crashes += 1;
         self.epoch = state.epoch;
