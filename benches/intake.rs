@@ -26,6 +26,9 @@ const BATCH: u64 = 1_000;
 const BATCHES_IN_FLIGHT: usize = 8;
 
 struct Running {
+    /// The engine's data directory, removed when it stops (a run of `none` leaves gigabytes of
+    /// SURB in it).
+    dir: std::path::PathBuf,
     engine: Option<Engine>,
     csp: Client,
     stop: Arc<AtomicBool>,
@@ -95,6 +98,7 @@ token = "csp"
         }
     });
     Running {
+        dir,
         engine: Some(engine),
         csp,
         stop,
@@ -150,6 +154,7 @@ impl Drop for Running {
             e.shutdown();
             e.join();
         }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -19,9 +19,10 @@
 //!
 //! * [`Owner::poll_transmit`]: the next frame a connected peer may be sent now (strict priority,
 //!   window, rate, ramp), stamped with its `msg_id` and level.
-//! * [`Owner::poll_event`]: acknowledgements that may now go to senders ([`Event::Ack`]: the
-//!   frame is durable, or was throttled and counted; or refused, NACK 5) and expiry records
-//!   ([`Event::Expired`]).
+//! * [`Owner::acks`]: acknowledgements that may now go to senders (`(ticket, true)`: the frame
+//!   is durable, or was throttled and counted; `(ticket, false)`: refused, NACK 5). A queue of
+//!   their own, of 32-byte entries: on the durable path there is one per frame.
+//! * [`Owner::poll_event`]: the rarer things to carry out, expiry records ([`Event::Expired`]).
 //! * [`Owner::poll_timeout`]: when to call [`Owner::handle_timeout`] or pump again.
 //! * [`Owner::counters`]: the metrics, and [`Owner::take_report`]: the alert report.
 
@@ -85,7 +86,7 @@ impl PeerRef {
 }
 
 /// Who to acknowledge once a frame is durable: opaque to the owner, which hands it back in
-/// [`Event::Ack`]. The engine puts the intake worker, the connection and the `msg_id` in it.
+/// [`Owner::acks`]. The engine puts the intake worker, the connection and the `msg_id` in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ticket {
     /// The worker that took the frame in.
@@ -154,17 +155,10 @@ pub enum Taken {
     Refused,
 }
 
-/// What the owner asks of the I/O around it.
+/// What the owner asks of the I/O around it, beside frames to send ([`Owner::poll_transmit`])
+/// and acknowledgements ([`Owner::acks`]).
 #[derive(Debug)]
 pub enum Event {
-    /// The frame behind `ticket` may be acknowledged to its sender (`durable`), or must be
-    /// refused with NACK 5 (it could not be written).
-    Ack {
-        /// The sender's ticket.
-        ticket: Ticket,
-        /// ACK (`true`) or NACK 5.
-        durable: bool,
-    },
     /// A frame waited longer than `retention_h`: append this to the expiry record.
     Expired(ExpiredRecord),
 }
@@ -526,9 +520,14 @@ pub struct Owner<L> {
     /// Tickets of frames written, waiting for the log to be durable up to their position.
     awaiting: VecDeque<(LogPos, Ticket)>,
     staged: Vec<Staged>,
+    acks: Vec<(Ticket, bool)>,
     events: VecDeque<Event>,
     /// Earliest instant a rate-limited peer may send again, from the last pump.
     rate_wake: Option<Nanos>,
+    /// Frames were handed out since the last load from the SURB (see `take_load_due`).
+    sent_since_load: bool,
+    /// `poll_transmit` stopped before a load so that what it handed out is written first.
+    load_due: bool,
     next_housekeeping: Nanos,
     storm: StormDetector,
     summaries: Vec<StormSummary>,
@@ -629,8 +628,11 @@ impl<L: Log> Owner<L> {
             restricted: false,
             awaiting: VecDeque::new(),
             staged: Vec::new(),
+            acks: Vec::new(),
             events: VecDeque::new(),
             rate_wake: None,
+            sent_since_load: false,
+            load_due: false,
             next_housekeeping: now,
             storm: StormDetector::new(setup.storm, now),
             summaries: Vec::new(),
@@ -796,10 +798,7 @@ impl<L: Log> Owner<L> {
                     // Counted, not delivered: the window's STORM_SUMMARY stands for it. Its
                     // sender's ACK needs nothing written.
                     if let Some(ticket) = ticket {
-                        self.events.push_back(Event::Ack {
-                            ticket,
-                            durable: true,
-                        });
+                        self.acks.push((ticket, true));
                     }
                     return Taken::Throttled;
                 }
@@ -817,10 +816,7 @@ impl<L: Log> Owner<L> {
         let Some(state) = peer_in(&mut self.sus, &mut self.csps, peer) else {
             tracing::error!(?peer, "frame for a peer this worker does not own; refused");
             if let Some(ticket) = ticket {
-                self.events.push_back(Event::Ack {
-                    ticket,
-                    durable: false,
-                });
+                self.acks.push((ticket, false));
             }
             return Taken::Refused;
         };
@@ -929,18 +925,12 @@ impl<L: Log> Owner<L> {
             } = s;
             match (&written, ticket) {
                 (Err(_), Some(ticket)) => {
-                    self.events.push_back(Event::Ack {
-                        ticket,
-                        durable: false,
-                    });
+                    self.acks.push((ticket, false));
                     continue;
                 }
                 // The simulator's deliberate bug (docs/simulation.md): ACK before durable.
                 #[cfg(dsplane_mutation = "ack_before_durable")]
-                (Ok(_), Some(ticket)) => self.events.push_back(Event::Ack {
-                    ticket,
-                    durable: true,
-                }),
+                (Ok(_), Some(ticket)) => self.acks.push((ticket, true)),
                 #[cfg(not(dsplane_mutation = "ack_before_durable"))]
                 (Ok(pos), Some(ticket)) => self.awaiting.push_back((*pos, ticket)),
                 _ => {}
@@ -975,7 +965,7 @@ impl<L: Log> Owner<L> {
         written.is_ok()
     }
 
-    /// Hands back, as [`Event::Ack`], the tickets of frames the log has made durable. After a
+    /// Hands back, in [`Owner::acks`], the tickets of frames the log has made durable. After a
     /// failed sync nothing it covered can be trusted to be on disk (the kernel may have dropped
     /// the pages): every ticket waiting is refused (NACK 5, the senders may retry).
     pub fn resolve_durable(&mut self) {
@@ -984,10 +974,7 @@ impl<L: Log> Owner<L> {
         }
         if self.surb.log.flush_failed() {
             for (_, ticket) in self.awaiting.drain(..) {
-                self.events.push_back(Event::Ack {
-                    ticket,
-                    durable: false,
-                });
+                self.acks.push((ticket, false));
             }
             return;
         }
@@ -997,10 +984,7 @@ impl<L: Log> Owner<L> {
                 break;
             }
             self.awaiting.pop_front();
-            self.events.push_back(Event::Ack {
-                ticket,
-                durable: true,
-            });
+            self.acks.push((ticket, true));
         }
     }
 
@@ -1008,6 +992,13 @@ impl<L: Log> Owner<L> {
     #[inline]
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
+    }
+
+    /// The acknowledgements decided since the last call, in order: `(ticket, true)` may be
+    /// ACKed to its sender, `(ticket, false)` must be refused (NACK 5).
+    #[inline]
+    pub fn acks(&mut self) -> std::vec::Drain<'_, (Ticket, bool)> {
+        self.acks.drain(..)
     }
 
     // ---- peers ------------------------------------------------------------------------------
@@ -1107,6 +1098,14 @@ impl<L: Log> Owner<L> {
     /// Starts a round of pumps: forgets the rate wake-up of the last one.
     pub fn start_pump(&mut self) {
         self.rate_wake = None;
+        self.sent_since_load = false;
+        self.load_due = false;
+    }
+
+    /// Whether the last [`Owner::poll_transmit`] stopped to let the frames it gave be written
+    /// before it reads the SURB: call it again for the same peer once they are.
+    pub fn take_load_due(&mut self) -> bool {
+        std::mem::take(&mut self.load_due)
     }
 
     /// The next frame `peer` may be sent now, if it is connected and its window, rate and ramp
@@ -1130,6 +1129,7 @@ impl<L: Log> Owner<L> {
                             unix.saturating_sub(frame.header.created_ns),
                         );
                     }
+                    self.sent_since_load = true;
                     return Some(frame);
                 }
                 Err(Blocked::Rate(at)) => {
@@ -1137,6 +1137,13 @@ impl<L: Log> Owner<L> {
                     return None;
                 }
                 Err(Blocked::Load(lane)) => {
+                    // What was sent goes out before the disk is read: the I/O writes it, sees
+                    // `load_due`, and asks again (the receiver's ACKs then come back sooner).
+                    if self.sent_since_load {
+                        self.sent_since_load = false;
+                        self.load_due = true;
+                        return None;
+                    }
                     if !self.load_spilled(peer, lane, unix) {
                         return None;
                     }

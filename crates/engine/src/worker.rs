@@ -183,13 +183,21 @@ impl Worker {
 
     fn drain_control(&mut self) {
         while let Ok(control) = self.control.try_recv() {
-            let now = self.now();
             match control {
                 Control::Adopt(adopt) => self.adopt(adopt),
                 Control::Tickets(tickets) => self.on_tickets(&tickets),
-                Control::Pause { su, paused } => self.owner.set_paused(su, paused, now),
-                Control::Reload(reload) => self.owner.reload(&reload.owner, now),
-                Control::Restrict(restricted) => self.owner.set_restricted(restricted, now),
+                Control::Pause { su, paused } => {
+                    let now = self.now();
+                    self.owner.set_paused(su, paused, now);
+                }
+                Control::Reload(reload) => {
+                    let now = self.now();
+                    self.owner.reload(&reload.owner, now);
+                }
+                Control::Restrict(restricted) => {
+                    let now = self.now();
+                    self.owner.set_restricted(restricted, now);
+                }
             }
         }
     }
@@ -217,14 +225,14 @@ impl Worker {
     /// frames in (this one directly), expiry records to this worker's expiry file.
     fn carry_out(&mut self) {
         let mut any = false;
+        for (ticket, durable) in self.owner.acks() {
+            if let Some(list) = self.by_origin.get_mut(usize::from(ticket.origin)) {
+                list.push((ticket, durable));
+                any = true;
+            }
+        }
         while let Some(event) = self.owner.poll_event() {
             match event {
-                Event::Ack { ticket, durable } => {
-                    if let Some(list) = self.by_origin.get_mut(usize::from(ticket.origin)) {
-                        list.push((ticket, durable));
-                        any = true;
-                    }
-                }
                 Event::Expired(record) => self.write_expired(&record),
             }
         }
@@ -315,15 +323,27 @@ impl Worker {
 
     fn pump_all(&mut self, now: Nanos) {
         self.owner.start_pump();
-        let sus = (self.su_conn.iter().enumerate()).map(|(i, c)| (PeerRef::Su(i as u32), *c));
-        let csps = (self.csp_conn.iter().enumerate()).map(|(i, c)| (PeerRef::Csp(i as u32), *c));
-        let connected: Vec<(PeerRef, usize)> = sus
-            .chain(csps)
-            .filter_map(|(p, c)| c.map(|c| (p, c)))
-            .collect();
-        for (peer, slot) in connected {
-            let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+        let (sus, csps) = (self.su_conn.len(), self.csp_conn.len());
+        for i in 0..sus + csps {
+            let (peer, slot) = match i.checked_sub(sus) {
+                None => (PeerRef::Su(i as u32), self.su_conn.get(i)),
+                Some(c) => (PeerRef::Csp(c as u32), self.csp_conn.get(c)),
+            };
+            let Some(&Some(slot)) = slot else {
                 continue;
+            };
+            self.pump(peer, slot, now);
+        }
+        // Loads from the SURB may have expired frames.
+        self.carry_out();
+    }
+
+    /// Moves the owner's next frames for `peer` into its connection while it has room, and
+    /// writes them out; before each load from the SURB, what was queued is written first.
+    fn pump(&mut self, peer: PeerRef, slot: usize, now: Nanos) {
+        for _ in 0..crate::limits::LOADS_PER_POLL_MAX {
+            let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+                return;
             };
             let mut queued = false;
             while conn.has_room() {
@@ -336,9 +356,10 @@ impl Worker {
             if queued {
                 self.on_writable(slot);
             }
+            if !self.owner.take_load_due() {
+                return;
+            }
         }
-        // Loads from the SURB may have expired frames.
-        self.carry_out();
     }
 
     /// Publishes a copy of the owner's metrics for `/metrics`, and its alert report.

@@ -88,6 +88,23 @@ pub struct Summary {
     pub requests_throttled: u64,
 }
 
+impl Summary {
+    /// Adds another run's figures to these.
+    pub fn add(&mut self, other: &Summary) {
+        self.simulated_ns += other.simulated_ns;
+        self.acked += other.acked;
+        self.delivered += other.delivered;
+        self.expired += other.expired;
+        self.throttled += other.throttled;
+        self.crashes += other.crashes;
+        self.deaths_in_recovery += other.deaths_in_recovery;
+        self.refusals += other.refusals;
+        self.salvages += other.salvages;
+        self.refused_writes += other.refused_writes;
+        self.requests_throttled += other.requests_throttled;
+    }
+}
+
 /// A failed run: the invariant, and what happened just before.
 #[derive(Debug, Clone)]
 pub struct Failure {
@@ -1174,31 +1191,32 @@ impl World {
         let Some(owner) = self.owners.get_mut(w) else {
             return Ok(());
         };
+        let acks: Vec<(Ticket, bool)> = owner.acks().collect();
         let mut events = Vec::new();
         while let Some(e) = owner.poll_event() {
             events.push(e);
         }
+        for (ticket, durable) in acks {
+            let key = (ticket.origin, ticket.slot, ticket.conn_id, ticket.msg_id);
+            let Some(id) = self.tickets.remove(&key) else {
+                continue;
+            };
+            let sender = self.peers.get(ticket.slot as usize);
+            let open = sender
+                .and_then(|p| p.conn.as_ref())
+                .is_some_and(|c| c.epoch == ticket.conn_id);
+            self.watch(
+                id,
+                format!("ticket back: durable {durable}, sender still connected {open}"),
+            );
+            if durable && open {
+                self.acked.insert(id);
+            } else if !durable {
+                self.summary.refused_writes += 1;
+            }
+        }
         for e in events {
             match e {
-                Event::Ack { ticket, durable } => {
-                    let key = (ticket.origin, ticket.slot, ticket.conn_id, ticket.msg_id);
-                    let Some(id) = self.tickets.remove(&key) else {
-                        continue;
-                    };
-                    let sender = self.peers.get(ticket.slot as usize);
-                    let open = sender
-                        .and_then(|p| p.conn.as_ref())
-                        .is_some_and(|c| c.epoch == ticket.conn_id);
-                    self.watch(
-                        id,
-                        format!("ticket back: durable {durable}, sender still connected {open}"),
-                    );
-                    if durable && open {
-                        self.acked.insert(id);
-                    } else if !durable {
-                        self.summary.refused_writes += 1;
-                    }
-                }
                 Event::Expired(r) => {
                     let kind = r.kind.clone();
                     let device = r
@@ -1259,6 +1277,10 @@ impl World {
                 // A load from the SURB may have expired older frames: their records first.
                 self.carry_out(w)?;
                 let Some(frame) = frame else {
+                    // It stopped to have what it gave written before a load: ask again.
+                    if self.owners[w].take_load_due() {
+                        continue;
+                    }
                     break;
                 };
                 if let Some(id) = frame_id(&frame) {

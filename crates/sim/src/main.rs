@@ -52,23 +52,12 @@ fn main() -> ExitCode {
         None => (args.first..args.first + args.seeds).collect(),
     };
     let started = Instant::now();
-    let mut simulated = 0u64;
     let mut failed = Vec::new();
     let mut totals = dsplane_sim::Summary::default();
     for &seed in &seeds {
         match run(seed, options) {
             Ok(s) => {
-                simulated += s.simulated_ns;
-                totals.acked += s.acked;
-                totals.delivered += s.delivered;
-                totals.expired += s.expired;
-                totals.throttled += s.throttled;
-                totals.crashes += s.crashes;
-                totals.deaths_in_recovery += s.deaths_in_recovery;
-                totals.refusals += s.refusals;
-                totals.salvages += s.salvages;
-                totals.refused_writes += s.refused_writes;
-                totals.requests_throttled += s.requests_throttled;
+                totals.add(&s);
                 if args.seed.is_some() {
                     println!("seed {seed} passed: {s:?}");
                 }
@@ -94,8 +83,8 @@ fn main() -> ExitCode {
     println!(
         "{ran} seeds, {} failed; {:.1} simulated s in {wall:.1} s of wall clock ({:.1} simulated s per s); ACKed {}, delivered {}, expired {}, alerts throttled {}, crashes {} ({} during a recovery), refused logs {}, salvages {}, writes refused {}, requests throttled {}",
         failed.len(),
-        simulated as f64 / 1e9,
-        simulated as f64 / 1e9 / wall.max(1e-9),
+        totals.simulated_ns as f64 / 1e9,
+        totals.simulated_ns as f64 / 1e9 / wall.max(1e-9),
         totals.acked,
         totals.delivered,
         totals.expired,
