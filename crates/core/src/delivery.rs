@@ -141,11 +141,6 @@ impl<T> DeliveryScheduler<T> {
         }
     }
 
-    /// The lane (queue index) a level waits in: its own, or the one FIFO queue.
-    pub fn lane_of(&self, level: Level) -> usize {
-        self.queue_index(level)
-    }
-
     /// Counts `n` frames of `level` as waiting on disk only, behind everything in memory.
     pub fn add_spilled(&mut self, level: Level, n: u64) {
         if n > 0 {

@@ -1095,7 +1095,10 @@ impl World {
         // Group commit: the flusher syncs every flush interval (at once with `sync`).
         let flush_due = now >= self.next_flush;
         if flush_due {
-            self.next_flush = now + self.config.engine.flush_interval.as_nanos() as Nanos;
+            // Disk latency: a sync takes 0.1-5 ms on top of the interval, so durability (and
+            // every ACK waiting for it) comes later than the group commit asked for.
+            let latency = MS / 10 + self.rng.below(5 * MS);
+            self.next_flush = now + self.config.engine.flush_interval.as_nanos() as Nanos + latency;
         }
         for w in 0..workers {
             self.take_in(w)?;
