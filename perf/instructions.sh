@@ -46,7 +46,7 @@ for mode in header header-naive frames pipeline owner; do
             'BEGIN { printf "%-13s %12s %14d  %.1f instructions/%s in memset/memcpy; %.1f without\n", "", "", rep, rep / n, u, (ir - rep) / n }'
     fi
 done
-echo "callgrind output: $out/{header,header-naive,frames,pipeline}.out"
+echo "callgrind output: $out/{header,header-naive,frames,pipeline,owner}.out"
 if [[ "${ANNOTATE:-0}" == 1 ]]; then
     callgrind_annotate --inclusive=yes "$out/pipeline.out" | head -40
 fi
