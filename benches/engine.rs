@@ -22,8 +22,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -113,42 +111,6 @@ high_priority_alerts = [{{ code = 0x8F1C, level = 1 }}]
     Config::from_toml(&text).unwrap()
 }
 
-/// The null forwarder: accepts the CSP, then the SU, then copies bytes from one to the other
-/// until the CSP closes. Whatever the SU sends (its ACKs) is read and dropped.
-fn null_forwarder() -> (std::net::SocketAddr, std::net::SocketAddr, JoinHandle<()>) {
-    let csp_listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let su_listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addrs = (
-        csp_listener.local_addr().unwrap(),
-        su_listener.local_addr().unwrap(),
-    );
-    let handle = std::thread::spawn(move || {
-        let (mut from, _) = csp_listener.accept().unwrap();
-        let (mut to, _) = su_listener.accept().unwrap();
-        from.set_nodelay(true).unwrap();
-        to.set_nodelay(true).unwrap();
-        let mut back = to.try_clone().unwrap();
-        let sink = std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while matches!(back.read(&mut buf), Ok(n) if n > 0) {}
-        });
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if to.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        let _ = to.shutdown(std::net::Shutdown::Both);
-        let _ = sink.join();
-    });
-    (addrs.0, addrs.1, handle)
-}
-
 /// Reads every frame on the SU's connection, counts the data frames and ACKs every 256.
 fn su_reader(mut su: Client, received: Arc<AtomicU64>, stop: Arc<AtomicBool>) -> JoinHandle<()> {
     std::thread::spawn(move || {
@@ -185,21 +147,12 @@ fn su_reader(mut su: Client, received: Arc<AtomicU64>, stop: Arc<AtomicBool>) ->
     })
 }
 
-/// Reads and drops what comes back to the CSP (the engine's ACKs).
-fn drain(stream: &TcpStream) -> JoinHandle<()> {
-    let mut stream = stream.try_clone().unwrap();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
-    })
-}
-
 fn start(contender: &str) -> Running {
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let (target, csp, su) = match contender {
         "null_forwarder" => {
-            let (csp_addr, su_addr, handle) = null_forwarder();
+            let (csp_addr, su_addr, handle) = common::null_forwarder(64 * 1024);
             let csp = Client::connect_raw(csp_addr).unwrap();
             let su = Client::connect_raw(su_addr).unwrap();
             (Target::Null(handle), csp, su)
@@ -219,7 +172,7 @@ fn start(contender: &str) -> Running {
     };
     let threads = vec![
         su_reader(su, Arc::clone(&received), Arc::clone(&stop)),
-        drain(csp.stream()),
+        common::drain(csp.stream()),
     ];
     Running {
         target: Some(target),

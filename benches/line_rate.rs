@@ -18,8 +18,10 @@
 //! other argument (`cargo bench` passes `--bench`) is ignored; with `--quick` it runs 20,000
 //! frames once, as a smoke test.
 
+mod common;
+
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -171,51 +173,13 @@ fn su_reader(mut read: TcpStream, mut write: TcpStream, frames: usize) -> JoinHa
     })
 }
 
-/// Reads and drops what comes back to the CSP.
-fn drain(mut stream: TcpStream) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 * 1024];
-        while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
-    })
-}
-
-/// The null forwarder: accepts the CSP, then the SU, and copies bytes from one to the other
-/// (up to 256 KiB a read) until the CSP closes; what the SU sends back is read and dropped.
-fn null_forwarder() -> (std::net::SocketAddr, std::net::SocketAddr, JoinHandle<()>) {
-    let csp_listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let su_listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addrs = (
-        csp_listener.local_addr().unwrap(),
-        su_listener.local_addr().unwrap(),
-    );
-    let handle = std::thread::spawn(move || {
-        let (mut from, _) = csp_listener.accept().unwrap();
-        let (mut to, _) = su_listener.accept().unwrap();
-        let back = drain(to.try_clone().unwrap());
-        let mut buf = vec![0u8; FORWARDER_READ_BYTES];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if to.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        let _ = to.shutdown(std::net::Shutdown::Both);
-        let _ = back.join();
-    });
-    (addrs.0, addrs.1, handle)
-}
-
 /// One run: frames per second.
 fn run(contender: Contender, bytes: &[u8], frames: usize) -> f64 {
     let mut engine = None;
     let mut forwarder = None;
     let (csp, su) = match contender.engine {
         None => {
-            let (csp_addr, su_addr, handle) = null_forwarder();
+            let (csp_addr, su_addr, handle) = common::null_forwarder(FORWARDER_READ_BYTES);
             forwarder = Some(handle);
             let csp = TcpStream::connect(csp_addr).unwrap();
             // The forwarder accepts the CSP first, then the SU.
@@ -237,7 +201,7 @@ fn run(contender: Contender, bytes: &[u8], frames: usize) -> f64 {
     };
     csp.set_nodelay(true).unwrap();
     su.set_nodelay(true).unwrap();
-    let back = drain(csp.try_clone().unwrap());
+    let back = common::drain(&csp);
     let reader = su_reader(su.try_clone().unwrap(), su, frames);
     let mut csp_write = csp;
     let chunk = FRAMES_PER_WRITE * (HEADER_LEN + PAYLOAD_LEN);

@@ -219,3 +219,53 @@ pub fn sample_headers(n: usize, seed: u64) -> Vec<[u8; dsplane_proto::wire::HEAD
         })
         .collect()
 }
+
+/// Reads and drops whatever comes in on `stream` until it closes (a peer's ACKs, the engine's).
+pub fn drain(stream: &std::net::TcpStream) -> std::thread::JoinHandle<()> {
+    use std::io::Read;
+    let mut stream = stream.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+    })
+}
+
+/// The null forwarder, the machine's limit for a forwarding dataplane: accepts the CSP, then the
+/// SU, and copies bytes from one to the other, `read_bytes` at most a read, until the CSP
+/// closes (no parsing, no HELLO, no queues). What the SU sends back is read and dropped.
+pub fn null_forwarder(
+    read_bytes: usize,
+) -> (
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+    std::thread::JoinHandle<()>,
+) {
+    use std::io::{Read, Write};
+    let csp_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let su_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addrs = (
+        csp_listener.local_addr().unwrap(),
+        su_listener.local_addr().unwrap(),
+    );
+    let handle = std::thread::spawn(move || {
+        let (mut from, _) = csp_listener.accept().unwrap();
+        let (mut to, _) = su_listener.accept().unwrap();
+        from.set_nodelay(true).unwrap();
+        to.set_nodelay(true).unwrap();
+        let back = drain(&to);
+        let mut buf = vec![0u8; read_bytes];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Both);
+        let _ = back.join();
+    });
+    (addrs.0, addrs.1, handle)
+}

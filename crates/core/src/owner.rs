@@ -270,7 +270,7 @@ pub struct OwnerSetup {
     pub fifo: bool,
 }
 
-/// The SU that owns Service User `su` when `workers` run: a multiplicative hash, so that
+/// The worker that owns Service User `su` when `workers` run: a multiplicative hash, so that
 /// consecutive ids do not all land on one worker.
 pub fn owner_of_su(su: Eui64, workers: usize) -> usize {
     let mixed = su.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -536,7 +536,6 @@ pub struct Owner<L> {
     throttle: RequestThrottle,
     report: AlertReport,
     metrics: WorkerMetrics,
-    expired: u64,
 }
 
 impl<L> std::fmt::Debug for Owner<L> {
@@ -640,7 +639,6 @@ impl<L: Log> Owner<L> {
             throttle,
             report: AlertReport::new(),
             metrics: WorkerMetrics::default(),
-            expired: 0,
         };
         let mut recovered = 0;
         for (key, lane, count) in owner.surb.log.spills() {
@@ -671,14 +669,6 @@ impl<L: Log> Owner<L> {
         peer_in(&mut self.sus, &mut self.csps, peer)
     }
 
-    /// Whether this owner owns `peer`.
-    pub fn owns(&self, peer: PeerRef) -> bool {
-        match peer {
-            PeerRef::Su(i) => self.sus.get(i as usize).is_some_and(Option::is_some),
-            PeerRef::Csp(i) => self.csps.get(i as usize).is_some_and(Option::is_some),
-        }
-    }
-
     /// The peers this owner owns.
     pub fn peers(&self) -> impl Iterator<Item = PeerRef> + '_ {
         let sus = (self.sus.iter().enumerate())
@@ -703,16 +693,6 @@ impl<L: Log> Owner<L> {
     /// The metrics counted so far (the engine counts the NACKs of intake into them too).
     pub fn counters(&mut self) -> &mut WorkerMetrics {
         &mut self.metrics
-    }
-
-    /// The current priority rules.
-    pub fn rules(&self) -> &Arc<Rules> {
-        self.classifier.rules()
-    }
-
-    /// Frames expired so far.
-    pub fn expired(&self) -> u64 {
-        self.expired
     }
 
     /// Frames held in memory for every peer of this owner.
@@ -793,17 +773,16 @@ impl<L: Log> Owner<L> {
                     }
                     _ => level,
                 };
-                if h.kind == Kind::DeviceAlert && self.storm_throttles(su, &frame, level, now) {
-                    self.report_alert(&frame, enqueued_unix_ns, Outcome::Throttled);
+                if h.kind == Kind::DeviceAlert
+                    && self.storm_verdict(su, &frame, level, enqueued_unix_ns, now)
+                        == Verdict::Throttled
+                {
                     // Counted, not delivered: the window's STORM_SUMMARY stands for it. Its
                     // sender's ACK needs nothing written.
                     if let Some(ticket) = ticket {
                         self.acks.push((ticket, true));
                     }
                     return Taken::Throttled;
-                }
-                if h.kind == Kind::DeviceAlert {
-                    self.report_alert(&frame, enqueued_unix_ns, Outcome::Delivered);
                 }
                 (PeerRef::Su(su), level)
             }
@@ -855,12 +834,26 @@ impl<L: Log> Owner<L> {
         Taken::Staged(level)
     }
 
-    /// Alert Storm Protection's verdict on a DEVICE_ALERT for `su`; `true` when it is throttled
-    /// (counted, logged at a storm's start).
-    fn storm_throttles(&mut self, su: u32, frame: &Frame, level: Level, now: Nanos) -> bool {
+    /// Alert Storm Protection's verdict on a DEVICE_ALERT for `su`, recorded in the alert
+    /// report; a throttled one is counted, and a storm's start logged.
+    fn storm_verdict(
+        &mut self,
+        su: u32,
+        frame: &Frame,
+        level: Level,
+        enqueued_unix_ns: u64,
+        now: Nanos,
+    ) -> Verdict {
         let h = &frame.header;
-        if self.storm.on_alert(su, h.device_id, h.alert_code, now) != Verdict::Throttled {
-            return false;
+        let verdict = self.storm.on_alert(su, h.device_id, h.alert_code, now);
+        self.report.record(
+            utc_day(enqueued_unix_ns),
+            h.alert_code,
+            h.device_id,
+            Outcome::from(verdict),
+        );
+        if verdict != Verdict::Throttled {
+            return verdict;
         }
         let storms = self.storm.stats().storms;
         if storms != self.storms_seen {
@@ -885,17 +878,7 @@ impl<L: Log> Owner<L> {
             1,
         );
         self.metrics.count_su(su, level.get(), SuOutcome::Throttled);
-        true
-    }
-
-    fn report_alert(&mut self, frame: &Frame, enqueued_unix_ns: u64, outcome: Outcome) {
-        let h = &frame.header;
-        self.report.record(
-            utc_day(enqueued_unix_ns),
-            h.alert_code,
-            h.device_id,
-            outcome,
-        );
+        verdict
     }
 
     /// Writes the frames taken since the last call (one write) and places them: in memory, or
@@ -1256,7 +1239,6 @@ impl<L: Log> Owner<L> {
             created_ns: h.created_ns,
             enqueued_unix_ns: held.enqueued_unix_ns,
         }));
-        self.expired += 1;
     }
 
     // ---- time -------------------------------------------------------------------------------

@@ -412,12 +412,12 @@ pub fn owner_in(
             .service_users
             .iter()
             .any(|su| su.id == id)
-            .then(|| shared::owner_of(id, workers)),
+            .then(|| crate::owner::owner_of_su(id, workers)),
         crate::wal::PeerKey::Csp(_) => config
             .csps
             .iter()
             .position(|c| crate::wal::PeerKey::csp(&c.name) == key)
-            .map(|i| i % workers.max(1)),
+            .map(|i| crate::owner::owner_of_csp(i, workers)),
     }
 }
 

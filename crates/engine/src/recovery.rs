@@ -96,7 +96,28 @@ struct WorkerScan {
 }
 
 /// What a salvage could not read, each a sentence.
-type Losses = Vec<String>;
+/// What a salvage could not read: a sentence each, and how many frames they name (when every
+/// one names its count).
+#[derive(Debug, Default)]
+struct Losses {
+    lines: Vec<String>,
+    frames: u64,
+    uncounted: bool,
+}
+
+impl Losses {
+    /// A loss whose frames cannot be counted (a whole segment, a whole log).
+    fn push(&mut self, line: String) {
+        self.uncounted = true;
+        self.lines.push(line);
+    }
+
+    /// A loss of exactly `frames` frames.
+    fn push_counted(&mut self, line: String, frames: u64) {
+        self.frames += frames;
+        self.lines.push(line);
+    }
+}
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> WalError + '_ {
     move |source| WalError::Io {
@@ -212,24 +233,33 @@ fn scan_segment<D: Disk>(
                     Some(at) => first_seq_from(disk, path, at)?,
                     None => None,
                 };
-                let lost = match (seq_cursor, next_seq, resume) {
+                // What was lost, and how many frames when the seqs on either side say.
+                let (lost, frames) = match (seq_cursor, next_seq, resume) {
                     (Some(a), Some(b), _) if b == a + 1 => {
-                        format!("the frame with seq {a} (1 frame)")
+                        (format!("the frame with seq {a} (1 frame)"), Some(1))
                     }
-                    (Some(a), Some(b), _) if b > a => {
-                        format!("the frames with seqs {a} to {} ({} frames)", b - 1, b - a)
+                    (Some(a), Some(b), _) if b > a => (
+                        format!("the frames with seqs {a} to {} ({} frames)", b - 1, b - a),
+                        Some(b - a),
+                    ),
+                    (Some(_), Some(_), _) => {
+                        ("no frame (only bookkeeping records)".to_string(), Some(0))
                     }
-                    (Some(_), Some(_), _) => "no frame (only bookkeeping records)".to_string(),
-                    (Some(a), None, _) => {
-                        format!("the frames from seq {a} to the end of the segment")
-                    }
-                    (None, _, _) => "the frames to the end of the segment".to_string(),
+                    (Some(a), None, _) => (
+                        format!("the frames from seq {a} to the end of the segment"),
+                        None,
+                    ),
+                    (None, _, _) => ("the frames to the end of the segment".to_string(), None),
                 };
                 let to = resume.unwrap_or(len);
-                losses.push(format!(
+                let line = format!(
                     "{}: bytes {offset} to {to} unreadable ({why}): {lost} of this log are lost, if they were not yet acknowledged; acknowledgements recorded there are lost too, so some frames may be delivered twice",
                     path.display()
-                ));
+                );
+                match frames {
+                    Some(n) => losses.push_counted(line, n),
+                    None => losses.push(line),
+                }
                 match resume {
                     Some(at) => {
                         if let Some(n) = next_seq {
@@ -364,7 +394,7 @@ fn scan_worker<D: Disk>(
             // not name it as its successor. Then it never held a frame.
             let previous = numbers[numbers.len() - 2];
             let mut probe = WorkerScan::default();
-            let mut probe_losses = Vec::new();
+            let mut probe_losses = Losses::default();
             let (rolled, _) = scan_segment(
                 disk,
                 &wal::segment_path(dir, previous),
@@ -570,7 +600,7 @@ pub fn recover_on<D: Disk>(
         }
     };
     let gen = datadir::gen_dir(data_dir, manifest.generation);
-    let mut losses = Vec::new();
+    let mut losses = Losses::default();
     let mut scans = Vec::with_capacity(manifest.workers);
     for w in 0..manifest.workers {
         scans.push(scan_worker(
@@ -862,7 +892,7 @@ pub fn check_on<D: Disk>(disk: &D, data_dir: &Path) -> Result<CheckReport, WalEr
     out.notes = notes;
     let gen = datadir::gen_dir(data_dir, manifest.generation);
     let lane_of = store::lane_of(manifest.fifo && !legacy);
-    let mut losses = Vec::new();
+    let mut losses = Losses::default();
     for w in 0..manifest.workers {
         let scan = scan_worker(
             disk,
@@ -892,6 +922,9 @@ pub struct SalvageReport {
     pub frames_orphaned: u64,
     /// What could not be read, each a sentence.
     pub losses: Vec<String>,
+    /// The frames those sentences name as lost, when every one of them names its count; `None`
+    /// when one cannot (a whole segment or log unreadable, the generation unknown).
+    pub frames_lost: Option<u64>,
     /// Where the damaged generation was kept.
     pub kept_as: Option<PathBuf>,
     /// The file the report was written to.
@@ -928,10 +961,11 @@ pub fn salvage_on<D: Disk>(
     mut orphan: impl FnMut(&Record),
 ) -> Result<SalvageReport, WalError> {
     let mut out = SalvageReport::default();
+    let mut losses = Losses::default();
     let found = match datadir::resolve_on(disk, data_dir) {
         Ok(found) => found,
         Err(e) => {
-            out.losses.push(format!(
+            losses.push(format!(
                 "the current generation could not be determined: {e}"
             ));
             fallback_generation(disk, data_dir)?
@@ -962,10 +996,12 @@ pub fn salvage_on<D: Disk>(
                 disk,
                 &datadir::worker_dir(&gen, w),
                 Mode::Salvage,
-                &mut out.losses,
+                &mut losses,
             )?);
         }
     }
+    out.frames_lost = (!losses.uncounted).then_some(losses.frames);
+    out.losses.extend(losses.lines);
     // Every generation directory, so the new one never collides with one kept aside.
     let newest = datadir::list_generations(disk, data_dir, true)?
         .last()
@@ -1445,6 +1481,7 @@ mod tests {
         let loss = &out.losses[0];
         assert!(loss.contains(&path.display().to_string()), "{loss}");
         assert!(loss.contains("(1 frame)"), "{loss}");
+        assert_eq!(out.frames_lost, Some(1));
         let text = fs::read_to_string(&out.report_file).unwrap();
         assert!(text.contains(loss.as_str()));
         assert!(

@@ -411,7 +411,7 @@ pub(crate) fn reload_changes(old: &Config, new: &Config) -> Vec<String> {
     out
 }
 
-pub(crate) use crate::owner::owner_of_su as owner_of;
+use crate::owner::owner_of_su;
 
 impl Shared {
     pub(crate) fn new(
@@ -425,7 +425,7 @@ impl Shared {
             .service_users
             .iter()
             .map(|su| SuEntry {
-                owner: owner_of(su.id, n),
+                owner: owner_of_su(su.id, n),
                 config: su.clone(),
             })
             .collect();
@@ -669,9 +669,9 @@ mod tests {
     fn owners_spread_over_workers() {
         let mut counts = [0usize; 4];
         for i in 0..4_000u64 {
-            counts[owner_of(Eui64(0x90B3_D51F_3001_0000 + i), 4)] += 1;
+            counts[owner_of_su(Eui64(0x90B3_D51F_3001_0000 + i), 4)] += 1;
         }
         assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
-        assert_eq!(owner_of(Eui64(42), 1), 0);
+        assert_eq!(owner_of_su(Eui64(42), 1), 0);
     }
 }

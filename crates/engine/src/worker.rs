@@ -34,7 +34,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::conn::{Conn, ConnState};
 use super::shared::{Adopt, Control, Shared};
-use crate::limits::{HOUSEKEEPING_INTERVAL, LINGER, RING_BATCH_MAX};
+use crate::limits::{LINGER, RING_BATCH_MAX};
 use crate::owner::{Envelope, Event, Owner, PeerRef, Ticket};
 use crate::ring;
 use crate::store::Store;
@@ -65,7 +65,6 @@ pub(crate) struct Worker {
     more_to_read: Vec<usize>,
     /// Connections holding a frame that did not fit its owner's ring.
     stalled: Vec<usize>,
-    next_housekeeping: Nanos,
     next_conn_id: u64,
     expiry_log: Option<std::fs::File>,
     /// Wall-clock time of this turn, ns since the Unix epoch.
@@ -97,7 +96,6 @@ impl Worker {
             by_origin: vec![Vec::new(); workers],
             more_to_read: Vec::new(),
             stalled: Vec::new(),
-            next_housekeeping: 0,
             next_conn_id: 1,
             expiry_log: None,
             unix_turn: crate::unix_now(),
@@ -122,7 +120,7 @@ impl Worker {
                 // A full ring drains in well under a millisecond; try again then.
                 Some(Duration::from_millis(1))
             } else {
-                let until = self.owner.poll_timeout().min(self.next_housekeeping);
+                let until = self.owner.poll_timeout();
                 Some(Duration::from_nanos(until.saturating_sub(now)))
             };
             // Park protocol: announce that we may sleep, then re-check the ring, so that a
@@ -169,12 +167,11 @@ impl Worker {
             self.owner.resolve_durable();
             self.carry_out();
             self.pump_all(now);
+            // The owner's housekeeping tick is the worker's too (idle connections, lingering
+            // closes, the metrics).
             if housekeeping {
-                self.publish();
-            }
-            if now >= self.next_housekeeping {
                 self.housekeeping(now);
-                self.next_housekeeping = now + HOUSEKEEPING_INTERVAL;
+                self.publish();
             }
         }
     }

@@ -219,6 +219,7 @@ fn a_flipped_bit_in_an_old_synced_record_is_refused_and_salvage_lists_it() {
         "{lost}"
     );
     assert!(lost.contains("seq 2"), "{lost}");
+    assert_eq!(out.frames_lost, Some(1), "{lost}");
     let (mut store, report) = start(&disk, Durability::Sync);
     assert_eq!(report.generation, out.generation);
     assert_eq!(waiting(&mut store), vec![1, 3, 4, 5]);

@@ -467,3 +467,29 @@ fn a_peer_ack_marks_the_log_done_and_a_disconnect_resends() {
         "the unacknowledged, in order"
     );
 }
+
+#[test]
+fn a_pump_stops_before_a_load_so_that_what_it_gave_is_written_first() {
+    let mut o = owner_with("nms_per_su = 2");
+    for counter in 1..=4 {
+        let _ = o.take(to_su(alert(0x8000 + counter as u16, counter), 2, None), 0);
+    }
+    assert!(o.commit());
+    o.on_connect(PeerRef::Su(0), 0);
+    o.start_pump();
+    let su = PeerRef::Su(0);
+    let first: Vec<u64> = std::iter::from_fn(|| o.poll_transmit(su, 0, UNIX))
+        .map(|f| f.header.counter)
+        .collect();
+    assert_eq!(first, vec![1, 2], "the two in memory, then a stop");
+    assert!(
+        o.take_load_due(),
+        "the SURB is read only once they are written"
+    );
+    assert!(!o.take_load_due(), "asked once");
+    let rest: Vec<u64> = std::iter::from_fn(|| o.poll_transmit(su, 0, UNIX))
+        .map(|f| f.header.counter)
+        .collect();
+    assert_eq!(rest, vec![3, 4]);
+    assert!(!o.take_load_due());
+}
