@@ -384,6 +384,11 @@ impl<T> DeliveryScheduler<T> {
         })
     }
 
+    /// The frame [`DeliveryScheduler::next_send`] handed out last, while it is unacknowledged.
+    pub fn newest_unacked(&self) -> Option<&T> {
+        self.unacked.back().map(|(_, _, item)| item)
+    }
+
     /// A cumulative ACK: releases every unacknowledged frame up to `msg_id`, calling `released`
     /// for each (e.g. to reclaim its disk space). Returns how many were released.
     pub fn on_ack(&mut self, msg_id: u64, mut released: impl FnMut(Level, T)) -> usize {

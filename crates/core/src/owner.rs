@@ -155,6 +155,16 @@ pub enum Taken {
     Refused,
 }
 
+/// A frame to send, from [`Owner::poll_transmit_ref`]: its header stamped with its `msg_id` and
+/// level, its payload borrowed.
+#[derive(Debug)]
+pub struct Transmit<'a> {
+    /// The header as it goes out.
+    pub header: Header,
+    /// The payload, as held by the owner until the peer acknowledges it.
+    pub payload: &'a Bytes,
+}
+
 /// What the owner asks of the I/O around it, beside frames to send ([`Owner::poll_transmit`])
 /// and acknowledgements ([`Owner::acks`]).
 #[derive(Debug)]
@@ -1095,6 +1105,34 @@ impl<L: Log> Owner<L> {
     /// allow: stamped with its `msg_id` on this connection and its level. Frames its lane holds
     /// on disk are loaded first (up to [`limits::LOAD_BATCH`] at a time).
     pub fn poll_transmit(&mut self, peer: PeerRef, now: Nanos, unix: u64) -> Option<Frame> {
+        self.poll_transmit_ref(peer, now, unix).map(|t| Frame {
+            header: t.header,
+            payload: t.payload.clone(),
+        })
+    }
+
+    /// [`Owner::poll_transmit`] without taking a reference to the payload: the frame's header,
+    /// stamped, and its payload borrowed from the owner, for the I/O to copy out (the engine's
+    /// hot path: no reference count is touched).
+    pub fn poll_transmit_ref(
+        &mut self,
+        peer: PeerRef,
+        now: Nanos,
+        unix: u64,
+    ) -> Option<Transmit<'_>> {
+        let header = self.next_header(peer, now, unix)?;
+        // The frame just handed out is the newest unacknowledged one.
+        let state = peer_in(&mut self.sus, &mut self.csps, peer)?;
+        let held = state.sched.newest_unacked()?;
+        Some(Transmit {
+            header,
+            payload: &held.frame.payload,
+        })
+    }
+
+    /// Hands out `peer`'s next frame (see [`Owner::poll_transmit`]) and returns its stamped
+    /// header.
+    fn next_header(&mut self, peer: PeerRef, now: Nanos, unix: u64) -> Option<Header> {
         for _ in 0..limits::LOADS_PER_POLL_MAX {
             let state = peer_in(&mut self.sus, &mut self.csps, peer)?;
             if !state.connected {
@@ -1102,18 +1140,18 @@ impl<L: Log> Owner<L> {
             }
             match state.sched.next_send(now) {
                 Ok(out) => {
-                    let mut frame = out.item.frame.clone();
-                    frame.header.msg_id = out.msg_id;
-                    frame.header.priority = out.level.get();
-                    if frame.header.created_ns > 0 {
+                    let mut header = out.item.frame.header;
+                    header.msg_id = out.msg_id;
+                    header.priority = out.level.get();
+                    if header.created_ns > 0 {
                         self.metrics.latency(
                             peer.direction(),
                             out.level.get(),
-                            unix.saturating_sub(frame.header.created_ns),
+                            unix.saturating_sub(header.created_ns),
                         );
                     }
                     self.sent_since_load = true;
-                    return Some(frame);
+                    return Some(header);
                 }
                 Err(Blocked::Rate(at)) => {
                     self.rate_wake = Some(self.rate_wake.map_or(at, |w| w.min(at)));

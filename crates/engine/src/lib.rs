@@ -592,6 +592,31 @@ fn push(link: &WorkerLink, level: Level, envelope: Envelope) -> Result<(), Box<E
     }
 }
 
+/// Pushes `items` into `link`'s ring at `level`, in order, as many as fit (the rest stay in
+/// `items`), and wakes its worker once if it was parked.
+fn push_bulk(link: &WorkerLink, level: Level, items: &mut Vec<Envelope>) {
+    let mut wake = false;
+    let mut back = Vec::new();
+    let mut all = items.drain(..);
+    while let Some(envelope) = all.next() {
+        match link.ring.push(level.index(), envelope) {
+            Ok(w) => wake |= w.is_needed(),
+            Err(e) => {
+                back.push(e.into_inner());
+                back.extend(all.by_ref());
+                break;
+            }
+        }
+    }
+    drop(all);
+    items.append(&mut back);
+    if wake {
+        if let Err(e) = link.waker.wake() {
+            tracing::warn!(error = %e, "cannot wake worker");
+        }
+    }
+}
+
 /// A non-blocking listener for `port` on `addr`, and the address it is bound to (the port
 /// chosen when `addr` asks for port 0).
 fn listen(

@@ -29,11 +29,11 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use bytes::BytesMut;
 use mio::{Events, Interest, Poll, Token};
 
 use super::conn::{Conn, ConnState};
 use super::shared::{Adopt, Control, Shared};
+use crate::ids::Level;
 use crate::limits::{LINGER, RING_BATCH_MAX};
 use crate::owner::{Envelope, Event, Owner, PeerRef, Ticket};
 use crate::ring;
@@ -43,8 +43,19 @@ use crate::{Nanos, NANOS_PER_SEC};
 
 mod intake;
 
+/// Bytes a pump queues for a connection before it writes them: one `write` per this many, so
+/// that the peer starts reading while the rest of the turn's frames are copied.
+const WRITE_BYTES_MIN: usize = 256 * 1024;
+
 /// The token of a worker's waker.
 pub(crate) const WORKER_WAKER: Token = Token(usize::MAX);
+
+/// Frames of one read batch for one (owner, ring level).
+struct OutGroup {
+    owner: usize,
+    level: Level,
+    items: Vec<Envelope>,
+}
 
 pub(crate) struct Worker {
     index: usize,
@@ -57,16 +68,26 @@ pub(crate) struct Worker {
     /// The connection slot of each SU and CSP link (by directory index), while connected.
     su_conn: Vec<Option<usize>>,
     csp_conn: Vec<Option<usize>>,
-    scratch: BytesMut,
     popped: Vec<(usize, Envelope)>,
     /// Acknowledgements decided by the owner, by intake worker, to hand over.
     by_origin: Vec<Vec<(Ticket, bool)>>,
     /// Connections whose read budget ran out with data left.
     more_to_read: Vec<usize>,
-    /// Connections holding a frame that did not fit its owner's ring.
+    /// Connections holding frames that did not fit their owners' rings.
     stalled: Vec<usize>,
+    /// The read batch being gathered, per (owner, level): index `owner * levels + level`.
+    outbox: Vec<OutGroup>,
+    /// The groups of `outbox` holding frames, in the order they were first used.
+    outbox_used: Vec<usize>,
+    /// The last data `msg_id` added to the outbox, while it holds a batch.
+    batch_last: Option<u64>,
+    levels: usize,
+    /// With durability, this worker's index in the tickets of the frames it takes in.
+    ticket_origin: Option<u16>,
     next_conn_id: u64,
     expiry_log: Option<std::fs::File>,
+    /// Monotonic time of this turn ([`Shared::now`]).
+    turn_now: Nanos,
     /// Wall-clock time of this turn, ns since the Unix epoch.
     unix_turn: u64,
 }
@@ -81,6 +102,8 @@ impl Worker {
         owner: Owner<Store>,
     ) -> Worker {
         let workers = shared.workers.len();
+        let levels = shared.config.engine.levels;
+        let durable = shared.durable;
         Worker {
             index,
             poll,
@@ -91,13 +114,28 @@ impl Worker {
             control,
             owner,
             conns: Vec::new(),
-            scratch: BytesMut::with_capacity(64 * 1024),
             popped: Vec::with_capacity(RING_BATCH_MAX),
             by_origin: vec![Vec::new(); workers],
             more_to_read: Vec::new(),
             stalled: Vec::new(),
+            outbox: (0..workers)
+                .flat_map(|owner| {
+                    (1..=levels).filter_map(move |l| {
+                        Level::new(l).map(|level| OutGroup {
+                            owner,
+                            level,
+                            items: Vec::new(),
+                        })
+                    })
+                })
+                .collect(),
+            outbox_used: Vec::new(),
+            batch_last: None,
+            levels: usize::from(levels),
+            ticket_origin: durable.then_some(index as u16),
             next_conn_id: 1,
             expiry_log: None,
+            turn_now: 0,
             unix_turn: crate::unix_now(),
         }
     }
@@ -128,8 +166,10 @@ impl Worker {
             let sleep = timeout != Some(Duration::ZERO) && self.ring.prepare_park();
             let timeout = if sleep { timeout } else { Some(Duration::ZERO) };
             let polled = self.poll.poll(&mut events, timeout);
-            // One wall-clock read per turn, not per frame: it stamps intake (`retention_h`, the
-            // report's day) and measures latency, where a turn's length is below their grain.
+            // The clock is read once per turn, not per frame or per read: the monotonic one for
+            // the limiters, the storm windows and idle times, the wall clock for intake stamps
+            // (`retention_h`, the report's day) and latency; a turn is short beside their grain.
+            self.turn_now = self.now();
             self.unix_turn = crate::unix_now();
             if sleep {
                 self.ring.cancel_park();
@@ -162,7 +202,7 @@ impl Worker {
             self.drain_ring();
             self.drain_control();
             self.drain_ring();
-            let now = self.now();
+            let now = self.turn_now;
             let housekeeping = self.owner.handle_timeout(now, self.unix_turn);
             self.owner.resolve_durable();
             self.carry_out();
@@ -184,15 +224,15 @@ impl Worker {
                 Control::Adopt(adopt) => self.adopt(adopt),
                 Control::Tickets(tickets) => self.on_tickets(&tickets),
                 Control::Pause { su, paused } => {
-                    let now = self.now();
+                    let now = self.turn_now;
                     self.owner.set_paused(su, paused, now);
                 }
                 Control::Reload(reload) => {
-                    let now = self.now();
+                    let now = self.turn_now;
                     self.owner.reload(&reload.owner, now);
                 }
                 Control::Restrict(restricted) => {
-                    let now = self.now();
+                    let now = self.turn_now;
                     self.owner.set_restricted(restricted, now);
                 }
             }
@@ -206,7 +246,7 @@ impl Worker {
             if n == 0 {
                 return;
             }
-            let now = self.now();
+            let now = self.turn_now;
             for (_, envelope) in self.popped.drain(..) {
                 let _ = self.owner.take(envelope, now);
             }
@@ -300,14 +340,11 @@ impl Worker {
             }
             if conn.resolve(ticket.msg_id, durable) && !durable {
                 self.owner.counters().nack(NackReason::Overloaded);
-                conn.queue(
-                    &Frame::nack(
-                        ticket.msg_id,
-                        NackReason::Overloaded,
-                        "could not be written to disk",
-                    ),
-                    &mut self.scratch,
-                );
+                conn.queue(&Frame::nack(
+                    ticket.msg_id,
+                    NackReason::Overloaded,
+                    "could not be written to disk",
+                ));
             }
             if !touched.contains(&slot) {
                 touched.push(slot);
@@ -344,11 +381,18 @@ impl Worker {
             };
             let mut queued = false;
             while conn.has_room() {
-                let Some(frame) = self.owner.poll_transmit(peer, now, self.unix_turn) else {
+                let Some(t) = self.owner.poll_transmit_ref(peer, now, self.unix_turn) else {
                     break;
                 };
-                conn.queue(&frame, &mut self.scratch);
+                conn.queue_parts(&t.header, t.payload);
                 queued = true;
+                if conn.unwritten() >= WRITE_BYTES_MIN {
+                    // Start the peer reading while the rest is being copied.
+                    if let Err(e) = conn.flush() {
+                        let reason = format!("write failed: {e}");
+                        return self.close(slot, &reason);
+                    }
+                }
             }
             if queued {
                 self.on_writable(slot);
@@ -410,11 +454,11 @@ impl Worker {
             self.shared.connection_closed(peer);
             return;
         }
-        let now = self.now();
+        let now = self.turn_now;
         let id = self.next_conn_id;
         self.next_conn_id += 1;
         let mut conn = Conn::new(stream, decoder, peer, addr, now, id);
-        conn.queue(&Frame::hello_ok(), &mut self.scratch);
+        conn.queue(&Frame::hello_ok());
         if let Some(s) = self.conns.get_mut(slot) {
             *s = Some(conn);
         }
@@ -479,9 +523,11 @@ impl Worker {
     /// Sends a final NACK and closes: the peer is detached at once, its socket lingers until
     /// the NACK is written and the peer closes (or [`LINGER`] passes).
     fn close_with(&mut self, slot: usize, msg_id: u64, reason: NackReason, detail: &str) {
+        // What the connection sent before goes in (and is ACKed) first.
+        self.hand_over(slot);
         self.owner.counters().nack(reason);
         self.detach(slot);
-        let now = self.now();
+        let now = self.turn_now;
         let Some(conn) = self.conns.get(slot).and_then(Option::as_ref) else {
             return;
         };
@@ -493,8 +539,8 @@ impl Worker {
         let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
-        conn.queue_ack(&mut self.scratch);
-        conn.queue(&Frame::nack(msg_id, reason, detail), &mut self.scratch);
+        conn.queue_ack();
+        conn.queue(&Frame::nack(msg_id, reason, detail));
         conn.state = ConnState::Closing {
             deadline: now + LINGER,
         };
@@ -524,9 +570,10 @@ impl Worker {
     fn housekeeping(&mut self, now: Nanos) {
         let idle = self.shared.config.engine.idle_timeout.as_nanos() as Nanos;
         for slot in 0..self.conns.len() {
-            let Some(conn) = self.conns.get(slot).and_then(Option::as_ref) else {
+            let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
                 continue;
             };
+            conn.tick();
             match conn.state {
                 ConnState::Open if now.saturating_sub(conn.last_rx) > idle => {
                     let reason = format!(
