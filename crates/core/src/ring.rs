@@ -56,8 +56,8 @@
 //! published, it looks at the slots after it (up to what it may still take, and at most a lap)
 //! while they are published too, and only then reads the doorbell again. That one read comes
 //! after the Acquire load of every item in the run, so the argument above holds for each of them:
-//! if no more urgent bit is set, no item of the run was pushed after a more urgent item it must
-//! not overtake, and the whole run is taken. One doorbell load per run instead of per item, and
+//! if no more urgent bit is set, no more urgent item pushed before any item of the run is still
+//! waiting, and the whole run is taken. One doorbell load per run instead of per item, and
 //! the same items in the same order as `pop` called repeatedly would give, short of pushes racing
 //! with it (which either may see first).
 //!
@@ -675,9 +675,11 @@ impl<T> Consumer<T> {
 
     /// Takes up to `max` items, most urgent first, into `out`; returns how many.
     ///
-    /// The same items in the same order as calling [`Consumer::pop`] `max` times, with fewer
-    /// doorbell reads: it takes a run of published items from a lane at a time and reads the
-    /// doorbell once per run, not once per item.
+    /// Like calling [`Consumer::pop`] `max` times, with the same guarantee of strict priority,
+    /// but with fewer doorbell reads: it takes a run of published items from a lane at a time and
+    /// reads the doorbell once per run, not once per item. (A more urgent push racing with the
+    /// run may land after it, where repeated pops might have taken it first; such a push is not
+    /// ordered before the run's items, so either order is allowed.)
     pub fn pop_bulk<E: Extend<(usize, T)>>(&mut self, out: &mut E, max: usize) -> usize {
         let mut taken = 0;
         // Relaxed: as in `pop`.
@@ -713,8 +715,8 @@ impl<T> Consumer<T> {
     ///
     /// # Safety
     ///
-    /// [`Consumer::find_run`] must have returned a run at `level` that this item is in, and no
-    /// more of that run than this must have been taken since.
+    /// The item at `level`'s head must belong to a run that [`Consumer::find_run`] returned and
+    /// that has not been taken whole yet (the head has moved by less than the run's length).
     unsafe fn take_next(&mut self, level: usize) -> T {
         let head = self.heads[level];
         // SAFETY: per this function's contract, the item at `head` was seen published by
