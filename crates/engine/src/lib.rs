@@ -595,25 +595,17 @@ fn push(link: &WorkerLink, level: Level, envelope: Envelope) -> Result<(), Box<E
 /// Pushes `items` into `link`'s ring at `level`, in order, as many as fit (the rest stay in
 /// `items`), and wakes its worker once if it was parked.
 fn push_bulk(link: &WorkerLink, level: Level, items: &mut Vec<Envelope>) {
-    let mut wake = false;
-    let mut back = Vec::new();
-    let mut all = items.drain(..);
-    while let Some(envelope) = all.next() {
-        match link.ring.push(level.index(), envelope) {
-            Ok(w) => wake |= w.is_needed(),
-            Err(e) => {
-                back.push(e.into_inner());
-                back.extend(all.by_ref());
-                break;
+    match link.ring.push_bulk(level.index(), items) {
+        Ok(pushed) => {
+            if pushed.wake.is_needed() {
+                if let Err(e) = link.waker.wake() {
+                    tracing::warn!(error = %e, "cannot wake worker");
+                }
             }
         }
-    }
-    drop(all);
-    items.append(&mut back);
-    if wake {
-        if let Err(e) = link.waker.wake() {
-            tracing::warn!(error = %e, "cannot wake worker");
-        }
+        // Levels come from the configuration the rings were made for; were one out of range,
+        // its frames stay in `items` and are held like those of a full ring.
+        Err(e) => tracing::error!(level = e.level_index, "no ring lane for this level"),
     }
 }
 
