@@ -13,7 +13,7 @@
 //! varints or text to scan, so the cost of a header does not depend on what a peer puts in it,
 //! and a hostile peer cannot make parsing slow.
 //!
-//! # Why one test for every rule
+//! # Why every rule is one compare
 //!
 //! Almost every header that arrives is valid, so [`Header::decode`] is written for that case. It
 //! reads the header as its eight little-endian words once, and every rule is a compare on one of
@@ -24,10 +24,9 @@
 //! against the limit. The results are ORed without short-circuiting into one flag: a valid
 //! header costs these four compares and nothing else, and the compiler may test them in any
 //! order (it emits a short chain of never-taken branches), because the order in which errors are
-//! named is not decided here.
-//! Only when the flag is set does a `#[cold]`, out-of-line function work out, from the two words,
-//! which rule was broken first, to name it in the [`WireError`]. Malformed frames end the
-//! connection anyway (NACK reason 1), so their cost does not matter.
+//! named is not decided here. Only when the flag is set does a `#[cold]`, out-of-line function
+//! work out, from the two words, which rule was broken first, to name it in the [`WireError`].
+//! Malformed frames end the connection anyway (NACK reason 1), so their cost does not matter.
 //!
 //! The error path returns the small [`WireError`] by value and the caller adds the `msg_id`:
 //! nothing on the valid path takes the address of the result, so once inlined the decoded fields
