@@ -417,14 +417,7 @@ impl<D: Disk> Store<D> {
         self.next_seq += 1;
         self.uncommitted_seq.get_or_insert(seq);
         let record_start = self.offset + self.buf.len() as u64;
-        Record::Enqueue {
-            peer,
-            level,
-            seq,
-            enqueued_unix_ns,
-            frame: frame.clone(),
-        }
-        .encode(&mut self.buf);
+        Record::encode_enqueue(&mut self.buf, peer, level, seq, enqueued_unix_ns, frame);
         *self.live.entry(self.segment).or_insert(0) += 1;
         self.uncommitted.push(Uncommitted {
             peer,
