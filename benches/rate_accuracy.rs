@@ -17,9 +17,13 @@
 //! * The delivered rate is taken between the first read at least `SKIP` after the first frame
 //!   (the first burst and the start-up are left out) and the last read within `WINDOW` after that.
 //!
-//! Each rate runs `RUNS` times, the rates interleaved within each round so that the machine's slow
-//! spells fall on all of them. Printed per rate: the median and range over the runs, and the
-//! median's error against the configured rate.
+//! Two contenders, beside each other: the worker's timer as shipped (a timerfd,
+//! `crates/engine/src/timer.rs`) and its fallback (millisecond poll timeouts and short spins,
+//! forced with `DSPLANE_TIMER=poll`). Each (contender, rate) runs `RUNS` times, interleaved within
+//! each round so that the machine's slow spells fall on all of them. Printed per contender and
+//! rate: the median and range over the runs, the median's error against the configured rate, and
+//! the CPU time of the engine's workers (both together, % of one core, median) from the SU's
+//! HELLO to its last read.
 //!
 //! Usage: `cargo bench --bench rate_accuracy -- [RUNS]` (default 5). `--quick` runs once with a
 //! 300 ms window, as a smoke test; other arguments (`cargo bench` passes `--bench`) are ignored.
@@ -50,7 +54,10 @@ const SKIP: Duration = Duration::from_millis(100);
 const PRELOAD_MARGIN: Duration = Duration::from_millis(400);
 
 fn data_dir() -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("dsplane-bench-rate-accuracy-{}", std::process::id()))
+    std::env::temp_dir().join(format!(
+        "dsplane-bench-rate-accuracy-{}",
+        std::process::id()
+    ))
 }
 
 fn engine_config(rate: u32, nms: u64) -> Config {
@@ -167,7 +174,9 @@ fn su_measure(engine: &Engine, until: Duration) -> Vec<(Instant, u64)> {
         }
         pending.drain(..off);
         if let Some(msg_id) = last {
-            stream.write_all(&Frame::ack(msg_id).header_bytes()).unwrap();
+            stream
+                .write_all(&Frame::ack(msg_id).header_bytes())
+                .unwrap();
             let start = *first.get_or_insert(at);
             samples.push((at, count));
             if at - start >= until {
@@ -192,17 +201,61 @@ fn delivered_rate(samples: &[(Instant, u64)], window: Duration) -> f64 {
     (b.1 - a.1) as f64 / (b.0 - a.0).as_secs_f64()
 }
 
-/// One run at `rate`: the delivered rate, frames/s.
-fn run(rate: u32, window: Duration) -> f64 {
+/// CPU time so far of this process's engine workers, in clock ticks (1/100 s on Linux).
+fn worker_cpu_ticks() -> u64 {
+    let mut ticks = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("dsplane-worker") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // After the command's ")": state is field 3, utime 14 and stime 15.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        for i in [11, 12] {
+            ticks += fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    ticks
+}
+
+/// The timer a contender's engine uses, as its workers read it from the environment.
+#[derive(Debug, Clone, Copy)]
+struct Contender {
+    name: &'static str,
+    dsplane_timer: &'static str,
+}
+
+const CONTENDERS: [Contender; 2] = [
+    Contender {
+        name: "timerfd",
+        dsplane_timer: "timerfd",
+    },
+    Contender {
+        name: "poll fallback",
+        dsplane_timer: "poll",
+    },
+];
+
+/// One run at `rate`: the delivered rate, frames/s, and the workers' CPU, % of one core.
+fn run(contender: Contender, rate: u32, window: Duration) -> (f64, f64) {
+    // Read by each worker as it starts; no engine is running now.
+    std::env::set_var("DSPLANE_TIMER", contender.dsplane_timer);
     let frames = (f64::from(rate) * (SKIP + window + PRELOAD_MARGIN).as_secs_f64()) as u64;
     let engine = Engine::start(engine_config(rate, frames + 1_000)).unwrap();
     let csp = preload(&engine, frames);
+    let (cpu_from, from) = (worker_cpu_ticks(), Instant::now());
     let samples = su_measure(&engine, SKIP + window);
+    let cpu = (worker_cpu_ticks() - cpu_from) as f64 / from.elapsed().as_secs_f64();
     drop(csp);
     engine.shutdown();
     engine.join();
     let _ = std::fs::remove_dir_all(data_dir());
-    delivered_rate(&samples, window)
+    (delivered_rate(&samples, window), cpu)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -222,10 +275,14 @@ fn main() {
         let runs = args.iter().find_map(|a| a.parse::<usize>().ok());
         (runs.unwrap_or(5), Duration::from_secs(1))
     };
-    let mut results: Vec<Vec<f64>> = vec![Vec::new(); RATES.len()];
+    // Other work on the machine takes the workers' CPU and loses tokens: say how busy it was.
+    let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut results: Vec<Vec<Vec<(f64, f64)>>> = vec![vec![Vec::new(); RATES.len()]; 2];
     for _ in 0..runs {
-        for (i, &rate) in RATES.iter().enumerate() {
-            results[i].push(run(rate, window));
+        for (c, contender) in CONTENDERS.iter().enumerate() {
+            for (i, &rate) in RATES.iter().enumerate() {
+                results[c][i].push(run(*contender, rate, window));
+            }
         }
     }
     println!(
@@ -234,24 +291,38 @@ fn main() {
         window.as_millis(),
         SKIP.as_millis()
     );
+    let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = |l: &str| l.split_whitespace().next().unwrap_or("?").to_owned();
     println!(
-        "{:>10} {:>12} {:>25} {:>8}   runs",
-        "rate/s", "median/s", "range/s", "error"
+        "load average (1 min) {} before, {} after, on {} CPUs",
+        load(&load_before),
+        load(&load_after),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    for (&rate, r) in RATES.iter().zip(&mut results) {
-        let each: Vec<String> = r.iter().map(|x| format!("{x:.0}")).collect();
-        let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = r.iter().copied().fold(0.0, f64::max);
-        let m = median(r);
-        let error = (m / f64::from(rate) - 1.0) * 100.0;
-        println!(
-            "RATE {:>10} {:>12.0} {:>12.0}–{:<12.0} {:>+7.2}%   {}",
-            rate,
-            m,
-            lo,
-            hi,
-            error,
-            each.join(" ")
-        );
+    println!(
+        "{:<18} {:>10} {:>12} {:>25} {:>8} {:>6}   runs",
+        "", "rate/s", "median/s", "range/s", "error", "cpu%"
+    );
+    for (contender, by_rate) in CONTENDERS.iter().zip(&results) {
+        for (&rate, r) in RATES.iter().zip(by_rate) {
+            let mut rates: Vec<f64> = r.iter().map(|x| x.0).collect();
+            let mut cpu: Vec<f64> = r.iter().map(|x| x.1).collect();
+            let each: Vec<String> = rates.iter().map(|x| format!("{x:.0}")).collect();
+            let lo = rates.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = rates.iter().copied().fold(0.0, f64::max);
+            let m = median(&mut rates);
+            let error = (m / f64::from(rate) - 1.0) * 100.0;
+            println!(
+                "RATE {:<13} {:>10} {:>12.0} {:>12.0}–{:<12.0} {:>+7.2}% {:>6.0}   {}",
+                contender.name,
+                rate,
+                m,
+                lo,
+                hi,
+                error,
+                median(&mut cpu),
+                each.join(" ")
+            );
+        }
     }
 }

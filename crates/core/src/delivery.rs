@@ -69,7 +69,8 @@ pub enum Blocked {
     Unavailable,
     /// The in-flight window is full for the most urgent waiting frame.
     Window,
-    /// The rate limiter has no token until this instant.
+    /// The rate limiter has no token now; come back at this instant, when it has enough to be
+    /// worth a wake-up ([`TokenBucket::next_wake`]).
     Rate(Nanos),
     /// The most urgent waiting frames of this lane (queue index) are on disk only: load some
     /// with [`DeliveryScheduler::load`] and ask again.
@@ -358,7 +359,7 @@ impl<T> DeliveryScheduler<T> {
             return Err(Blocked::Window);
         }
         if !self.limiter.try_acquire(now) {
-            return Err(Blocked::Rate(self.limiter.next_ready(now)));
+            return Err(Blocked::Rate(self.limiter.next_wake(now)));
         }
         let Some((level, item, resend)) = self.queues[i].pop_front() else {
             return Err(Blocked::Empty);

@@ -1255,6 +1255,13 @@ impl<L: Log> Owner<L> {
         at
     }
 
+    /// When the earliest rate-limited peer of the last pump may send again, if one is waiting
+    /// for tokens: the part of [`Owner::poll_timeout`] that says frames are waiting, so that the
+    /// worker may stay awake for it (a short spin) but never for housekeeping.
+    pub fn rate_wake(&self) -> Option<Nanos> {
+        self.rate_wake
+    }
+
     /// Time passed: storm windows that closed send their summaries; every
     /// [`limits::HOUSEKEEPING_INTERVAL`], frames older than their retention expire and the
     /// in-flight table forgets old requests. `true` when the housekeeping ran (the engine
