@@ -116,6 +116,12 @@ pub struct DeliveryScheduler<T> {
     connected: bool,
     paused: bool,
     limiter: TokenBucket,
+    /// Set when the limiter ran out of tokens: the peer is being paced, and sending resumes only
+    /// once a wake-up's worth of tokens ([`TokenBucket::wake_tokens`]) is in. A paced peer then
+    /// gets its frames in batches, one write and one wake-up per batch, rather than one frame
+    /// each time something else (an ACK) wakes the worker; no token is lost by it, since the
+    /// batch is taken long before the bucket is full.
+    paced: bool,
     stats: DeliveryStats,
 }
 
@@ -138,6 +144,7 @@ impl<T> DeliveryScheduler<T> {
             connected: false,
             paused: false,
             limiter,
+            paced: false,
             stats: DeliveryStats::default(),
         }
     }
@@ -358,7 +365,14 @@ impl<T> DeliveryScheduler<T> {
         if self.unacked.len() >= limit as usize {
             return Err(Blocked::Window);
         }
+        if self.paced {
+            if self.limiter.available(now) < self.limiter.wake_tokens(now) {
+                return Err(Blocked::Rate(self.limiter.next_wake(now)));
+            }
+            self.paced = false;
+        }
         if !self.limiter.try_acquire(now) {
+            self.paced = true;
             return Err(Blocked::Rate(self.limiter.next_wake(now)));
         }
         let Some((level, item, resend)) = self.queues[i].pop_front() else {
@@ -540,6 +554,35 @@ mod tests {
         assert_eq!(s.next_send(0).err(), Some(Blocked::Rate(S / 10)));
         assert_eq!(s.next_send(S / 10 - 1).err(), Some(Blocked::Rate(S / 10)));
         assert_eq!(*s.next_send(S / 10).unwrap().item, 1);
+    }
+
+    #[test]
+    fn a_paced_peer_resumes_with_a_batch_not_a_token() {
+        // 1 M/s, burst 100: a wake-up's worth is 25 tokens.
+        let wide = DeliverySettings {
+            window: 1_000,
+            ..settings()
+        };
+        let mut s = DeliveryScheduler::new(wide, TokenBucket::new(1_000_000, 100, 0).unwrap());
+        s.on_connect(0);
+        for i in 0..200 {
+            s.enqueue(level(2), i).unwrap();
+        }
+        let mut sent = 0;
+        while s.next_send(0).is_ok() {
+            sent += 1;
+        }
+        assert_eq!(sent, 100, "the burst");
+        assert_eq!(s.next_send(0).err(), Some(Blocked::Rate(25_000)));
+        // A token is in, but the peer is paced: it waits for the batch.
+        assert_eq!(s.next_send(1_000).err(), Some(Blocked::Rate(25_000)));
+        assert_eq!(s.next_send(24_999).err(), Some(Blocked::Rate(25_000)));
+        let mut batch = 0;
+        while s.next_send(25_000).is_ok() {
+            batch += 1;
+        }
+        assert_eq!(batch, 25);
+        assert_eq!(s.on_ack(125, |_, _| {}), 125);
     }
 
     #[test]

@@ -45,11 +45,14 @@ pub const BURST_MAX: u32 = 1_000_000;
 /// Longest release ramp, nanoseconds: one hour.
 pub const RELEASE_RAMP_NS_MAX: Nanos = 3_600 * NANOS_PER_SEC;
 
-/// The least time worth waiting for between two wake-ups of a rate-limited peer: a wake-up costs
-/// the worker a few microseconds of system calls (the timer, `epoll_wait`, the turn), so a peer at
-/// 1 M/s is woken for ~50 tokens, not for each one. It is also the most a frame can wait beyond
-/// its token for that (an urgent one included): far below what a Service User notices.
-pub const WAKE_NS_MIN: Nanos = 50_000;
+/// The least time worth waiting for between two wake-ups of a rate-limited peer. A wake-up costs
+/// a worker some 25 µs of CPU on the development VM (the timer, `epoll_wait`, a turn, a write:
+/// 26 % of a core at 10 k wake-ups/s), so a peer is woken for as many tokens as 250 µs earns
+/// (2 at 10 k/s, 25 at 100 k/s), not for each one, unless the burst is too small for that
+/// ([`WAKE_BURST_DIVISOR`]). It is also the most a frame can wait beyond its token for it (an
+/// urgent one included): far below what a Service User notices, and below the millisecond
+/// the worker used to sleep in.
+pub const WAKE_NS_MIN: Nanos = 250_000;
 /// A wake-up waits for at most `burst / WAKE_BURST_DIVISOR` tokens, so that it comes while the
 /// bucket still has room for three times as many: a wake-up late by up to
 /// `3 × burst / 4` token intervals (75 µs at 1 M/s with burst 100) loses no token.
@@ -692,13 +695,16 @@ mod tests {
 
     #[test]
     fn a_wake_waits_for_a_few_tokens_at_high_rates_and_one_at_low_rates() {
-        // 10 k/s: one token per 100 µs, more than WAKE_NS_MIN: wake for each.
-        let b = TokenBucket::new(10_000, 100, 0).unwrap();
+        // 1 k/s: a token per ms, more than WAKE_NS_MIN: wake for each.
+        let b = TokenBucket::new(1_000, 100, 0).unwrap();
         assert_eq!(b.wake_tokens(0), 1);
-        // 100 k/s: WAKE_NS_MIN earns 5.
-        let b = TokenBucket::new(100_000, 100, 0).unwrap();
-        assert_eq!(b.wake_tokens(0), 5);
-        // 1 M/s: 50 would be earned, but a quarter of the burst is the most.
+        // 10 k/s: WAKE_NS_MIN earns 2.5.
+        let b = TokenBucket::new(10_000, 100, 0).unwrap();
+        assert_eq!(b.wake_tokens(0), 2);
+        // 100 k/s: 25.
+        let b = TokenBucket::new(100_000, 1_000, 0).unwrap();
+        assert_eq!(b.wake_tokens(0), 25);
+        // 1 M/s: 250 would be earned, but a quarter of the burst is the most.
         let mut b = TokenBucket::new(1_000_000, 100, 0).unwrap();
         assert_eq!(b.wake_tokens(0), 25);
         assert_eq!(drain(&mut b, 0), 100);
@@ -713,14 +719,15 @@ mod tests {
     #[test]
     fn a_wake_during_a_ramp_follows_the_ramped_rate() {
         const US: Nanos = 1_000;
-        // 1 M/s from 10 %: at the start, 100 k/s, so WAKE_NS_MIN earns 5 tokens.
-        let mut b = TokenBucket::new(1_000_000, 100, 0).unwrap();
+        // 1 M/s from 10 %: at the start, 100 k/s, so WAKE_NS_MIN earns 25 tokens (250 at the
+        // full rate).
+        let mut b = TokenBucket::new(1_000_000, 1_000, 0).unwrap();
         b.start_release(0, ReleaseStart::DEFAULT, S).unwrap();
         let _ = drain(&mut b, 0);
-        assert_eq!(b.wake_tokens(0), 5);
+        assert_eq!(b.wake_tokens(0), 25);
         let at = b.next_wake(0);
-        // The exact instant: 5 tokens then, fewer a microsecond before.
-        assert_eq!(b.clone().available(at), 5);
-        assert!(b.clone().available(at - US) < 5);
+        // The exact instant: 25 tokens then, fewer a microsecond before.
+        assert_eq!(b.clone().available(at), 25);
+        assert!(b.clone().available(at - US) < 25);
     }
 }

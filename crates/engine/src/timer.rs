@@ -6,8 +6,8 @@
 //! `mio::Poll::poll` takes its timeout in whole milliseconds (it rounds up), and `epoll_wait`
 //! adds the thread's timer slack (50 µs by default) on top. A Service User at 1 M/s with
 //! `burst = 100` has its bucket full again 100 µs after it was emptied: a worker that sleeps a
-//! millisecond for it throws 90 % of its tokens away (`BENCHMARKS.md`, "Rate accuracy": 25 % of
-//! the rate delivered at 1 M/s, 82 % at 100 k/s).
+//! millisecond for it throws 90 % of its tokens away (`BENCHMARKS.md`, "Rate accuracy": in one
+//! session before this timer, 25 % of the rate was delivered at 1 M/s and 82 % at 100 k/s).
 //!
 //! # The timer
 //!
@@ -25,9 +25,9 @@
 //! worker busy-polls, still taking whatever arrives), since arming a timer and sleeping costs
 //! about as much as the wait. Only when a rate-limited peer is waiting (the caller says so), never
 //! for housekeeping or when idle, and never for longer than [`SPIN_NS_MAX`] per deadline. The
-//! limiter's wake-ups are at least [`WAKE_NS_MIN`](crate::limiter::WAKE_NS_MIN) apart at high
-//! rates (or a quarter of the burst), well above the spin limit, so a busy worker still sleeps
-//! most of each gap.
+//! limiter's wake-ups are [`WAKE_NS_MIN`](crate::limiter::WAKE_NS_MIN) apart, or a quarter of the
+//! burst's worth of tokens (25 µs at 1 M/s with burst 100), above the spin limit, so a busy
+//! worker still sleeps most of each gap.
 //!
 //! # The fallback
 //!
