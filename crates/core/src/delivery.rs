@@ -122,6 +122,10 @@ pub struct DeliveryScheduler<T> {
     /// each time something else (an ACK) wakes the worker; no token is lost by it, since the
     /// batch is taken long before the bucket is full.
     paced: bool,
+    /// Whether a paced peer waits for a wake-up's worth of tokens (`paced` above). Off when the
+    /// event loop cannot wake in time for it (a millisecond timer): then every token is taken
+    /// as soon as anything wakes the loop.
+    batch_wakes: bool,
     stats: DeliveryStats,
 }
 
@@ -145,6 +149,7 @@ impl<T> DeliveryScheduler<T> {
             paused: false,
             limiter,
             paced: false,
+            batch_wakes: true,
             stats: DeliveryStats::default(),
         }
     }
@@ -329,6 +334,14 @@ impl<T> DeliveryScheduler<T> {
         }
     }
 
+    /// Whether a peer that ran out of tokens resumes only with a wake-up's worth
+    /// ([`TokenBucket::wake_tokens`]; the default), or with its next token: for an event loop
+    /// whose timer has millisecond steps, where waiting for a batch would sleep past it.
+    pub fn set_batch_wakes(&mut self, batch: bool) {
+        self.batch_wakes = batch;
+        self.paced &= batch;
+    }
+
     /// The limiter, e.g. to change its rate on a reload (its state is kept).
     pub fn limiter_mut(&mut self) -> &mut TokenBucket {
         &mut self.limiter
@@ -372,7 +385,7 @@ impl<T> DeliveryScheduler<T> {
             self.paced = false;
         }
         if !self.limiter.try_acquire(now) {
-            self.paced = true;
+            self.paced = self.batch_wakes;
             return Err(Blocked::Rate(self.limiter.next_wake(now)));
         }
         let Some((level, item, resend)) = self.queues[i].pop_front() else {
@@ -583,6 +596,10 @@ mod tests {
         }
         assert_eq!(batch, 25);
         assert_eq!(s.on_ack(125, |_, _| {}), 125);
+        // Without batched wake-ups, the next token goes as soon as it is in.
+        s.set_batch_wakes(false);
+        assert_eq!(s.next_send(25_000).err(), Some(Blocked::Rate(50_000)));
+        assert!(s.next_send(26_000).is_ok());
     }
 
     #[test]

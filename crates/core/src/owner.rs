@@ -1078,6 +1078,16 @@ impl<L: Log> Owner<L> {
 
     // ---- sending ----------------------------------------------------------------------------
 
+    /// Tells every peer's scheduler whether the worker's timer can wake it for a batch of
+    /// tokens (a timerfd) or only in millisecond steps (`false`: each token goes as soon as
+    /// anything wakes the worker); see [`DeliveryScheduler::set_batch_wakes`].
+    pub fn set_batch_wakes(&mut self, batch: bool) {
+        let sus = self.sus.iter_mut().flatten();
+        for state in sus.chain(self.csps.iter_mut().flatten()) {
+            state.sched.set_batch_wakes(batch);
+        }
+    }
+
     /// Starts a round of pumps: forgets the rate wake-up of the last one.
     pub fn start_pump(&mut self) {
         self.rate_wake = None;

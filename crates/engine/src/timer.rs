@@ -34,8 +34,10 @@
 //! Where no timerfd can be made (a kernel before 2.6.25, a seccomp filter that refuses it, or
 //! `DSPLANE_TIMER=poll` in the environment), the worker sleeps in `poll` with millisecond
 //! timeouts, as before, and lowers its timer slack to 1 µs (`PR_SET_TIMERSLACK`) so that a
-//! millisecond is not 1.05. Short waits are spun as above. At rates where a bucket refills
-//! in about a millisecond this loses tokens again; the figures are in `docs/engine.md`.
+//! millisecond is not 1.05. Short waits are spun as above. The worker then tells its owner not
+//! to pace peers in batches (`Owner::set_batch_wakes`), which a millisecond sleep would
+//! overshoot. At rates where a bucket refills in about a millisecond this loses tokens again;
+//! the figures are in `docs/engine.md`.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -103,8 +105,7 @@ impl Timer {
     }
 
     /// Whether deadlines are kept to the microsecond (a timerfd), not the millisecond.
-    #[cfg(test)]
-    fn is_precise(&self) -> bool {
+    pub(crate) fn is_precise(&self) -> bool {
         self.fd.is_some()
     }
 

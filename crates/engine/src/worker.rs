@@ -110,6 +110,7 @@ impl Worker {
     pub(crate) fn run(mut self) {
         let mut events = Events::with_capacity(1024);
         let mut timer = Timer::from_env(self.poll.registry());
+        self.owner.set_batch_wakes(timer.is_precise());
         loop {
             if self.shared.is_shutting_down() {
                 self.shut_down();
