@@ -1088,6 +1088,16 @@ impl<L: Log> Owner<L> {
 
     // ---- sending ----------------------------------------------------------------------------
 
+    /// Tells every peer's scheduler whether the worker's timer can wake it for a batch of
+    /// tokens (a timerfd) or only in millisecond steps (`false`: each token goes as soon as
+    /// anything wakes the worker); see [`DeliveryScheduler::set_batch_wakes`].
+    pub fn set_batch_wakes(&mut self, batch: bool) {
+        let sus = self.sus.iter_mut().flatten();
+        for state in sus.chain(self.csps.iter_mut().flatten()) {
+            state.sched.set_batch_wakes(batch);
+        }
+    }
+
     /// Starts a round of pumps: forgets the rate wake-up of the last one.
     pub fn start_pump(&mut self) {
         self.rate_wake = None;
@@ -1291,6 +1301,13 @@ impl<L: Log> Owner<L> {
             at = at.min(d);
         }
         at
+    }
+
+    /// When the earliest rate-limited peer of the last pump may send again, if one is waiting
+    /// for tokens: the part of [`Owner::poll_timeout`] that says frames are waiting, so that the
+    /// worker may stay awake for it (a short spin) but never for housekeeping.
+    pub fn rate_wake(&self) -> Option<Nanos> {
+        self.rate_wake
     }
 
     /// Time passed: storm windows that closed send their summaries; every

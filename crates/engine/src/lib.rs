@@ -72,6 +72,7 @@ mod conn;
 mod error;
 mod metrics;
 mod shared;
+mod timer;
 mod worker;
 
 use std::io;

@@ -33,6 +33,7 @@ use mio::{Events, Interest, Poll, Token};
 
 use super::conn::{Conn, ConnState};
 use super::shared::{Adopt, Control, Shared};
+use super::timer::{Timer, WORKER_TIMER};
 use crate::ids::Level;
 use crate::limits::{LINGER, RING_BATCH_MAX};
 use crate::owner::{Envelope, Event, Owner, PeerRef, Ticket};
@@ -146,6 +147,8 @@ impl Worker {
 
     pub(crate) fn run(mut self) {
         let mut events = Events::with_capacity(1024);
+        let mut timer = Timer::from_env(self.poll.registry());
+        self.owner.set_batch_wakes(timer.is_precise());
         loop {
             if self.shared.is_shutting_down() {
                 self.shut_down();
@@ -154,12 +157,15 @@ impl Worker {
             let now = self.now();
             let timeout = if !self.more_to_read.is_empty() {
                 Some(Duration::ZERO)
-            } else if !self.stalled.is_empty() {
-                // A full ring drains in well under a millisecond; try again then.
-                Some(Duration::from_millis(1))
             } else {
-                let until = self.owner.poll_timeout();
-                Some(Duration::from_nanos(until.saturating_sub(now)))
+                let mut until = self.owner.poll_timeout();
+                if !self.stalled.is_empty() {
+                    // A full ring drains in well under a millisecond; try again then.
+                    until = until.min(now + NANOS_PER_SEC / 1000);
+                }
+                // Awake for a near deadline only when frames wait for their tokens.
+                let spin = self.owner.rate_wake().is_some_and(|r| r <= until);
+                timer.timeout(now, until, spin)
             };
             // Park protocol: announce that we may sleep, then re-check the ring, so that a
             // producer either sees us parked (and wakes us) or we see its item.
@@ -183,6 +189,10 @@ impl Worker {
             for event in events.iter() {
                 let token = event.token();
                 if token == WORKER_WAKER {
+                    continue;
+                }
+                if token == WORKER_TIMER {
+                    timer.on_fired();
                     continue;
                 }
                 let slot = token.0;
