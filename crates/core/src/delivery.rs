@@ -565,7 +565,9 @@ impl<T> DeliveryScheduler<T> {
     /// space) once nothing older of its lane is held. Returns how many were released, which
     /// may include frames acknowledged earlier on other connections.
     pub fn ack(&mut self, conn: usize, msg_id: u64, mut released: impl FnMut(Level, T)) -> usize {
-        let single = self.senders.len() == 1;
+        // The simulator's deliberate bug (docs/simulation.md): a frame acknowledged on one
+        // connection is released at once, even ahead of an older one of its lane in flight.
+        let single = cfg!(dsplane_mutation = "release_ahead_of_older") || self.senders.len() == 1;
         let Some(sender) = self.senders.get_mut(conn) else {
             return 0;
         };
