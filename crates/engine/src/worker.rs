@@ -2,7 +2,8 @@
 //! owns. It moves bytes; its [`Owner`] decides (classification, Alert Storm Protection, the NMS
 //! and SURB tiers, scheduling, which acknowledgements may go out, expiry). Nothing here is
 //! shared: other threads reach a worker only through its MPSC priority ring (frames) and its
-//! control channel (connections, tickets, operator actions), and wake it with its `mio::Waker`.
+//! control channel (connections, tickets, operator actions, and for a CSP link with connections
+//! on several workers its requests and ACKs: see [`link`]), and wake it with its `mio::Waker`.
 //!
 //! # One turn of the loop
 //!
