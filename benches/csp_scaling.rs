@@ -16,12 +16,14 @@
 //! the 1-core, 1-connection, 1-SU one. The clients run on the same machine as the engine.
 //!
 //! Usage: `cargo bench --bench csp_scaling -- [FRAMES] [RUNS]` (default 1,000,000 and 3); with
-//! `--quick` it runs 20,000 frames once, as a smoke test.
+//! `--quick` it runs 20,000 frames once, as a smoke test; `CSP_SCALING_ONLY=2/1/1` (cores,
+//! connections, SUs) runs one shape.
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -66,7 +68,7 @@ fn engine_config(shape: Shape, frames: usize) -> Config {
     let _ = std::fs::remove_dir_all(&dir);
     let nms = frames + 1_000;
     let mut sus = String::new();
-    for (i, su) in SUS.iter().enumerate() {
+    for (i, su) in SUS.iter().enumerate().take(shape.sus) {
         sus.push_str(&format!(
             "[[service_user]]\nid = \"{su}\"\ntoken = \"scaling-su-{i}\"\n"
         ));
@@ -165,7 +167,7 @@ fn su_reader(mut read: TcpStream, mut write: TcpStream, frames: usize) -> JoinHa
 }
 
 /// One run: frames per second.
-fn run(shape: Shape, bytes: &[Vec<u8>], frames: usize) -> f64 {
+fn run(shape: Shape, bytes: &[Arc<Vec<u8>>], frames: usize) -> f64 {
     let engine = Engine::start(engine_config(shape, frames)).unwrap();
     let sus: Vec<Client> = (0..shape.sus)
         .map(|i| Client::connect_su(engine.su_addr(), SUS[i], &format!("scaling-su-{i}")).unwrap())
@@ -186,7 +188,8 @@ fn run(shape: Shape, bytes: &[Vec<u8>], frames: usize) -> f64 {
         let mut s = csp.stream().try_clone().unwrap();
         s.set_nodelay(true).unwrap();
         backs.push(common::drain(&s));
-        let bytes = bytes.clone();
+        // Shared, not copied: a copy of hundreds of MB would be timed with the run.
+        let bytes = Arc::clone(bytes);
         writers.push(std::thread::spawn(move || {
             let chunk = FRAMES_PER_WRITE * (HEADER_LEN + PAYLOAD_LEN);
             for part in bytes.chunks(chunk) {
@@ -213,6 +216,9 @@ fn run(shape: Shape, bytes: &[Vec<u8>], frames: usize) -> f64 {
     frames as f64 / elapsed.as_secs_f64()
 }
 
+/// What each CSP connection of a shape sends.
+type ConnBytes = Vec<Arc<Vec<u8>>>;
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -235,16 +241,31 @@ fn main() {
     };
     // Divisible by every split below.
     let frames = frames / 4 * 4;
-    let shapes = shapes();
-    // Per shape: each connection's bytes.
-    let bytes: Vec<Vec<Vec<u8>>> = shapes
-        .iter()
-        .map(|s| {
-            (0..s.conns)
-                .map(|c| csp_bytes(frames / s.conns, s.sus, (c * frames) as u64))
-                .collect()
+    // `CSP_SCALING_ONLY=2/1/1` (cores/connections/SUs) runs one shape.
+    let only = std::env::var("CSP_SCALING_ONLY").ok();
+    let shapes: Vec<Shape> = shapes()
+        .into_iter()
+        .filter(|s| {
+            only.as_deref()
+                .is_none_or(|o| o == format!("{}/{}/{}", s.cores, s.conns, s.sus))
         })
         .collect();
+    // Per shape: each connection's bytes.
+    // The same bytes for shapes that differ only in cores.
+    let mut made: Vec<((usize, usize), ConnBytes)> = Vec::new();
+    let mut bytes: Vec<ConnBytes> = Vec::new();
+    for s in &shapes {
+        let key = (s.conns, s.sus);
+        if let Some((_, b)) = made.iter().find(|(k, _)| *k == key) {
+            bytes.push(b.clone());
+            continue;
+        }
+        let b: ConnBytes = (0..s.conns)
+            .map(|c| Arc::new(csp_bytes(frames / s.conns, s.sus, (c * frames) as u64)))
+            .collect();
+        made.push((key, b.clone()));
+        bytes.push(b);
+    }
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); shapes.len()];
     for _ in 0..runs {
         for (i, s) in shapes.iter().enumerate() {

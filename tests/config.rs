@@ -913,3 +913,40 @@ fn csp_connections_max_is_checked_at_its_edges() {
         );
     }
 }
+
+#[test]
+fn a_reload_changes_a_csp_links_connections_max_for_new_hellos_and_keeps_open_ones() {
+    let (engine, path, text) = start_engine("connections-max");
+    let mut first = Client::connect_csp(engine.csp_addr(), "csp-token").unwrap();
+    assert_eq!(
+        refused(Client::connect_csp(engine.csp_addr(), "csp-token")),
+        Some(NackReason::Overloaded),
+        "connections_max = 1 by default"
+    );
+    let two = text.replace(
+        "token = \"csp-token\"\n",
+        "token = \"csp-token\"\nconnections_max = 2\n",
+    );
+    let (status, body) = reload(&engine, &path, &two);
+    assert_eq!(status, 200, "{body}");
+    let mut second = Client::connect_csp(engine.csp_addr(), "csp-token").unwrap();
+    assert_eq!(
+        refused(Client::connect_csp(engine.csp_addr(), "csp-token")),
+        Some(NackReason::Overloaded)
+    );
+    // Lowered again: the two open connections stay, and carry traffic; new HELLOs are refused.
+    let one = two.replace("connections_max = 2", "connections_max = 1");
+    let (status, body) = reload(&engine, &path, &one);
+    assert_eq!(status, 200, "{body}");
+    let mut su = Client::connect_su(engine.su_addr(), SU1, "su1-token").unwrap();
+    assert_eq!(level_of(&mut first, &mut su, "2.2", 1), 1);
+    assert_eq!(level_of(&mut second, &mut su, "2.2", 2), 1);
+    drop(second);
+    assert_eq!(
+        refused(Client::connect_csp(engine.csp_addr(), "csp-token")),
+        Some(NackReason::Overloaded),
+        "one is still open"
+    );
+    engine.shutdown();
+    engine.join();
+}

@@ -283,6 +283,17 @@ impl Acceptor {
             if let Some(owed) = old.owed.take() {
                 // A bad token whose delayed answer is given now.
                 send_nack(&mut old.stream, &owed);
+            } else if let Some((peer, _)) = old.link_full {
+                // A CSP HELLO waiting for its link to have room: refused now.
+                self.shared.count_acceptor_nack(NackReason::Overloaded);
+                let detail = format!(
+                    "CSP link {} already holds its connections (csp.connections_max)",
+                    self.shared.peer_label(peer)
+                );
+                send_nack(
+                    &mut old.stream,
+                    &Frame::nack(0, NackReason::Overloaded, &detail),
+                );
             } else if !evicted.answered {
                 let pending_max = self.shared.config.listen.handshakes_pending_max;
                 let per_address_max = self.shared.config.listen.handshakes_per_address_max;
