@@ -470,6 +470,11 @@ impl<T> DeliveryScheduler<T> {
     /// The open connection among `conns` (bit i: connection i may take a frame now) with the
     /// fewest frames in flight and room in its share of the window; ties go in turn.
     fn pick_connection(&self, conns: u64) -> Option<usize> {
+        if let [only] = self.senders.as_slice() {
+            // One connection (every SU, and a link with `connections_max = 1`): the window is
+            // all its own, and the caller has checked it. No division on this, the usual path.
+            return (only.open && conns & 1 != 0).then_some(0);
+        }
         let n = self.senders.len();
         // `open` ≥ 1 here (the caller checked availability).
         let share = (self.settings.window as usize).div_ceil(self.open.max(1));
