@@ -252,8 +252,14 @@ fn main() {
     };
     let bytes = csp_bytes(frames);
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); CONTENDERS.len()];
+    // LINE_RATE_ONLY=substring runs only the contenders whose name contains it (for profiling).
+    let only = std::env::var("LINE_RATE_ONLY").unwrap_or_default();
     for _ in 0..runs {
         for (i, c) in CONTENDERS.iter().enumerate() {
+            if !c.name.contains(only.as_str()) {
+                results[i].push(f64::NAN);
+                continue;
+            }
             results[i].push(run(*c, &bytes, frames));
         }
     }

@@ -4,15 +4,15 @@
 //!
 //! The pipeline, per northbound message, as the engine's worker does it:
 //!
-//! 1. **decode**: bytes are read into a [`FrameDecoder`] 64 KiB at a time (`fill_from`) and
+//! 1. **decode**: bytes are read into a [`FrameDecoder`] 64 KiB at a time (`fill_with`) and
 //!    taken out as frames (`next_frame`: header decode and validation, zero-copy payload);
 //! 2. **classify**: a RESPONSE inherits its request's level from the in-flight table (or falls
 //!    back to the REQUEST rules), an alert gets its code's level (the demo configuration's
 //!    rules);
 //! 3. **enqueue** into the Service User's [`DeliveryScheduler`];
 //! 4. **schedule**: `next_send`, which checks the window and takes a **limiter** token;
-//! 5. **encode**: the header, with its `msg_id` and level, into the worker's scratch buffer,
-//!    split off as a chunk beside the payload (what `Conn::queue` does);
+//! 5. **encode**: the header, with its `msg_id` and level, and the payload, copied into the
+//!    connection's contiguous output buffer (what `Conn::queue_parts` does);
 //! 6. the SU's cumulative ACK releases the batch.
 //!
 //! The message mix is fixed by a seed: 70 % RESPONSEs (80 % of them to a request recorded
@@ -33,7 +33,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use common::{naive, sample_headers, Rng};
 use dsplane::classify::{Classifier, RequestId, Rules};
 use dsplane::config::Config;
@@ -105,20 +105,33 @@ fn workload(n: usize, seed: u64) -> (Vec<u8>, Vec<(RequestId, Srv, Mode)>) {
     (bytes, requests)
 }
 
-/// Stands for the socket: `read` copies the next bytes of the workload. In the engine that copy
-/// is the kernel's, so `perf/instructions.sh` leaves this function out of the count (callgrind
-/// `--toggle-collect` on its name turns collection off inside it).
+/// Stands for the socket: `read` copies the next bytes of the workload into the decoder's spare
+/// space, as the engine's `read(2)` does (`Conn::read`, through `FrameDecoder::fill_with`). In
+/// the engine that copy is the kernel's, so `perf/instructions.sh` leaves this function out of
+/// the count (callgrind `--toggle-collect` on its name turns collection off inside it).
 struct Socket<'a>(&'a [u8]);
 
-impl std::io::Read for Socket<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        simulated_socket_read(&mut self.0, buf)
+impl Socket<'_> {
+    #[inline(always)]
+    fn fill(&mut self, decoder: &mut FrameDecoder) -> std::io::Result<usize> {
+        // SAFETY: the closure writes `n` bytes at the start of the space and reads none of it.
+        unsafe {
+            decoder.fill_with(usize::MAX, |spare| {
+                simulated_socket_read(&mut self.0, spare)
+            })
+        }
     }
 }
 
 #[inline(never)]
-fn simulated_socket_read(from: &mut &[u8], buf: &mut [u8]) -> std::io::Result<usize> {
-    std::io::Read::read(from, buf)
+fn simulated_socket_read(
+    from: &mut &[u8],
+    spare: &mut bytes::buf::UninitSlice,
+) -> std::io::Result<usize> {
+    let n = from.len().min(spare.len());
+    spare[..n].copy_from_slice(&from[..n]);
+    *from = &from[n..];
+    Ok(n)
 }
 
 /// One worker's state for one Service User.
@@ -126,9 +139,8 @@ struct Worker {
     classifier: Classifier,
     sched: DeliveryScheduler<Frame>,
     decoder: FrameDecoder,
-    scratch: BytesMut,
-    /// The connection's output queue: header and payload chunks, "written" after each pump.
-    out: Vec<Bytes>,
+    /// The connection's output buffer, "written" after each pump.
+    out: Vec<u8>,
     now: Nanos,
     delivered: u64,
 }
@@ -157,8 +169,7 @@ impl Worker {
             classifier,
             sched,
             decoder: FrameDecoder::new(PAYLOAD_BYTES_MAX_DEFAULT),
-            scratch: BytesMut::with_capacity(64 * 1024),
-            out: Vec::with_capacity(8192),
+            out: Vec::with_capacity(1 << 20),
             now: 0,
             delivered: 0,
         }
@@ -193,15 +204,10 @@ impl Worker {
         loop {
             match self.sched.next_send(self.now) {
                 Ok(out) => {
-                    let mut frame = out.item.clone();
-                    frame.header.msg_id = out.msg_id;
-                    frame.header.priority = out.level.get();
-                    if self.scratch.capacity() - self.scratch.len() < HEADER_LEN {
-                        self.scratch.reserve(HEADER_LEN * 1024);
-                    }
-                    self.scratch.extend_from_slice(&frame.header_bytes());
-                    self.out.push(self.scratch.split().freeze());
-                    self.out.push(frame.payload);
+                    let mut header = out.item.header;
+                    header.msg_id = out.msg_id;
+                    header.priority = out.level.get();
+                    encode(&mut self.out, &header, &out.item.payload);
                     last = Some(out.msg_id);
                 }
                 Err(Blocked::Empty) => break,
@@ -221,7 +227,7 @@ impl Worker {
     fn run(&mut self, bytes: &[u8]) {
         let mut socket = Socket(bytes);
         loop {
-            let read = self.decoder.fill_from(&mut socket, usize::MAX).unwrap();
+            let read = socket.fill(&mut self.decoder).unwrap();
             // One millisecond per read: the limiter earns 10,000 tokens, more than a read holds.
             self.now += 1_000_000;
             while let Some(frame) = self.decoder.next_frame().unwrap() {
@@ -239,7 +245,7 @@ impl Worker {
     fn run_frames(&mut self, bytes: &[u8]) {
         let mut socket = Socket(bytes);
         loop {
-            let read = self.decoder.fill_from(&mut socket, usize::MAX).unwrap();
+            let read = socket.fill(&mut self.decoder).unwrap();
             while let Some(frame) = self.decoder.next_frame().unwrap() {
                 self.delivered += u64::from(frame.header.payload_len > 0);
             }
@@ -259,8 +265,7 @@ impl Worker {
 struct OwnerWorker {
     owner: Owner<Store>,
     decoder: FrameDecoder,
-    scratch: BytesMut,
-    out: Vec<Bytes>,
+    out: Vec<u8>,
     now: Nanos,
     delivered: u64,
     _dir: TempDir,
@@ -313,8 +318,7 @@ impl OwnerWorker {
         OwnerWorker {
             owner,
             decoder: FrameDecoder::new(PAYLOAD_BYTES_MAX_DEFAULT),
-            scratch: BytesMut::with_capacity(64 * 1024),
-            out: Vec::with_capacity(8192),
+            out: Vec::with_capacity(1 << 20),
             now: 0,
             delivered: 0,
             _dir: TempDir(dir),
@@ -325,7 +329,7 @@ impl OwnerWorker {
     fn run(&mut self, bytes: &[u8]) {
         let mut socket = Socket(bytes);
         loop {
-            let read = self.decoder.fill_from(&mut socket, usize::MAX).unwrap();
+            let read = socket.fill(&mut self.decoder).unwrap();
             self.now += 1_000_000;
             let unix = UNIX_START + self.now;
             while let Some(frame) = self.decoder.next_frame().unwrap() {
@@ -346,14 +350,9 @@ impl OwnerWorker {
             self.owner.start_pump();
             let mut last = None;
             loop {
-                while let Some(frame) = self.owner.poll_transmit(PeerRef::Su(0), self.now, unix) {
-                    if self.scratch.capacity() - self.scratch.len() < HEADER_LEN {
-                        self.scratch.reserve(HEADER_LEN * 1024);
-                    }
-                    self.scratch.extend_from_slice(&frame.header_bytes());
-                    self.out.push(self.scratch.split().freeze());
-                    last = Some(frame.header.msg_id);
-                    self.out.push(frame.payload);
+                while let Some(t) = self.owner.poll_transmit_ref(PeerRef::Su(0), self.now, unix) {
+                    encode(&mut self.out, &t.header, t.payload);
+                    last = Some(t.header.msg_id);
                     self.delivered += 1;
                 }
                 // (Never here: nothing spills in this workload.)
@@ -372,6 +371,16 @@ impl OwnerWorker {
             }
         }
     }
+}
+
+/// What `Conn::queue_parts` does: the header, with `payload_len` set, and the payload, copied
+/// into the connection's contiguous output buffer.
+#[inline(always)]
+fn encode(out: &mut Vec<u8>, header: &Header, payload: &Bytes) {
+    let mut header = *header;
+    header.payload_len = payload.len() as u32;
+    out.extend_from_slice(&header.to_bytes());
+    out.extend_from_slice(payload);
 }
 
 #[inline(never)]

@@ -7,7 +7,11 @@
 # inferno. cpu-clock is a software event, so this works on VMs without hardware counters.
 #
 # Usage: perf/flamegraph.sh [SCENARIO] [-- LOADGEN-OPTIONS...]
-#   SCENARIO        steady (default), storm, outage, scheduled-flood
+#   SCENARIO        steady (default), storm, outage, scheduled-flood; or line-rate: the saturated
+#                   engine of benches/line_rate.rs (one contender, CONTENDER=..., default
+#                   "none, priority, burst 1M"; FRAMES=2000000), the whole bench process recorded
+#                   (LINE_RATE_BIN=path records a line_rate binary built elsewhere, e.g. from an
+#                   older commit, for a before/after pair)
 #   LOADGEN-OPTIONS passed on, e.g. -- --rate 20000 --duration-s 20
 # Environment:
 #   DURABILITY=none|batch|sync   the engine's durability (default none)
@@ -30,6 +34,24 @@ for tool in perf inferno-collapse-perf inferno-flamegraph; do
         exit 2
     }
 done
+
+if [[ $scenario == line-rate ]]; then
+    export RUSTFLAGS="${RUSTFLAGS:-} -C force-frame-pointers=yes"
+    bin=${LINE_RATE_BIN:-}
+    if [[ -z $bin ]]; then
+        bin=$(CARGO_TARGET_DIR=$CARGO_TARGET_DIR/frame-pointers cargo bench --bench line_rate --no-run 2>&1 |
+            sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
+    fi
+    [[ -x "$bin" ]] || { echo "could not build benches/line_rate.rs" >&2; exit 2; }
+    mkdir -p "$out"
+    LINE_RATE_ONLY=${CONTENDER:-none, priority, burst 1M} perf record -e cpu-clock -F "$freq" -g \
+        -o "$out/perf.data" -- "$bin" "${FRAMES:-2000000}" 1 2>"$out/perf-record.log" | tee "$out/line-rate.txt"
+    perf script -i "$out/perf.data" 2>/dev/null | inferno-collapse-perf >"$out/stacks.folded"
+    inferno-flamegraph --title "dsplane: line rate, ${CONTENDER:-none, priority, burst 1M}" \
+        <"$out/stacks.folded" >"$out/flame.svg"
+    echo "flamegraph: $out/flame.svg ($(wc -l <"$out/stacks.folded") distinct stacks)"
+    exit 0
+fi
 
 # Frame pointers, so that `perf record -g` can walk our stacks (std's frames may still be cut
 # short; CALL_GRAPH=dwarf gives whole stacks at the price of much larger perf.data).

@@ -3,8 +3,8 @@
 //! Run with `RUSTFLAGS="--cfg loom" cargo test -p loom-tests --release` (see the README). Each
 //! model prints its iteration count and time to stderr (`-- --nocapture` to see them).
 //! Capacities are the smallest that show the behaviour, and the preemption bound is 3 (2 for the
-//! three-thread model, where 3 costs 1.1 M iterations), `LOOM_MAX_PREEMPTIONS` overriding it, so
-//! the suite takes seconds on two cores.
+//! three-thread model, where 3 costs 1.1 M iterations, and for the two-producer `push_bulk`
+//! models), `LOOM_MAX_PREEMPTIONS` overriding it, so the suite takes under a minute on two cores.
 
 #![cfg(loom)]
 
@@ -304,5 +304,182 @@ fn park_never_loses_a_wake_up_two_producers() {
         let mut popped = sleeper.join().unwrap();
         popped.sort_unstable();
         assert_eq!(popped, [(0, 0), (1, 10)]);
+    });
+}
+
+/// Bulk-pushes the whole of `items`, retrying (and yielding) while the lane is full, and wakes
+/// `wakee` whenever a push says so. Returns how many pushes were told to wake it.
+fn push_bulk_all<T: Send>(
+    producer: &Producer<T>,
+    level: usize,
+    mut items: Vec<T>,
+    wakee: &thread::Thread,
+) -> usize {
+    let mut wakes = 0;
+    while !items.is_empty() {
+        let pushed = match producer.push_bulk(level, &mut items) {
+            Ok(pushed) => pushed,
+            Err(err) => panic!("push_bulk refused: {err:?}"),
+        };
+        if pushed.wake.is_needed() {
+            wakes += 1;
+            wakee.unpark();
+        }
+        if pushed.pushed == 0 {
+            thread::yield_now();
+        }
+    }
+    wakes
+}
+
+/// Pops (`pop_bulk` if `bulk`) until `count` items have come out, parking whenever the ring
+/// looks empty and `prepare_park` allows. A lost wake-up leaves this thread parked for good,
+/// which loom reports as a deadlock.
+fn pop_or_park<T>(consumer: &mut Consumer<T>, count: usize, bulk: bool) -> Vec<(usize, T)> {
+    let mut popped = Vec::new();
+    while popped.len() < count {
+        let before = popped.len();
+        if bulk {
+            consumer.pop_bulk(&mut popped, count - before);
+        } else {
+            popped.extend(consumer.pop());
+        }
+        if popped.len() > before {
+            continue;
+        }
+        if consumer.prepare_park() {
+            thread::park();
+            consumer.cancel_park();
+        }
+    }
+    popped
+}
+
+/// Checks that `popped` holds each producer's items `0..counts[id]` exactly once, in order.
+fn assert_each_producer_in_order(popped: &[(usize, (usize, u32))], counts: &[u32]) {
+    let mut next = vec![0u32; counts.len()];
+    for &(_, (id, seq)) in popped {
+        assert_eq!(seq, next[id], "producer {id} out of order: {popped:?}");
+        next[id] += 1;
+    }
+    assert_eq!(next, counts, "lost or duplicated: {popped:?}");
+}
+
+/// 6a. `push_bulk` of three items racing a single `push` into one lane (room for all four),
+///     against a consumer that pops one at a time and parks whenever the ring looks empty:
+///     nothing is lost or duplicated, each producer's items come out in its order, and the
+///     consumer is never left asleep with items in the ring.
+#[test]
+fn push_bulk_beside_push_with_parking() {
+    model("push_bulk_beside_push_with_parking", 2, || {
+        let (producer, mut consumer) = channel::<(usize, u32)>(1, 4).unwrap();
+        let wakee = thread::current();
+        let bulk = {
+            let producer = producer.clone();
+            let wakee = wakee.clone();
+            thread::spawn(move || {
+                push_bulk_all(&producer, 0, vec![(0, 0), (0, 1), (0, 2)], &wakee);
+            })
+        };
+        let single = thread::spawn(move || {
+            if push_ok(&producer, 0, (1, 0)).is_needed() {
+                wakee.unpark();
+            }
+        });
+        let popped = pop_or_park(&mut consumer, 4, false);
+        bulk.join().unwrap();
+        single.join().unwrap();
+        assert_each_producer_in_order(&popped, &[3, 1]);
+        assert_eq!(consumer.pop(), None);
+    });
+}
+
+/// 6b. Two `push_bulk`s of two items each into a lane of two slots, against a consumer that
+///     `pop_bulk`s and parks: each batch may fit only in part (a run cut short by a slot the
+///     consumer has not emptied, or by the other producer's claim) and is retried. Nothing is
+///     lost, overwritten or duplicated, each producer's items come out in order, and no
+///     wake-up is lost.
+#[test]
+fn two_push_bulks_into_a_small_lane_with_parking() {
+    model("two_push_bulks_small_lane_with_parking", 2, || {
+        let (producer, mut consumer) = channel::<(usize, u32)>(1, 2).unwrap();
+        let wakee = thread::current();
+        let pushers: Vec<_> = (0..2)
+            .map(|id| {
+                let producer = producer.clone();
+                let wakee = wakee.clone();
+                thread::spawn(move || {
+                    push_bulk_all(&producer, 0, vec![(id, 0), (id, 1)], &wakee);
+                })
+            })
+            .collect();
+        drop(producer);
+        let popped = pop_or_park(&mut consumer, 4, true);
+        for handle in pushers {
+            handle.join().unwrap();
+        }
+        assert_each_producer_in_order(&popped, &[2, 2]);
+        assert_eq!(consumer.pop(), None);
+    });
+}
+
+/// 6c. With one producer, a consumer that slept was woken by a push that was told to: a
+///     `push_bulk` says `NeedsWake` exactly when `push` would.
+#[test]
+fn push_bulk_tells_the_waker() {
+    model("push_bulk_tells_the_waker", 3, || {
+        let (producer, mut consumer) = channel::<u32>(1, 2).unwrap();
+        let sleeper = thread::spawn(move || {
+            let mut parks = 0;
+            let mut popped = Vec::new();
+            while popped.len() < 2 {
+                if consumer.pop_bulk(&mut popped, 2) > 0 {
+                    continue;
+                }
+                if consumer.prepare_park() {
+                    parks += 1;
+                    thread::park();
+                    consumer.cancel_park();
+                }
+            }
+            (popped, parks)
+        });
+        let wakee = sleeper.thread().clone();
+        let wakes = push_bulk_all(&producer, 0, vec![7, 8], &wakee);
+        let (popped, parks) = sleeper.join().unwrap();
+        assert_eq!(popped, [(0, 7), (0, 8)]);
+        if parks > 0 {
+            assert!(wakes > 0, "the consumer slept but nobody was told");
+        }
+        assert!(wakes <= 1, "{wakes} wake-ups for one batch");
+    });
+}
+
+/// 7. Strict priority with runs on both sides: one producer bulk-pushes `a0 a1` at level 1, then
+///    pushes `b` at level 0, then `c` at level 1, while the consumer `pop_bulk`s. `c` was pushed
+///    after `b`, so a run of level 1 taken in one go must never carry `c` past `b`; and each
+///    level stays FIFO.
+#[test]
+fn pop_bulk_run_never_overtakes_an_earlier_urgent_item() {
+    model("pop_bulk_run_priority", 3, || {
+        let (producer, mut consumer) = channel::<char>(2, 4).unwrap();
+        let pusher = thread::spawn(move || {
+            let mut batch = vec!['a', 'A'];
+            let pushed = producer.push_bulk(1, &mut batch).unwrap();
+            assert_eq!(pushed.pushed, 2);
+            let _ = push_ok(&producer, 0, 'b');
+            let _ = push_ok(&producer, 1, 'c');
+        });
+        let mut popped = Vec::new();
+        while popped.len() < 4 {
+            if consumer.pop_bulk(&mut popped, 4) == 0 {
+                thread::yield_now();
+            }
+        }
+        pusher.join().unwrap();
+        let at = |item| popped.iter().position(|&(_, x)| x == item).unwrap();
+        assert!(at('a') < at('A') && at('A') < at('c'), "popped {popped:?}");
+        assert!(at('b') < at('c'), "c overtook b: popped {popped:?}");
+        assert_eq!(consumer.pop(), None);
     });
 }

@@ -1,7 +1,8 @@
 //! The MPSC priority ring (`dsplane_core::ring`) beside the obvious alternatives, in the same run:
 //! `crossbeam_queue::ArrayQueue`, `std::sync::mpsc::sync_channel` and a `Mutex<BinaryHeap>`
 //! (the textbook priority queue), with 1 and 2 producers, popping one at a time or in bulk; and
-//! the 4-level ring against a plain 1-level ring.
+//! the 4-level ring against a plain 1-level ring; and producers handing over batches of 64, the
+//! ring's `push_bulk` against ArrayQueue pushing them one at a time.
 //!
 //! Every contender gets the same capacity (1,024 slots; per level for the ring), the same 8-byte
 //! items, and the same waiting policy: a full push or an empty pop backs off with crossbeam's
@@ -11,7 +12,8 @@
 //! 3 busy threads on 2 cores make every contender's times bimodal.
 //! One iteration moves 10,000 items from the producers to the consumer (the bench thread).
 //!
-//! Targets (issue 7): 2 producers, bulk, ≥ 1.5× ArrayQueue; 4 levels ≥ 0.85× 1 level.
+//! Targets (issue 7): 2 producers, bulk, ≥ 1.5× ArrayQueue; 4 levels ≥ 0.85× 1 level. For
+//! `push_bulk`: 2 producers ≥ 1.0× ArrayQueue.
 //!
 //! Run: `cargo bench --bench ring`; the `RATIO` lines at the end of each group are the result.
 
@@ -37,18 +39,52 @@ const ITEMS: u64 = 10_000;
 const CAPACITY: usize = 1024;
 /// Most items taken by one bulk pop.
 const BULK_MAX: usize = 256;
+/// Items per producer batch in the `push_bulk` group.
+const PUSH_BATCH: usize = 64;
 const SAMPLES: usize = 20;
 
 /// The producing side of a queue under test; the consuming side is a closure in [`run`].
 trait Push: Sync {
     /// Pushes `item` at `level` (ignored by queues without levels); `false` when full.
     fn push(&self, level: usize, item: u64) -> bool;
+
+    /// Pushes every item of `batch` at `level`, in order, backing off while the queue is full,
+    /// and leaves `batch` empty. A queue without a bulk push pushes one item at a time.
+    fn push_batch(&self, level: usize, batch: &mut Vec<u64>, backoff: &Backoff) {
+        for &item in batch.iter() {
+            while !self.push(level, item) {
+                backoff.snooze();
+            }
+            backoff.reset();
+        }
+        batch.clear();
+    }
 }
 
 impl Push for ring::Producer<u64> {
     fn push(&self, level: usize, item: u64) -> bool {
         // `Wake` only matters to a consumer that parks; this one never does.
         ring::Producer::push(self, level, item).is_ok()
+    }
+}
+
+/// The ring with its own bulk push: one CAS and one doorbell write per run that fits.
+struct BulkRing(ring::Producer<u64>);
+
+impl Push for BulkRing {
+    fn push(&self, level: usize, item: u64) -> bool {
+        Push::push(&self.0, level, item)
+    }
+
+    fn push_batch(&self, level: usize, batch: &mut Vec<u64>, backoff: &Backoff) {
+        while !batch.is_empty() {
+            match self.0.push_bulk(level, batch) {
+                // `wake` is ignored as in `push`: this consumer never parks.
+                Ok(pushed) if pushed.pushed > 0 => backoff.reset(),
+                Ok(_) => backoff.snooze(),
+                Err(err) => panic!("{err}"),
+            }
+        }
     }
 }
 
@@ -108,12 +144,14 @@ fn pin(index: usize) {
 }
 
 /// Moves `total` items from `producers` threads through `q` to this thread; returns the time
-/// from the start signal to the last item taken. Producer `p` pushes its items at level
-/// `i % levels`.
+/// from the start signal to the last item taken. Producer `p` pushes its `i`th item at level
+/// `i % levels`, one at a time; or, with `batch`, in batches of that many (the last may be
+/// shorter), batch `j` at level `j % levels`, through [`Push::push_batch`].
 fn transfer<Q: Push>(
     q: &Q,
     producers: usize,
     levels: usize,
+    batch: Option<usize>,
     total: u64,
     mut pop: impl FnMut(&mut Vec<u64>) -> usize,
 ) -> Duration {
@@ -124,8 +162,17 @@ fn transfer<Q: Push>(
             s.spawn(move || {
                 pin(1);
                 let share = total / producers as u64 + u64::from(p < total % producers as u64);
+                let mut items = Vec::with_capacity(batch.unwrap_or(0));
                 start.wait();
                 let backoff = Backoff::new();
+                if let Some(batch) = batch {
+                    for (j, first) in (0..share).step_by(batch).enumerate() {
+                        // Filling the batch is part of both contenders' time alike.
+                        items.extend((first..share.min(first + batch as u64)).map(|i| p << 48 | i));
+                        q.push_batch(j % levels, &mut items, &backoff);
+                    }
+                    return;
+                }
                 for i in 0..share {
                     while !q.push(i as usize % levels, p << 48 | i) {
                         backoff.snooze();
@@ -158,13 +205,20 @@ fn transfer<Q: Push>(
     })
 }
 
-fn run(name: &str, producers: usize, levels: usize, pop: Pop, iters: u64) -> Duration {
+fn run(
+    name: &str,
+    producers: usize,
+    levels: usize,
+    batch: Option<usize>,
+    pop: Pop,
+    iters: u64,
+) -> Duration {
     let total = iters * ITEMS;
     match name {
-        "dsplane_ring" | "ring_1_level" | "ring_4_levels" => {
+        "dsplane_ring" | "ring_1_level" | "ring_4_levels" | "ring_push_bulk" => {
             let (tx, mut rx) = ring::channel::<u64>(levels, CAPACITY).unwrap();
             let mut popped: Vec<(usize, u64)> = Vec::with_capacity(BULK_MAX);
-            transfer(&tx, producers, levels, total, |out| match pop {
+            let pop = |out: &mut Vec<u64>| match pop {
                 Pop::Single => rx.pop().map(|(_, v)| out.push(v)).is_some() as usize,
                 Pop::Bulk => {
                     popped.clear();
@@ -172,11 +226,16 @@ fn run(name: &str, producers: usize, levels: usize, pop: Pop, iters: u64) -> Dur
                     out.extend(popped.iter().map(|&(_, v)| v));
                     n
                 }
-            })
+            };
+            if name == "ring_push_bulk" {
+                transfer(&BulkRing(tx), producers, levels, batch, total, pop)
+            } else {
+                transfer(&tx, producers, levels, batch, total, pop)
+            }
         }
         "arrayqueue" => {
             let q = ArrayQueue::new(CAPACITY);
-            transfer(&q, producers, levels, total, |out| match pop {
+            transfer(&q, producers, levels, batch, total, |out| match pop {
                 Pop::Single => q.pop().map(|v| out.push(v)).is_some() as usize,
                 Pop::Bulk => {
                     // ArrayQueue has no bulk pop: the bulk consumer loops.
@@ -188,7 +247,7 @@ fn run(name: &str, producers: usize, levels: usize, pop: Pop, iters: u64) -> Dur
         }
         "sync_channel" => {
             let (tx, rx) = sync_channel(CAPACITY);
-            transfer(&tx, producers, levels, total, |out| match pop {
+            transfer(&tx, producers, levels, batch, total, |out| match pop {
                 Pop::Single => match rx.try_recv() {
                     Ok(v) => {
                         out.push(v);
@@ -209,7 +268,7 @@ fn run(name: &str, producers: usize, levels: usize, pop: Pop, iters: u64) -> Dur
                 heap: Mutex::new(BinaryHeap::with_capacity(CAPACITY)),
                 seq: AtomicU64::new(0),
             };
-            transfer(&q, producers, levels, total, |out| match pop {
+            transfer(&q, producers, levels, batch, total, |out| match pop {
                 Pop::Single => {
                     let item = q.heap.lock().unwrap().pop();
                     item.map(|Reverse((_, _, v))| out.push(v)).is_some() as usize
@@ -249,7 +308,7 @@ fn mpsc(c: &mut Criterion) {
             for name in ["dsplane_ring"].into_iter().chain(OTHERS) {
                 group.bench_function(name, |b| {
                     b.iter_custom(|iters| {
-                        let d = run(name, producers, 1, pop, iters);
+                        let d = run(name, producers, 1, None, pop, iters);
                         ratios.record(name, iters, d)
                     })
                 });
@@ -272,7 +331,7 @@ fn levels(c: &mut Criterion) {
         for (name, levels) in [("ring_4_levels", 4), ("ring_1_level", 1)] {
             group.bench_function(name, |b| {
                 b.iter_custom(|iters| {
-                    let d = run(name, producers, levels, Pop::Bulk, iters);
+                    let d = run(name, producers, levels, None, Pop::Bulk, iters);
                     ratios.record(name, iters, d)
                 })
             });
@@ -282,5 +341,37 @@ fn levels(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, mpsc, levels);
+/// Batches of [`PUSH_BATCH`] items on the producer side, as the engine's intake hands them over:
+/// the ring's `push_bulk` (one CAS and one doorbell write per run that fits) against ArrayQueue,
+/// which has no bulk push, so its producers push the same batches one item at a time (the honest
+/// alternative), and against the ring pushing them one at a time too. The consumer `pop_bulk`s
+/// (ArrayQueue's loops `pop`).
+fn push_bulk(c: &mut Criterion) {
+    for producers in [1, 2] {
+        let label = format!("push_bulk/{producers}p");
+        let mut ratios = Ratios::new(&label, ITEMS, SAMPLES);
+        let mut group = c.benchmark_group(&label);
+        configure(&mut group);
+        for (name, runner) in [
+            ("ring_push_bulk", "ring_push_bulk"),
+            ("arrayqueue", "arrayqueue"),
+            ("ring_push", "dsplane_ring"),
+        ] {
+            group.bench_function(name, |b| {
+                b.iter_custom(|iters| {
+                    let d = run(runner, producers, 1, Some(PUSH_BATCH), Pop::Bulk, iters);
+                    ratios.record(name, iters, d)
+                })
+            });
+        }
+        group.finish();
+        ratios.print(&[
+            ("ring_push_bulk", "arrayqueue"),
+            ("ring_push_bulk", "ring_push"),
+            ("ring_push", "arrayqueue"),
+        ]);
+    }
+}
+
+criterion_group!(benches, mpsc, levels, push_bulk);
 criterion_main!(benches);

@@ -88,7 +88,8 @@ pub enum Blocked {
     Unavailable,
     /// The in-flight window is full for the most urgent waiting frame.
     Window,
-    /// The rate limiter has no token until this instant.
+    /// The rate limiter has no token now; come back at this instant, when it has enough to be
+    /// worth a wake-up ([`TokenBucket::next_wake`]).
     Rate(Nanos),
     /// The most urgent waiting frames of this lane (queue index) are on disk only: load some
     /// with [`DeliveryScheduler::load`] and ask again.
@@ -182,6 +183,16 @@ pub struct DeliveryScheduler<T> {
     turn: usize,
     paused: bool,
     limiter: TokenBucket,
+    /// Set when the limiter ran out of tokens: the peer is being paced, and sending resumes only
+    /// once a wake-up's worth of tokens ([`TokenBucket::wake_tokens`]) is in. A paced peer then
+    /// gets its frames in batches, one write and one wake-up per batch, rather than one frame
+    /// each time something else (an ACK) wakes the worker; no token is lost by it, since the
+    /// batch is taken long before the bucket is full.
+    paced: bool,
+    /// Whether a paced peer waits for a wake-up's worth of tokens (`paced` above). Off when the
+    /// event loop cannot wake in time for it (a millisecond timer): then every token is taken
+    /// as soon as anything wakes the loop.
+    batch_wakes: bool,
     stats: DeliveryStats,
 }
 
@@ -207,6 +218,8 @@ impl<T> DeliveryScheduler<T> {
             turn: 0,
             paused: false,
             limiter,
+            paced: false,
+            batch_wakes: true,
             stats: DeliveryStats::default(),
         }
     }
@@ -457,6 +470,14 @@ impl<T> DeliveryScheduler<T> {
         }
     }
 
+    /// Whether a peer that ran out of tokens resumes only with a wake-up's worth
+    /// ([`TokenBucket::wake_tokens`]; the default), or with its next token: for an event loop
+    /// whose timer has millisecond steps, where waiting for a batch would sleep past it.
+    pub fn set_batch_wakes(&mut self, batch: bool) {
+        self.batch_wakes = batch;
+        self.paced &= batch;
+    }
+
     /// The limiter, e.g. to change its rate on a reload (its state is kept).
     pub fn limiter_mut(&mut self) -> &mut TokenBucket {
         &mut self.limiter
@@ -528,8 +549,15 @@ impl<T> DeliveryScheduler<T> {
         let Some(conn) = self.pick_connection(conns) else {
             return Err(Blocked::Window);
         };
+        if self.paced {
+            if self.limiter.available(now) < self.limiter.wake_tokens(now) {
+                return Err(Blocked::Rate(self.limiter.next_wake(now)));
+            }
+            self.paced = false;
+        }
         if !self.limiter.try_acquire(now) {
-            return Err(Blocked::Rate(self.limiter.next_ready(now)));
+            self.paced = self.batch_wakes;
+            return Err(Blocked::Rate(self.limiter.next_wake(now)));
         }
         let Some(w) = self.queues[i].pop_front() else {
             return Err(Blocked::Empty);
@@ -558,6 +586,12 @@ impl<T> DeliveryScheduler<T> {
             level: sent.level,
             item: &sent.item,
         })
+    }
+
+    /// The frame [`DeliveryScheduler::next_send_to`] handed out last on connection `conn`,
+    /// while it is unacknowledged.
+    pub fn newest_unacked(&self, conn: usize) -> Option<&T> {
+        self.senders.get(conn)?.unacked.back().map(|f| &f.item)
     }
 
     /// A cumulative ACK on connection 0: see [`Self::ack`].
@@ -773,6 +807,39 @@ mod tests {
         assert_eq!(s.next_send(0).err(), Some(Blocked::Rate(S / 10)));
         assert_eq!(s.next_send(S / 10 - 1).err(), Some(Blocked::Rate(S / 10)));
         assert_eq!(*s.next_send(S / 10).unwrap().item, 1);
+    }
+
+    #[test]
+    fn a_paced_peer_resumes_with_a_batch_not_a_token() {
+        // 1 M/s, burst 100: a wake-up's worth is 25 tokens.
+        let wide = DeliverySettings {
+            window: 1_000,
+            ..settings()
+        };
+        let mut s = DeliveryScheduler::new(wide, TokenBucket::new(1_000_000, 100, 0).unwrap());
+        s.on_connect(0);
+        for i in 0..200 {
+            s.enqueue(level(2), i).unwrap();
+        }
+        let mut sent = 0;
+        while s.next_send(0).is_ok() {
+            sent += 1;
+        }
+        assert_eq!(sent, 100, "the burst");
+        assert_eq!(s.next_send(0).err(), Some(Blocked::Rate(25_000)));
+        // A token is in, but the peer is paced: it waits for the batch.
+        assert_eq!(s.next_send(1_000).err(), Some(Blocked::Rate(25_000)));
+        assert_eq!(s.next_send(24_999).err(), Some(Blocked::Rate(25_000)));
+        let mut batch = 0;
+        while s.next_send(25_000).is_ok() {
+            batch += 1;
+        }
+        assert_eq!(batch, 25);
+        assert_eq!(s.on_ack(125, |_, _| {}), 125);
+        // Without batched wake-ups, the next token goes as soon as it is in.
+        s.set_batch_wakes(false);
+        assert_eq!(s.next_send(25_000).err(), Some(Blocked::Rate(50_000)));
+        assert!(s.next_send(26_000).is_ok());
     }
 
     #[test]

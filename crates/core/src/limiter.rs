@@ -45,6 +45,22 @@ pub const BURST_MAX: u32 = 1_000_000;
 /// Longest release ramp, nanoseconds: one hour.
 pub const RELEASE_RAMP_NS_MAX: Nanos = 3_600 * NANOS_PER_SEC;
 
+/// The least time worth waiting for between two wake-ups of a rate-limited peer. A wake-up costs
+/// a worker some 25 µs of CPU on the development VM (the timer, `epoll_wait`, a turn, a write:
+/// 26 % of a core at 10 k wake-ups/s), so a peer is woken for as many tokens as 250 µs earns
+/// (2 at 10 k/s, 25 at 100 k/s), not for each one, unless the burst is too small for that
+/// ([`WAKE_BURST_DIVISOR`]). It is also the most a frame can wait beyond its token for it (an
+/// urgent one included): far below what a Service User notices, and below the millisecond
+/// the worker used to sleep in.
+pub const WAKE_NS_MIN: Nanos = 250_000;
+/// A wake-up waits for at most `burst / WAKE_BURST_DIVISOR` tokens, so that it comes while the
+/// bucket still has room for three times as many: a wake-up late by up to
+/// `3 × burst / 4` token intervals (75 µs at 1 M/s with burst 100) loses no token.
+pub const WAKE_BURST_DIVISOR: u32 = 4;
+
+// A wake-up is worth more than a spin: the worker's spin limit stays below the gap.
+const _: () = assert!(crate::limits::SPIN_NS_MAX < WAKE_NS_MIN);
+
 /// Parts per million in a whole.
 const PPM: u64 = 1_000_000;
 /// Nano-tokens in one token.
@@ -266,13 +282,20 @@ impl TokenBucket {
         (self.level / NANO) as u32
     }
 
-    /// The first instant (≥ `now`) at which one token is available: when to arm the timer.
+    /// The first instant (≥ `now`) at which one token is available.
     pub fn next_ready(&mut self, now: Nanos) -> Nanos {
+        self.next_ready_n(1, now)
+    }
+
+    /// The first instant (≥ `now`) at which `n` tokens are available (`n` is cut to `burst`,
+    /// the most the bucket holds).
+    pub fn next_ready_n(&mut self, n: u32, now: Nanos) -> Nanos {
         self.refill(now);
-        if self.level >= NANO {
+        let want = u64::from(n.clamp(1, self.burst)) * NANO;
+        if self.level >= want {
             return now;
         }
-        let needed = u128::from(NANO - self.level);
+        let needed = u128::from(want - self.level);
         let Some(ramp) = self.ramp else {
             // ceil(needed / rate) ns at the steady rate.
             let wait = needed.div_ceil(u128::from(self.rate));
@@ -302,6 +325,28 @@ impl TokenBucket {
             }
         }
         hi
+    }
+
+    /// How many tokens a wake-up for this bucket should wait for at `now`: as many as
+    /// [`WAKE_NS_MIN`] earns at the current rate (at least one), so that a fast peer does not
+    /// cost a wake-up per token, but never more than a quarter of the burst, so that the
+    /// wake-up comes well before the bucket is full and no token is lost to a late one.
+    pub fn wake_tokens(&self, now: Nanos) -> u32 {
+        // rate_ppm / 10⁶ tokens per s × WAKE_NS_MIN / 10⁹ s.
+        let earned = u128::from(self.effective_rate_ppm(now)) * u128::from(WAKE_NS_MIN)
+            / (u128::from(PPM) * u128::from(NANO));
+        let quarter = u128::from(self.burst / WAKE_BURST_DIVISOR);
+        // At most burst / 4 ≤ BURST_MAX, so the cast is exact.
+        earned.min(quarter).max(1) as u32
+    }
+
+    /// When to wake up for this bucket, once it has no token at `now`: the instant
+    /// [`TokenBucket::wake_tokens`] tokens are available. What the event loop arms its timer
+    /// with.
+    pub fn next_wake(&mut self, now: Nanos) -> Nanos {
+        self.refill(now);
+        let n = self.wake_tokens(now);
+        self.next_ready_n(n, now)
     }
 
     /// Changes rate and burst (a reload) and keeps the state: tokens earned so far are kept (cut
@@ -634,5 +679,55 @@ mod tests {
         assert_eq!(b.next_ready(7), 7);
         assert!(b.try_acquire(7));
         assert_eq!(b.next_ready(7), 7 + S);
+    }
+
+    #[test]
+    fn next_ready_n_waits_for_n_tokens_and_at_most_a_burst() {
+        // 1 M/s: a token per µs.
+        let mut b = TokenBucket::new(1_000_000, 100, 0).unwrap();
+        assert_eq!(drain(&mut b, 0), 100);
+        assert_eq!(b.next_ready_n(25, 0), 25_000);
+        assert_eq!(b.next_ready_n(1, 0), b.next_ready(0));
+        // More than the bucket holds means a full bucket, not never.
+        assert_eq!(b.next_ready_n(1_000, 0), 100_000);
+        assert_eq!(b.available(25_000), 25);
+    }
+
+    #[test]
+    fn a_wake_waits_for_a_few_tokens_at_high_rates_and_one_at_low_rates() {
+        // 1 k/s: a token per ms, more than WAKE_NS_MIN: wake for each.
+        let b = TokenBucket::new(1_000, 100, 0).unwrap();
+        assert_eq!(b.wake_tokens(0), 1);
+        // 10 k/s: WAKE_NS_MIN earns 2.5.
+        let b = TokenBucket::new(10_000, 100, 0).unwrap();
+        assert_eq!(b.wake_tokens(0), 2);
+        // 100 k/s: 25.
+        let b = TokenBucket::new(100_000, 1_000, 0).unwrap();
+        assert_eq!(b.wake_tokens(0), 25);
+        // 1 M/s: 250 would be earned, but a quarter of the burst is the most.
+        let mut b = TokenBucket::new(1_000_000, 100, 0).unwrap();
+        assert_eq!(b.wake_tokens(0), 25);
+        assert_eq!(drain(&mut b, 0), 100);
+        assert_eq!(b.next_wake(0), 25_000);
+        // A wake at that instant finds what it waited for, and the bucket far from full.
+        assert_eq!(drain(&mut b, 25_000), 25);
+        // Burst 1: never more than one token.
+        let b = TokenBucket::new(1_000_000, 1, 0).unwrap();
+        assert_eq!(b.wake_tokens(0), 1);
+    }
+
+    #[test]
+    fn a_wake_during_a_ramp_follows_the_ramped_rate() {
+        const US: Nanos = 1_000;
+        // 1 M/s from 10 %: at the start, 100 k/s, so WAKE_NS_MIN earns 25 tokens (250 at the
+        // full rate).
+        let mut b = TokenBucket::new(1_000_000, 1_000, 0).unwrap();
+        b.start_release(0, ReleaseStart::DEFAULT, S).unwrap();
+        let _ = drain(&mut b, 0);
+        assert_eq!(b.wake_tokens(0), 25);
+        let at = b.next_wake(0);
+        // The exact instant: 25 tokens then, fewer a microsecond before.
+        assert_eq!(b.clone().available(at), 25);
+        assert!(b.clone().available(at - US) < 25);
     }
 }

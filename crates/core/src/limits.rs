@@ -35,6 +35,12 @@ pub const RING_BATCH_MAX: usize = 1024;
 pub const READS_PER_TURN_MAX: usize = 16;
 /// How long a connection being closed is kept, half-closed, so its peer reads the last NACK.
 pub const LINGER: Nanos = NANOS_PER_SEC;
+/// Longest a worker busy-polls (`poll` with a zero timeout) for a deadline rather than sleep:
+/// only while a rate-limited peer waits for its tokens, never when idle. About what arming a
+/// timer and sleeping through a context switch costs, so waiting closer than this is cheaper
+/// awake; and well below [`crate::limiter::WAKE_NS_MIN`], so that a worker pacing a fast peer
+/// sleeps most of each gap between wake-ups.
+pub const SPIN_NS_MAX: Nanos = 10_000;
 /// Listen backlog of the SU and CSP ports.
 pub const LISTEN_BACKLOG: i32 = 1024;
 /// Most connections one CSP link may hold at once (`csp.connections_max`). Each is spread to a

@@ -14,6 +14,11 @@ use std::path::PathBuf;
 use crate::ids::Eui64;
 use crate::wire::Frame;
 
+/// A map keyed by (peer, lane), hashed with foldhash: the log looks one up for every frame it
+/// takes (is the lane spilled?), where SipHash's resistance to chosen keys buys nothing (the
+/// keys are the configuration's peers).
+pub type LaneMap<V> = std::collections::HashMap<(PeerKey, u8), V, foldhash::fast::RandomState>;
+
 /// Segment offsets fit in this many bits of a [`LogPos`].
 pub const OFFSET_BITS: u32 = 40;
 

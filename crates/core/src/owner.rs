@@ -155,6 +155,16 @@ pub enum Taken {
     Refused,
 }
 
+/// A frame to send, from [`Owner::poll_transmit_ref`]: its header stamped with its `msg_id` and
+/// level, its payload borrowed.
+#[derive(Debug)]
+pub struct Transmit<'a> {
+    /// The header as it goes out.
+    pub header: Header,
+    /// The payload, as held by the owner until the peer acknowledges it.
+    pub payload: &'a Bytes,
+}
+
 /// What the owner asks of the I/O around it, beside frames to send ([`Owner::poll_transmit`])
 /// and acknowledgements ([`Owner::acks`]).
 #[derive(Debug)]
@@ -1113,6 +1123,16 @@ impl<L: Log> Owner<L> {
 
     // ---- sending ----------------------------------------------------------------------------
 
+    /// Tells every peer's scheduler whether the worker's timer can wake it for a batch of
+    /// tokens (a timerfd) or only in millisecond steps (`false`: each token goes as soon as
+    /// anything wakes the worker); see [`DeliveryScheduler::set_batch_wakes`].
+    pub fn set_batch_wakes(&mut self, batch: bool) {
+        let sus = self.sus.iter_mut().flatten();
+        for state in sus.chain(self.csps.iter_mut().flatten()) {
+            state.sched.set_batch_wakes(batch);
+        }
+    }
+
     /// Starts a round of pumps: forgets the rate wake-up of the last one.
     pub fn start_pump(&mut self) {
         self.rate_wake = None;
@@ -1131,8 +1151,10 @@ impl<L: Log> Owner<L> {
     /// on disk are loaded first (up to [`limits::LOAD_BATCH`] at a time). For a peer with
     /// several connections, [`Owner::poll_transmit_to`] says which one it is for.
     pub fn poll_transmit(&mut self, peer: PeerRef, now: Nanos, unix: u64) -> Option<Frame> {
-        self.poll_transmit_to(peer, u64::MAX, now, unix)
-            .map(|(_, frame)| frame)
+        self.poll_transmit_ref(peer, now, unix).map(|t| Frame {
+            header: t.header,
+            payload: t.payload.clone(),
+        })
     }
 
     /// The next frame `peer` may be sent now on one of the connections in `conns` (bit i:
@@ -1146,6 +1168,46 @@ impl<L: Log> Owner<L> {
         now: Nanos,
         unix: u64,
     ) -> Option<(usize, Frame)> {
+        let (conn, header) = self.next_header(peer, conns, now, unix)?;
+        let state = peer_in(&mut self.sus, &mut self.csps, peer)?;
+        let held = state.sched.newest_unacked(conn)?;
+        Some((
+            conn,
+            Frame {
+                header,
+                payload: held.frame.payload.clone(),
+            },
+        ))
+    }
+
+    /// [`Owner::poll_transmit`] without taking a reference to the payload: the frame's header,
+    /// stamped, and its payload borrowed from the owner, for the I/O to copy out (the engine's
+    /// hot path: no reference count is touched).
+    pub fn poll_transmit_ref(
+        &mut self,
+        peer: PeerRef,
+        now: Nanos,
+        unix: u64,
+    ) -> Option<Transmit<'_>> {
+        let (conn, header) = self.next_header(peer, u64::MAX, now, unix)?;
+        // The frame just handed out is the newest unacknowledged one of its connection.
+        let state = peer_in(&mut self.sus, &mut self.csps, peer)?;
+        let held = state.sched.newest_unacked(conn)?;
+        Some(Transmit {
+            header,
+            payload: &held.frame.payload,
+        })
+    }
+
+    /// Hands out `peer`'s next frame on one of `conns` (see [`Owner::poll_transmit_to`]) and
+    /// returns its connection and stamped header.
+    fn next_header(
+        &mut self,
+        peer: PeerRef,
+        conns: u64,
+        now: Nanos,
+        unix: u64,
+    ) -> Option<(usize, Header)> {
         for _ in 0..limits::LOADS_PER_POLL_MAX {
             let state = peer_in(&mut self.sus, &mut self.csps, peer)?;
             if !state.connected {
@@ -1153,18 +1215,18 @@ impl<L: Log> Owner<L> {
             }
             match state.sched.next_send_to(conns, now) {
                 Ok(out) => {
-                    let mut frame = out.item.frame.clone();
-                    frame.header.msg_id = out.msg_id;
-                    frame.header.priority = out.level.get();
-                    if frame.header.created_ns > 0 {
+                    let mut header = out.item.frame.header;
+                    header.msg_id = out.msg_id;
+                    header.priority = out.level.get();
+                    if header.created_ns > 0 {
                         self.metrics.latency(
                             peer.direction(),
                             out.level.get(),
-                            unix.saturating_sub(frame.header.created_ns),
+                            unix.saturating_sub(header.created_ns),
                         );
                     }
                     self.sent_since_load = true;
-                    return Some((out.conn, frame));
+                    return Some((out.conn, header));
                 }
                 Err(Blocked::Rate(at)) => {
                     self.rate_wake = Some(self.rate_wake.map_or(at, |w| w.min(at)));
@@ -1304,6 +1366,13 @@ impl<L: Log> Owner<L> {
             at = at.min(d);
         }
         at
+    }
+
+    /// When the earliest rate-limited peer of the last pump may send again, if one is waiting
+    /// for tokens: the part of [`Owner::poll_timeout`] that says frames are waiting, so that the
+    /// worker may stay awake for it (a short spin) but never for housekeeping.
+    pub fn rate_wake(&self) -> Option<Nanos> {
+        self.rate_wake
     }
 
     /// Time passed: storm windows that closed send their summaries; every

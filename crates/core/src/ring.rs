@@ -27,6 +27,22 @@
 //! [`Wake::NeedsWake`]. The ring does not own the wake-up mechanism: the engine's consumer sleeps
 //! in `mio::Poll` and the producer that got `NeedsWake` calls its `mio::Waker`.
 //!
+//! [`Producer::push_bulk`] does the same for a batch, with one CAS and one doorbell write for all
+//! of it. It counts the free slots from `tail` on, up to the batch's length (and at most a lap):
+//! slot by slot, each whose sequence number equals its position is free for this lap; the first
+//! still one lap behind ends the run, which may make it shorter than the batch; one already
+//! claimed means `tail` has moved, so it reads `tail` again and counts again. It then CASes
+//! `tail` forward by the whole run. The CAS succeeding means `tail` was still where the count
+//! began, so no other producer claimed any position in the run, and a free slot stays free until
+//! the producer that claimed it publishes: every slot counted is still free, and now this
+//! producer's alone. It writes and publishes the items one slot after the other, in order, with
+//! nothing that can fail between the claim and the last publication (a claimed slot never
+//! published would hold up its lane for good), and only then sets the lane's bit, once, with the
+//! same `fetch_or` and wake-up rule as `push`. The consumer may take the first items of the run
+//! before the last are published; it then finds the next head unpublished, clears the bit, and
+//! the batch's `fetch_or`, which comes after every publication, sets it again. What did not fit
+//! stays in the caller's `Vec`, moved to its front in order, without allocating.
+//!
 //! # Popping in strict priority
 //!
 //! The consumer reads the doorbell and looks at the most urgent lane whose bit is set
@@ -35,6 +51,15 @@
 //! second look is what makes the priority strict rather than approximate: an item seen in the
 //! slot was published after everything its producer pushed before it, so the second read of the
 //! doorbell cannot miss their bits (read-write coherence, no extra ordering needed).
+//!
+//! [`Consumer::pop_bulk`] takes a *run* at a time: having found the most urgent lane's head
+//! published, it looks at the slots after it (up to what it may still take, and at most a lap)
+//! while they are published too, and only then reads the doorbell again. That one read comes
+//! after the Acquire load of every item in the run, so the argument above holds for each of them:
+//! if no more urgent bit is set, no more urgent item pushed before any item of the run is still
+//! waiting, and the whole run is taken. One doorbell load per run instead of per item, and
+//! the same items in the same order as `pop` called repeatedly would give, short of pushes racing
+//! with it (which either may see first).
 //!
 //! If the lane's head slot is not published, the consumer clears the lane's bit *and then looks at
 //! the slot again*. A producer that published between the two looks may have set its bit before
@@ -56,18 +81,22 @@
 //!
 //! | operation | ordering | pairs with |
 //! |---|---|---|
-//! | producer: slot `seq` load | Acquire | consumer's Release store of `seq` when it frees the slot, so its read of the old item happens before the new write |
-//! | producer: slot `seq` store (publish) | Release | consumer's Acquire load of `seq` before it reads the item |
-//! | producer: doorbell `fetch_or(level bit)` | Release | consumer's Acquire `fetch_and` (the clear), so the second look sees the slot |
+//! | producer (`push`, and `push_bulk` for each slot it counts): slot `seq` load | Acquire | consumer's Release store of `seq` when it frees the slot, so its read of the old item happens before the new write |
+//! | producer (`push`, and `push_bulk` for each slot it claimed): slot `seq` store (publish) | Release | consumer's Acquire load of `seq` before it reads the item |
+//! | producer: doorbell `fetch_or(level bit)`, once per `push` or per non-empty `push_bulk`, after its last publication | Release | consumer's Acquire `fetch_and` (the clear), so the second look sees every slot published before it |
+//! | consumer: slot `seq` load (`is_ready`, for each item of a `pop_bulk` run) | Acquire | the producer's Release publication, so its write of the item, and everything it pushed before, happen before the read |
+//! | consumer: slot `seq` store (free) | Release | the next lap's producer's Acquire load of `seq` |
 //! | consumer: doorbell `fetch_and(!level bit)` | Acquire | producers' Release `fetch_or` |
-//! | `tail` CAS, doorbell loads, `PARKED` set and clear | Relaxed | atomicity or coherence is all they need; the data is carried by the slot `seq` |
+//! | `tail` CAS (by 1 or by a run), doorbell loads (including the re-read after a run), `PARKED` set and clear | Relaxed | atomicity or coherence is all they need; the data is carried by the slot `seq` |
 //!
 //! # What it does not promise
 //!
 //! * A producer stopped between claiming a position and publishing it (preempted, say) holds up
 //!   the items behind it *in its lane*; other lanes go on. This is inherent in the Vyukov design
 //!   and why the two steps are a few instructions apart with nothing that can panic between them.
-//!   That producer sets the lane's bit when it does publish, so nothing is stranded.
+//!   That producer sets the lane's bit when it does publish, so nothing is stranded. A
+//!   `push_bulk` holds its lane for the writing of its whole run (a move per item, still nothing
+//!   that can block).
 //! * A level bit can be set on an empty lane (the consumer took the item before its producer set
 //!   the bit). The consumer clears it on its next pop; it costs a look, never an item.
 //! * Strict priority is between items whose pushes are ordered (the same producer, or otherwise
@@ -221,6 +250,26 @@ impl Wake {
     }
 }
 
+/// What [`Producer::push_bulk`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a consumer that parked sleeps until the producer told `NeedsWake` wakes it"]
+pub struct BulkPushed {
+    /// How many items from the front of the batch went in; the rest are still in it, in order.
+    pub pushed: usize,
+    /// Whether the caller must wake the consumer, exactly as for [`Producer::push`]; always
+    /// [`Wake::NotNeeded`] when nothing was pushed.
+    pub wake: Wake,
+}
+
+/// [`Producer::push_bulk`] was given a level index not below [`Producer::levels`]: a caller bug,
+/// but not worth a panic. Nothing was pushed; the items are still in the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("no level index {level_index} in this ring")]
+pub struct BadLevel {
+    /// The index asked for.
+    pub level_index: usize,
+}
+
 /// Builds a ring of `levels` lanes of `capacity_per_level` slots each, allocated now.
 ///
 /// `levels` is in `1..=`[`RING_LEVELS_MAX`]; `capacity_per_level` is a power of two in
@@ -352,6 +401,75 @@ impl<T> Lane<T> {
         }
     }
 
+    /// Claims the run of free positions at `tail`, as many as `items` has (at most the capacity),
+    /// with one CAS, and publishes the items from the front of `items` in them, in order. Returns
+    /// how many; they are gone from `items`, the rest are still there in order. Zero means the
+    /// lane is full (or `items` is empty).
+    fn push_bulk(&self, items: &mut Vec<T>) -> usize {
+        // At most a lap: beyond it a position maps to a slot counted already (whose `seq` would
+        // end the count there anyway).
+        let wanted = items.len().min(self.slots.len());
+        if wanted == 0 {
+            return 0;
+        }
+        // Relaxed: as in `push`, a starting guess.
+        let mut position = self.tail.load(Ordering::Relaxed);
+        let claimed = 'claim: loop {
+            // How many slots from `position` on are free for this lap, up to `wanted`.
+            let mut free = 0;
+            while free < wanted {
+                let at = position.wrapping_add(free);
+                // Acquire: as in `push`, pairs with the consumer's Release store in `take`, so
+                // its read of the previous lap's item happens before our write below.
+                let seq = self.slot(at).seq.load(Ordering::Acquire);
+                let distance = seq.wrapping_sub(at) as isize;
+                if distance == 0 {
+                    free += 1;
+                } else if distance < 0 {
+                    // The consumer has not emptied this slot yet: the run of free slots ends here.
+                    break;
+                } else {
+                    // Another producer claimed `at` since we read `tail`, so `tail` has moved past
+                    // `position` and the CAS would fail; catch up and count again.
+                    crate::sync::spin_hint();
+                    position = self.tail.load(Ordering::Relaxed);
+                    continue 'claim;
+                }
+            }
+            if free == 0 {
+                return 0;
+            }
+            // Relaxed: as in `push`, the CAS only picks one owner for each position. Succeeding
+            // means `tail` was still `position`, so nobody else has claimed any of the `free`
+            // positions, and each slot stays free (`seq == at`) until its owner, us, publishes.
+            match self.tail.compare_exchange_weak(
+                position,
+                position.wrapping_add(free),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break free,
+                Err(current) => position = current,
+            }
+        };
+        // Every claimed position is published below, in order, with nothing that can fail or
+        // panic in between (`claimed <= items.len()`, so the drain cannot panic, and moving an
+        // item cannot): a claimed position left unpublished would stall the lane for good. The
+        // rest of `items` is moved to its front when the drain is dropped, after the last
+        // publication.
+        for (offset, item) in items.drain(..claimed).enumerate() {
+            let at = position.wrapping_add(offset);
+            let slot = self.slot(at);
+            // SAFETY: the CAS made this thread the only owner of `at`, and the slot's `seq == at`
+            // (read with Acquire before the CAS) says the consumer is done with the previous
+            // lap's item: nobody else touches the cell until the Release store below.
+            slot.value.with_mut(|cell| unsafe { (*cell).write(item) });
+            // Release: pairs with the consumer's Acquire load in `is_ready`.
+            slot.seq.store(at.wrapping_add(1), Ordering::Release);
+        }
+        claimed
+    }
+
     /// Whether the item at `head` is published. Consumer only.
     fn is_ready(&self, head: usize) -> bool {
         // Acquire: pairs with the producer's Release store of `seq` in `push`, so its write of
@@ -449,18 +567,68 @@ impl<T: Send> Producer<T> {
             return Err(PushError::BadLevel(item));
         };
         lane.push(item).map_err(PushError::Full)?;
+        Ok(self.ring(level_index))
+    }
+
+    /// Pushes items from the front of `items` into lane `level_index`, in order, as many as fit;
+    /// what did not fit stays in `items`, in order. Claims the run of free slots with one CAS
+    /// where it can (another producer's claim in the middle of the count makes it count again)
+    /// and rings the doorbell once for the whole batch, after the last item is published.
+    ///
+    /// [`BulkPushed::pushed`] says how many went in; fewer than `items` had means the lane is
+    /// full (or was, for a moment: the consumer may have made room since). An empty `items`, or
+    /// a full lane, writes nothing, the doorbell included. Never allocates: the items left over
+    /// are moved to the front of the same `Vec`.
+    ///
+    /// ```
+    /// use dsplane_core::ring::{channel, Wake};
+    ///
+    /// let (producer, mut consumer) = channel::<u32>(2, 4).unwrap();
+    /// let mut batch = vec![1, 2, 3, 4, 5, 6];
+    /// let pushed = producer.push_bulk(1, &mut batch).unwrap();
+    /// assert_eq!((pushed.pushed, pushed.wake), (4, Wake::NotNeeded));
+    /// assert_eq!(batch, [5, 6]);
+    /// let mut out = Vec::new();
+    /// assert_eq!(consumer.pop_bulk(&mut out, 8), 4);
+    /// assert_eq!(out, [(1, 1), (1, 2), (1, 3), (1, 4)]);
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`BadLevel`] if there is no such level; nothing is pushed. (Handing back a count of zero
+    /// instead would look like a full lane to a caller that retries, for ever.)
+    pub fn push_bulk(
+        &self,
+        level_index: usize,
+        items: &mut Vec<T>,
+    ) -> Result<BulkPushed, BadLevel> {
+        let Some(lane) = self.shared.lanes.get(level_index) else {
+            return Err(BadLevel { level_index });
+        };
+        let pushed = lane.push_bulk(items);
+        let wake = if pushed == 0 {
+            Wake::NotNeeded
+        } else {
+            self.ring(level_index)
+        };
+        Ok(BulkPushed { pushed, wake })
+    }
+
+    /// Sets `level_index`'s bit in the doorbell, after the caller published its items there, and
+    /// says whether the consumer must be woken.
+    fn ring(&self, level_index: usize) -> Wake {
         let doorbell = &self.shared.doorbell;
-        // Release: pairs with the consumer's Acquire clear in `pop_from`, so a consumer whose
-        // clear removes this bit sees our slot published when it looks again.
+        // Release: pairs with the consumer's Acquire clear in `find_run`, so a consumer whose
+        // clear removes this bit sees our slots published when it looks again.
         let before = doorbell.fetch_or(1 << level_index, Ordering::Release);
         // Relaxed for both: the park decision rests on the modification order of this one word
         // (the consumer's `fetch_or(PARKED)` is either before ours, and we saw it, or after, and
         // it saw our level bit). Of the producers that saw `PARKED`, the one whose clear removes it
         // wakes the consumer; the wake-up mechanism then orders the rest.
         if before & PARKED != 0 && doorbell.fetch_and(!PARKED, Ordering::Relaxed) & PARKED != 0 {
-            Ok(Wake::NeedsWake)
+            Wake::NeedsWake
         } else {
-            Ok(Wake::NotNeeded)
+            Wake::NotNeeded
         }
     }
 }
@@ -498,32 +666,74 @@ impl<T> fmt::Debug for Consumer<T> {
 impl<T> Consumer<T> {
     /// Takes the most urgent item, with its level index, or `None` if the ring looks empty.
     pub fn pop(&mut self) -> Option<(usize, T)> {
-        // Relaxed: a starting point only; `pop_from` reads each slot with Acquire.
+        // Relaxed: a starting point only; `find_run` reads each slot with Acquire.
         let bits = self.shared.doorbell.load(Ordering::Relaxed);
-        self.pop_from(bits).0
+        let (level, _) = self.find_run(bits, 1).0?;
+        // SAFETY: `find_run` just found a ready run of at least one item at `level`'s head.
+        Some((level, unsafe { self.take_next(level) }))
     }
 
     /// Takes up to `max` items, most urgent first, into `out`; returns how many.
     ///
-    /// The same as calling [`Consumer::pop`] `max` times, reading the doorbell once less per
-    /// item.
+    /// Like calling [`Consumer::pop`] `max` times, with the same guarantee of strict priority,
+    /// but with fewer doorbell reads: it takes a run of published items from a lane at a time and
+    /// reads the doorbell once per run, not once per item. (A more urgent push racing with the
+    /// run may land after it, where repeated pops might have taken it first; such a push is not
+    /// ordered before the run's items, so either order is allowed.)
     pub fn pop_bulk<E: Extend<(usize, T)>>(&mut self, out: &mut E, max: usize) -> usize {
         let mut taken = 0;
         // Relaxed: as in `pop`.
         let mut bits = self.shared.doorbell.load(Ordering::Relaxed);
         while taken < max {
-            let (item, fresh) = self.pop_from(bits);
-            let Some(item) = item else { break };
-            out.extend(Some(item));
-            taken += 1;
+            let (run, fresh) = self.find_run(bits, max - taken);
+            let Some((level, run)) = run else { break };
             bits = fresh;
+            let lane = &self.shared.lanes[level];
+            let head = &mut self.heads[level];
+            let mut moved = 0;
+            // Each item is taken, and the head moved past it, as `extend` pulls it, so an `out`
+            // that panics or stops pulling leaves no item both taken and still counted as there.
+            out.extend((0..run).map(|_| {
+                let at = *head;
+                // SAFETY: we are the consumer, `*head` is our head for this lane, and `find_run`
+                // saw the `run` positions from the old head published; each is taken once,
+                // since the head moves past it at once.
+                let item = unsafe { lane.take(at) };
+                *head = at.wrapping_add(1);
+                moved += 1;
+                (level, item)
+            }));
+            taken += moved;
+            if moved < run {
+                break;
+            }
         }
         taken
     }
 
-    /// The core of `pop`: starting from `bits`, a recent reading of the doorbell, takes the most
-    /// urgent ready item. Returns it and the last doorbell reading, a start for the next call.
-    fn pop_from(&mut self, mut bits: u64) -> (Option<(usize, T)>, u64) {
+    /// Takes the item at `level`'s head and moves the head past it.
+    ///
+    /// # Safety
+    ///
+    /// The item at `level`'s head must belong to a run that [`Consumer::find_run`] returned and
+    /// that has not been taken whole yet (the head has moved by less than the run's length).
+    unsafe fn take_next(&mut self, level: usize) -> T {
+        let head = self.heads[level];
+        // SAFETY: per this function's contract, the item at `head` was seen published by
+        // `find_run` and not taken since; `heads` moves past it at once.
+        let item = unsafe { self.shared.lanes[level].take(head) };
+        self.heads[level] = head.wrapping_add(1);
+        item
+    }
+
+    /// The core of `pop`: starting from `bits`, a recent reading of the doorbell, finds the most
+    /// urgent lane with a published item at its head, and how many published items follow it
+    /// there, up to `limit` (at least 1) in all. Returns (level, run length), if any, and the
+    /// last doorbell reading, a start for the next call.
+    ///
+    /// The doorbell is read again after the whole run is seen published, so the argument for
+    /// strict priority (module doc) holds for every item of the run, not just the first.
+    fn find_run(&self, mut bits: u64, limit: usize) -> (Option<(usize, usize)>, u64) {
         let doorbell = &self.shared.doorbell;
         loop {
             let levels = bits & LEVEL_BITS;
@@ -534,23 +744,26 @@ impl<T> Consumer<T> {
             let lane = &self.shared.lanes[level];
             let head = self.heads[level];
             if lane.is_ready(head) {
-                // Relaxed: the Acquire in `is_ready` made everything pushed before this item
-                // happen before this load, so by coherence it cannot miss their level bits.
+                // Within a lap: beyond it, `is_ready` would look at the head's slot again.
+                let limit = limit.min(lane.slots.len());
+                let mut run = 1;
+                while run < limit && lane.is_ready(head.wrapping_add(run)) {
+                    run += 1;
+                }
+                // Relaxed: the Acquire in `is_ready` made everything pushed before each item of
+                // the run happen before this load, so by coherence it cannot miss their level
+                // bits.
                 let now = doorbell.load(Ordering::Relaxed);
                 if now & ((1 << level) - 1) != 0 {
                     // Something more urgent arrived since `bits` was read: go there first.
                     bits = now;
                     continue;
                 }
-                // SAFETY: we are the consumer, `head` is our head for this lane, and `is_ready`
-                // just returned true for it; `heads` moves past it at once.
-                let item = unsafe { lane.take(head) };
-                self.heads[level] = head.wrapping_add(1);
-                return (Some((level, item)), now);
+                return (Some((level, run)), now);
             }
             let bit = 1 << level;
             // Acquire: pairs with producers' Release `fetch_or`; whoever set this bit before our
-            // clear has published its slot, and the look below sees it.
+            // clear has published its slots, and the look below sees them.
             let before = doorbell.fetch_and(!bit, Ordering::Acquire);
             bits = before & !bit;
             if lane.is_ready(head) {
@@ -931,6 +1144,279 @@ mod tests {
         with_timeout(Duration::from_secs(120), || stress(3, 100_000, 4, 16));
     }
 
+    /// Bulk-pushes and insists the whole batch went in; returns the wake-up.
+    fn push_all<T: Send + Clone>(producer: &Producer<T>, level: usize, items: &[T]) -> Wake {
+        let mut batch = items.to_vec();
+        let pushed = producer.push_bulk(level, &mut batch).expect("bad level");
+        assert_eq!(pushed.pushed, items.len(), "batch did not fit");
+        assert!(batch.is_empty());
+        pushed.wake
+    }
+
+    #[test]
+    fn push_bulk_keeps_order_within_a_lane() {
+        let (producer, mut consumer) = channel(1, 8).unwrap();
+        push(&producer, 0, 0);
+        let _ = push_all(&producer, 0, &[1, 2, 3]);
+        push(&producer, 0, 4);
+        let _ = push_all(&producer, 0, &[5, 6]);
+        let _ = push_all(&producer, 0, &[7]);
+        assert_eq!(consumer.len_hint(), 8);
+        let mut out = Vec::new();
+        assert_eq!(consumer.pop_bulk(&mut out, 100), 8);
+        let items: Vec<_> = out.iter().map(|&(_, item)| item).collect();
+        assert_eq!(items, [0, 1, 2, 3, 4, 5, 6, 7]);
+        assert!(out.iter().all(|&(level, _)| level == 0));
+        assert_eq!(consumer.pop(), None);
+    }
+
+    #[test]
+    fn push_bulk_when_full_pushes_what_fits_and_leaves_the_rest_in_order() {
+        let (producer, mut consumer) = channel(2, 4).unwrap();
+        push(&producer, 1, 0);
+        let mut batch = vec![1, 2, 3, 4, 5, 6];
+        let pushed = producer.push_bulk(1, &mut batch).unwrap();
+        assert_eq!(pushed.pushed, 3);
+        assert_eq!(batch, [4, 5, 6]);
+        // Full: nothing moves.
+        let pushed = producer.push_bulk(1, &mut batch).unwrap();
+        assert_eq!((pushed.pushed, pushed.wake), (0, Wake::NotNeeded));
+        assert_eq!(batch, [4, 5, 6]);
+        // The other level is independent.
+        let _ = push_all(&producer, 0, &[100]);
+        assert_eq!(consumer.pop(), Some((0, 100)));
+        assert_eq!(consumer.pop(), Some((1, 0)));
+        assert_eq!(consumer.pop(), Some((1, 1)));
+        // Two slots freed: two of the three fit.
+        assert_eq!(producer.push_bulk(1, &mut batch).unwrap().pushed, 2);
+        assert_eq!(batch, [6]);
+        let rest: Vec<_> = std::iter::from_fn(|| consumer.pop()).collect();
+        assert_eq!(rest, [(1, 2), (1, 3), (1, 4), (1, 5)]);
+        // A batch longer than a whole lap fills the lap, no more.
+        let mut long: Vec<u32> = (10..20).collect();
+        assert_eq!(producer.push_bulk(1, &mut long).unwrap().pushed, 4);
+        assert_eq!(long, [14, 15, 16, 17, 18, 19]);
+        let rest: Vec<_> = std::iter::from_fn(|| consumer.pop()).collect();
+        assert_eq!(rest, [(1, 10), (1, 11), (1, 12), (1, 13)]);
+    }
+
+    #[test]
+    fn push_bulk_to_a_bad_level_pushes_nothing() {
+        let (producer, mut consumer) = channel(2, 4).unwrap();
+        let mut batch = vec![1, 2];
+        assert_eq!(
+            producer.push_bulk(2, &mut batch),
+            Err(BadLevel { level_index: 2 })
+        );
+        assert_eq!(batch, [1, 2]);
+        assert_eq!(consumer.pop(), None);
+    }
+
+    #[test]
+    fn bulk_pushes_pop_in_strict_priority_then_fifo() {
+        let (producer, mut consumer) = channel(4, 8).unwrap();
+        let _ = push_all(&producer, 3, &[30, 31, 32]);
+        let _ = push_all(&producer, 1, &[10, 11]);
+        let _ = push_all(&producer, 0, &[0]);
+        push(&producer, 2, 20);
+        let _ = push_all(&producer, 0, &[1, 2]);
+        let _ = push_all(&producer, 2, &[21, 22, 23]);
+        // Small batches, so that runs are cut by `max` as well as by the lanes.
+        let mut out = Vec::new();
+        while consumer.pop_bulk(&mut out, 3) > 0 {}
+        assert_eq!(
+            out,
+            [
+                (0, 0),
+                (0, 1),
+                (0, 2),
+                (1, 10),
+                (1, 11),
+                (2, 20),
+                (2, 21),
+                (2, 22),
+                (2, 23),
+                (3, 30),
+                (3, 31),
+                (3, 32)
+            ]
+        );
+        // A more urgent batch arriving between two pop_bulks goes first.
+        let _ = push_all(&producer, 3, &[33, 34, 35]);
+        out.clear();
+        assert_eq!(consumer.pop_bulk(&mut out, 1), 1);
+        let _ = push_all(&producer, 1, &[12, 13]);
+        assert_eq!(consumer.pop_bulk(&mut out, 10), 4);
+        assert_eq!(out, [(3, 33), (1, 12), (1, 13), (3, 34), (3, 35)]);
+    }
+
+    #[test]
+    fn push_bulk_wakes_exactly_as_push_does() {
+        let (producer, mut consumer) = channel(2, 4).unwrap();
+        let doorbell = || producer.shared.doorbell.load(Ordering::Relaxed);
+        assert!(consumer.prepare_park());
+        // An empty batch writes nothing, not even the doorbell: the consumer stays parked.
+        let before = doorbell();
+        let pushed = producer.push_bulk(1, &mut Vec::new()).unwrap();
+        assert_eq!((pushed.pushed, pushed.wake), (0, Wake::NotNeeded));
+        assert_eq!(doorbell(), before);
+        // The first batch wakes it, once.
+        assert_eq!(push_all(&producer, 1, &[1, 2, 3]), Wake::NeedsWake);
+        assert_eq!(push_all(&producer, 0, &[4]), Wake::NotNeeded);
+        assert_eq!(producer.push(0, 5).unwrap(), Wake::NotNeeded);
+        consumer.cancel_park();
+        assert!(!consumer.prepare_park());
+        assert_eq!(consumer.pop_bulk(&mut Vec::new(), 10), 5);
+        assert_eq!(consumer.pop(), None);
+        assert!(consumer.prepare_park());
+        // A push_bulk that fits nothing writes nothing: fill level 1 while parked, then try more.
+        assert_eq!(push_all(&producer, 1, &[6, 7, 8, 9]), Wake::NeedsWake);
+        let before = doorbell();
+        let pushed = producer.push_bulk(1, &mut vec![10]).unwrap();
+        assert_eq!((pushed.pushed, pushed.wake), (0, Wake::NotNeeded));
+        assert_eq!(doorbell(), before);
+        consumer.cancel_park();
+        assert_eq!(consumer.pop_bulk(&mut Vec::new(), 10), 4);
+        // A single push after a bulk one is told to wake a parked consumer too.
+        assert_eq!(consumer.pop(), None);
+        assert!(consumer.prepare_park());
+        assert_eq!(producer.push(1, 11).unwrap(), Wake::NeedsWake);
+    }
+
+    #[test]
+    fn push_bulk_wraps_around_usize_positions() {
+        let capacity = 4;
+        let start = 0usize.wrapping_sub(capacity * 3);
+        let (producer, mut consumer) = channel_from(1, capacity, start).unwrap();
+        let mut next = 0u32;
+        let mut expect = 0u32;
+        for round in 0..(capacity * 8) {
+            // Batches of 1 to 5 against a lane of 4: some fit, some fit in part.
+            let mut batch: Vec<u32> = (next..next + (round % 5) as u32 + 1).collect();
+            let pushed = producer.push_bulk(0, &mut batch).unwrap().pushed;
+            next += pushed as u32;
+            assert_eq!(
+                batch.first().copied(),
+                Some(next).filter(|_| !batch.is_empty())
+            );
+            // Drain all but one, so the heads and tails meet at every offset.
+            while consumer.len_hint() > round % 2 {
+                assert_eq!(consumer.pop(), Some((0, expect)));
+                expect += 1;
+            }
+        }
+        while let Some((_, item)) = consumer.pop() {
+            assert_eq!(item, expect);
+            expect += 1;
+        }
+        assert_eq!(expect, next);
+        assert!(consumer.heads[0] < start, "positions did not wrap");
+    }
+
+    #[test]
+    fn push_bulk_items_are_dropped_once() {
+        let dropped = Arc::new(StdAtomicUsize::new(0));
+        let count = || dropped.load(std::sync::atomic::Ordering::Relaxed);
+        let mut left = Vec::new();
+        {
+            let (producer, mut consumer) = channel(1, 4).unwrap();
+            let mut batch: Vec<_> = (0..6).map(|_| Counted(dropped.clone())).collect();
+            assert_eq!(producer.push_bulk(0, &mut batch).unwrap().pushed, 4);
+            drop(consumer.pop());
+            assert_eq!(count(), 1);
+            left.append(&mut batch);
+        }
+        // The ring dropped its 3; the 2 that did not fit are still the caller's.
+        assert_eq!(count(), 4);
+        drop(left);
+        assert_eq!(count(), 6);
+    }
+
+    /// Items in the mixed stress test: (producer, sequence number, level pushed at).
+    type Placed = (usize, u32, usize);
+
+    /// Like [`stress`], with producer 0 pushing one item at a time and the others in batches of
+    /// 1 to `capacity + 3` items (so some fit only in part), each batch at one level.
+    fn stress_bulk(producers: usize, count: u32, levels: usize, capacity: usize) {
+        let (producer, mut consumer) = channel::<Placed>(levels, capacity).unwrap();
+        let handles: Vec<_> = (0..producers)
+            .map(|id| {
+                let producer = producer.clone();
+                std::thread::spawn(move || {
+                    let mut batch = Vec::with_capacity(capacity + 3);
+                    let mut seq = 0;
+                    let mut round = 0usize;
+                    while seq < count {
+                        let level = (round * 7 + id) % levels;
+                        let size = if id == 0 {
+                            1
+                        } else {
+                            round % (capacity + 3) + 1
+                        };
+                        let end = count.min(seq + size as u32);
+                        batch.extend((seq..end).map(|s| (id, s, level)));
+                        seq = end;
+                        round += 1;
+                        while !batch.is_empty() {
+                            if id == 0 {
+                                let Some(item) = batch.pop() else { break };
+                                if let Err(PushError::Full(back)) = producer.push(level, item) {
+                                    batch.push(back);
+                                    std::thread::yield_now();
+                                }
+                            } else if producer.push_bulk(level, &mut batch).unwrap().pushed == 0 {
+                                std::thread::yield_now();
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        drop(producer);
+        let total = producers * count as usize;
+        let mut last: Vec<Vec<Option<u32>>> = vec![vec![None; levels]; producers];
+        let mut seen = vec![0u32; producers];
+        let mut received = 0;
+        let mut batch = Vec::with_capacity(64);
+        while received < total {
+            batch.clear();
+            if consumer.pop_bulk(&mut batch, 64) == 0 {
+                std::thread::yield_now();
+                continue;
+            }
+            for &(level, (id, seq, pushed_at)) in &batch {
+                assert_eq!(level, pushed_at, "item on wrong level");
+                if let Some(previous) = last[id][level] {
+                    assert!(
+                        seq > previous,
+                        "producer {id} level {level}: {seq} after {previous}"
+                    );
+                }
+                last[id][level] = Some(seq);
+                seen[id] += 1;
+                received += 1;
+            }
+        }
+        for handle in handles {
+            handle.join().unwrap();
+        }
+        assert_eq!(consumer.pop(), None);
+        assert!(
+            seen.iter().all(|&n| n == count),
+            "per-producer counts {seen:?}"
+        );
+    }
+
+    #[test]
+    fn stress_bulk_three_producers_one_level() {
+        with_timeout(Duration::from_secs(120), || stress_bulk(3, 100_000, 1, 16));
+    }
+
+    #[test]
+    fn stress_bulk_three_producers_four_levels() {
+        with_timeout(Duration::from_secs(120), || stress_bulk(3, 100_000, 4, 8));
+    }
+
     #[test]
     fn park_and_wake_with_real_threads_never_hangs() {
         with_timeout(Duration::from_secs(120), || {
@@ -1000,6 +1486,79 @@ mod tests {
             let parks = parks.load(std::sync::atomic::Ordering::Relaxed);
             // The producers pause hundreds of times, so the consumer runs dry and parks; if it
             // never did, this test exercised nothing.
+            assert!(parks > 0 && wakes > 0, "{parks} parks, {wakes} wakes");
+        });
+    }
+
+    #[test]
+    fn park_and_wake_with_bulk_pushes_never_hangs() {
+        with_timeout(Duration::from_secs(120), || {
+            const PRODUCERS: usize = 3;
+            const COUNT: u32 = 20_000;
+            let (producer, mut consumer) = channel::<Tagged>(2, 8).unwrap();
+            let parks = Arc::new(StdAtomicUsize::new(0));
+            let consumer_thread = {
+                let parks = parks.clone();
+                std::thread::spawn(move || {
+                    let mut next = [0u32; PRODUCERS];
+                    let mut received = 0;
+                    let mut out = Vec::with_capacity(16);
+                    while received < PRODUCERS * COUNT as usize {
+                        out.clear();
+                        if consumer.pop_bulk(&mut out, 16) > 0 {
+                            for &(_, (id, seq)) in &out {
+                                assert_eq!(seq, next[id], "producer {id}");
+                                next[id] += 1;
+                                received += 1;
+                            }
+                            continue;
+                        }
+                        if consumer.prepare_park() {
+                            parks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            std::thread::park();
+                            consumer.cancel_park();
+                        }
+                    }
+                })
+            };
+            let wakee = consumer_thread.thread().clone();
+            let producers: Vec<_> = (0..PRODUCERS)
+                .map(|id| {
+                    let producer = producer.clone();
+                    let wakee = wakee.clone();
+                    std::thread::spawn(move || {
+                        let mut wakes = 0usize;
+                        // Batches of 2 to 11 against lanes of 8: some fit only in part.
+                        let mut batch = Vec::with_capacity(16);
+                        let mut seq = 0;
+                        let mut round = 0u32;
+                        while seq < COUNT {
+                            let end = COUNT.min(seq + round % 10 + 2);
+                            batch.extend((seq..end).map(|s| (id, s)));
+                            seq = end;
+                            round += 1;
+                            while !batch.is_empty() {
+                                let pushed = producer.push_bulk(id % 2, &mut batch).unwrap();
+                                if pushed.wake.is_needed() {
+                                    wakes += 1;
+                                    wakee.unpark();
+                                }
+                                if pushed.pushed == 0 {
+                                    std::thread::yield_now();
+                                }
+                            }
+                            if round.is_multiple_of(16) {
+                                std::thread::sleep(Duration::from_micros(50));
+                            }
+                        }
+                        wakes
+                    })
+                })
+                .collect();
+            drop(producer);
+            let wakes: usize = producers.into_iter().map(|h| h.join().unwrap()).sum();
+            consumer_thread.join().unwrap();
+            let parks = parks.load(std::sync::atomic::Ordering::Relaxed);
             assert!(parks > 0 && wakes > 0, "{parks} parks, {wakes} wakes");
         });
     }

@@ -1,6 +1,11 @@
-//! One peer connection inside a worker: its socket, its frame decoder, and its queue of
-//! outgoing byte chunks, written with vectored writes (many frames per syscall, payloads never
-//! copied: a frame goes out as its 64 header bytes and its payload `Bytes`).
+//! One peer connection inside a worker: its socket, its frame decoder, and its outgoing bytes.
+//!
+//! Outgoing frames are copied into one contiguous buffer, header and payload, so that a turn's
+//! frames for a connection leave in one `write`: at 128-byte payloads, copying 192 bytes costs
+//! less than queueing two reference-counted chunks per frame and handing the kernel 2 iovecs
+//! per frame (`docs/engine.md`, "The data path"). Payloads over [`COPY_BYTES_MAX`] are not
+//! copied: the buffer so far becomes a chunk, the payload `Bytes` follows it, and the few chunks
+//! go out with one vectored write.
 
 #![cfg_attr(
     not(test),
@@ -10,16 +15,20 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use mio::net::TcpStream;
 
 use super::shared::PeerRef;
-use crate::wire::{Frame, FrameDecoder, HEADER_LEN};
+use crate::wire::{Frame, FrameDecoder, Header, HEADER_LEN};
 use crate::Nanos;
 
-/// Most chunks handed to one `writev` (Linux's `IOV_MAX` is 1024; 64 already moves hundreds of
-/// kilobytes of small frames per call).
+/// Most chunks handed to one `writev` (Linux's `IOV_MAX` is 1024). Chunks are whole runs of
+/// small frames or large payloads, so 64 is many hundreds of kilobytes.
 const WRITE_SLICES_MAX: usize = 64;
+
+/// Payloads up to this size are copied into the connection's buffer; larger ones go out as their
+/// own `Bytes`, uncopied. At 4 KiB the copy costs about what queueing a chunk does.
+pub(crate) const COPY_BYTES_MAX: usize = 4096;
 
 /// Bytes queued for one connection beyond which the scheduler stops handing it frames: a peer
 /// that does not read cannot make dsplane buffer without bound, and its frames stay in its
@@ -42,7 +51,14 @@ pub(crate) struct Conn {
     pub decoder: FrameDecoder,
     pub peer: PeerRef,
     pub addr: std::net::SocketAddr,
+    /// Chunks ready to write, in order, before `tail`.
     out: VecDeque<Bytes>,
+    /// The contiguous buffer being filled; `tail_at` bytes of it are already written.
+    tail: Vec<u8>,
+    tail_at: usize,
+    /// Whether anything was queued since the last [`Conn::tick`].
+    queued_since_tick: bool,
+    /// Bytes queued and not yet written (`out` and the rest of `tail`).
     out_bytes: usize,
     /// When the peer last sent anything (PING counts).
     pub last_rx: Nanos,
@@ -58,9 +74,13 @@ pub(crate) struct Conn {
     /// Data frames taken, in msg_id order, waiting to be durable (`false`) or durable (`true`):
     /// the cumulative ACK advances over the durable prefix only.
     pub pending: VecDeque<(u64, bool)>,
-    /// A frame that did not fit its owner's ring: (owner, ring level, envelope). While it is
-    /// here, nothing more is read from this connection.
-    pub stalled: Option<(usize, crate::ids::Level, Box<super::shared::Envelope>)>,
+    /// Frames of a read batch that did not fit their owners' rings: (owner, ring level,
+    /// envelope), in arrival order. While there are any, nothing more is read from this
+    /// connection.
+    pub stalled: Vec<(usize, crate::ids::Level, super::shared::Envelope)>,
+    /// The last data `msg_id` of the batch `stalled` belongs to: ACKed (durability `none`) once
+    /// they are all in.
+    pub stalled_through: u64,
 }
 
 impl Conn {
@@ -78,6 +98,9 @@ impl Conn {
             peer,
             addr,
             out: VecDeque::new(),
+            tail: Vec::new(),
+            tail_at: 0,
+            queued_since_tick: false,
             out_bytes: 0,
             last_rx: now,
             last_msg_id: 0,
@@ -86,8 +109,25 @@ impl Conn {
             write_shut: false,
             id,
             pending: VecDeque::new(),
-            stalled: None,
+            stalled: Vec::new(),
+            stalled_through: 0,
         }
+    }
+
+    /// Reads once from the socket into the decoder (see [`FrameDecoder::fill_with`]): `read(2)`
+    /// straight into the decoder's spare space, which is not zeroed first.
+    pub(crate) fn read(&mut self) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let fd = self.stream.as_raw_fd();
+        let read = |spare: &mut bytes::buf::UninitSlice| {
+            // SAFETY: `spare` is valid for writes of `spare.len()` bytes for this call, and `fd`
+            // is this connection's open socket.
+            let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), spare.len()) };
+            usize::try_from(n).map_err(|_| io::Error::last_os_error())
+        };
+        // SAFETY: `read` only hands the spare space to read(2), which writes at most
+        // `spare.len()` bytes at its start, reads none, and returns the count it wrote.
+        unsafe { self.decoder.fill_with(usize::MAX, read) }
     }
 
     /// Whether the scheduler may hand this connection more frames.
@@ -95,23 +135,64 @@ impl Conn {
         self.state == ConnState::Open && self.out_bytes < OUT_BYTES_MAX
     }
 
-    fn push_chunk(&mut self, chunk: Bytes) {
-        if !chunk.is_empty() {
-            self.out_bytes += chunk.len();
-            self.out.push_back(chunk);
+    /// Queues a frame.
+    pub(crate) fn queue(&mut self, frame: &Frame) {
+        self.queue_parts(&frame.header, &frame.payload);
+    }
+
+    /// Queues a frame given as its header and payload: both copied into the buffer, or, for a
+    /// payload over [`COPY_BYTES_MAX`], the header copied and the payload queued as it is.
+    pub(crate) fn queue_parts(&mut self, header: &Header, payload: &Bytes) {
+        if self.tail_at > 0 {
+            // After a short write: move the unwritten rest to the front once it is small beside
+            // what was written (at most a quarter of a byte moved per byte written), or once a
+            // whole OUT_BYTES_MAX is written (which bounds the buffer to about twice that).
+            let rest = self.tail.len().saturating_sub(self.tail_at);
+            if rest.saturating_mul(4) <= self.tail_at || self.tail_at >= OUT_BYTES_MAX {
+                self.tail.drain(..self.tail_at);
+                self.tail_at = 0;
+            }
+        }
+        self.queued_since_tick = true;
+        let mut header = *header;
+        // Saturating only for a payload over 4 GiB; the peer then refuses it as too long.
+        header.payload_len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        self.tail.extend_from_slice(&header.to_bytes());
+        self.out_bytes += HEADER_LEN + payload.len();
+        if payload.len() <= COPY_BYTES_MAX {
+            self.tail.extend_from_slice(payload);
+        } else {
+            self.seal_tail();
+            self.out.push_back(payload.clone());
         }
     }
 
-    /// Queues a frame; the header is encoded into `scratch` (a worker-wide buffer, split off so
-    /// that many headers share one allocation) and the payload is queued as is.
-    pub(crate) fn queue(&mut self, frame: &Frame, scratch: &mut BytesMut) {
-        if scratch.capacity() - scratch.len() < HEADER_LEN {
-            scratch.reserve(HEADER_LEN * 1024);
+    /// Bytes queued and not yet written.
+    pub(crate) fn unwritten(&self) -> usize {
+        self.out_bytes
+    }
+
+    /// The housekeeping tick: a connection that queued nothing since the last one and has
+    /// nothing left to write gives its buffer back (an idle peer holds no megabyte).
+    pub(crate) fn tick(&mut self) {
+        if !std::mem::take(&mut self.queued_since_tick) && self.out_bytes == 0 {
+            self.tail = Vec::new();
+            self.tail_at = 0;
         }
-        scratch.extend_from_slice(&frame.header_bytes());
-        let header = scratch.split().freeze();
-        self.push_chunk(header);
-        self.push_chunk(frame.payload.clone());
+    }
+
+    /// Turns what `tail` holds unwritten into a chunk of `out`.
+    fn seal_tail(&mut self) {
+        if self.tail_at < self.tail.len() {
+            let mut tail = std::mem::take(&mut self.tail);
+            if self.tail_at > 0 {
+                tail.drain(..self.tail_at);
+            }
+            self.out.push_back(Bytes::from(tail));
+        } else {
+            self.tail.clear();
+        }
+        self.tail_at = 0;
     }
 
     /// A pending frame's durability is known: `true` durable, `false` refused. Returns whether
@@ -136,41 +217,66 @@ impl Conn {
     }
 
     /// Queues the ACK that is due, if any.
-    pub(crate) fn queue_ack(&mut self, scratch: &mut BytesMut) {
+    pub(crate) fn queue_ack(&mut self) {
         if let Some(id) = self.ack_due.take() {
-            self.queue(&Frame::ack(id), scratch);
+            self.queue(&Frame::ack(id));
         }
     }
 
-    /// Writes as much as the socket takes. `Ok(true)` when everything queued is written.
+    /// Writes as much as the socket takes: one `write` of the buffer when there are no chunks
+    /// (the common case), else one `writev` of the chunks and the buffer. `Ok(true)` when
+    /// everything queued is written.
     pub(crate) fn flush(&mut self) -> io::Result<bool> {
-        while !self.out.is_empty() {
-            // On the stack: no allocation per write.
-            let mut slices = [IoSlice::new(&[]); WRITE_SLICES_MAX];
-            let mut count = 0;
-            for (slot, chunk) in slices.iter_mut().zip(self.out.iter()) {
-                *slot = IoSlice::new(chunk);
-                count += 1;
-            }
-            // `count` is at most WRITE_SLICES_MAX (the zip stops there), so `get` always finds
-            // the slices; were it not to, the empty write below would end as WriteZero.
-            let filled = slices.get(..count).unwrap_or_default();
-            let written = match self.stream.write_vectored(filled) {
+        loop {
+            let written = if self.out.is_empty() {
+                let Some(rest) = self.tail.get(self.tail_at..) else {
+                    // Cannot happen (`tail_at` never passes the end); start the buffer afresh.
+                    self.tail.clear();
+                    self.tail_at = 0;
+                    return Ok(true);
+                };
+                if rest.is_empty() {
+                    self.tail.clear();
+                    self.tail_at = 0;
+                    return Ok(true);
+                }
+                self.stream.write(rest)
+            } else {
+                // On the stack: no allocation per write.
+                let mut slices = [IoSlice::new(&[]); WRITE_SLICES_MAX + 1];
+                let mut count = 0;
+                for (slot, chunk) in slices.iter_mut().zip(self.out.iter()) {
+                    *slot = IoSlice::new(chunk);
+                    count += 1;
+                }
+                if count < WRITE_SLICES_MAX {
+                    if let (Some(slot), Some(rest)) =
+                        (slices.get_mut(count), self.tail.get(self.tail_at..))
+                    {
+                        *slot = IoSlice::new(rest);
+                        count += 1;
+                    }
+                }
+                // `count` is at most WRITE_SLICES_MAX + 1, so `get` always finds the slices.
+                let filled = slices.get(..count).unwrap_or_default();
+                self.stream.write_vectored(filled)
+            };
+            match written {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => n,
+                Ok(n) => self.consume(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
-            };
-            self.consume(written);
+            }
         }
-        Ok(true)
     }
 
     fn consume(&mut self, mut written: usize) {
-        self.out_bytes -= written;
+        self.out_bytes = self.out_bytes.saturating_sub(written);
         while written > 0 {
             let Some(front) = self.out.front_mut() else {
+                // The rest was from `tail`.
+                self.tail_at = (self.tail_at + written).min(self.tail.len());
                 break;
             };
             if front.len() <= written {

@@ -72,6 +72,7 @@ mod conn;
 mod error;
 mod metrics;
 mod shared;
+mod timer;
 mod worker;
 
 use std::io;
@@ -589,6 +590,23 @@ fn push(link: &WorkerLink, level: Level, envelope: Envelope) -> Result<(), Box<E
             Ok(())
         }
         Err(e) => Err(Box::new(e.into_inner())),
+    }
+}
+
+/// Pushes `items` into `link`'s ring at `level`, in order, as many as fit (the rest stay in
+/// `items`), and wakes its worker once if it was parked.
+fn push_bulk(link: &WorkerLink, level: Level, items: &mut Vec<Envelope>) {
+    match link.ring.push_bulk(level.index(), items) {
+        Ok(pushed) => {
+            if pushed.wake.is_needed() {
+                if let Err(e) = link.waker.wake() {
+                    tracing::warn!(error = %e, "cannot wake worker");
+                }
+            }
+        }
+        // Levels come from the configuration the rings were made for; were one out of range,
+        // its frames stay in `items` and are held like those of a full ring.
+        Err(e) => tracing::error!(level = e.level_index, "no ring lane for this level"),
     }
 }
 

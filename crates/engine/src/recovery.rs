@@ -32,12 +32,13 @@
 //! byte range and the seqs of the frames lost. The damaged generation is kept, renamed
 //! `gen-N.salvaged`, for whoever wants to look at it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::datadir::{self, Found, Manifest};
 use crate::disk::{Disk, Open, OsDisk};
+use crate::log::LaneMap;
 use crate::store::{self, Flusher, LogOptions, Notify, Resume, Spill, Store};
 use crate::wal::{self, PeerKey, Record, SegmentEnd, SegmentReader, WalError};
 
@@ -87,7 +88,7 @@ struct SegmentScan {
 #[derive(Debug, Default)]
 struct WorkerScan {
     segments: Vec<SegmentScan>,
-    marks: HashMap<(PeerKey, u8), u64>,
+    marks: LaneMap<u64>,
     next_seq: u64,
     /// The newest segment is cut here.
     torn: Option<(PathBuf, u64)>,
@@ -126,7 +127,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> WalError + '_ {
     }
 }
 
-fn raise(marks: &mut HashMap<(PeerKey, u8), u64>, peer: PeerKey, lane: u8, seq: u64) {
+fn raise(marks: &mut LaneMap<u64>, peer: PeerKey, lane: u8, seq: u64) {
     let m = marks.entry((peer, lane)).or_insert(0);
     *m = (*m).max(seq);
 }

@@ -136,7 +136,9 @@ pub(crate) struct Shared {
     /// [`Shared::tokens`], not here; see [`Shared::applied`].
     pub config: Config,
     pub sus: Vec<SuEntry>,
-    su_index: HashMap<Eui64, u32>,
+    /// SU index by EUI-64, looked up for every northbound frame: foldhash, not SipHash (the keys
+    /// are the configuration's).
+    su_index: HashMap<Eui64, u32, foldhash::fast::RandomState>,
     pub csps: Vec<CspEntry>,
     /// (range, CSP index), in file order.
     routes: Vec<(DeviceRange, u32)>,

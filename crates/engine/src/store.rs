@@ -44,7 +44,7 @@
 //! A store writes through a [`Disk`] ([`OsDisk`], real files, unless told otherwise), so that a
 //! simulator can run it on [`crate::disk::SimDisk`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -53,7 +53,7 @@ use std::time::Duration;
 
 use crate::config::Durability;
 use crate::disk::{Disk, DiskFile, Open, OsDisk};
-use crate::log::Log;
+use crate::log::{LaneMap, Log};
 use crate::wal::{self, PeerKey, Record, SegmentReader, WalError, SEGMENT_HEADER_LEN};
 use crate::wire::Frame;
 
@@ -83,7 +83,7 @@ pub(crate) struct Spill {
 impl Spill {
     /// Counts one more spilled frame of `lane`, at (`segment`, `offset`) if it is the first.
     pub(crate) fn count_one(
-        spills: &mut HashMap<(PeerKey, u8), Spill>,
+        spills: &mut LaneMap<Spill>,
         lane: (PeerKey, u8),
         segment: u64,
         offset: u64,
@@ -106,8 +106,8 @@ pub(crate) struct Resume {
     pub segment: u64,
     /// Live frames per segment (every segment that must be kept).
     pub live: BTreeMap<u64, u64>,
-    pub watermarks: HashMap<(PeerKey, u8), u64>,
-    pub spills: HashMap<(PeerKey, u8), Spill>,
+    pub watermarks: LaneMap<u64>,
+    pub spills: LaneMap<Spill>,
     pub next_seq: u64,
 }
 
@@ -185,8 +185,8 @@ pub struct Store<D: Disk = OsDisk> {
     /// Segments with nothing live, named in a DROPPED record: the position that record ends at
     /// once written, and the file is deleted when that is durable.
     dropping: BTreeMap<u64, Option<LogPos>>,
-    watermarks: HashMap<(PeerKey, u8), u64>,
-    spills: HashMap<(PeerKey, u8), Spill>,
+    watermarks: LaneMap<u64>,
+    spills: LaneMap<Spill>,
     flush: Arc<FlushShared<D::File>>,
     flusher: Option<std::thread::JoinHandle<()>>,
     uncommitted: Vec<Uncommitted>,
@@ -246,7 +246,7 @@ pub struct StoreStats {
 fn segment_start(
     first_seq: u64,
     live_segments: Vec<u64>,
-    watermarks: &HashMap<(PeerKey, u8), u64>,
+    watermarks: &LaneMap<u64>,
     durable_through: LogPos,
 ) -> Vec<u8> {
     let mut marks: Vec<(PeerKey, u8, u64)> =
@@ -290,7 +290,7 @@ impl<D: Disk> Store<D> {
                 dir.display()
             )));
         }
-        let first = segment_start(1, Vec::new(), &HashMap::new(), 0);
+        let first = segment_start(1, Vec::new(), &LaneMap::default(), 0);
         let file = wal::create_segment_on(&disk, dir, 1, &first)?;
         file.sync_all()?;
         disk.sync_dir(dir)?;
@@ -417,14 +417,7 @@ impl<D: Disk> Store<D> {
         self.next_seq += 1;
         self.uncommitted_seq.get_or_insert(seq);
         let record_start = self.offset + self.buf.len() as u64;
-        Record::Enqueue {
-            peer,
-            level,
-            seq,
-            enqueued_unix_ns,
-            frame: frame.clone(),
-        }
-        .encode(&mut self.buf);
+        Record::encode_enqueue(&mut self.buf, peer, level, seq, enqueued_unix_ns, frame);
         *self.live.entry(self.segment).or_insert(0) += 1;
         self.uncommitted.push(Uncommitted {
             peer,
@@ -449,7 +442,8 @@ impl<D: Disk> Store<D> {
 
     /// Whether (peer, lane) has frames on disk only: new frames of that lane must spill too.
     pub fn is_spilled(&self, peer: PeerKey, lane: u8) -> bool {
-        self.spills.contains_key(&(peer, lane))
+        // Asked for every frame taken; nothing spilled is the common case, and needs no hash.
+        !self.spills.is_empty() && self.spills.contains_key(&(peer, lane))
     }
 
     /// Frames of (peer, lane) on disk only.

@@ -30,11 +30,12 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use bytes::BytesMut;
 use mio::{Events, Interest, Poll, Token};
 
 use super::conn::{Conn, ConnState};
 use super::shared::{Adopt, Control, Shared};
+use super::timer::{Timer, WORKER_TIMER};
+use crate::ids::Level;
 use crate::limits::{LINGER, RING_BATCH_MAX};
 use crate::owner::{Envelope, Event, Owner, PeerRef, Ticket};
 use crate::ring;
@@ -47,8 +48,19 @@ mod link;
 
 use link::{HeldLink, LinkConn};
 
+/// Bytes a pump queues for a connection before it writes them: one `write` per this many, so
+/// that the peer starts reading while the rest of the turn's frames are copied.
+const WRITE_BYTES_MIN: usize = 256 * 1024;
+
 /// The token of a worker's waker.
 pub(crate) const WORKER_WAKER: Token = Token(usize::MAX);
+
+/// Frames of one read batch for one (owner, ring level).
+struct OutGroup {
+    owner: usize,
+    level: Level,
+    items: Vec<Envelope>,
+}
 
 pub(crate) struct Worker {
     index: usize,
@@ -67,16 +79,26 @@ pub(crate) struct Worker {
     held_links: Vec<Option<HeldLink>>,
     /// Slots of held link connections with an ACK to hand to their link's owner this turn.
     link_acks_due: Vec<usize>,
-    scratch: BytesMut,
     popped: Vec<(usize, Envelope)>,
     /// Acknowledgements decided by the owner, by intake worker, to hand over.
     by_origin: Vec<Vec<(Ticket, bool)>>,
     /// Connections whose read budget ran out with data left.
     more_to_read: Vec<usize>,
-    /// Connections holding a frame that did not fit its owner's ring.
+    /// Connections holding frames that did not fit their owners' rings.
     stalled: Vec<usize>,
+    /// The read batch being gathered, per (owner, level): index `owner * levels + level`.
+    outbox: Vec<OutGroup>,
+    /// The groups of `outbox` holding frames, in the order they were first used.
+    outbox_used: Vec<usize>,
+    /// The last data `msg_id` added to the outbox, while it holds a batch.
+    batch_last: Option<u64>,
+    levels: usize,
+    /// With durability, this worker's index in the tickets of the frames it takes in.
+    ticket_origin: Option<u16>,
     next_conn_id: u64,
     expiry_log: Option<std::fs::File>,
+    /// Monotonic time of this turn ([`Shared::now`]).
+    turn_now: Nanos,
     /// Wall-clock time of this turn, ns since the Unix epoch.
     unix_turn: u64,
 }
@@ -91,6 +113,8 @@ impl Worker {
         owner: Owner<Store>,
     ) -> Worker {
         let workers = shared.workers.len();
+        let levels = shared.config.engine.levels;
+        let durable = shared.durable;
         Worker {
             index,
             poll,
@@ -103,13 +127,28 @@ impl Worker {
             control,
             owner,
             conns: Vec::new(),
-            scratch: BytesMut::with_capacity(64 * 1024),
             popped: Vec::with_capacity(RING_BATCH_MAX),
             by_origin: vec![Vec::new(); workers],
             more_to_read: Vec::new(),
             stalled: Vec::new(),
+            outbox: (0..workers)
+                .flat_map(|owner| {
+                    (1..=levels).filter_map(move |l| {
+                        Level::new(l).map(|level| OutGroup {
+                            owner,
+                            level,
+                            items: Vec::new(),
+                        })
+                    })
+                })
+                .collect(),
+            outbox_used: Vec::new(),
+            batch_last: None,
+            levels: usize::from(levels),
+            ticket_origin: durable.then_some(index as u16),
             next_conn_id: 1,
             expiry_log: None,
+            turn_now: 0,
             unix_turn: crate::unix_now(),
         }
     }
@@ -120,6 +159,8 @@ impl Worker {
 
     pub(crate) fn run(mut self) {
         let mut events = Events::with_capacity(1024);
+        let mut timer = Timer::from_env(self.poll.registry());
+        self.owner.set_batch_wakes(timer.is_precise());
         loop {
             if self.shared.is_shutting_down() {
                 self.shut_down();
@@ -128,20 +169,25 @@ impl Worker {
             let now = self.now();
             let timeout = if !self.more_to_read.is_empty() {
                 Some(Duration::ZERO)
-            } else if !self.stalled.is_empty() {
-                // A full ring drains in well under a millisecond; try again then.
-                Some(Duration::from_millis(1))
             } else {
-                let until = self.owner.poll_timeout();
-                Some(Duration::from_nanos(until.saturating_sub(now)))
+                let mut until = self.owner.poll_timeout();
+                if !self.stalled.is_empty() {
+                    // A full ring drains in well under a millisecond; try again then.
+                    until = until.min(now + NANOS_PER_SEC / 1000);
+                }
+                // Awake for a near deadline only when frames wait for their tokens.
+                let spin = self.owner.rate_wake().is_some_and(|r| r <= until);
+                timer.timeout(now, until, spin)
             };
             // Park protocol: announce that we may sleep, then re-check the ring, so that a
             // producer either sees us parked (and wakes us) or we see its item.
             let sleep = timeout != Some(Duration::ZERO) && self.ring.prepare_park();
             let timeout = if sleep { timeout } else { Some(Duration::ZERO) };
             let polled = self.poll.poll(&mut events, timeout);
-            // One wall-clock read per turn, not per frame: it stamps intake (`retention_h`, the
-            // report's day) and measures latency, where a turn's length is below their grain.
+            // The clock is read once per turn, not per frame or per read: the monotonic one for
+            // the limiters, the storm windows and idle times, the wall clock for intake stamps
+            // (`retention_h`, the report's day) and latency; a turn is short beside their grain.
+            self.turn_now = self.now();
             self.unix_turn = crate::unix_now();
             if sleep {
                 self.ring.cancel_park();
@@ -155,6 +201,10 @@ impl Worker {
             for event in events.iter() {
                 let token = event.token();
                 if token == WORKER_WAKER {
+                    continue;
+                }
+                if token == WORKER_TIMER {
+                    timer.on_fired();
                     continue;
                 }
                 let slot = token.0;
@@ -175,7 +225,7 @@ impl Worker {
             self.drain_ring();
             self.drain_control();
             self.drain_ring();
-            let now = self.now();
+            let now = self.turn_now;
             let housekeeping = self.owner.handle_timeout(now, self.unix_turn);
             self.owner.resolve_durable();
             self.carry_out();
@@ -197,15 +247,15 @@ impl Worker {
                 Control::Adopt(adopt) => self.adopt(adopt),
                 Control::Tickets(tickets) => self.on_tickets(&tickets),
                 Control::Pause { su, paused } => {
-                    let now = self.now();
+                    let now = self.turn_now;
                     self.owner.set_paused(su, paused, now);
                 }
                 Control::Reload(reload) => {
-                    let now = self.now();
+                    let now = self.turn_now;
                     self.owner.reload(&reload.owner, now);
                 }
                 Control::Restrict(restricted) => {
-                    let now = self.now();
+                    let now = self.turn_now;
                     self.owner.set_restricted(restricted, now);
                 }
                 Control::LinkOpened {
@@ -235,7 +285,7 @@ impl Worker {
             if n == 0 {
                 return;
             }
-            let now = self.now();
+            let now = self.turn_now;
             for (_, envelope) in self.popped.drain(..) {
                 let _ = self.owner.take(envelope, now);
             }
@@ -329,14 +379,11 @@ impl Worker {
             }
             if conn.resolve(ticket.msg_id, durable) && !durable {
                 self.owner.counters().nack(NackReason::Overloaded);
-                conn.queue(
-                    &Frame::nack(
-                        ticket.msg_id,
-                        NackReason::Overloaded,
-                        "could not be written to disk",
-                    ),
-                    &mut self.scratch,
-                );
+                conn.queue(&Frame::nack(
+                    ticket.msg_id,
+                    NackReason::Overloaded,
+                    "could not be written to disk",
+                ));
             }
             if !touched.contains(&slot) {
                 touched.push(slot);
@@ -376,11 +423,18 @@ impl Worker {
             };
             let mut queued = false;
             while conn.has_room() {
-                let Some(frame) = self.owner.poll_transmit(peer, now, self.unix_turn) else {
+                let Some(t) = self.owner.poll_transmit_ref(peer, now, self.unix_turn) else {
                     break;
                 };
-                conn.queue(&frame, &mut self.scratch);
+                conn.queue_parts(&t.header, t.payload);
                 queued = true;
+                if conn.unwritten() >= WRITE_BYTES_MIN {
+                    // Start the peer reading while the rest is being copied.
+                    if let Err(e) = conn.flush() {
+                        let reason = format!("write failed: {e}");
+                        return self.close(slot, &reason);
+                    }
+                }
             }
             if queued {
                 self.on_writable(slot);
@@ -448,11 +502,11 @@ impl Worker {
             }
             return;
         }
-        let now = self.now();
+        let now = self.turn_now;
         let id = self.next_conn_id;
         self.next_conn_id += 1;
         let mut conn = Conn::new(stream, decoder, peer, addr, now, id);
-        conn.queue(&Frame::hello_ok(), &mut self.scratch);
+        conn.queue(&Frame::hello_ok());
         if let Some(s) = self.conns.get_mut(slot) {
             *s = Some(conn);
         }
@@ -522,9 +576,11 @@ impl Worker {
     /// Sends a final NACK and closes: the peer is detached at once, its socket lingers until
     /// the NACK is written and the peer closes (or [`LINGER`] passes).
     fn close_with(&mut self, slot: usize, msg_id: u64, reason: NackReason, detail: &str) {
+        // What the connection sent before goes in (and is ACKed) first.
+        self.hand_over(slot);
         self.owner.counters().nack(reason);
         self.detach(slot);
-        let now = self.now();
+        let now = self.turn_now;
         let Some(conn) = self.conns.get(slot).and_then(Option::as_ref) else {
             return;
         };
@@ -536,8 +592,8 @@ impl Worker {
         let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
-        conn.queue_ack(&mut self.scratch);
-        conn.queue(&Frame::nack(msg_id, reason, detail), &mut self.scratch);
+        conn.queue_ack();
+        conn.queue(&Frame::nack(msg_id, reason, detail));
         conn.state = ConnState::Closing {
             deadline: now + LINGER,
         };
@@ -567,9 +623,10 @@ impl Worker {
     fn housekeeping(&mut self, now: Nanos) {
         let idle = self.shared.config.engine.idle_timeout.as_nanos() as Nanos;
         for slot in 0..self.conns.len() {
-            let Some(conn) = self.conns.get(slot).and_then(Option::as_ref) else {
+            let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
                 continue;
             };
+            conn.tick();
             match conn.state {
                 ConnState::Open if now.saturating_sub(conn.last_rx) > idle => {
                     let reason = format!(

@@ -13,17 +13,26 @@
 //! varints or text to scan, so the cost of a header does not depend on what a peer puts in it,
 //! and a hostile peer cannot make parsing slow.
 //!
-//! # Why one masked compare
+//! # Why every rule is one compare
 //!
-//! Almost every header that arrives is valid, so [`Header::decode`] is written for that case. The
-//! fixed parts of the header (magic and version in the low five bytes of word 0, the reserved
-//! field in the high half of word 7) are checked together with one XOR, one mask and one OR
-//! folded into a single zero test. The variable checks (kind in range, mode in range,
-//! `payload_len` under the limit) are computed without short-circuiting and ORed into the same
-//! flag, so a valid header costs one predictable branch. Only when that branch is taken does a
-//! `#[cold]`, out-of-line function work out which rule was broken, to name it in the
-//! [`WireError`]. Malformed frames end the connection anyway (NACK reason 1), so their cost does
-//! not matter.
+//! Almost every header that arrives is valid, so [`Header::decode`] is written for that case. It
+//! reads the header as its eight little-endian words once, and every rule is a compare on one of
+//! two words: magic and version are the low five bytes of word 0 (one mask and compare), kind and
+//! mode are its next two bytes (one range compare each: kind 0 wraps to 255, so one unsigned
+//! compare checks both ends of 1–11), and word 7 is `payload_len` with the reserved field above
+//! it, so "reserved is 0 and the length is within the limit" is one compare of the whole word
+//! against the limit. The results are ORed without short-circuiting into one flag: a valid
+//! header costs these four compares and nothing else, and the compiler may test them in any
+//! order (it emits a short chain of never-taken branches), because the order in which errors are
+//! named is not decided here. Only when the flag is set does a `#[cold]`, out-of-line function
+//! work out, from the two words, which rule was broken first, to name it in the [`WireError`].
+//! Malformed frames end the connection anyway (NACK reason 1), so their cost does not matter.
+//!
+//! The error path returns the small [`WireError`] by value and the caller adds the `msg_id`:
+//! nothing on the valid path takes the address of the result, so once inlined the decoded fields
+//! go straight from registers to wherever the caller keeps the header, rather than through a
+//! temporary `Result` on the stack (which cost a copy and a stalled store-to-load forward when
+//! the error path wrote the whole `DecodeError` through a pointer).
 //!
 //! # The zero-copy path
 //!
@@ -518,79 +527,65 @@ impl Header {
     #[inline]
     pub fn decode(bytes: &[u8; HEADER_LEN], payload_bytes_max: u32) -> Result<Header, DecodeError> {
         let payload_bytes_max = payload_bytes_max.min(PAYLOAD_BYTES_MAX_CEILING);
-        let w0 = le_word::<0>(bytes);
-        let w1 = le_word::<8>(bytes);
-        let w7 = le_word::<56>(bytes);
+        let [w0, w1, su_id, device_id, counter, msg_id, created_ns, w7] = header_words(bytes);
 
-        let kind_byte = (w0 >> 40) as u8;
+        // Worked out once and used both as the check and as the value: every defined kind is
+        // its own byte, so the match compiles to one range compare and no table or second test.
+        let kind = Kind::from_u8((w0 >> 40) as u8);
         let mode = (w0 >> 48) as u8;
         let payload_len = w7 as u32;
 
-        // Magic, version and reserved are constants: one XOR-and-mask, ORed with the reserved
-        // half of word 7, is zero exactly when all three are right.
-        let fixed_wrong = ((w0 & WORD0_FIXED_MASK) ^ WORD0_FIXED_EXPECTED) | (w7 >> 32);
-        // `|`, not `||`: every condition is computed, so a valid header takes one branch in
-        // total. Kind 0 wraps to 255, so one unsigned compare checks both ends of 1..=11.
-        let malformed = (fixed_wrong != 0)
-            | (kind_byte.wrapping_sub(1) >= KIND_COUNT)
+        // `|`, not `||`: every condition is computed, and none is tested before another. Word 7
+        // is `payload_len` with the reserved field above it, so one unsigned compare of the
+        // whole word checks both: it is at most the (32-bit) limit exactly when reserved is 0
+        // and the length is within the limit.
+        let malformed = (w0 & WORD0_FIXED_MASK != WORD0_FIXED_EXPECTED)
+            | kind.is_none()
             | (mode > MODE_MAX)
-            | (payload_len > payload_bytes_max);
-        if malformed {
-            return Err(reject(bytes, payload_bytes_max));
+            | (w7 > u64::from(payload_bytes_max));
+        match kind {
+            Some(kind) if !malformed => Ok(Header {
+                kind,
+                mode,
+                priority: (w0 >> 56) as u8,
+                srv: Srv(w1 as u32),
+                alert_code: (w1 >> 32) as u16,
+                aux: (w1 >> 48) as u16,
+                su_id: Eui64(su_id),
+                device_id: Eui64(device_id),
+                counter,
+                msg_id,
+                created_ns,
+                payload_len,
+            }),
+            _ => Err(DecodeError {
+                msg_id,
+                error: reject(w0, w7, payload_bytes_max),
+            }),
         }
-        let Some(kind) = Kind::from_u8(kind_byte) else {
-            // Excluded by the range check above; kept as an error rather than a panic so that no
-            // input can reach a panic even if the two checks ever disagreed.
-            return Err(reject(bytes, payload_bytes_max));
-        };
-
-        Ok(Header {
-            kind,
-            mode,
-            priority: (w0 >> 56) as u8,
-            srv: Srv(w1 as u32),
-            alert_code: (w1 >> 32) as u16,
-            aux: (w1 >> 48) as u16,
-            su_id: Eui64(le_word::<16>(bytes)),
-            device_id: Eui64(le_word::<24>(bytes)),
-            counter: le_word::<32>(bytes),
-            msg_id: le_word::<40>(bytes),
-            created_ns: le_word::<48>(bytes),
-            payload_len,
-        })
     }
 }
 
-/// The little-endian `u64` at byte offset `AT` of a header.
-///
-/// `AT` is a constant checked at compile time, so the reads cannot go out of bounds and the
-/// compiler turns the eight byte reads into one load.
+/// The header as the eight little-endian words of its layout.
 #[inline(always)]
-#[allow(clippy::indexing_slicing)] // AT + 7 < HEADER_LEN, asserted at compile time below.
-fn le_word<const AT: usize>(bytes: &[u8; HEADER_LEN]) -> u64 {
-    const { assert!(AT.is_multiple_of(8) && AT + 8 <= HEADER_LEN) };
-    u64::from_le_bytes([
-        bytes[AT],
-        bytes[AT + 1],
-        bytes[AT + 2],
-        bytes[AT + 3],
-        bytes[AT + 4],
-        bytes[AT + 5],
-        bytes[AT + 6],
-        bytes[AT + 7],
-    ])
+fn header_words(bytes: &[u8; HEADER_LEN]) -> [u64; 8] {
+    let (chunks, _) = bytes.as_chunks::<8>();
+    let mut words = [0u64; 8];
+    for (word, chunk) in words.iter_mut().zip(chunks) {
+        *word = u64::from_le_bytes(*chunk);
+    }
+    words
 }
 
-/// Works out which rule a header broke, once the fast check has said that one was.
+/// Works out which rule a header broke, once the fast check has said that one was, from the
+/// two words that hold every checked field.
 ///
 /// Kept out of line and marked cold so that the valid path stays small. The rules are tried in
 /// the order a reader would check them (is this our protocol at all, then field by field); the
 /// last is taken without a test, because the fast check guarantees one of them failed.
 #[cold]
 #[inline(never)]
-fn reject(bytes: &[u8; HEADER_LEN], payload_bytes_max: u32) -> DecodeError {
-    let w0 = le_word::<0>(bytes);
-    let w7 = le_word::<56>(bytes);
+fn reject(w0: u64, w7: u64, payload_bytes_max: u32) -> WireError {
     let magic = w0 as u32;
     let version = (w0 >> 32) as u8;
     let kind = (w0 >> 40) as u8;
@@ -598,7 +593,7 @@ fn reject(bytes: &[u8; HEADER_LEN], payload_bytes_max: u32) -> DecodeError {
     let payload_len = w7 as u32;
     let reserved = (w7 >> 32) as u32;
 
-    let error = if magic != MAGIC {
+    if magic != MAGIC {
         WireError::BadMagic { found: magic }
     } else if version != VERSION {
         WireError::BadVersion { found: version }
@@ -614,10 +609,6 @@ fn reject(bytes: &[u8; HEADER_LEN], payload_bytes_max: u32) -> DecodeError {
     } else {
         debug_assert!(mode > MODE_MAX, "reject called on a valid header");
         WireError::BadMode { found: mode }
-    };
-    DecodeError {
-        msg_id: le_word::<40>(bytes),
-        error,
     }
 }
 
@@ -891,6 +882,48 @@ impl FrameDecoder {
         read.map(|_| kept)
     }
 
+    /// Like [`fill_from`](FrameDecoder::fill_from), but `read` writes straight into the
+    /// buffer's spare capacity, which is not zeroed first: the engine's intake reads sockets this
+    /// way (a `read(2)` into the uninitialised space), saving a `memset` of each chunk.
+    ///
+    /// `read` gets the spare space, at most `max_bytes`, [`READ_CHUNK_BYTES_MAX`] and the room
+    /// left, and returns how many bytes it wrote there (0 at end of stream).
+    ///
+    /// # Errors
+    ///
+    /// As [`fill_from`](FrameDecoder::fill_from).
+    ///
+    /// # Safety
+    ///
+    /// `read` must not read the space it is given, and the count it returns must be bytes it has
+    /// written at its start. A count over the space given is clamped to it; the space past the
+    /// count is never exposed.
+    pub unsafe fn fill_with(
+        &mut self,
+        max_bytes: usize,
+        read: impl FnOnce(&mut bytes::buf::UninitSlice) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        use bytes::BufMut;
+        let want = max_bytes.min(READ_CHUNK_BYTES_MAX).min(self.room());
+        if want == 0 && max_bytes != 0 && self.poisoned.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                "FrameDecoder is full: call next_frame until it returns None before reading more",
+            ));
+        }
+        self.buf.reserve(want);
+        let spare = self.buf.chunk_mut();
+        let want = want.min(spare.len());
+        let n = read(&mut spare[..want])?.min(want);
+        // SAFETY: the caller's contract: `read` initialised the first `n` bytes of the spare
+        // space (and `n` is clamped to the space it was given).
+        unsafe { self.buf.advance_mut(n) };
+        if self.poisoned.is_some() {
+            self.buf.clear();
+        }
+        Ok(n)
+    }
+
     /// The next complete frame, `Ok(None)` if more bytes are needed, or the error that ended the
     /// stream.
     ///
@@ -942,6 +975,67 @@ impl FrameDecoder {
 mod tests {
     use super::*;
 
+    /// Reads `from` through `fill_with` as a socket would (copy into the spare space).
+    fn fill_with_from(d: &mut FrameDecoder, from: &mut &[u8], max: usize) -> io::Result<usize> {
+        // SAFETY: the closure writes `n` bytes at the start of the space and reads none of it.
+        unsafe {
+            d.fill_with(max, |spare| {
+                let n = from.len().min(spare.len());
+                spare[..n].copy_from_slice(&from[..n]);
+                *from = &from[n..];
+                Ok(n)
+            })
+        }
+    }
+
+    #[test]
+    fn fill_with_reads_unzeroed_space_like_fill_from() {
+        let mut wire = Vec::new();
+        for i in 1..=300u64 {
+            let mut h = Header::new(Kind::Response);
+            h.msg_id = i;
+            let f = Frame::new(h, Bytes::from(vec![i as u8; 100 + i as usize])).unwrap();
+            wire.extend_from_slice(&f.header_bytes());
+            wire.extend_from_slice(&f.payload);
+        }
+        let mut d = FrameDecoder::new(PAYLOAD_BYTES_MAX_DEFAULT);
+        let mut from = &wire[..];
+        let mut seen = 0u64;
+        loop {
+            let n = fill_with_from(&mut d, &mut from, 1000).unwrap();
+            assert!(n <= 1000);
+            while let Some(f) = d.next_frame().unwrap() {
+                seen += 1;
+                assert_eq!(f.header.msg_id, seen);
+                assert_eq!(f.payload.len(), 100 + seen as usize);
+                assert!(f.payload.iter().all(|&b| b == seen as u8));
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        assert_eq!(seen, 300);
+        // A reader claiming more than it was given is clamped to the space.
+        let mut d = FrameDecoder::new(PAYLOAD_BYTES_MAX_DEFAULT);
+        // SAFETY: the closure writes every byte it reports (and claims more, which is clamped).
+        let n = unsafe {
+            d.fill_with(10, |spare| {
+                let len = spare.len();
+                for i in 0..len {
+                    spare.write_byte(i, 0);
+                }
+                Ok(len + 5)
+            })
+        }
+        .unwrap();
+        assert_eq!((n, d.buffered_len()), (10, 10));
+        // An error passes through and keeps nothing.
+        // SAFETY: the closure writes nothing and reports an error.
+        let e = unsafe { d.fill_with(10, |_| Err(io::ErrorKind::WouldBlock.into())) };
+        assert_eq!(e.unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(d.buffered_len(), 10);
+    }
+
     #[test]
     fn payload_is_a_view_of_the_receive_buffer() {
         let mut wire = BytesMut::new();
@@ -981,6 +1075,196 @@ mod tests {
         assert_eq!(decoder.next_frame(), Ok(Some(frame)));
         assert!(decoder.pending.is_none());
         assert_eq!(decoder.buffered_len(), 0);
+    }
+
+    /// PROTOCOL.md's rules written the obvious way, independent of `Header::decode`'s tricks:
+    /// each field from its own bytes, each rule in turn with an early return, in the order the
+    /// errors are documented to take precedence (magic, version, kind, reserved, length, mode).
+    fn reference_decode(b: &[u8; HEADER_LEN], limit: u32) -> Result<Header, DecodeError> {
+        let u16_at = |at: usize| u16::from_le_bytes(b[at..at + 2].try_into().unwrap());
+        let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+        let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+        let max = limit.min(PAYLOAD_BYTES_MAX_CEILING);
+        let msg_id = u64_at(40);
+        let fail = |error| Err(DecodeError { msg_id, error });
+        if u32_at(0) != MAGIC {
+            return fail(WireError::BadMagic { found: u32_at(0) });
+        }
+        if b[4] != VERSION {
+            return fail(WireError::BadVersion { found: b[4] });
+        }
+        let Some(&kind) = Kind::ALL.iter().find(|k| **k as u8 == b[5]) else {
+            return fail(WireError::UnknownKind { found: b[5] });
+        };
+        if u32_at(60) != 0 {
+            return fail(WireError::ReservedNotZero { found: u32_at(60) });
+        }
+        if u32_at(56) > max {
+            return fail(WireError::PayloadTooLong {
+                len: u32_at(56),
+                max,
+            });
+        }
+        if b[6] > 2 {
+            return fail(WireError::BadMode { found: b[6] });
+        }
+        Ok(Header {
+            kind,
+            mode: b[6],
+            priority: b[7],
+            srv: Srv(u32_at(8)),
+            alert_code: u16_at(12),
+            aux: u16_at(14),
+            su_id: Eui64(u64_at(16)),
+            device_id: Eui64(u64_at(24)),
+            counter: u64_at(32),
+            msg_id,
+            created_ns: u64_at(48),
+            payload_len: u32_at(56),
+        })
+    }
+
+    /// splitmix64: a fixed sequence, so that a failure repeats.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// A valid header with every field random and a length at most `limit`.
+    fn random_valid_header(rng: &mut Rng, limit: u32) -> [u8; HEADER_LEN] {
+        let mut h = Header::new(Kind::ALL[rng.below(11) as usize]);
+        h.mode = rng.below(3) as u8;
+        h.priority = rng.next() as u8;
+        h.srv = Srv(rng.next() as u32);
+        h.alert_code = rng.next() as u16;
+        h.aux = rng.next() as u16;
+        h.su_id = Eui64(rng.next());
+        h.device_id = Eui64(rng.next());
+        h.counter = rng.next();
+        h.msg_id = rng.next();
+        h.created_ns = rng.next();
+        h.payload_len = rng.below(u64::from(limit) + 1) as u32;
+        h.to_bytes()
+    }
+
+    /// Payload limits worth trying: the edges, the default, the ceiling and above it.
+    const LIMITS: [u32; 8] = [
+        0,
+        1,
+        255,
+        PAYLOAD_BYTES_MAX_DEFAULT,
+        PAYLOAD_BYTES_MAX_CEILING - 1,
+        PAYLOAD_BYTES_MAX_CEILING,
+        PAYLOAD_BYTES_MAX_CEILING + 1,
+        u32::MAX,
+    ];
+
+    fn assert_agrees(bytes: &[u8; HEADER_LEN], limit: u32) {
+        assert_eq!(
+            Header::decode(bytes, limit),
+            reference_decode(bytes, limit),
+            "limit {limit}, header {bytes:02x?}"
+        );
+    }
+
+    #[test]
+    fn decode_agrees_with_the_reference_on_every_value_of_every_checked_byte() {
+        // Bytes 0-7 hold magic, version, kind, mode and priority, 56-63 the length and the
+        // reserved field: every value of each, on valid headers with lengths at and around
+        // each limit, covers every invalid value of every field, each rule's edges, and a
+        // length byte pushing the length over the limit.
+        let mut rng = Rng(1);
+        for limit in LIMITS {
+            let capped = limit.min(PAYLOAD_BYTES_MAX_CEILING);
+            for len in [0, capped / 2, capped] {
+                let mut good = random_valid_header(&mut rng, limit);
+                good[56..60].copy_from_slice(&len.to_le_bytes());
+                assert!(Header::decode(&good, limit).is_ok());
+                for at in (0..8).chain(56..HEADER_LEN) {
+                    for value in 0..=u8::MAX {
+                        let mut bytes = good;
+                        bytes[at] = value;
+                        assert_agrees(&bytes, limit);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn decode_agrees_with_the_reference_on_random_and_mutated_headers() {
+        let mut rng = Rng(7);
+        let mut accepted = 0u32;
+        let mut refused = [0u32; 6];
+        for round in 0..300_000u32 {
+            let limit = match rng.below(4) {
+                0 => LIMITS[rng.below(LIMITS.len() as u64) as usize],
+                1 => rng.next() as u32,
+                _ => PAYLOAD_BYTES_MAX_DEFAULT,
+            };
+            let mut bytes = random_valid_header(&mut rng, limit.min(PAYLOAD_BYTES_MAX_CEILING));
+            match round % 4 {
+                // Entirely random bytes (almost always a bad magic).
+                0 => bytes.iter_mut().for_each(|b| *b = rng.next() as u8),
+                // One to four random bytes anywhere set to random values.
+                1 => {
+                    for _ in 0..=rng.below(4) {
+                        bytes[rng.below(HEADER_LEN as u64) as usize] = rng.next() as u8;
+                    }
+                }
+                // One or more checked fields made invalid at once, so that the order in which
+                // errors are named is tested too.
+                2 => {
+                    for _ in 0..=rng.below(3) {
+                        match rng.below(6) {
+                            0 => bytes[rng.below(4) as usize] ^= 1 << rng.below(8),
+                            1 => bytes[4] = [0, 2, 255, rng.next() as u8][rng.below(4) as usize],
+                            2 => {
+                                bytes[5] = [0, 12, 16, 255, rng.next() as u8][rng.below(5) as usize]
+                            }
+                            3 => bytes[6] = 3 + rng.below(253) as u8,
+                            4 => bytes[60 + rng.below(4) as usize] |= 1 << rng.below(8),
+                            _ => {
+                                let len = limit
+                                    .min(PAYLOAD_BYTES_MAX_CEILING)
+                                    .saturating_add(1 + rng.below(u64::from(u32::MAX)) as u32);
+                                bytes[56..60].copy_from_slice(&len.to_le_bytes());
+                            }
+                        }
+                    }
+                }
+                // Left valid.
+                _ => {}
+            }
+            assert_agrees(&bytes, limit);
+            match Header::decode(&bytes, limit) {
+                Ok(_) => accepted += 1,
+                Err(e) => {
+                    refused[match e.error {
+                        WireError::BadMagic { .. } => 0,
+                        WireError::BadVersion { .. } => 1,
+                        WireError::UnknownKind { .. } => 2,
+                        WireError::ReservedNotZero { .. } => 3,
+                        WireError::PayloadTooLong { .. } => 4,
+                        WireError::BadMode { .. } => 5,
+                    }] += 1
+                }
+            }
+        }
+        // The mix must reach every outcome often, or the agreement above proves little.
+        assert!(accepted > 50_000, "{accepted} accepted");
+        assert!(refused.iter().all(|&n| n > 5_000), "refused {refused:?}");
     }
 
     #[test]

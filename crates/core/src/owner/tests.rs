@@ -3,7 +3,7 @@
 //! waited for with sleeps (housekeeping, storm windows, retention) happens here at a chosen
 //! `now`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -14,7 +14,7 @@ use bytes::Bytes;
 use super::*;
 use crate::config::Config;
 use crate::ids::Srv;
-use crate::log::{Loaded, WalError};
+use crate::log::{LaneMap, Loaded, WalError};
 
 const S: Nanos = NANOS_PER_SEC;
 const UNIX: u64 = 1_767_225_600 * S;
@@ -26,7 +26,7 @@ const MAGNETIC: u16 = 0x8F75;
 struct MemLog {
     next: u64,
     /// Frames on disk only, by (peer, lane), oldest first.
-    spilled: HashMap<(PeerKey, u8), VecDeque<Loaded>>,
+    spilled: LaneMap<VecDeque<Loaded>>,
     /// Appends since the last write.
     buffered: Vec<((PeerKey, u8), Option<Loaded>)>,
     written: u64,

@@ -17,15 +17,15 @@ impl Worker {
             if !self.process_frames(slot) {
                 return;
             }
-            let now = self.now();
+            let now = self.turn_now;
             let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
                 return;
             };
-            if conn.stalled.is_some() {
-                // Not a byte more until the held frame is in its ring (`retry_stalled`).
+            if !conn.stalled.is_empty() {
+                // Not a byte more until the held frames are in their rings (`retry_stalled`).
                 return self.flush_acks(slot);
             }
-            match conn.decoder.fill_from(&mut conn.stream, usize::MAX) {
+            match conn.read() {
                 Ok(0) => {
                     // The peer closed; whatever it sent before is processed (and ACKed).
                     self.process_frames(slot);
@@ -51,70 +51,124 @@ impl Worker {
             self.more_to_read.push(slot);
         }
     }
-    /// Retries the frames held back by a full ring; a connection whose frame went in carries
-    /// on reading.
+    /// Retries the frames held back by full rings, in order; a connection whose frames all
+    /// went in is ACKed (durability `none`) and carries on reading.
     pub(super) fn retry_stalled(&mut self) {
         for slot in std::mem::take(&mut self.stalled) {
             let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
                 continue;
             };
-            let Some((owner, level, envelope)) = conn.stalled.take() else {
-                continue;
-            };
-            let msg_id = envelope.frame.header.msg_id;
-            let durable = envelope.ticket.is_some();
-            let Some(link) = self.shared.workers.get(owner) else {
-                continue;
-            };
-            match crate::push(link, level, *envelope) {
-                Ok(()) => {
-                    if durable {
-                        conn.pending.push_back((msg_id, false));
-                    } else {
-                        conn.ack_due = Some(msg_id);
-                    }
-                    self.on_readable(slot);
+            let held = std::mem::take(&mut conn.stalled);
+            // A group whose frame did not fit keeps its later frames too, to stay in order.
+            let mut full: Vec<(usize, crate::ids::Level)> = Vec::new();
+            for (owner, level, envelope) in held {
+                if full.contains(&(owner, level)) {
+                    conn.stalled.push((owner, level, envelope));
+                    continue;
                 }
-                Err(envelope) => {
-                    conn.stalled = Some((owner, level, envelope));
-                    self.stalled.push(slot);
+                let Some(link) = self.shared.workers.get(owner) else {
+                    continue;
+                };
+                if let Err(envelope) = crate::push(link, level, envelope) {
+                    conn.stalled.push((owner, level, *envelope));
+                    full.push((owner, level));
                 }
+            }
+            if conn.stalled.is_empty() {
+                if self.ticket_origin.is_none() {
+                    conn.ack_due = Some(conn.stalled_through);
+                }
+                self.on_readable(slot);
+            } else {
+                self.stalled.push(slot);
             }
         }
     }
     pub(super) fn flush_acks(&mut self, slot: usize) {
         if let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) {
             if conn.state == ConnState::Open {
-                conn.queue_ack(&mut self.scratch);
+                conn.queue_ack();
             }
         }
         self.on_writable(slot);
     }
-    /// Handles every complete frame buffered on a connection. `false` when the connection is
-    /// gone.
+    /// Handles every complete frame buffered on a connection, as one batch: its frames go to
+    /// their owners' rings together, one bulk push per (owner, level), then the batch is ACKed
+    /// (durability `none`). `false` when the connection is gone.
     pub(super) fn process_frames(&mut self, slot: usize) -> bool {
-        loop {
+        let open = loop {
             let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
-                return false;
+                break false;
             };
-            if conn.state != ConnState::Open || conn.stalled.is_some() {
-                return true;
+            if conn.state != ConnState::Open || !conn.stalled.is_empty() {
+                break true;
             }
             match conn.decoder.next_frame() {
-                Ok(None) => return true,
+                Ok(None) => break true,
                 Ok(Some(frame)) => self.on_frame(slot, frame),
                 Err(e) => {
                     tracing::info!(addr = %conn.addr, error = %e, "malformed frame; closing the connection");
                     self.close_with(slot, e.msg_id, NackReason::Malformed, &e.to_string());
-                    return true;
+                    break true;
                 }
             }
+        };
+        self.hand_over(slot);
+        open
+    }
+
+    /// Hands the batch gathered in the outbox to the owners' rings: one bulk push per (owner,
+    /// level), so one slot claim and one doorbell per group. Frames that do not fit are held on
+    /// the connection (which is then not read until they go in); the batch's ACK (durability
+    /// `none`) covers the frames before the first one held.
+    pub(super) fn hand_over(&mut self, slot: usize) {
+        let Some(last) = self.batch_last.take() else {
+            return;
+        };
+        let mut first_held: Option<u64> = None;
+        let mut held = Vec::new();
+        for group in self.outbox_used.drain(..) {
+            let Some(out) = self.outbox.get_mut(group) else {
+                continue;
+            };
+            let Some(link) = self.shared.workers.get(out.owner) else {
+                out.items.clear();
+                continue;
+            };
+            crate::push_bulk(link, out.level, &mut out.items);
+            for envelope in out.items.drain(..) {
+                let msg_id = envelope.frame.header.msg_id;
+                first_held = Some(first_held.map_or(msg_id, |m| m.min(msg_id)));
+                held.push((out.owner, out.level, envelope));
+            }
+        }
+        let durable = self.ticket_origin.is_some();
+        let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        if held.is_empty() {
+            if !durable {
+                conn.ack_due = Some(last);
+            }
+            return;
+        }
+        // Back in arrival order (msg_id order), whatever group they came from.
+        held.sort_by_key(|(_, _, e)| e.frame.header.msg_id);
+        if !durable {
+            if let Some(through) = first_held.and_then(|m| m.checked_sub(1)).filter(|&t| t > 0) {
+                conn.ack_due = Some(through);
+            }
+        }
+        conn.stalled = held;
+        conn.stalled_through = last;
+        if !self.stalled.contains(&slot) {
+            self.stalled.push(slot);
         }
     }
     pub(super) fn nack(&mut self, slot: usize, msg_id: u64, reason: NackReason, detail: &str) {
         self.owner.counters().nack(reason);
         if let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) {
-            conn.queue(&Frame::nack(msg_id, reason, detail), &mut self.scratch);
+            conn.queue(&Frame::nack(msg_id, reason, detail));
         }
     }
     pub(super) fn on_frame(&mut self, slot: usize, frame: Frame) {
@@ -140,7 +194,7 @@ impl Worker {
             (_, Kind::Ping) => {
                 let mut pong = Frame::pong();
                 pong.header.msg_id = msg_id;
-                conn.queue(&pong, &mut self.scratch);
+                conn.queue(&pong);
             }
             (_, Kind::Pong) => {}
             (PeerRef::Su(su), Kind::Request) => self.on_request(slot, su, frame),
@@ -178,7 +232,7 @@ impl Worker {
                 "no CSP serves this device",
             );
         };
-        let now = self.now();
+        let now = self.turn_now;
         let level = match self.owner.admit_request(su, &h, &self.shared.intake, now) {
             Ok(level) => level,
             Err(reason) => {
@@ -198,43 +252,38 @@ impl Worker {
         };
         self.forward(slot, owner, Destination::Southbound { csp, level }, frame);
     }
-    /// Pushes a frame taken on connection `slot` into its owner's ring, and ACKs it at once
-    /// (durability `none`) or once its owner has made it durable.
+    /// Adds a frame taken on connection `slot` to the batch for its owner's ring ([`Self::hand_over`]
+    /// pushes the batch); with durability, its ACK waits for its owner to make it durable.
     pub(super) fn forward(&mut self, slot: usize, owner: usize, to: Destination, frame: Frame) {
-        let ring_level = to.level();
+        let level = to.level();
         let msg_id = frame.header.msg_id;
         let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
-        let ticket = self.shared.durable.then_some(Ticket {
-            origin: self.index as u16,
+        let ticket = self.ticket_origin.map(|origin| Ticket {
+            origin,
             slot: slot as u32,
             conn_id: conn.id,
             msg_id,
         });
+        if ticket.is_some() {
+            conn.pending.push_back((msg_id, false));
+        }
         let envelope = Envelope {
             to,
             frame,
             ticket,
             enqueued_unix_ns: self.unix_turn,
         };
-        let Some(link) = self.shared.workers.get(owner) else {
+        let group = owner * self.levels + level.index();
+        let Some(out) = self.outbox.get_mut(group) else {
             return;
         };
-        if let Err(envelope) = crate::push(link, ring_level, envelope) {
-            // The owner's ring is full: hold the frame and stop reading this connection until
-            // it goes in, so that TCP's flow control slows the sender down (rather than
-            // refusing frames that the owner will have room for a moment later).
-            conn.stalled = Some((owner, ring_level, envelope));
-            if !self.stalled.contains(&slot) {
-                self.stalled.push(slot);
-            }
-            return;
+        if out.items.is_empty() {
+            self.outbox_used.push(group);
         }
-        match ticket {
-            Some(_) => conn.pending.push_back((msg_id, false)),
-            None => conn.ack_due = Some(msg_id),
-        }
+        out.items.push(envelope);
+        self.batch_last = Some(msg_id);
     }
     /// A RESPONSE or alert from a CSP (northbound, ENGINE.md §2): its level is decided here, once,
     /// and travels with it to the SU's owner (which may replace a response's by its request's).

@@ -266,7 +266,7 @@ impl Worker {
             return;
         }
         for frame in frames {
-            c.queue(frame, &mut self.scratch);
+            c.queue(frame);
         }
         if let (Some(held), Some(last)) = (
             self.held_links.get_mut(slot).and_then(Option::as_mut),
@@ -335,7 +335,7 @@ impl Worker {
                 {
                     Some(LinkConn::Here(slot)) => {
                         if let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) {
-                            c.queue(&frame, &mut self.scratch);
+                            c.queue(&frame);
                             written |= 1 << k;
                         }
                     }
