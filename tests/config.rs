@@ -849,8 +849,11 @@ fn a_reload_that_changes_tokens_applies_them_to_new_hellos() {
     assert!(!body.contains("-token"), "{body}");
     // Connections opened before the reload keep going.
     assert_eq!(level_of(&mut csp, &mut su, "2.2", 1), 1);
-    // New HELLOs: the new tokens are accepted, the old ones refused with NACK 3.
+    // New HELLOs: the new tokens are accepted, the old ones refused with NACK 3. (The CSP link
+    // holds one connection, `csp.connections_max` = 1: the old one is closed first, since a
+    // second HELLO does not take a CSP link's connection over.)
     Client::connect_su(engine.su_addr(), SU1, "su1-token-rotated").unwrap();
+    drop(csp);
     let _csp2 = Client::connect_csp(engine.csp_addr(), "csp-token-rotated").unwrap();
     assert_eq!(
         refused(Client::connect_su(engine.su_addr(), SU1, "su1-token")),
@@ -885,6 +888,64 @@ fn a_refused_reload_never_shows_a_token() {
     assert!(
         body.contains("service_user[0]") && body.contains("service_user[1]"),
         "{body}"
+    );
+    engine.shutdown();
+    engine.join();
+}
+
+#[test]
+fn csp_connections_max_is_checked_at_its_edges() {
+    let csp = |n: &str| format!("[[csp]]\nname = \"csp-east\"\ntoken = \"c\"\n{n}");
+    assert_eq!(parse(&csp("")).unwrap().csps[0].connections_max, 1);
+    let max = dsplane::limits::CSP_CONNECTIONS_MAX;
+    assert_eq!(max, 64);
+    let at = parse(&csp(&format!("connections_max = {max}\n"))).unwrap();
+    assert_eq!(at.csps[0].connections_max, max);
+    for bad in [0, max + 1] {
+        let text = csp(&format!("connections_max = {bad}\n"));
+        assert_invalid(&text, "csp[0].connections_max", &bad.to_string());
+        let e = parse(&text).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "config key `csp[0].connections_max` = {bad}: expected 1 to {max} connections for CSP link \"csp-east\""
+            )
+        );
+    }
+}
+
+#[test]
+fn a_reload_changes_a_csp_links_connections_max_for_new_hellos_and_keeps_open_ones() {
+    let (engine, path, text) = start_engine("connections-max");
+    let mut first = Client::connect_csp(engine.csp_addr(), "csp-token").unwrap();
+    assert_eq!(
+        refused(Client::connect_csp(engine.csp_addr(), "csp-token")),
+        Some(NackReason::Overloaded),
+        "connections_max = 1 by default"
+    );
+    let two = text.replace(
+        "token = \"csp-token\"\n",
+        "token = \"csp-token\"\nconnections_max = 2\n",
+    );
+    let (status, body) = reload(&engine, &path, &two);
+    assert_eq!(status, 200, "{body}");
+    let mut second = Client::connect_csp(engine.csp_addr(), "csp-token").unwrap();
+    assert_eq!(
+        refused(Client::connect_csp(engine.csp_addr(), "csp-token")),
+        Some(NackReason::Overloaded)
+    );
+    // Lowered again: the two open connections stay, and carry traffic; new HELLOs are refused.
+    let one = two.replace("connections_max = 2", "connections_max = 1");
+    let (status, body) = reload(&engine, &path, &one);
+    assert_eq!(status, 200, "{body}");
+    let mut su = Client::connect_su(engine.su_addr(), SU1, "su1-token").unwrap();
+    assert_eq!(level_of(&mut first, &mut su, "2.2", 1), 1);
+    assert_eq!(level_of(&mut second, &mut su, "2.2", 2), 1);
+    drop(second);
+    assert_eq!(
+        refused(Client::connect_csp(engine.csp_addr(), "csp-token")),
+        Some(NackReason::Overloaded),
+        "one is still open"
     );
     engine.shutdown();
     engine.join();

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/../.."
 seeds=${1:-1000}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/mutations}
 printf '%-22s %s\n' mutation result
-for m in ack_before_durable level2_before_level1 forget_spilled_lane skip_storm_count; do
+for m in ack_before_durable level2_before_level1 forget_spilled_lane skip_storm_count release_ahead_of_older; do
     RUSTFLAGS="--cfg dsplane_mutation=\"$m\"" cargo build --quiet --release -p dsplane-sim
     out=$("$CARGO_TARGET_DIR/release/dsplane-sim" --seeds "$seeds" 2>&1 || true)
     summary=$(printf '%s\n' "$out" | grep -E '^[0-9]+ seeds, ' | tail -1)

@@ -512,6 +512,7 @@ pub struct RawCsp {
     pub rate: Option<u32>,
     pub burst: Option<u32>,
     pub window: Option<u32>,
+    pub connections_max: Option<u32>,
     pub device_ranges: Vec<String>,
 }
 
@@ -744,8 +745,10 @@ pub struct Csp {
     pub rate: u32,
     /// Southbound burst.
     pub burst: u32,
-    /// Southbound in-flight window.
+    /// Southbound in-flight window, shared by its connections.
     pub window: u32,
+    /// Most connections it may hold at once; a HELLO beyond them is refused (NACK 5).
+    pub connections_max: u32,
     /// The devices it serves; empty = every device no other CSP claims.
     pub device_ranges: Vec<DeviceRange>,
 }
@@ -894,6 +897,7 @@ impl Config {
             csp.rate = Some(resolved.rate);
             csp.burst = Some(resolved.burst);
             csp.window = Some(resolved.window);
+            csp.connections_max = Some(resolved.connections_max);
         }
         raw.priority.scheduled_response_level = Some(self.priority.scheduled_response_level.get());
         toml::to_string_pretty(&raw)
@@ -1644,10 +1648,29 @@ fn validate_csps(
                 1,
                 WINDOW_FRAMES_MAX,
             )?,
+            connections_max: validate_connections_max(&key, csp)?,
             device_ranges: ranges,
         });
     }
     Ok(csps)
+}
+
+/// `csp[i].connections_max`: 1 to [`crate::limits::CSP_CONNECTIONS_MAX`]; the error names the
+/// link too, since `csp[3]` alone is hard to find in a long file.
+fn validate_connections_max(key: &str, csp: &RawCsp) -> Result<u32, ConfigError> {
+    let max = crate::limits::CSP_CONNECTIONS_MAX;
+    let value = csp.connections_max.unwrap_or(1);
+    if !(1..=max).contains(&value) {
+        return Err(invalid(
+            format!("{key}.connections_max"),
+            value,
+            format!(
+                "expected 1 to {max} connections for CSP link {:?}",
+                csp.name
+            ),
+        ));
+    }
+    Ok(value)
 }
 
 fn validate_level(key: &str, level: u8, levels: u8) -> Result<Level, ConfigError> {

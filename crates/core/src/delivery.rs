@@ -27,6 +27,25 @@
 //! across levels (PROTOCOL.md, "Connection life" step 3). Reconnecting with a backlog starts the
 //! limiter's release ramp (ENGINE.md §3), so the adapter is not hit by everything at once.
 //!
+//! # Several connections
+//!
+//! A peer may hold several connections at once (a CSP link with `connections_max` above 1;
+//! an SU always has one, connection 0). Each connection has its own `msg_id` sequence and its
+//! own unacknowledged list; the window is the peer's, over all of them, and each connection
+//! may hold at most its share of it (`window` divided by the connections open, rounded up), so
+//! one that stops acknowledging cannot take the whole window. [`DeliveryScheduler::next_send_to`]
+//! gives the next frame to the open connection with the fewest frames in flight (ties in turn).
+//! When one connection goes, only its unacknowledged frames go back, each to its place by
+//! arrival in its level's queue (every queue is kept in arrival order), to be re-sent on
+//! another connection in priority order.
+//!
+//! The log records deliveries as one watermark per lane ("done through this frame"), so a
+//! frame may be released only once every older frame of its lane has left. With one connection
+//! ACKs come in that order. With several they need not (connection B acknowledges a frame sent
+//! after one still in flight on connection A, or after one that came back from a closed
+//! connection): such a frame is *retired*, held until nothing older of its lane is held, then
+//! released. Retired frames still count in [`DeliveryScheduler::held`].
+//!
 //! # Bounds
 //!
 //! The scheduler holds at most `frames_max` frames, waiting and unacknowledged together;
@@ -34,7 +53,7 @@
 //! NACK 5 (overloaded) or moves it to a lower tier. Re-queuing unacknowledged frames on a
 //! disconnect never exceeds the bound, since they were already counted.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use crate::ids::Level;
 use crate::limiter::{ReleaseStart, TokenBucket};
@@ -80,7 +99,9 @@ pub enum Blocked {
 /// A frame handed out for sending.
 #[derive(Debug)]
 pub struct Outgoing<'a, T> {
-    /// The `msg_id` to write in its header.
+    /// The connection it is for (0 for a peer with one connection).
+    pub conn: usize,
+    /// The `msg_id` to write in its header: its connection's next.
     pub msg_id: u64,
     /// Its level, to write in the header's `priority` byte.
     pub level: Level,
@@ -99,21 +120,67 @@ pub struct DeliveryStats {
     pub acked: u64,
 }
 
+/// A frame waiting in a queue.
+#[derive(Debug)]
+struct Waiting<T> {
+    level: Level,
+    item: T,
+    /// It was sent before, on a connection that went.
+    resend: bool,
+    /// When it joined the scheduler (a count): every queue is in this order.
+    arrival: u64,
+}
+
+/// A frame sent and not yet acknowledged.
+#[derive(Debug)]
+struct InFlight<T> {
+    msg_id: u64,
+    level: Level,
+    item: T,
+    arrival: u64,
+}
+
+/// One connection's sending side.
+#[derive(Debug)]
+struct Sender<T> {
+    open: bool,
+    next_msg_id: u64,
+    /// In send order.
+    unacked: VecDeque<InFlight<T>>,
+}
+
+impl<T> Sender<T> {
+    fn new() -> Self {
+        Sender {
+            open: false,
+            next_msg_id: 1,
+            unacked: VecDeque::new(),
+        }
+    }
+}
+
 /// One peer's scheduler. `T` is the frame type; the scheduler never looks inside it.
 #[derive(Debug)]
 pub struct DeliveryScheduler<T> {
     settings: DeliverySettings,
-    /// Per level (index 0 = level 1), or one queue when not prioritised: (level, frame, re-send).
-    queues: Vec<VecDeque<(Level, T, bool)>>,
+    /// Per level (index 0 = level 1), or one queue when not prioritised; each in arrival order.
+    queues: Vec<VecDeque<Waiting<T>>>,
     /// Bit i set = `queues[i]` is non-empty or lane i has spilled frames.
     nonempty: u32,
     waiting: usize,
     /// Per lane: frames waiting on disk only (the SURB), behind those in `queues`.
     spilled: Vec<u64>,
-    /// In send order: (msg_id, level, frame).
-    unacked: VecDeque<(u64, Level, T)>,
-    next_msg_id: u64,
-    connected: bool,
+    /// Per connection (0 first; more only for a peer that opens several).
+    senders: Vec<Sender<T>>,
+    /// Connections open.
+    open: usize,
+    /// Frames in flight on every connection together.
+    in_flight: usize,
+    /// Acknowledged frames waiting for older frames of their lane to leave, by arrival.
+    retired: BTreeMap<u64, (Level, T)>,
+    next_arrival: u64,
+    /// Where the search for the least loaded connection starts, so that ties go in turn.
+    turn: usize,
     paused: bool,
     limiter: TokenBucket,
     /// Set when the limiter ran out of tokens: the peer is being paced, and sending resumes only
@@ -143,9 +210,12 @@ impl<T> DeliveryScheduler<T> {
             nonempty: 0,
             waiting: 0,
             spilled: vec![0; queue_count],
-            unacked: VecDeque::new(),
-            next_msg_id: 1,
-            connected: false,
+            senders: vec![Sender::new()],
+            open: 0,
+            in_flight: 0,
+            retired: BTreeMap::new(),
+            next_arrival: 0,
+            turn: 0,
             paused: false,
             limiter,
             paced: false,
@@ -196,16 +266,31 @@ impl<T> DeliveryScheduler<T> {
     pub fn load(&mut self, level: Level, item: T) {
         let i = self.queue_index(level);
         self.spilled[i] = self.spilled[i].saturating_sub(1);
-        self.queues[i].push_back((level, item, false));
+        self.push_back(i, level, item);
+    }
+
+    /// Queues a frame at the back of queue `i`, as the newest arrival.
+    fn push_back(&mut self, i: usize, level: Level, item: T) {
+        let arrival = self.next_arrival;
+        self.next_arrival += 1;
+        self.queues[i].push_back(Waiting {
+            level,
+            item,
+            resend: false,
+            arrival,
+        });
         self.nonempty |= 1 << i;
         self.waiting += 1;
     }
 
-    /// Whether a frame of `lane` has been sent and not yet acknowledged.
+    /// Whether a frame of `lane` has been sent and not yet acknowledged, on any connection.
+    /// (A retired frame, acknowledged and not yet released, does not count: it is newer than
+    /// a frame of its lane still held, and an expiry takes the oldest first.)
     pub fn unacked_in(&self, lane: usize) -> bool {
-        self.unacked
+        self.senders
             .iter()
-            .any(|(_, level, _)| self.queue_index(*level) == lane)
+            .flat_map(|s| s.unacked.iter())
+            .any(|f| self.queue_index(f.level) == lane)
     }
 
     /// Takes out, from the front of every lane, the waiting frames for which `expired` says
@@ -222,12 +307,9 @@ impl<T> DeliveryScheduler<T> {
             if self.unacked_in(i) {
                 continue;
             }
-            while self.queues[i]
-                .front()
-                .is_some_and(|(_, item, _)| expired(item))
-            {
-                if let Some((level, item, _)) = self.queues[i].pop_front() {
-                    out.push((level, item));
+            while self.queues[i].front().is_some_and(|w| expired(&w.item)) {
+                if let Some(w) = self.queues[i].pop_front() {
+                    out.push((w.level, w.item));
                     self.waiting -= 1;
                 }
             }
@@ -252,15 +334,13 @@ impl<T> DeliveryScheduler<T> {
             return Err(item);
         }
         let i = self.queue_index(level);
-        self.queues[i].push_back((level, item, false));
-        self.nonempty |= 1 << i;
-        self.waiting += 1;
+        self.push_back(i, level, item);
         Ok(())
     }
 
-    /// Frames held in memory: waiting plus unacknowledged.
+    /// Frames held in memory: waiting, unacknowledged, and acknowledged but not yet released.
     pub fn held(&self) -> usize {
-        self.waiting + self.unacked.len()
+        self.waiting + self.in_flight + self.retired.len()
     }
 
     /// Frames waiting to be sent, in memory and spilled.
@@ -273,38 +353,94 @@ impl<T> DeliveryScheduler<T> {
         if self.settings.prioritised {
             self.queues.get(level.index()).map_or(0, VecDeque::len)
         } else {
-            self.queues[0]
-                .iter()
-                .filter(|(l, _, _)| *l == level)
-                .count()
+            self.queues[0].iter().filter(|w| w.level == level).count()
         }
     }
 
-    /// Frames sent and not yet acknowledged.
+    /// Frames sent and not yet acknowledged, on every connection.
     pub fn unacked(&self) -> usize {
-        self.unacked.len()
+        self.in_flight
     }
 
-    /// Whether frames may be sent: connected and not paused.
+    /// Frames sent on connection `conn` and not yet acknowledged.
+    pub fn unacked_on(&self, conn: usize) -> usize {
+        self.senders.get(conn).map_or(0, |s| s.unacked.len())
+    }
+
+    /// Whether frames may be sent: a connection is open and the peer is not paused.
     pub fn is_available(&self) -> bool {
-        self.connected && !self.paused
+        self.open > 0 && !self.paused
+    }
+
+    /// Whether a connection is open.
+    pub fn is_connected(&self) -> bool {
+        self.open > 0
+    }
+
+    /// Whether connection `conn` is open.
+    pub fn is_open(&self, conn: usize) -> bool {
+        self.senders.get(conn).is_some_and(|s| s.open)
     }
 
     /// The peer has connected (or a takeover connection replaced the old one, after
-    /// [`Self::on_disconnect`]): `msg_id`s restart at 1, and a waiting backlog is released with the
-    /// ramp.
+    /// [`Self::on_disconnect`]): connection 0 opens.
     pub fn on_connect(&mut self, now: Nanos) {
-        self.connected = true;
-        self.next_msg_id = 1;
-        self.start_release_if_backlog(now);
+        self.connect(0, now);
     }
 
-    /// The connection is gone: unacknowledged frames go back to the front of their queues.
+    /// Connection `conn` opened: its `msg_id`s start at 1. The first connection to open
+    /// releases a waiting backlog with the ramp; more connections only add room.
+    pub fn connect(&mut self, conn: usize, now: Nanos) {
+        if self.is_open(conn) {
+            // Never called so by the owner; treated as the connection going and coming back.
+            self.disconnect(conn);
+        }
+        while self.senders.len() <= conn {
+            self.senders.push(Sender::new());
+        }
+        let sender = &mut self.senders[conn];
+        sender.open = true;
+        sender.next_msg_id = 1;
+        self.open += 1;
+        if self.open == 1 {
+            self.start_release_if_backlog(now);
+        }
+    }
+
+    /// Every connection is gone: unacknowledged frames go back to the front of their queues.
     pub fn on_disconnect(&mut self) {
-        self.connected = false;
-        while let Some((_, level, item)) = self.unacked.pop_back() {
-            let i = self.queue_index(level);
-            self.queues[i].push_front((level, item, true));
+        for conn in 0..self.senders.len() {
+            self.disconnect(conn);
+        }
+    }
+
+    /// Connection `conn` is gone: the frames it had not acknowledged go back to their queues,
+    /// each to its place by arrival (ahead of everything that was never sent), to go out again
+    /// on another connection or after a reconnect.
+    pub fn disconnect(&mut self, conn: usize) {
+        let Some(sender) = self.senders.get_mut(conn) else {
+            return;
+        };
+        if !sender.open {
+            return;
+        }
+        sender.open = false;
+        self.open -= 1;
+        let back = std::mem::take(&mut sender.unacked);
+        self.in_flight -= back.len();
+        for f in back {
+            let i = self.queue_index(f.level);
+            let queue = &mut self.queues[i];
+            let at = queue.partition_point(|w| w.arrival < f.arrival);
+            queue.insert(
+                at,
+                Waiting {
+                    level: f.level,
+                    item: f.item,
+                    resend: true,
+                    arrival: f.arrival,
+                },
+            );
             self.nonempty |= 1 << i;
             self.waiting += 1;
         }
@@ -315,7 +451,7 @@ impl<T> DeliveryScheduler<T> {
     pub fn set_paused(&mut self, paused: bool, now: Nanos) {
         let was = self.paused;
         self.paused = paused;
-        if was && !paused && self.connected {
+        if was && !paused && self.open > 0 {
             self.start_release_if_backlog(now);
         }
     }
@@ -347,8 +483,40 @@ impl<T> DeliveryScheduler<T> {
         &mut self.limiter
     }
 
-    /// Hands out the next frame to send, or says why none may go now.
+    /// Hands out the next frame to send, on any open connection, or says why none may go now.
     pub fn next_send(&mut self, now: Nanos) -> Result<Outgoing<'_, T>, Blocked> {
+        self.next_send_to(u64::MAX, now)
+    }
+
+    /// The open connection among `conns` (bit i: connection i may take a frame now) with the
+    /// fewest frames in flight and room in its share of the window; ties go in turn.
+    fn pick_connection(&self, conns: u64) -> Option<usize> {
+        if let [only] = self.senders.as_slice() {
+            // One connection (every SU, and a link with `connections_max = 1`): the window is
+            // all its own, and the caller has checked it. No division on this, the usual path.
+            return (only.open && conns & 1 != 0).then_some(0);
+        }
+        let n = self.senders.len();
+        // `open` ≥ 1 here (the caller checked availability).
+        let share = (self.settings.window as usize).div_ceil(self.open.max(1));
+        let mut best: Option<(usize, usize)> = None;
+        for step in 0..n {
+            let c = (self.turn + step) % n;
+            let sender = &self.senders[c];
+            if !sender.open || c >= 64 || conns & (1 << c) == 0 || sender.unacked.len() >= share {
+                continue;
+            }
+            if best.is_none_or(|(_, load)| sender.unacked.len() < load) {
+                best = Some((c, sender.unacked.len()));
+            }
+        }
+        best.map(|(c, _)| c)
+    }
+
+    /// Hands out the next frame to send on one of the connections in `conns` (bit i:
+    /// connection i has room now), or says why none may go now ([`Blocked::Window`] when none of
+    /// those connections may take one).
+    pub fn next_send_to(&mut self, conns: u64, now: Nanos) -> Result<Outgoing<'_, T>, Blocked> {
         if self.nonempty == 0 {
             return Err(Blocked::Empty);
         }
@@ -360,7 +528,7 @@ impl<T> DeliveryScheduler<T> {
         #[cfg(dsplane_mutation = "level2_before_level1")]
         let i = if self.nonempty & 0b11 == 0b11 { 1 } else { i };
         let level = match self.queues[i].front() {
-            Some((level, _, _)) => *level,
+            Some(w) => w.level,
             None if self.spilled[i] > 0 => return Err(Blocked::Load(i)),
             None => {
                 // Cannot happen (the bit says non-empty); repair the bitmap rather than stall.
@@ -375,9 +543,12 @@ impl<T> DeliveryScheduler<T> {
                 .window
                 .saturating_sub(self.settings.window_reserved_top)
         };
-        if self.unacked.len() >= limit as usize {
+        if self.in_flight >= limit as usize {
             return Err(Blocked::Window);
         }
+        let Some(conn) = self.pick_connection(conns) else {
+            return Err(Blocked::Window);
+        };
         if self.paced {
             if self.limiter.available(now) < self.limiter.wake_tokens(now) {
                 return Err(Blocked::Rate(self.limiter.next_wake(now)));
@@ -388,47 +559,106 @@ impl<T> DeliveryScheduler<T> {
             self.paced = self.batch_wakes;
             return Err(Blocked::Rate(self.limiter.next_wake(now)));
         }
-        let Some((level, item, resend)) = self.queues[i].pop_front() else {
+        let Some(w) = self.queues[i].pop_front() else {
             return Err(Blocked::Empty);
         };
         if self.queues[i].is_empty() && self.spilled[i] == 0 {
             self.nonempty &= !(1 << i);
         }
         self.waiting -= 1;
-        let msg_id = self.next_msg_id;
-        self.next_msg_id += 1;
+        self.in_flight += 1;
+        self.turn = conn + 1;
         self.stats.sent += 1;
-        self.stats.resent += u64::from(resend);
-        self.unacked.push_back((msg_id, level, item));
-        let (msg_id, level, item) = self
-            .unacked
-            .back()
-            .map(|(m, l, t)| (*m, *l, t))
-            .ok_or(Blocked::Empty)?;
-        Ok(Outgoing {
+        self.stats.resent += u64::from(w.resend);
+        let sender = &mut self.senders[conn];
+        let msg_id = sender.next_msg_id;
+        sender.next_msg_id += 1;
+        sender.unacked.push_back(InFlight {
             msg_id,
-            level,
-            item,
+            level: w.level,
+            item: w.item,
+            arrival: w.arrival,
+        });
+        let sent = sender.unacked.back().ok_or(Blocked::Empty)?;
+        Ok(Outgoing {
+            conn,
+            msg_id,
+            level: sent.level,
+            item: &sent.item,
         })
     }
 
-    /// The frame [`DeliveryScheduler::next_send`] handed out last, while it is unacknowledged.
-    pub fn newest_unacked(&self) -> Option<&T> {
-        self.unacked.back().map(|(_, _, item)| item)
+    /// The frame [`DeliveryScheduler::next_send_to`] handed out last on connection `conn`,
+    /// while it is unacknowledged.
+    pub fn newest_unacked(&self, conn: usize) -> Option<&T> {
+        self.senders.get(conn)?.unacked.back().map(|f| &f.item)
     }
 
-    /// A cumulative ACK: releases every unacknowledged frame up to `msg_id`, calling `released`
-    /// for each (e.g. to reclaim its disk space). Returns how many were released.
-    pub fn on_ack(&mut self, msg_id: u64, mut released: impl FnMut(Level, T)) -> usize {
+    /// A cumulative ACK on connection 0: see [`Self::ack`].
+    pub fn on_ack(&mut self, msg_id: u64, released: impl FnMut(Level, T)) -> usize {
+        self.ack(0, msg_id, released)
+    }
+
+    /// A cumulative ACK on connection `conn`: every frame it had unacknowledged up to `msg_id`
+    /// is acknowledged, and released (`released` is called for each, e.g. to reclaim its disk
+    /// space) once nothing older of its lane is held. Returns how many were released, which
+    /// may include frames acknowledged earlier on other connections.
+    pub fn ack(&mut self, conn: usize, msg_id: u64, mut released: impl FnMut(Level, T)) -> usize {
+        // The simulator's deliberate bug (docs/simulation.md): a frame acknowledged on one
+        // connection is released at once, even ahead of an older one of its lane in flight.
+        let single = cfg!(dsplane_mutation = "release_ahead_of_older") || self.senders.len() == 1;
+        let Some(sender) = self.senders.get_mut(conn) else {
+            return 0;
+        };
+        let mut acked = 0;
         let mut n = 0;
-        while self.unacked.front().is_some_and(|(m, _, _)| *m <= msg_id) {
-            if let Some((_, level, item)) = self.unacked.pop_front() {
-                released(level, item);
+        while sender.unacked.front().is_some_and(|f| f.msg_id <= msg_id) {
+            let Some(f) = sender.unacked.pop_front() else {
+                break;
+            };
+            acked += 1;
+            if single {
+                // One connection: ACKs come in send order, and within a lane that is arrival
+                // order, so nothing older of the lane can still be held.
+                released(f.level, f.item);
                 n += 1;
+            } else {
+                self.retired.insert(f.arrival, (f.level, f.item));
             }
         }
-        self.stats.acked += n as u64;
-        n
+        self.in_flight -= acked;
+        self.stats.acked += acked as u64;
+        n + self.release_retired(released)
+    }
+
+    /// Releases the retired frames that no older frame of their lane is held behind any more
+    /// (after an ACK on another connection or an expiry). Returns how many.
+    pub fn release_retired(&mut self, mut released: impl FnMut(Level, T)) -> usize {
+        if self.retired.is_empty() {
+            return 0;
+        }
+        // The oldest frame each lane still holds, waiting or in flight.
+        let mut oldest: Vec<u64> = self
+            .queues
+            .iter()
+            .map(|q| q.front().map_or(u64::MAX, |w| w.arrival))
+            .collect();
+        for f in self.senders.iter().flat_map(|s| s.unacked.iter()) {
+            let i = self.queue_index(f.level);
+            oldest[i] = oldest[i].min(f.arrival);
+        }
+        let ready: Vec<u64> = self
+            .retired
+            .iter()
+            .filter(|(arrival, (level, _))| **arrival < oldest[self.queue_index(*level)])
+            .map(|(arrival, _)| *arrival)
+            .collect();
+        for arrival in &ready {
+            if let Some((level, item)) = self.retired.remove(arrival) {
+                released(level, item);
+            }
+        }
+        ready.len()
     }
 
     /// Counters.
@@ -436,12 +666,17 @@ impl<T> DeliveryScheduler<T> {
         self.stats
     }
 
-    /// Takes every held frame out, unacknowledged first (in send order) then waiting (in
-    /// priority order): for a shutdown that hands them to a lower tier.
+    /// Takes every held frame out, acknowledged but unreleased first, then unacknowledged (in
+    /// send order, connection by connection), then waiting (in priority order): for a shutdown
+    /// that hands them to a lower tier.
     pub fn drain(&mut self) -> Vec<(Level, T)> {
-        let mut out: Vec<(Level, T)> = self.unacked.drain(..).map(|(_, l, t)| (l, t)).collect();
+        let mut out: Vec<(Level, T)> = std::mem::take(&mut self.retired).into_values().collect();
+        for sender in &mut self.senders {
+            out.extend(sender.unacked.drain(..).map(|f| (f.level, f.item)));
+        }
+        self.in_flight = 0;
         for q in &mut self.queues {
-            out.extend(q.drain(..).map(|(l, t, _)| (l, t)));
+            out.extend(q.drain(..).map(|w| (w.level, w.item)));
         }
         self.waiting = 0;
         self.nonempty = 0;
@@ -791,5 +1026,166 @@ mod tests {
         assert_eq!(drained, vec![20, 10, 40]);
         assert_eq!(s.held(), 0);
         assert_eq!(s.next_send(0).err(), Some(Blocked::Empty));
+    }
+
+    /// Everything that may go now on any connection: (connection, msg_id, item).
+    fn send_any(s: &mut DeliveryScheduler<u32>, now: Nanos) -> Vec<(usize, u64, u32)> {
+        let mut out = Vec::new();
+        while let Ok(o) = s.next_send(now) {
+            out.push((o.conn, o.msg_id, *o.item));
+        }
+        out
+    }
+
+    #[test]
+    fn two_connections_share_the_window_each_with_its_own_msg_ids() {
+        let mut s = connected(settings()); // window 8, 2 reserved for level 1
+        s.connect(1, 0);
+        for i in 0..10 {
+            s.enqueue(level(4), i).unwrap();
+        }
+        // Routine frames fill 8 - 2 slots, spread in turn, each connection counting from 1.
+        assert_eq!(
+            send_any(&mut s, 0),
+            vec![
+                (0, 1, 0),
+                (1, 1, 1),
+                (0, 2, 2),
+                (1, 2, 3),
+                (0, 3, 4),
+                (1, 3, 5)
+            ]
+        );
+        assert_eq!((s.unacked(), s.unacked_on(0), s.unacked_on(1)), (6, 3, 3));
+        // Connection 1 acknowledges; connection 0 does not. The least loaded connection takes
+        // the next frames, up to the routine part of the window (6) in all.
+        let mut released = Vec::new();
+        assert_eq!(
+            s.ack(1, 3, |_, item| released.push(item)),
+            0,
+            "older frames of the lane are in flight on 0"
+        );
+        assert!(released.is_empty());
+        assert_eq!(send_any(&mut s, 0), vec![(1, 4, 6), (1, 5, 7), (1, 6, 8)]);
+        // Level-1 frames may use the reserved slots, up to each connection's share (8 / 2).
+        s.enqueue(level(1), 100).unwrap();
+        s.enqueue(level(1), 101).unwrap();
+        assert_eq!(send_any(&mut s, 0), vec![(0, 4, 100), (1, 7, 101)]);
+        s.enqueue(level(1), 102).unwrap();
+        assert_eq!(
+            s.next_send(0).err(),
+            Some(Blocked::Window),
+            "both connections hold their share: 8 in flight"
+        );
+        // Connection 0 acknowledges everything: what it had, and what connection 1 had
+        // acknowledged behind it, leaves, in arrival order.
+        assert_eq!(s.ack(0, 4, |_, item| released.push(item)), 7);
+        assert_eq!(released, vec![0, 1, 2, 3, 4, 5, 100]);
+        assert_eq!(s.ack(1, 7, |_, item| released.push(item)), 4);
+        assert_eq!(send_any(&mut s, 0), vec![(0, 5, 102), (1, 8, 9)]);
+    }
+
+    #[test]
+    fn a_connection_with_no_room_is_skipped() {
+        let mut s = connected(settings());
+        s.connect(1, 0);
+        for i in 0..3 {
+            s.enqueue(level(2), i).unwrap();
+        }
+        // Connection 0's socket is full: everything goes on 1.
+        let mut on = Vec::new();
+        while let Ok(o) = s.next_send_to(0b10, 0) {
+            on.push((o.conn, o.msg_id));
+        }
+        assert_eq!(on, vec![(1, 1), (1, 2), (1, 3)]);
+        s.enqueue(level(2), 3).unwrap();
+        assert_eq!(
+            s.next_send_to(0b100, 0).err(),
+            Some(Blocked::Window),
+            "no such connection"
+        );
+    }
+
+    #[test]
+    fn a_closed_connection_gives_back_only_its_frames_in_arrival_order() {
+        let mut s = connected(settings());
+        s.connect(1, 0);
+        for (l, item) in [(3, 30), (3, 31), (3, 32), (3, 33), (4, 40)] {
+            s.enqueue(level(l), item).unwrap();
+        }
+        let sent = send_any(&mut s, 0);
+        assert_eq!(
+            sent,
+            vec![(0, 1, 30), (1, 1, 31), (0, 2, 32), (1, 2, 33), (0, 3, 40)]
+        );
+        s.enqueue(level(3), 34).unwrap();
+        s.enqueue(level(1), 10).unwrap();
+        // Connection 0 goes: 30, 32 and 40 come back, ahead of 34 (never sent) in their levels;
+        // 31 and 33 stay in flight on connection 1.
+        s.disconnect(0);
+        assert!(s.is_available() && !s.is_open(0) && s.is_open(1));
+        assert_eq!((s.unacked_on(0), s.unacked_on(1), s.waiting()), (0, 2, 5));
+        let again = send_any(&mut s, 0);
+        assert_eq!(
+            again,
+            vec![(1, 3, 10), (1, 4, 30), (1, 5, 32), (1, 6, 34)],
+            "level 1 first, then the frames given back, in priority then arrival order; 40 waits for the window of one connection (8 - 2 routine)"
+        );
+        assert_eq!(s.stats().resent, 2);
+        // Connection 0 comes back: its msg_ids start at 1 again.
+        s.connect(0, 0);
+        s.ack(1, 6, |_, _| {});
+        assert_eq!(send_any(&mut s, 0), vec![(0, 1, 40)]);
+    }
+
+    #[test]
+    fn a_frame_acknowledged_ahead_of_an_older_one_waits_for_it() {
+        let mut s = connected(settings());
+        s.connect(1, 0);
+        for item in [1, 2, 3] {
+            s.enqueue(level(2), item).unwrap();
+        }
+        s.enqueue(level(3), 9).unwrap();
+        assert_eq!(
+            send_any(&mut s, 0),
+            vec![(0, 1, 1), (1, 1, 2), (0, 2, 3), (1, 2, 9)]
+        );
+        let mut released = Vec::new();
+        // Connection 1 acknowledges 2 (level 2) and 9 (level 3): 9 is the oldest of its lane
+        // and leaves; 2 waits for 1, still in flight on connection 0.
+        assert_eq!(s.ack(1, 2, |_, i| released.push(i)), 1);
+        assert_eq!(released, vec![9]);
+        assert_eq!(s.held(), 3, "2 is retired, 1 and 3 in flight");
+        assert!(s.unacked_in(level(2).index()));
+        // Connection 0 goes: 1 and 3 come back; 2 still waits for 1.
+        s.disconnect(0);
+        assert_eq!(s.release_retired(|_, i| released.push(i)), 0);
+        // Sent again on 1 and acknowledged: 1, 2 and 3 leave, in arrival order.
+        assert_eq!(send_any(&mut s, 0), vec![(1, 3, 1), (1, 4, 3)]);
+        assert_eq!(s.ack(1, 3, |_, i| released.push(i)), 2);
+        assert_eq!(s.ack(1, 4, |_, i| released.push(i)), 1);
+        assert_eq!(released, vec![9, 1, 2, 3]);
+        assert_eq!(s.held(), 0);
+        assert_eq!(s.stats().acked, 4);
+    }
+
+    #[test]
+    fn expiry_takes_frames_given_back_before_the_retired_behind_them() {
+        let mut s = connected(settings());
+        s.connect(1, 0);
+        for item in [1, 2] {
+            s.enqueue(level(4), item).unwrap();
+        }
+        assert_eq!(send_any(&mut s, 0), vec![(0, 1, 1), (1, 1, 2)]);
+        s.ack(1, 1, |_, _| panic!("1 is older and in flight"));
+        s.disconnect(0);
+        s.disconnect(1);
+        assert!(!s.is_available());
+        // 1 waits (given back), 2 is retired behind it: 1 may expire, then 2 is released.
+        assert_eq!(s.take_expired(|_| true), vec![(level(4), 1)]);
+        let mut released = Vec::new();
+        assert_eq!(s.release_retired(|_, i| released.push(i)), 1);
+        assert_eq!(released, vec![2]);
+        assert_eq!(s.held(), 0);
     }
 }

@@ -43,5 +43,10 @@ pub const LINGER: Nanos = NANOS_PER_SEC;
 pub const SPIN_NS_MAX: Nanos = 10_000;
 /// Listen backlog of the SU and CSP ports.
 pub const LISTEN_BACKLOG: i32 = 1024;
+/// Most connections one CSP link may hold at once (`csp.connections_max`). Each is spread to a
+/// worker of its own as far as there are workers, so a link gains nothing from more connections
+/// than there are cores; the acceptor keeps a link's connection slots in one `u64` bitmap.
+pub const CSP_CONNECTIONS_MAX: u32 = 64;
+const _: () = assert!(CSP_CONNECTIONS_MAX <= u64::BITS);
 /// Socket send and receive buffers asked for, bytes.
 pub const SOCKET_BUFFER_BYTES: usize = 1 << 20;

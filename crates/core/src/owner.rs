@@ -569,6 +569,31 @@ fn peer_in<'a>(
     }
 }
 
+/// A frame its peer acknowledged leaves: counted, and its log record marked done.
+fn delivered<L: Log>(
+    metrics: &mut WorkerMetrics,
+    log: &mut L,
+    fifo: bool,
+    key: PeerKey,
+    peer: PeerRef,
+    level: Level,
+    held: Held,
+) {
+    metrics.count(
+        peer.direction(),
+        held.frame.header.kind,
+        level.get(),
+        Seen::Delivered,
+        1,
+    );
+    if let PeerRef::Su(su) = peer {
+        metrics.count_su(su, level.get(), SuOutcome::Delivered);
+    }
+    if let Some(stored) = held.stored {
+        log.done(key, crate::log::lane_of(fifo)(level.get()), stored);
+    }
+}
+
 fn peer_state(setup: PeerSetup) -> Result<PeerState, OwnerError> {
     let limiter =
         TokenBucket::new(setup.rate, setup.burst, 0).map_err(|source| OwnerError::Rate {
@@ -996,15 +1021,21 @@ impl<L: Log> Owner<L> {
 
     // ---- peers ------------------------------------------------------------------------------
 
-    /// A peer's connection came (a take-over is a disconnect and a connect).
+    /// A peer's connection came (a take-over is a disconnect and a connect): its connection 0.
     pub fn on_connect(&mut self, peer: PeerRef, now: Nanos) {
+        self.on_connect_conn(peer, 0, now);
+    }
+
+    /// Connection `conn` of a peer came (a CSP link may hold several, numbered from 0 below
+    /// its `connections_max`; an SU holds connection 0 only). Its `msg_id`s start at 1.
+    pub fn on_connect_conn(&mut self, peer: PeerRef, conn: usize, now: Nanos) {
         if let Some(state) = self.peer_mut(peer) {
-            state.sched.on_connect(now);
+            state.sched.connect(conn, now);
             state.connected = true;
         }
     }
 
-    /// A peer's connection went: what it had not acknowledged goes back to the front of its
+    /// A peer's connections went: what they had not acknowledged goes back to the front of its
     /// queues.
     pub fn on_disconnect(&mut self, peer: PeerRef) {
         if let Some(state) = self.peer_mut(peer) {
@@ -1015,32 +1046,36 @@ impl<L: Log> Owner<L> {
         }
     }
 
-    /// A peer acknowledged our frames up to `msg_id`: they leave its scheduler, their log
-    /// records are marked done, and their memory is freed.
+    /// Connection `conn` of a peer went: what it had not acknowledged goes back to the queues,
+    /// each frame to its place by arrival, to be sent again on another connection (in priority
+    /// order) or after a reconnect. What the other connections have in flight stays theirs.
+    pub fn on_disconnect_conn(&mut self, peer: PeerRef, conn: usize) {
+        if let Some(state) = self.peer_mut(peer) {
+            state.sched.disconnect(conn);
+            state.connected = state.sched.is_connected();
+        }
+    }
+
+    /// A peer acknowledged our frames up to `msg_id` on its connection 0: see
+    /// [`Owner::on_peer_ack_conn`].
     pub fn on_peer_ack(&mut self, peer: PeerRef, msg_id: u64) {
+        self.on_peer_ack_conn(peer, 0, msg_id);
+    }
+
+    /// A peer acknowledged the frames sent on its connection `conn` up to `msg_id`: they leave
+    /// its scheduler, their log records are marked done, and their memory is freed (a frame
+    /// acknowledged ahead of an older one of its lane still in flight on another connection
+    /// waits for it, see [`crate::delivery`]).
+    pub fn on_peer_ack_conn(&mut self, peer: PeerRef, conn: usize, msg_id: u64) {
         let fifo = self.surb.fifo;
         let log = &mut self.surb.log;
         let Some(state) = peer_in(&mut self.sus, &mut self.csps, peer) else {
             return;
         };
         let key = state.key;
-        let lane_of = crate::log::lane_of(fifo);
         let metrics = &mut self.metrics;
-        let direction = peer.direction();
-        let released = state.sched.on_ack(msg_id, |level, held| {
-            metrics.count(
-                direction,
-                held.frame.header.kind,
-                level.get(),
-                Seen::Delivered,
-                1,
-            );
-            if let PeerRef::Su(su) = peer {
-                metrics.count_su(su, level.get(), SuOutcome::Delivered);
-            }
-            if let Some(stored) = held.stored {
-                log.done(key, lane_of(level.get()), stored);
-            }
+        let released = state.sched.ack(conn, msg_id, |level, held| {
+            delivered(metrics, log, fifo, key, peer, level, held);
         });
         self.nms.release(released as u64);
     }
@@ -1113,12 +1148,36 @@ impl<L: Log> Owner<L> {
 
     /// The next frame `peer` may be sent now, if it is connected and its window, rate and ramp
     /// allow: stamped with its `msg_id` on this connection and its level. Frames its lane holds
-    /// on disk are loaded first (up to [`limits::LOAD_BATCH`] at a time).
+    /// on disk are loaded first (up to [`limits::LOAD_BATCH`] at a time). For a peer with
+    /// several connections, [`Owner::poll_transmit_to`] says which one it is for.
     pub fn poll_transmit(&mut self, peer: PeerRef, now: Nanos, unix: u64) -> Option<Frame> {
         self.poll_transmit_ref(peer, now, unix).map(|t| Frame {
             header: t.header,
             payload: t.payload.clone(),
         })
+    }
+
+    /// The next frame `peer` may be sent now on one of the connections in `conns` (bit i:
+    /// connection i can take a frame now), and which: the open one with the fewest frames in
+    /// flight and room in its share of the window. Stamped with that connection's next `msg_id`
+    /// and its level.
+    pub fn poll_transmit_to(
+        &mut self,
+        peer: PeerRef,
+        conns: u64,
+        now: Nanos,
+        unix: u64,
+    ) -> Option<(usize, Frame)> {
+        let (conn, header) = self.next_header(peer, conns, now, unix)?;
+        let state = peer_in(&mut self.sus, &mut self.csps, peer)?;
+        let held = state.sched.newest_unacked(conn)?;
+        Some((
+            conn,
+            Frame {
+                header,
+                payload: held.frame.payload.clone(),
+            },
+        ))
     }
 
     /// [`Owner::poll_transmit`] without taking a reference to the payload: the frame's header,
@@ -1130,25 +1189,31 @@ impl<L: Log> Owner<L> {
         now: Nanos,
         unix: u64,
     ) -> Option<Transmit<'_>> {
-        let header = self.next_header(peer, now, unix)?;
-        // The frame just handed out is the newest unacknowledged one.
+        let (conn, header) = self.next_header(peer, u64::MAX, now, unix)?;
+        // The frame just handed out is the newest unacknowledged one of its connection.
         let state = peer_in(&mut self.sus, &mut self.csps, peer)?;
-        let held = state.sched.newest_unacked()?;
+        let held = state.sched.newest_unacked(conn)?;
         Some(Transmit {
             header,
             payload: &held.frame.payload,
         })
     }
 
-    /// Hands out `peer`'s next frame (see [`Owner::poll_transmit`]) and returns its stamped
-    /// header.
-    fn next_header(&mut self, peer: PeerRef, now: Nanos, unix: u64) -> Option<Header> {
+    /// Hands out `peer`'s next frame on one of `conns` (see [`Owner::poll_transmit_to`]) and
+    /// returns its connection and stamped header.
+    fn next_header(
+        &mut self,
+        peer: PeerRef,
+        conns: u64,
+        now: Nanos,
+        unix: u64,
+    ) -> Option<(usize, Header)> {
         for _ in 0..limits::LOADS_PER_POLL_MAX {
             let state = peer_in(&mut self.sus, &mut self.csps, peer)?;
             if !state.connected {
                 return None;
             }
-            match state.sched.next_send(now) {
+            match state.sched.next_send_to(conns, now) {
                 Ok(out) => {
                     let mut header = out.item.frame.header;
                     header.msg_id = out.msg_id;
@@ -1161,7 +1226,7 @@ impl<L: Log> Owner<L> {
                         );
                     }
                     self.sent_since_load = true;
-                    return Some(header);
+                    return Some((out.conn, header));
                 }
                 Err(Blocked::Rate(at)) => {
                     self.rate_wake = Some(self.rate_wake.map_or(at, |w| w.min(at)));
@@ -1337,6 +1402,20 @@ impl<L: Log> Owner<L> {
         for (peer, level, held) in expired {
             self.expire(peer, level, held, true, unix);
         }
+        // Acknowledged frames that waited behind the ones that just expired.
+        let (fifo, log, metrics) = (self.surb.fifo, &mut self.surb.log, &mut self.metrics);
+        let mut released = 0;
+        let sus = (self.sus.iter_mut().enumerate()).map(|(i, s)| (PeerRef::Su(i as u32), s));
+        let csps = (self.csps.iter_mut().enumerate()).map(|(i, s)| (PeerRef::Csp(i as u32), s));
+        for (peer, state) in sus.chain(csps) {
+            if let Some(state) = state.as_mut() {
+                let key = state.key;
+                released += state.sched.release_retired(|level, held| {
+                    delivered(metrics, log, fifo, key, peer, level, held);
+                });
+            }
+        }
+        self.nms.release(released as u64);
         if let Err(e) = self.surb.log.write_out() {
             tracing::error!(error = %e, "cannot write the log");
         }

@@ -50,6 +50,13 @@ const LINGER: Nanos = NANOS_PER_SEC;
 const ACCEPTS_PER_TURN: usize = 256;
 /// At most one log line per reason in this interval.
 const LOG_INTERVAL: Nanos = NANOS_PER_SEC;
+/// How long a CSP HELLO beyond its link's `connections_max` waits for a connection of the
+/// link to close before it is refused (NACK 5). A CSP that closes a connection and opens a new
+/// one at once would otherwise race the worker that has yet to see the close; a real second
+/// connection beyond the limit is refused this much later.
+const LINK_CONN_GRACE: Nanos = 200 * NANOS_PER_SEC / 1000;
+/// How often such a HELLO looks again within the grace.
+const LINK_CONN_RETRY: Nanos = 5 * NANOS_PER_SEC / 1000;
 
 const SU_LISTENER: Token = Token(0);
 const CSP_LISTENER: Token = Token(1);
@@ -62,13 +69,14 @@ enum Refusal {
     AddressFull,
     TableFull,
     ConnectionLimit,
+    LinkFull,
     BadToken,
     NoHello,
     Malformed,
     UnexpectedKind,
     AcceptFailed,
 }
-const REFUSALS: usize = 8;
+const REFUSALS: usize = 9;
 
 /// A connection that has not finished its HELLO.
 struct Pending {
@@ -82,6 +90,9 @@ struct Pending {
     refused: bool,
     /// A NACK owed at the deadline: the answer to a bad token, delayed.
     owed: Option<Frame>,
+    /// A CSP HELLO with the right token whose link holds `connections_max` connections: it
+    /// looks again until this instant ([`LINK_CONN_GRACE`]), then is refused.
+    link_full: Option<(PeerRef, Nanos)>,
 }
 
 /// What reading a pending connection gave.
@@ -262,6 +273,7 @@ impl Acceptor {
             addr,
             refused: false,
             owed: None,
+            link_full: None,
         };
         let (slot, evicted) = self.table.admit(addr.ip(), now, pending(stream));
         if let Some(evicted) = evicted {
@@ -271,6 +283,17 @@ impl Acceptor {
             if let Some(owed) = old.owed.take() {
                 // A bad token whose delayed answer is given now.
                 send_nack(&mut old.stream, &owed);
+            } else if let Some((peer, _)) = old.link_full {
+                // A CSP HELLO waiting for its link to have room: refused now.
+                self.shared.count_acceptor_nack(NackReason::Overloaded);
+                let detail = format!(
+                    "CSP link {} already holds its connections (csp.connections_max)",
+                    self.shared.peer_label(peer)
+                );
+                send_nack(
+                    &mut old.stream,
+                    &Frame::nack(0, NackReason::Overloaded, &detail),
+                );
             } else if !evicted.answered {
                 let pending_max = self.shared.config.listen.handshakes_pending_max;
                 let per_address_max = self.shared.config.listen.handshakes_per_address_max;
@@ -412,15 +435,29 @@ impl Acceptor {
         }
     }
 
-    /// A right HELLO: counted against its port's `connections_max` and handed to its worker.
+    /// A right HELLO: counted against its port's `connections_max` (and a CSP's against its
+    /// link's) and handed to its worker.
     fn authenticated(&mut self, slot: usize, peer: PeerRef) {
         let Some(role) = self.table.get_mut(slot).map(|p| p.role) else {
             return;
+        };
+        let link_conn = match peer {
+            PeerRef::Su(_) => 0,
+            PeerRef::Csp(csp) => match self.shared.claim_link_conn(csp) {
+                Some(k) => k,
+                None => return self.link_full(slot, peer),
+            },
+        };
+        let release = |shared: &Shared| {
+            if let PeerRef::Csp(csp) = peer {
+                shared.release_link_conn(csp, link_conn);
+            }
         };
         let counter = self.shared.connections_of(role);
         let limit = u64::from(self.shared.config.listen.connections_max);
         if counter.fetch_add(1, Ordering::Relaxed) >= limit {
             counter.fetch_sub(1, Ordering::Relaxed);
+            release(&self.shared);
             let addr = self.table.get_mut(slot).map(|p| p.addr);
             let message = format!("{role} port at its connection limit ({limit}); refusing");
             self.log(Refusal::ConnectionLimit, addr, &message);
@@ -433,17 +470,21 @@ impl Acceptor {
         }
         let Some(mut p) = self.table.remove(slot) else {
             self.shared.connection_closed(peer);
+            release(&self.shared);
             return;
         };
         if let Err(e) = self.poll.registry().deregister(&mut p.stream) {
             tracing::warn!(error = %e, "deregister failed");
         }
-        let Some(link) = self
-            .shared
-            .owner(peer)
-            .and_then(|w| self.shared.workers.get(w))
-        else {
+        // An SU's connection goes to its owner; a CSP link's k-th to the k-th worker from the
+        // link's owner, so that the link's intake is spread over cores.
+        let holder = match peer {
+            PeerRef::Su(_) => self.shared.owner(peer),
+            PeerRef::Csp(csp) => self.shared.link_conn_worker(csp, link_conn),
+        };
+        let Some(link) = holder.and_then(|w| self.shared.workers.get(w)) else {
             self.shared.connection_closed(peer);
+            release(&self.shared);
             return;
         };
         let adopt = Adopt {
@@ -453,15 +494,52 @@ impl Acceptor {
             decoder: FrameDecoder::new(self.shared.config.engine.payload_bytes_max),
             peer,
             addr: p.addr,
+            link_conn,
         };
         if link.control.send(Control::Adopt(adopt)).is_err() {
             tracing::warn!("worker gone; connection dropped");
             self.shared.connection_closed(peer);
+            release(&self.shared);
             return;
         }
         if let Err(e) = link.waker.wake() {
             tracing::warn!(error = %e, "cannot wake worker");
         }
+    }
+
+    /// A CSP HELLO whose link holds `connections_max` connections: it looks again every
+    /// [`LINK_CONN_RETRY`] for up to [`LINK_CONN_GRACE`] (a connection the CSP has just closed
+    /// may not be seen closed yet), then is refused with NACK 5 and closed. It never takes a
+    /// connection over.
+    fn link_full(&mut self, slot: usize, peer: PeerRef) {
+        let now = self.now();
+        let Some(p) = self.table.get_mut(slot) else {
+            return;
+        };
+        let give_up = match p.link_full {
+            Some((_, at)) => at,
+            None => now + LINK_CONN_GRACE,
+        };
+        if now < give_up {
+            p.link_full = Some((peer, give_up));
+            self.table
+                .answered(slot, (now + LINK_CONN_RETRY).min(give_up));
+            return;
+        }
+        p.link_full = None;
+        let addr = p.addr;
+        let name = self.shared.peer_label(peer);
+        let max = match peer {
+            PeerRef::Csp(csp) => self.shared.csps.get(csp as usize),
+            PeerRef::Su(_) => None,
+        }
+        .map_or(0, |c| c.connections_max.load(Ordering::Relaxed));
+        let detail = format!(
+            "CSP link {name} already holds its {max} connection(s) (csp.connections_max); close one, or raise the limit"
+        );
+        let message = format!("CSP HELLO refused: {detail}");
+        self.log(Refusal::LinkFull, Some(addr), &message);
+        self.refuse(slot, Frame::nack(0, NackReason::Overloaded, &detail), 0);
     }
 
     /// Refuses a pending connection with `nack`, now (`delay` 0) or after `delay`. Either way it
@@ -502,6 +580,9 @@ impl Acceptor {
                 // A bad token's delayed answer: given now, then the usual linger.
                 send_nack(&mut p.stream, &owed);
                 self.table.answered(slot, now + LINGER);
+            } else if let Some((peer, _)) = p.link_full {
+                // A CSP HELLO waiting for a connection of its link to close: look again.
+                self.authenticated(slot, peer);
             } else if p.refused {
                 self.close(slot);
             } else {

@@ -4,7 +4,7 @@
 //! together (`memory_frames`, bounded by `nms_total`; each owner's `Nms` reads and moves it).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, PoisonError, RwLock};
 
@@ -24,6 +24,19 @@ pub(crate) struct Adopt {
     pub decoder: crate::wire::FrameDecoder,
     pub peer: PeerRef,
     pub addr: std::net::SocketAddr,
+    /// For a CSP link, which of its connections this is (claimed by the acceptor, see
+    /// [`Shared::claim_link_conn`]); 0 for an SU.
+    pub link_conn: usize,
+}
+
+/// A CSP's cumulative ACK on connection `conn` of link `csp`, from the worker holding the
+/// connection to the link's owner. `conn_id` is the connection's id on the holding worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LinkAck {
+    pub csp: u32,
+    pub conn: usize,
+    pub conn_id: u64,
+    pub msg_id: u64,
 }
 
 /// What the acceptor, the admin interface and other workers tell a worker.
@@ -31,6 +44,29 @@ pub(crate) struct Adopt {
 pub(crate) enum Control {
     /// Take this authenticated connection.
     Adopt(Adopt),
+    /// To a CSP link's owner: connection `conn` of link `csp` opened on worker `holder`
+    /// (with this id there), and may be sent requests.
+    LinkOpened {
+        csp: u32,
+        conn: usize,
+        holder: usize,
+        conn_id: u64,
+    },
+    /// To a CSP link's owner: that connection closed; what it had not acknowledged goes back to
+    /// the link's queues.
+    LinkClosed { csp: u32, conn: usize, conn_id: u64 },
+    /// To a CSP link's owner: what the CSP acknowledged on connections held by the sender, at
+    /// most one per connection per turn of the sender, and only when it moves on.
+    LinkAcks(Vec<LinkAck>),
+    /// From a CSP link's owner to the worker holding connection `conn`: requests to write on
+    /// it, already stamped with that connection's `msg_id`s. Bounded by the connection's share
+    /// of the link's window (the owner sends no more until the CSP acknowledges).
+    LinkTransmit {
+        csp: u32,
+        conn: usize,
+        conn_id: u64,
+        frames: Vec<crate::wire::Frame>,
+    },
     /// Frames this worker took in are now durable at their owner (`true`) or could not be
     /// written (`false`: NACK 5).
     Tickets(Vec<(Ticket, bool)>),
@@ -50,6 +86,8 @@ pub(crate) struct Reload {
     /// Every peer's token from the new file, for HELLOs from now on; taken out by
     /// [`Shared::apply_reload`] before the rest goes to the workers.
     pub tokens: Tokens,
+    /// Every CSP link's `connections_max` from the new file, for HELLOs from now on.
+    pub csp_connections_max: Vec<u32>,
 }
 
 /// The tokens peers must present in HELLO, by directory index. A reload replaces them whole;
@@ -75,6 +113,11 @@ pub(crate) struct CspEntry {
     pub config: Csp,
     pub owner: usize,
     pub key: PeerKey,
+    /// Its connections open (bit k: connection k), claimed by the acceptor at HELLO and freed
+    /// by the worker holding the connection when it closes.
+    pub conns_open: AtomicU64,
+    /// `connections_max` as last applied (start-up, then each reload): for HELLOs from now on.
+    pub connections_max: AtomicU32,
 }
 
 /// The way into one worker.
@@ -230,6 +273,11 @@ impl Shared {
             }
         }
         let mut csps = Vec::with_capacity(self.csps.len());
+        let mut csp_connections_max: Vec<u32> = self
+            .csps
+            .iter()
+            .map(|c| c.connections_max.load(Ordering::Relaxed))
+            .collect();
         for c in &new.csps {
             let i = self
                 .csps
@@ -243,6 +291,9 @@ impl Shared {
             });
             if let Some(t) = tokens.csp.get_mut(i) {
                 t.clone_from(&c.token);
+            }
+            if let Some(m) = csp_connections_max.get_mut(i) {
+                *m = c.connections_max;
             }
         }
         let changed = self.tokens_changed(&tokens);
@@ -267,6 +318,7 @@ impl Shared {
                     csps,
                 },
                 tokens,
+                csp_connections_max,
             },
             warnings,
         ))
@@ -288,6 +340,10 @@ impl Shared {
     pub(crate) fn apply_reload(&self, mut reload: Reload) {
         let tokens = std::mem::take(&mut reload.tokens);
         *self.tokens.write().unwrap_or_else(PoisonError::into_inner) = tokens;
+        // A lowered limit refuses HELLOs from now on; connections already open stay open.
+        for (entry, max) in self.csps.iter().zip(&reload.csp_connections_max) {
+            entry.connections_max.store(*max, Ordering::Relaxed);
+        }
         let reload = Arc::new(reload);
         for w in &self.workers {
             if w.control.send(Control::Reload(Arc::clone(&reload))).is_ok() {
@@ -405,6 +461,7 @@ pub(crate) fn reload_changes(old: &Config, new: &Config) -> Vec<String> {
         for (key, a, b) in [
             ("rate", was.rate, csp.rate),
             ("burst", was.burst, csp.burst),
+            ("connections_max", was.connections_max, csp.connections_max),
         ] {
             let key = format!("csp[{}].{key}", csp.name);
             diff(&mut out, &key, a.to_string(), b.to_string());
@@ -443,6 +500,8 @@ impl Shared {
             .map(|(i, c)| CspEntry {
                 owner: crate::owner::owner_of_csp(i, n),
                 key: PeerKey::csp(&c.name),
+                conns_open: AtomicU64::new(0),
+                connections_max: AtomicU32::new(c.connections_max),
                 config: c.clone(),
             })
             .collect();
@@ -619,6 +678,52 @@ impl Shared {
             PeerRef::Csp(_) => crate::wire::Role::Csp,
         };
         self.connections_of(role).fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Claims a connection of CSP link `csp` for a HELLO: the lowest free below its
+    /// `connections_max`, or `None` when it holds that many already.
+    pub(crate) fn claim_link_conn(&self, csp: u32) -> Option<usize> {
+        let entry = self.csps.get(csp as usize)?;
+        let max = entry
+            .connections_max
+            .load(Ordering::Relaxed)
+            .min(crate::limits::CSP_CONNECTIONS_MAX);
+        // Relaxed: the bits are claimed by the acceptor alone and freed by the workers; what
+        // a connection carries is handed over through the control channels, not through them.
+        let mut open = entry.conns_open.load(Ordering::Relaxed);
+        loop {
+            let k = (!open).trailing_zeros();
+            if k >= max {
+                return None;
+            }
+            match entry.conns_open.compare_exchange_weak(
+                open,
+                open | 1 << k,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(k as usize),
+                Err(now) => open = now,
+            }
+        }
+    }
+
+    /// Connection `conn` of CSP link `csp` closed (or was never adopted): it may be claimed
+    /// again.
+    pub(crate) fn release_link_conn(&self, csp: u32, conn: usize) {
+        if let (Some(entry), true) = (self.csps.get(csp as usize), conn < 64) {
+            entry
+                .conns_open
+                .fetch_and(!(1u64 << conn), Ordering::Relaxed);
+        }
+    }
+
+    /// The worker that holds connection `conn` of CSP link `csp`: the link's owner for the
+    /// first, the next workers for the others, so that a link's intake runs on as many cores
+    /// as it has connections (up to the number of workers).
+    pub(crate) fn link_conn_worker(&self, csp: u32, conn: usize) -> Option<usize> {
+        let owner = self.csps.get(csp as usize)?.owner;
+        Some((owner + conn) % self.workers.len().max(1))
     }
 
     /// The worker owning the peer with this log key, if it is configured.

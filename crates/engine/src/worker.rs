@@ -2,7 +2,8 @@
 //! owns. It moves bytes; its [`Owner`] decides (classification, Alert Storm Protection, the NMS
 //! and SURB tiers, scheduling, which acknowledgements may go out, expiry). Nothing here is
 //! shared: other threads reach a worker only through its MPSC priority ring (frames) and its
-//! control channel (connections, tickets, operator actions), and wake it with its `mio::Waker`.
+//! control channel (connections, tickets, operator actions, and for a CSP link with connections
+//! on several workers its requests and ACKs: see [`link`]), and wake it with its `mio::Waker`.
 //!
 //! # One turn of the loop
 //!
@@ -43,6 +44,9 @@ use crate::wire::{Frame, NackReason};
 use crate::{Nanos, NANOS_PER_SEC};
 
 mod intake;
+mod link;
+
+use link::{HeldLink, LinkConn};
 
 /// Bytes a pump queues for a connection before it writes them: one `write` per this many, so
 /// that the peer starts reading while the rest of the turn's frames are copied.
@@ -66,9 +70,15 @@ pub(crate) struct Worker {
     control: Receiver<Control>,
     owner: Owner<Store>,
     conns: Vec<Option<Conn>>,
-    /// The connection slot of each SU and CSP link (by directory index), while connected.
+    /// The connection slot of each SU (by directory index), while connected.
     su_conn: Vec<Option<usize>>,
-    csp_conn: Vec<Option<usize>>,
+    /// Where each connection of each CSP link is (by directory index, then connection): on
+    /// the link's owner, every open one (here or on another worker); elsewhere, those held here.
+    links: Vec<Vec<Option<LinkConn>>>,
+    /// The CSP link connection held in each connection slot, if any.
+    held_links: Vec<Option<HeldLink>>,
+    /// Slots of held link connections with an ACK to hand to their link's owner this turn.
+    link_acks_due: Vec<usize>,
     popped: Vec<(usize, Envelope)>,
     /// Acknowledgements decided by the owner, by intake worker, to hand over.
     by_origin: Vec<Vec<(Ticket, bool)>>,
@@ -109,7 +119,9 @@ impl Worker {
             index,
             poll,
             su_conn: vec![None; shared.sus.len()],
-            csp_conn: vec![None; shared.csps.len()],
+            links: vec![Vec::new(); shared.csps.len()],
+            held_links: Vec::new(),
+            link_acks_due: Vec::new(),
             shared,
             ring,
             control,
@@ -207,6 +219,7 @@ impl Worker {
                 self.on_readable(slot);
             }
             self.retry_stalled();
+            self.forward_link_acks();
             // The ring first: what is in it entered before any reload now waiting in the control
             // channel (its level, decided at intake, travels with it).
             self.drain_ring();
@@ -245,6 +258,22 @@ impl Worker {
                     let now = self.turn_now;
                     self.owner.set_restricted(restricted, now);
                 }
+                Control::LinkOpened {
+                    csp,
+                    conn,
+                    holder,
+                    conn_id,
+                } => self.on_link_opened(csp, conn, LinkConn::There { holder, conn_id }),
+                Control::LinkClosed { csp, conn, conn_id } => {
+                    self.on_link_closed(csp, conn, conn_id)
+                }
+                Control::LinkAcks(acks) => self.on_link_acks(&acks),
+                Control::LinkTransmit {
+                    csp,
+                    conn,
+                    conn_id,
+                    frames,
+                } => self.on_link_transmit(csp, conn, conn_id, &frames),
             }
         }
     }
@@ -367,11 +396,14 @@ impl Worker {
 
     fn pump_all(&mut self, now: Nanos) {
         self.owner.start_pump();
-        let (sus, csps) = (self.su_conn.len(), self.csp_conn.len());
+        let (sus, csps) = (self.su_conn.len(), self.links.len());
         for i in 0..sus + csps {
             let (peer, slot) = match i.checked_sub(sus) {
                 None => (PeerRef::Su(i as u32), self.su_conn.get(i)),
-                Some(c) => (PeerRef::Csp(c as u32), self.csp_conn.get(c)),
+                Some(c) => {
+                    self.pump_link(c as u32, now);
+                    continue;
+                }
             };
             let Some(&Some(slot)) = slot else {
                 continue;
@@ -433,10 +465,12 @@ impl Worker {
 
     // ---- connections ------------------------------------------------------------------------
 
+    /// An SU's one connection. A CSP link's are in `links` (it may hold several, and a second
+    /// HELLO never takes one over).
     fn conn_of(&mut self, peer: PeerRef) -> Option<&mut Option<usize>> {
         match peer {
             PeerRef::Su(i) => self.su_conn.get_mut(i as usize),
-            PeerRef::Csp(i) => self.csp_conn.get_mut(i as usize),
+            PeerRef::Csp(_) => None,
         }
     }
 
@@ -446,6 +480,7 @@ impl Worker {
             decoder,
             peer,
             addr,
+            link_conn,
         } = adopt;
         let slot = match self.conns.iter().position(Option::is_none) {
             Some(i) => i,
@@ -462,6 +497,9 @@ impl Worker {
             let name = self.shared.peer_label(peer);
             tracing::warn!(peer = %name, %addr, error = %e, "cannot register connection; closed");
             self.shared.connection_closed(peer);
+            if let PeerRef::Csp(csp) = peer {
+                self.shared.release_link_conn(csp, link_conn);
+            }
             return;
         }
         let now = self.turn_now;
@@ -478,12 +516,16 @@ impl Worker {
             let reason = format!("taken over by a newer connection from {addr}");
             self.close(old, &reason);
         }
-        // Frames already in the ring for this peer belong to its backlog: take them in first,
-        // so that the release (and its ramp) sees them.
-        self.drain_ring();
-        self.owner.on_connect(peer, now);
-        if let Some(c) = self.conn_of(peer) {
-            *c = Some(slot);
+        if let PeerRef::Csp(csp) = peer {
+            self.adopt_link(csp, link_conn, slot, id);
+        } else {
+            // Frames already in the ring for this peer belong to its backlog: take them in
+            // first, so that the release (and its ramp) sees them.
+            self.drain_ring();
+            self.owner.on_connect(peer, now);
+            if let Some(c) = self.conn_of(peer) {
+                *c = Some(slot);
+            }
         }
         let reason = match peer {
             PeerRef::Su(_) => "HELLO accepted on the SU port",
@@ -510,6 +552,7 @@ impl Worker {
                 self.owner.on_disconnect(peer);
             }
         }
+        self.detach_link(slot);
     }
 
     fn peer_name(&self, peer: PeerRef) -> String {

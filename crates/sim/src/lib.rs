@@ -187,6 +187,9 @@ struct Params {
     /// Service Users over their allocation are throttled.
     capacity: u32,
     threshold_percent: u32,
+    /// Every CSP link's `connections_max`: 1, or 2 (a link then opens and closes a second
+    /// connection, held by the next worker).
+    connections_max: u32,
 }
 
 impl Params {
@@ -218,8 +221,11 @@ impl Params {
             sr_burst: 2 + rng.below(20) as u32,
             capacity: 100 + rng.below(3_000) as u32,
             threshold_percent: 30 + rng.below(60) as u32,
+            connections_max: 1,
         };
         p.nms_total = p.nms_per_su + rng.below(2_000);
+        // Drawn last, so that the draws above are a seed's as they were.
+        p.connections_max = 1 + rng.below(2) as u32;
         p
     }
 
@@ -264,10 +270,11 @@ impl Params {
             });
             let _ = write!(
                 t,
-                "[[csp]]\nname = \"csp-{i}\"\ntoken = \"sim-csp-token-{i}\"\nrate = {}\nburst = {}\nwindow = {}\ndevice_ranges = [\"{lo}..{hi}\"]\n",
+                "[[csp]]\nname = \"csp-{i}\"\ntoken = \"sim-csp-token-{i}\"\nrate = {}\nburst = {}\nwindow = {}\nconnections_max = {}\ndevice_ranges = [\"{lo}..{hi}\"]\n",
                 self.rate * 2,
                 self.burst,
-                self.window
+                self.window,
+                self.connections_max
             );
         }
         let top = self.levels;
@@ -319,6 +326,9 @@ struct Peer {
     peer: PeerRef,
     owner: usize,
     conn: Option<Conn>,
+    /// A CSP link's second connection (`csp.connections_max = 2`), held by the next worker:
+    /// the link's requests are spread over both, each with its own `msg_id`s and ACKs.
+    extra: Option<Conn>,
     reading: bool,
     ack_delay: Nanos,
     /// SUs: sends more requests than its allocation allows.
@@ -419,6 +429,7 @@ impl World {
                 peer: PeerRef::Su(i as u32),
                 owner: owner_of_su(su.id, params.workers),
                 conn: None,
+                extra: None,
                 reading: true,
                 ack_delay: rng.below(20) * MS,
                 greedy: rng.one_in(3),
@@ -433,6 +444,7 @@ impl World {
                 peer: PeerRef::Csp(i as u32),
                 owner: owner_of_csp(i, params.workers),
                 conn: None,
+                extra: None,
                 reading: true,
                 ack_delay: rng.below(10) * MS,
                 greedy: false,
@@ -645,6 +657,7 @@ impl World {
         self.paused.iter_mut().for_each(|p| *p = false);
         for p in &mut self.peers {
             p.conn = None;
+            p.extra = None;
             // A new limiter for every peer: the mirror starts full as well.
             p.bucket = (f64::from(self.params.burst), self.now);
         }
@@ -678,6 +691,12 @@ impl World {
         };
         let (who, owner) = (peer.peer, peer.owner);
         let took_over = peer.conn.is_some();
+        if took_over && matches!(who, PeerRef::Csp(_)) {
+            // A CSP link's second HELLO never takes over: it is refused (NACK 5) while its
+            // connections are open, so nothing changes.
+            self.note(format!("{who:?} HELLO refused: its connection is open"));
+            return Ok(());
+        }
         peer.conn = Some(Conn {
             epoch,
             inbox: VecDeque::new(),
@@ -711,9 +730,45 @@ impl World {
         }
         let (who, owner) = (peer.peer, peer.owner);
         if let Some(o) = self.owners.get_mut(owner) {
-            o.on_disconnect(who);
+            // A CSP link's other connection, if open, stays.
+            o.on_disconnect_conn(who, 0);
         }
         self.note(format!("{who:?} disconnects"));
+    }
+
+    /// A CSP link opens its second connection, or closes it.
+    fn toggle_extra(&mut self, p: usize) -> Result<(), Failure> {
+        let epoch = self.next_epoch;
+        let Some(peer) = self.peers.get_mut(p) else {
+            return Ok(());
+        };
+        let (who, owner) = (peer.peer, peer.owner);
+        if !matches!(who, PeerRef::Csp(_)) || self.params.connections_max < 2 {
+            return Ok(());
+        }
+        if peer.extra.take().is_some() {
+            if let Some(o) = self.owners.get_mut(owner) {
+                o.on_disconnect_conn(who, 1);
+            }
+            self.note(format!("{who:?} closes its second connection"));
+            return Ok(());
+        }
+        self.next_epoch += 1;
+        peer.extra = Some(Conn {
+            epoch,
+            inbox: VecDeque::new(),
+            next_msg_id: 1,
+            ack_due: None,
+            sent: HashSet::new(),
+        });
+        self.take_in(owner)?;
+        if let Some(o) = self.owners.get_mut(owner) {
+            o.on_connect_conn(who, 1, self.now);
+        }
+        self.note(format!(
+            "{who:?} opens its second connection (epoch {epoch})"
+        ));
+        self.carry_out(owner)
     }
 
     fn new_id(&mut self) -> u64 {
@@ -724,13 +779,26 @@ impl World {
 
     /// A peer sends a frame: the worker's intake (checks, the owner's intake half, the ring).
     fn send_from(&mut self, p: usize, mut h: Header) -> Result<(), Failure> {
+        // A CSP link with two connections sends on either; the second is read by the worker
+        // after the link's owner.
+        let on_extra =
+            self.peers.get(p).is_some_and(|peer| peer.extra.is_some()) && self.rng.one_in(2);
         let Some(peer) = self.peers.get(p) else {
             return Ok(());
         };
-        let Some(conn) = peer.conn.as_ref() else {
+        let Some(conn) = (if on_extra {
+            peer.extra.as_ref()
+        } else {
+            peer.conn.as_ref()
+        }) else {
             return Ok(());
         };
-        let (who, reader, epoch) = (peer.peer, peer.owner, conn.epoch);
+        let reader = if on_extra {
+            (peer.owner + 1) % self.params.workers
+        } else {
+            peer.owner
+        };
+        let (who, epoch) = (peer.peer, conn.epoch);
         let (to, receiver_owner) = match (who, h.kind) {
             (PeerRef::Su(_), Kind::Request) => {
                 let csp = self
@@ -761,7 +829,12 @@ impl World {
             _ => return Ok(()),
         };
         let id = self.new_id();
-        let Some(conn) = self.peers[p].conn.as_mut() else {
+        let peer = &mut self.peers[p];
+        let Some(conn) = (if on_extra {
+            peer.extra.as_mut()
+        } else {
+            peer.conn.as_mut()
+        }) else {
             return Ok(());
         };
         h.msg_id = conn.next_msg_id;
@@ -905,8 +978,12 @@ impl World {
             10..=14 => {
                 let p = self.rng.below(n) as usize;
                 if self.peers[p].conn.is_some() {
-                    self.connect(p)?; // take-over
+                    self.connect(p)?; // take-over (an SU's; a CSP's is refused)
                 }
+            }
+            35..=39 if self.params.connections_max > 1 => {
+                let p = self.params.sus + self.rng.below(self.params.csps as u64) as usize;
+                self.toggle_extra(p)?;
             }
             15..=24 => {
                 let p = self.rng.below(n) as usize;
@@ -1202,9 +1279,12 @@ impl World {
                 continue;
             };
             let sender = self.peers.get(ticket.slot as usize);
-            let open = sender
-                .and_then(|p| p.conn.as_ref())
-                .is_some_and(|c| c.epoch == ticket.conn_id);
+            let open = sender.is_some_and(|p| {
+                [p.conn.as_ref(), p.extra.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c.epoch == ticket.conn_id)
+            });
             self.watch(id, || {
                 format!("ticket back: durable {durable}, sender still connected {open}")
             });
@@ -1265,17 +1345,20 @@ impl World {
             }
             loop {
                 let peer = &self.peers[p];
-                let Some(conn) = peer.conn.as_ref() else {
-                    break;
-                };
-                if conn.inbox.len() >= INBOX_MAX {
+                // The connections with room: bit 0 the first, bit 1 a CSP link's second.
+                let room = [peer.conn.as_ref(), peer.extra.as_ref()]
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.is_some_and(|c| c.inbox.len() < INBOX_MAX))
+                    .fold(0u64, |m, (k, _)| m | 1 << k);
+                if room == 0 {
                     break;
                 }
                 let who = peer.peer;
-                let frame = self.owners[w].poll_transmit(who, self.now, unix);
+                let sent = self.owners[w].poll_transmit_to(who, room, self.now, unix);
                 // A load from the SURB may have expired older frames: their records first.
                 self.carry_out(w)?;
-                let Some(frame) = frame else {
+                let Some((k, frame)) = sent else {
                     // It stopped to have what it gave written before a load: ask again.
                     if self.owners[w].take_load_due() {
                         continue;
@@ -1290,9 +1373,19 @@ impl World {
                         )
                     });
                 }
-                self.check_send(p, &frame)?;
+                if room & (1 << k) == 0 {
+                    return Err(self.fail(format!(
+                        "{who:?}: a frame for connection {k}, which had no room"
+                    )));
+                }
+                self.check_send(p, k, &frame)?;
                 let latency = MS / 10 + self.rng.below(3 * MS);
-                let Some(conn) = self.peers[p].conn.as_mut() else {
+                let peer = &mut self.peers[p];
+                let Some(conn) = (if k == 0 {
+                    peer.conn.as_mut()
+                } else {
+                    peer.extra.as_mut()
+                }) else {
                     break;
                 };
                 let at = conn
@@ -1306,8 +1399,10 @@ impl World {
         Ok(())
     }
 
-    /// Strict priority, FIFO within a level, and the rate, for one frame the owner sends.
-    fn check_send(&mut self, p: usize, frame: &Frame) -> Result<(), Failure> {
+    /// Strict priority, FIFO within a level, and the rate, for one frame the owner sends on
+    /// connection `k` of peer `p`. Over a link's connections together: a frame sent on either
+    /// is sent.
+    fn check_send(&mut self, p: usize, k: usize, frame: &Frame) -> Result<(), Failure> {
         let level = Level::new(frame.header.priority).ok_or_else(|| {
             self.fail(format!("a frame sent with level {}", frame.header.priority))
         })?;
@@ -1326,12 +1421,18 @@ impl World {
         }
         let id = frame_id(frame);
         let peer = &self.peers[p];
-        let Some(conn) = peer.conn.as_ref() else {
+        if peer.conn.is_none() && peer.extra.is_none() {
             return Ok(());
-        };
+        }
+        let no_sets = HashSet::new();
+        let (first, second) = (
+            peer.conn.as_ref().map_or(&no_sets, |c| &c.sent),
+            peer.extra.as_ref().map_or(&no_sets, |c| &c.sent),
+        );
+        let unsent = |i: &&u64| !first.contains(*i) && !second.contains(*i);
         // Strict priority: nothing placed earlier at a more urgent level waits unsent.
         for l in 0..level.index() {
-            if let Some(waiting) = peer.pending[l].iter().find(|i| !conn.sent.contains(i)) {
+            if let Some(waiting) = peer.pending[l].iter().find(unsent) {
                 return Err(self.fail(format!(
                     "{who:?}: a level {} frame was sent while frame {waiting} of level {} waited",
                     level.get(),
@@ -1342,17 +1443,19 @@ impl World {
         if let Some(id) = id {
             if let Some(pos) = peer.pending[level.index()].iter().position(|i| *i == id) {
                 // FIFO: every frame placed before it at its level was sent first.
-                if let Some(earlier) = peer.pending[level.index()]
-                    .iter()
-                    .take(pos)
-                    .find(|i| !conn.sent.contains(i))
-                {
+                if let Some(earlier) = peer.pending[level.index()].iter().take(pos).find(unsent) {
                     return Err(self.fail(format!(
                         "{who:?}: frame {id} of level {} overtook frame {earlier} of its level",
                         level.get()
                     )));
                 }
-                if let Some(c) = self.peers[p].conn.as_mut() {
+                let peer = &mut self.peers[p];
+                let conn = if k == 0 {
+                    peer.conn.as_mut()
+                } else {
+                    peer.extra.as_mut()
+                };
+                if let Some(c) = conn {
                     c.sent.insert(id);
                 }
             }
@@ -1360,9 +1463,29 @@ impl World {
         Ok(())
     }
 
+    /// Connection `k` of peer `p`: 0 its first, 1 a CSP link's second.
+    fn conn_mut(&mut self, p: usize, k: usize) -> Option<&mut Conn> {
+        let peer = self.peers.get_mut(p)?;
+        if k == 0 {
+            peer.conn.as_mut()
+        } else {
+            peer.extra.as_mut()
+        }
+    }
+
     /// Peers read what reached them and acknowledge it; CSPs note requests to answer.
     fn peers_read(&mut self) -> Result<(), Failure> {
         for p in 0..self.peers.len() {
+            for k in 0..2 {
+                self.peer_reads(p, k)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Peer `p` reads what reached it on its connection `k`, and acknowledges it there.
+    fn peer_reads(&mut self, p: usize, k: usize) -> Result<(), Failure> {
+        {
             let now = self.now;
             let ack_delay = self.peers[p].ack_delay;
             let reading = self.peers[p].reading;
@@ -1370,7 +1493,7 @@ impl World {
             let owner = self.peers[p].owner;
             let mut got = Vec::new();
             let mut ack = None;
-            if let Some(conn) = self.peers[p].conn.as_mut() {
+            if let Some(conn) = self.conn_mut(p, k) {
                 while reading && conn.inbox.front().is_some_and(|(t, _)| *t <= now) {
                     let Some((_, frame)) = conn.inbox.pop_front() else {
                         break;
@@ -1392,19 +1515,20 @@ impl World {
             }
             if let Some(msg_id) = ack {
                 if let Some(o) = self.owners.get_mut(owner) {
-                    o.on_peer_ack(who, msg_id);
+                    o.on_peer_ack_conn(who, k, msg_id);
                 }
                 // What the peer acknowledged leaves its pending lists.
-                if let Some(conn) = self.peers[p].conn.as_mut() {
+                if let Some(conn) = self.conn_mut(p, k) {
                     let sent = std::mem::take(&mut conn.sent);
                     for lane in &mut self.peers[p].pending {
                         lane.retain(|id| !sent.contains(id) || !self.delivered.contains(id));
                     }
-                    if let Some(conn) = self.peers[p].conn.as_mut() {
-                        conn.sent = sent
-                            .into_iter()
-                            .filter(|id| !self.delivered.contains(id))
-                            .collect();
+                    let kept = sent
+                        .into_iter()
+                        .filter(|id| !self.delivered.contains(id))
+                        .collect();
+                    if let Some(conn) = self.conn_mut(p, k) {
+                        conn.sent = kept;
                     }
                 }
             }

@@ -493,3 +493,112 @@ fn a_pump_stops_before_a_load_so_that_what_it_gave_is_written_first() {
     assert_eq!(rest, vec![3, 4]);
     assert!(!o.take_load_due());
 }
+
+/// An owner of one CSP link with a window of 4 (and its SU), as one worker.
+fn link_owner() -> Owner<MemLog> {
+    let text = format!(
+        "[engine]\nlevels = 4\ndurability = \"batch\"\n\
+         [[service_user]]\nid = \"{SU}\"\ntoken = \"owner-test-su\"\n\
+         [delivery]\nwindow_reserved_top = 0\n\
+         [[csp]]\nname = \"csp-a\"\ntoken = \"owner-test-csp\"\nwindow = 4\nconnections_max = 2\nburst = 1000\n\
+         [priority]\nrules = [{{ srv = \"2.2\", level = 1 }}]\n"
+    );
+    let config = Config::from_toml_with_env(&text, |_| None).unwrap();
+    let setup = OwnerSetup::from_config(&config, 0, 1).unwrap();
+    let nms = Nms::new(Arc::new(AtomicU64::new(0)), config.delivery.nms_total);
+    Owner::new(setup, MemLog::default(), nms, 0).unwrap()
+}
+
+/// A REQUEST for the link at `level`, by its counter.
+fn to_link(counter: u64, level: u8) -> Envelope {
+    let mut h = Header::new(Kind::Request);
+    h.su_id = SU;
+    h.device_id = Eui64(9);
+    h.counter = counter;
+    Envelope {
+        to: Destination::Southbound {
+            csp: 0,
+            level: Level::new(level).unwrap(),
+        },
+        frame: Frame::new(h, Bytes::from_static(b"request")).unwrap(),
+        ticket: None,
+        enqueued_unix_ns: UNIX,
+    }
+}
+
+/// Everything the link may be sent now on the connections in `conns`:
+/// (connection, msg_id, counter, level).
+fn link_sent(o: &mut Owner<MemLog>, conns: u64) -> Vec<(usize, u64, u64, u8)> {
+    o.start_pump();
+    std::iter::from_fn(|| o.poll_transmit_to(PeerRef::Csp(0), conns, 0, UNIX))
+        .map(|(c, f)| (c, f.header.msg_id, f.header.counter, f.header.priority))
+        .collect()
+}
+
+#[test]
+fn a_link_spreads_its_requests_over_its_connections_each_with_its_own_msg_ids() {
+    let mut o = link_owner();
+    let csp = PeerRef::Csp(0);
+    o.on_connect_conn(csp, 0, 0);
+    o.on_connect_conn(csp, 1, 0);
+    for counter in 1..=6 {
+        let _ = o.take(to_link(counter, 3), 0);
+    }
+    assert!(o.commit());
+    // Window 4 over two connections: two each, in turn, each counting from 1.
+    assert_eq!(
+        link_sent(&mut o, u64::MAX),
+        vec![(0, 1, 1, 3), (1, 1, 2, 3), (0, 2, 3, 3), (1, 2, 4, 3)]
+    );
+    // Connection 1 acknowledges both: 2 and 4 wait for 1 and 3 (older, in flight on 0)
+    // before their records are marked done, so the lane's watermark never passes a frame
+    // still held.
+    o.on_peer_ack_conn(csp, 1, 2);
+    assert!(o.surb().log().done.is_empty());
+    assert_eq!(o.held(), 6);
+    // Connection 0 has no room now (its socket is full): the rest go on connection 1.
+    assert_eq!(link_sent(&mut o, 0b10), vec![(1, 3, 5, 3), (1, 4, 6, 3)]);
+    o.on_peer_ack_conn(csp, 0, 2);
+    let done: Vec<u64> = o.surb().log().done.iter().map(|d| d.2).collect();
+    assert_eq!(done, vec![1, 2, 3, 4], "in order: a watermark per lane");
+    o.on_peer_ack_conn(csp, 1, 4);
+    assert_eq!(o.held(), 0);
+}
+
+#[test]
+fn a_closed_link_connection_gives_back_only_its_frames_to_go_on_another() {
+    let mut o = link_owner();
+    let csp = PeerRef::Csp(0);
+    o.on_connect_conn(csp, 0, 0);
+    o.on_connect_conn(csp, 1, 0);
+    for (counter, level) in [(1, 4), (2, 4), (3, 3), (4, 3)] {
+        let _ = o.take(to_link(counter, level), 0);
+    }
+    assert!(o.commit());
+    assert_eq!(
+        link_sent(&mut o, u64::MAX),
+        vec![(0, 1, 3, 3), (1, 1, 4, 3), (0, 2, 1, 4), (1, 2, 2, 4)]
+    );
+    let _ = o.take(to_link(5, 1), 0);
+    assert!(o.commit());
+    // Connection 0 goes with 3 and 1 unacknowledged; connection 1's stay in flight there.
+    o.on_disconnect_conn(csp, 0);
+    o.on_peer_ack_conn(csp, 1, 2);
+    // What came back goes on connection 1, in priority order, its msg_ids going on.
+    assert_eq!(
+        link_sent(&mut o, u64::MAX),
+        vec![(1, 3, 5, 1), (1, 4, 3, 3), (1, 5, 1, 4)]
+    );
+    o.on_peer_ack_conn(csp, 1, 5);
+    assert_eq!(o.held(), 0);
+    let mut done: Vec<u64> = o.surb().log().done.iter().map(|d| d.2).collect();
+    done.sort_unstable();
+    assert_eq!(done, vec![1, 2, 3, 4, 5]);
+    // Every connection gone: nothing goes, nothing is lost.
+    o.on_disconnect_conn(csp, 1);
+    let _ = o.take(to_link(6, 2), 0);
+    assert!(o.commit());
+    assert_eq!(link_sent(&mut o, u64::MAX), vec![]);
+    o.on_connect_conn(csp, 1, 0);
+    assert_eq!(link_sent(&mut o, u64::MAX), vec![(1, 1, 6, 2)]);
+}

@@ -189,6 +189,7 @@ impl Worker {
             conn.last_msg_id = msg_id;
         }
         match (peer, kind) {
+            (PeerRef::Csp(_), Kind::Ack) => self.on_link_ack(slot, msg_id),
             (_, Kind::Ack) => self.owner.on_peer_ack(peer, msg_id),
             (_, Kind::Ping) => {
                 let mut pong = Frame::pong();
