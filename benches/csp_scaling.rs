@@ -32,7 +32,7 @@ use dsplane::client::Client;
 use dsplane::config::Config;
 use dsplane::engine::Engine;
 use dsplane::ids::{Eui64, Srv};
-use dsplane::wire::{Frame, Header, Kind, HEADER_LEN, PAYLOAD_BYTES_MAX_DEFAULT};
+use dsplane::wire::{Frame, Header, Kind, HEADER_LEN};
 
 const SUS: [Eui64; 2] = [Eui64(0x90B3_D51F_3001_0000), Eui64(0x90B3_D51F_3001_0001)];
 const PAYLOAD_LEN: usize = 128;
@@ -135,30 +135,15 @@ fn csp_bytes(frames: usize, sus: usize, base: u64) -> Vec<u8> {
 fn su_reader(mut read: TcpStream, mut write: TcpStream, frames: usize) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; SU_READ_BYTES];
-        let mut pending: Vec<u8> = Vec::with_capacity(2 * SU_READ_BYTES);
+        let mut parse = common::SuParse::default();
         let mut count = 0usize;
         while count < frames {
             let n = match read.read(&mut buf) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            pending.extend_from_slice(&buf[..n]);
-            let mut at = 0;
-            let mut last = None;
-            while let Some(head) = pending.get(at..at + HEADER_LEN) {
-                let head: &[u8; HEADER_LEN] = head.try_into().unwrap();
-                let h = Header::decode(head, PAYLOAD_BYTES_MAX_DEFAULT).unwrap();
-                let len = HEADER_LEN + h.payload_len as usize;
-                if pending.len() < at + len {
-                    break;
-                }
-                if h.kind.is_data() {
-                    count += 1;
-                    last = Some(h.msg_id);
-                }
-                at += len;
-            }
-            pending.drain(..at);
+            let last = parse.take(&buf[..n]);
+            count = parse.count as usize;
             if let Some(msg_id) = last {
                 let _ = write.write_all(&Frame::ack(msg_id).header_bytes());
             }

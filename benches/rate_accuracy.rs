@@ -28,6 +28,8 @@
 //! Usage: `cargo bench --bench rate_accuracy -- [RUNS]` (default 5). `--quick` runs once with a
 //! 300 ms window, as a smoke test; other arguments (`cargo bench` passes `--bench`) are ignored.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -37,7 +39,7 @@ use dsplane::client::Client;
 use dsplane::config::Config;
 use dsplane::engine::Engine;
 use dsplane::ids::{Eui64, Srv};
-use dsplane::wire::{Frame, Header, Kind, Role, HEADER_LEN, PAYLOAD_BYTES_MAX_DEFAULT};
+use dsplane::wire::{Frame, Header, Kind, Role, HEADER_LEN};
 
 const SU1: Eui64 = Eui64(0x90B3_D51F_3001_0000);
 const SU_TOKEN: &str = "rate-accuracy-su";
@@ -147,8 +149,8 @@ fn su_measure(engine: &Engine, until: Duration) -> Vec<(Instant, u64)> {
     stream.write_all(&hello.payload).unwrap();
     let mut samples = Vec::with_capacity(1 << 20);
     let mut buf = vec![0u8; SU_READ_BYTES];
-    let mut pending: Vec<u8> = Vec::with_capacity(2 * SU_READ_BYTES);
-    let mut count = 0u64;
+    let mut parse = common::SuParse::default();
+
     let mut first: Option<Instant> = None;
     loop {
         let n = match stream.read(&mut buf) {
@@ -156,23 +158,8 @@ fn su_measure(engine: &Engine, until: Duration) -> Vec<(Instant, u64)> {
             Ok(n) => n,
         };
         let at = Instant::now();
-        pending.extend_from_slice(&buf[..n]);
-        let mut off = 0;
-        let mut last = None;
-        while let Some(head) = pending.get(off..off + HEADER_LEN) {
-            let head: &[u8; HEADER_LEN] = head.try_into().unwrap();
-            let h = Header::decode(head, PAYLOAD_BYTES_MAX_DEFAULT).unwrap();
-            let len = HEADER_LEN + h.payload_len as usize;
-            if pending.len() < off + len {
-                break;
-            }
-            if h.kind.is_data() {
-                count += 1;
-                last = Some(h.msg_id);
-            }
-            off += len;
-        }
-        pending.drain(..off);
+        let last = parse.take(&buf[..n]);
+        let count = parse.count;
         if let Some(msg_id) = last {
             stream
                 .write_all(&Frame::ack(msg_id).header_bytes())

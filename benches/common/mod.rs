@@ -220,6 +220,40 @@ pub fn sample_headers(n: usize, seed: u64) -> Vec<[u8; dsplane_proto::wire::HEAD
         .collect()
 }
 
+/// An SU's own parse of what it reads: whole frames are counted (data frames only) and the last
+/// data `msg_id` is kept for the cumulative ACK; a partial frame waits for the next read.
+#[derive(Default)]
+pub struct SuParse {
+    pending: Vec<u8>,
+    /// Data frames seen so far.
+    pub count: u64,
+}
+
+impl SuParse {
+    /// Takes one read's bytes; returns the last data `msg_id` among the whole frames, if any.
+    pub fn take(&mut self, bytes: &[u8]) -> Option<u64> {
+        use dsplane_proto::wire::{Header, HEADER_LEN, PAYLOAD_BYTES_MAX_DEFAULT};
+        self.pending.extend_from_slice(bytes);
+        let mut at = 0;
+        let mut last = None;
+        while let Some(head) = self.pending.get(at..at + HEADER_LEN) {
+            let head: &[u8; HEADER_LEN] = head.try_into().unwrap();
+            let h = Header::decode(head, PAYLOAD_BYTES_MAX_DEFAULT).unwrap();
+            let len = HEADER_LEN + h.payload_len as usize;
+            if self.pending.len() < at + len {
+                break;
+            }
+            if h.kind.is_data() {
+                self.count += 1;
+                last = Some(h.msg_id);
+            }
+            at += len;
+        }
+        self.pending.drain(..at);
+        last
+    }
+}
+
 /// Reads and drops whatever comes in on `stream` until it closes (a peer's ACKs, the engine's).
 pub fn drain(stream: &std::net::TcpStream) -> std::thread::JoinHandle<()> {
     use std::io::Read;
