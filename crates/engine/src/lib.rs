@@ -143,6 +143,21 @@ impl Engine {
     /// it), a port that cannot be bound, recovery refusing the data directory, or a ring, event
     /// loop or thread that cannot be created.
     pub fn start(config: Config) -> Result<Engine, EngineError> {
+        Engine::start_with_rings(config, RING_FRAMES_PER_LEVEL)
+    }
+
+    /// [`Engine::start`] with rings of `frames_per_level` (a power of two) instead of
+    /// [`RING_FRAMES_PER_LEVEL`]: for tests that need a ring to fill (intake holding frames,
+    /// the ACK of a batch held back).
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::start`].
+    #[doc(hidden)]
+    pub fn start_with_rings(
+        config: Config,
+        frames_per_level: usize,
+    ) -> Result<Engine, EngineError> {
         let workers = worker_count(&config);
         // One engine per data_dir, checked before anything is bound: the lock is held until
         // this engine is joined.
@@ -165,7 +180,7 @@ impl Engine {
                 .map_err(EngineError::poll(thread))?;
             let waker = Arc::new(waker);
             let (producer, consumer) =
-                ring::channel(usize::from(config.engine.levels), RING_FRAMES_PER_LEVEL).map_err(
+                ring::channel(usize::from(config.engine.levels), frames_per_level).map_err(
                     |source| EngineError::Ring {
                         worker: index,
                         source,
