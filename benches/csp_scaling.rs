@@ -27,12 +27,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use bytes::Bytes;
 use dsplane::client::Client;
 use dsplane::config::Config;
 use dsplane::engine::Engine;
-use dsplane::ids::{Eui64, Srv};
-use dsplane::wire::{Frame, Header, Kind, HEADER_LEN};
+use dsplane::ids::Eui64;
+use dsplane::wire::{Frame, HEADER_LEN};
 
 const SUS: [Eui64; 2] = [Eui64(0x90B3_D51F_3001_0000), Eui64(0x90B3_D51F_3001_0001)];
 const PAYLOAD_LEN: usize = 128;
@@ -108,25 +107,8 @@ connections_max = 2
 /// One connection's bytes: `frames` RESPONSEs with msg_ids from 1, to the first `sus` SUs in
 /// turn, each to its own device, over SRVs of every level. `base` keeps counters apart.
 fn csp_bytes(frames: usize, sus: usize, base: u64) -> Vec<u8> {
-    const SRVS: [Srv; 4] = [
-        Srv::new(2, 2, 0),
-        Srv::new(8, 1, 1),
-        Srv::new(4, 1, 1),
-        Srv::new(6, 2, 1),
-    ];
-    let payload = Bytes::from(vec![0x5A; PAYLOAD_LEN]);
     let mut out = Vec::with_capacity(frames * (HEADER_LEN + PAYLOAD_LEN));
-    for i in 0..frames as u64 {
-        let mut h = Header::new(Kind::Response);
-        h.su_id = SUS[i as usize % sus];
-        h.device_id = Eui64(base + i + 1);
-        h.counter = base + i + 1;
-        h.msg_id = i + 1;
-        h.srv = SRVS[i as usize % SRVS.len()];
-        let frame = Frame::new(h, payload.clone()).unwrap();
-        out.extend_from_slice(&frame.header_bytes());
-        out.extend_from_slice(&frame.payload);
-    }
+    common::responses(&SUS[..sus], 1..=frames as u64, base, PAYLOAD_LEN, &mut out);
     out
 }
 
@@ -204,16 +186,8 @@ fn run(shape: Shape, bytes: &[Arc<Vec<u8>>], frames: usize) -> f64 {
 /// What each CSP connection of a shape sends.
 type ConnBytes = Vec<Arc<Vec<u8>>>;
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
+    let args = common::bench_args();
     let quick = args.iter().any(|a| a == "--quick");
     let mut numbers = args.iter().filter_map(|a| a.parse::<usize>().ok());
     let (frames, runs) = if quick {
@@ -257,7 +231,7 @@ fn main() {
             results[i].push(run(*s, &bytes[i], frames));
         }
     }
-    let base = median(&mut results[0].clone());
+    let base = common::median(&mut results[0].clone());
     println!("{frames} RESPONSEs of {PAYLOAD_LEN} B in all, {runs} runs each, interleaved");
     println!(
         "{:<5} {:>9} {:>4} {:>12} {:>24} {:>9}",
@@ -266,7 +240,7 @@ fn main() {
     for (s, r) in shapes.iter().zip(&mut results) {
         let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = r.iter().copied().fold(0.0, f64::max);
-        let m = median(r);
+        let m = common::median(r);
         println!(
             "{:<5} {:>9} {:>4} {:>10.3} M {:>9.3}–{:<9.3} M {:>8.2}×",
             s.cores,

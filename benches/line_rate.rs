@@ -25,12 +25,11 @@ use std::net::TcpStream;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use dsplane::client::Client;
 use dsplane::config::Config;
 use dsplane::engine::Engine;
-use dsplane::ids::{Eui64, Srv};
-use dsplane::wire::{Frame, Header, Kind, HEADER_LEN};
+use dsplane::ids::Eui64;
+use dsplane::wire::{Frame, HEADER_LEN};
 
 const SU1: Eui64 = Eui64(0x90B3_D51F_3001_0000);
 const PAYLOAD_LEN: usize = 128;
@@ -114,25 +113,8 @@ burst = 1000000
 
 /// The CSP's bytes: `frames` RESPONSEs, each to its own device, over SRVs of every level.
 fn csp_bytes(frames: usize) -> Vec<u8> {
-    const SRVS: [Srv; 4] = [
-        Srv::new(2, 2, 0),
-        Srv::new(8, 1, 1),
-        Srv::new(4, 1, 1),
-        Srv::new(6, 2, 1),
-    ];
-    let payload = Bytes::from(vec![0x5A; PAYLOAD_LEN]);
     let mut out = Vec::with_capacity(frames * (HEADER_LEN + PAYLOAD_LEN));
-    for i in 0..frames as u64 {
-        let mut h = Header::new(Kind::Response);
-        h.su_id = SU1;
-        h.device_id = Eui64(i + 1);
-        h.counter = i + 1;
-        h.msg_id = i + 1;
-        h.srv = SRVS[i as usize % SRVS.len()];
-        let frame = Frame::new(h, payload.clone()).unwrap();
-        out.extend_from_slice(&frame.header_bytes());
-        out.extend_from_slice(&frame.payload);
-    }
+    common::responses(&[SU1], 1..=frames as u64, 0, PAYLOAD_LEN, &mut out);
     out
 }
 
@@ -215,16 +197,8 @@ fn run(contender: Contender, bytes: &[u8], frames: usize) -> f64 {
     frames as f64 / elapsed.as_secs_f64()
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
+    let args = common::bench_args();
     let quick = args.iter().any(|a| a == "--quick");
     let mut numbers = args.iter().filter_map(|a| a.parse::<usize>().ok());
     let (frames, runs) = if quick {
@@ -248,7 +222,7 @@ fn main() {
             results[i].push(run(*c, &bytes, frames));
         }
     }
-    let null = median(&mut results[0].clone());
+    let null = common::median(&mut results[0].clone());
     println!("{frames} frames of {PAYLOAD_LEN} B, {runs} runs each, interleaved");
     println!(
         "{:<28} {:>12} {:>24} {:>8}",
@@ -257,7 +231,7 @@ fn main() {
     for (c, r) in CONTENDERS.iter().zip(&mut results) {
         let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = r.iter().copied().fold(0.0, f64::max);
-        let m = median(r);
+        let m = common::median(r);
         println!(
             "{:<28} {:>10.2} M {:>9.2}–{:<9.2} M {:>7.3}×",
             c.name,

@@ -34,12 +34,11 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use dsplane::client::Client;
 use dsplane::config::Config;
 use dsplane::engine::Engine;
-use dsplane::ids::{Eui64, Srv};
-use dsplane::wire::{Frame, Header, Kind, Role, HEADER_LEN};
+use dsplane::ids::Eui64;
+use dsplane::wire::{Frame, Role, HEADER_LEN};
 
 const SU1: Eui64 = Eui64(0x90B3_D51F_3001_0000);
 const SU_TOKEN: &str = "rate-accuracy-su";
@@ -99,25 +98,8 @@ burst = 1000000
 
 /// RESPONSEs `first ..= last` (msg_ids), each to its own device, over SRVs of every level.
 fn csp_bytes(first: u64, last: u64, out: &mut Vec<u8>) {
-    const SRVS: [Srv; 4] = [
-        Srv::new(2, 2, 0),
-        Srv::new(8, 1, 1),
-        Srv::new(4, 1, 1),
-        Srv::new(6, 2, 1),
-    ];
-    let payload = Bytes::from(vec![0x5A; PAYLOAD_LEN]);
     out.clear();
-    for i in first..=last {
-        let mut h = Header::new(Kind::Response);
-        h.su_id = SU1;
-        h.device_id = Eui64(i);
-        h.counter = i;
-        h.msg_id = i;
-        h.srv = SRVS[i as usize % SRVS.len()];
-        let frame = Frame::new(h, payload.clone()).unwrap();
-        out.extend_from_slice(&frame.header_bytes());
-        out.extend_from_slice(&frame.payload);
-    }
+    common::responses(&[SU1], first..=last, 0, PAYLOAD_LEN, out);
 }
 
 /// Sends `frames` RESPONSEs for the SU and returns once the engine has ACKed the last one.
@@ -245,16 +227,8 @@ fn run(contender: Contender, rate: u32, window: Duration) -> (f64, f64) {
     (delivered_rate(&samples, window), cpu)
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
+    let args = common::bench_args();
     let quick = args.iter().any(|a| a == "--quick");
     let (runs, window) = if quick {
         (1, Duration::from_millis(300))
@@ -297,7 +271,7 @@ fn main() {
             let each: Vec<String> = rates.iter().map(|x| format!("{x:.0}")).collect();
             let lo = rates.iter().copied().fold(f64::INFINITY, f64::min);
             let hi = rates.iter().copied().fold(0.0, f64::max);
-            let m = median(&mut rates);
+            let m = common::median(&mut rates);
             let error = (m / f64::from(rate) - 1.0) * 100.0;
             println!(
                 "RATE {:<13} {:>10} {:>12.0} {:>12.0}–{:<12.0} {:>+7.2}% {:>6.0}   {}",
@@ -307,7 +281,7 @@ fn main() {
                 lo,
                 hi,
                 error,
-                median(&mut cpu),
+                common::median(&mut cpu),
                 each.join(" ")
             );
         }

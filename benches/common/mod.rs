@@ -220,6 +220,53 @@ pub fn sample_headers(n: usize, seed: u64) -> Vec<[u8; dsplane_proto::wire::HEAD
         .collect()
 }
 
+/// The bench's own arguments (`cargo bench` adds `--bench`, which is dropped).
+pub fn bench_args() -> Vec<String> {
+    std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect()
+}
+
+/// The median of `v` (sorted in place; the upper one of an even count).
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Appends the wire bytes of RESPONSEs numbered `msg_ids`, to `sus` in turn, each to its own
+/// device (`counter_base + msg_id`, also its counter), over SRVs of every level, with payloads
+/// of `payload_len` bytes.
+pub fn responses(
+    sus: &[dsplane_proto::ids::Eui64],
+    msg_ids: std::ops::RangeInclusive<u64>,
+    counter_base: u64,
+    payload_len: usize,
+    out: &mut Vec<u8>,
+) {
+    use dsplane_proto::ids::{Eui64, Srv};
+    use dsplane_proto::wire::{Frame, Header, Kind};
+    const SRVS: [Srv; 4] = [
+        Srv::new(2, 2, 0),
+        Srv::new(8, 1, 1),
+        Srv::new(4, 1, 1),
+        Srv::new(6, 2, 1),
+    ];
+    let payload = bytes::Bytes::from(vec![0x5A; payload_len]);
+    for msg_id in msg_ids {
+        let i = msg_id.saturating_sub(1) as usize;
+        let mut h = Header::new(Kind::Response);
+        h.su_id = sus[i % sus.len()];
+        h.device_id = Eui64(counter_base + msg_id);
+        h.counter = counter_base + msg_id;
+        h.msg_id = msg_id;
+        h.srv = SRVS[i % SRVS.len()];
+        let frame = Frame::new(h, payload.clone()).unwrap();
+        out.extend_from_slice(&frame.header_bytes());
+        out.extend_from_slice(&frame.payload);
+    }
+}
+
 /// An SU's own parse of what it reads: whole frames are counted (data frames only) and the last
 /// data `msg_id` is kept for the cumulative ACK; a partial frame waits for the next read.
 #[derive(Default)]

@@ -242,22 +242,14 @@ impl Worker {
     // ---- the owner's side -------------------------------------------------------------------
 
     fn drain_control(&mut self) {
+        let now = self.turn_now;
         while let Ok(control) = self.control.try_recv() {
             match control {
                 Control::Adopt(adopt) => self.adopt(adopt),
                 Control::Tickets(tickets) => self.on_tickets(&tickets),
-                Control::Pause { su, paused } => {
-                    let now = self.turn_now;
-                    self.owner.set_paused(su, paused, now);
-                }
-                Control::Reload(reload) => {
-                    let now = self.turn_now;
-                    self.owner.reload(&reload.owner, now);
-                }
-                Control::Restrict(restricted) => {
-                    let now = self.turn_now;
-                    self.owner.set_restricted(restricted, now);
-                }
+                Control::Pause { su, paused } => self.owner.set_paused(su, paused, now),
+                Control::Reload(reload) => self.owner.reload(&reload.owner, now),
+                Control::Restrict(restricted) => self.owner.set_restricted(restricted, now),
                 Control::LinkOpened {
                     csp,
                     conn,
@@ -396,19 +388,13 @@ impl Worker {
 
     fn pump_all(&mut self, now: Nanos) {
         self.owner.start_pump();
-        let (sus, csps) = (self.su_conn.len(), self.links.len());
-        for i in 0..sus + csps {
-            let (peer, slot) = match i.checked_sub(sus) {
-                None => (PeerRef::Su(i as u32), self.su_conn.get(i)),
-                Some(c) => {
-                    self.pump_link(c as u32, now);
-                    continue;
-                }
-            };
-            let Some(&Some(slot)) = slot else {
-                continue;
-            };
-            self.pump(peer, slot, now);
+        for su in 0..self.su_conn.len() {
+            if let Some(&Some(slot)) = self.su_conn.get(su) {
+                self.pump(PeerRef::Su(su as u32), slot, now);
+            }
+        }
+        for csp in 0..self.links.len() {
+            self.pump_link(csp as u32, now);
         }
         // Loads from the SURB may have expired frames.
         self.carry_out();

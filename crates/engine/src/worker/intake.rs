@@ -125,7 +125,6 @@ impl Worker {
         let Some(last) = self.batch_last.take() else {
             return;
         };
-        let mut first_held: Option<u64> = None;
         let mut held = Vec::new();
         for group in self.outbox_used.drain(..) {
             let Some(out) = self.outbox.get_mut(group) else {
@@ -136,11 +135,7 @@ impl Worker {
                 continue;
             };
             crate::push_bulk(link, out.level, &mut out.items);
-            for envelope in out.items.drain(..) {
-                let msg_id = envelope.frame.header.msg_id;
-                first_held = Some(first_held.map_or(msg_id, |m| m.min(msg_id)));
-                held.push((out.owner, out.level, envelope));
-            }
+            held.extend(out.items.drain(..).map(|e| (out.owner, out.level, e)));
         }
         let durable = self.ticket_origin.is_some();
         let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
@@ -155,6 +150,7 @@ impl Worker {
         // Back in arrival order (msg_id order), whatever group they came from.
         held.sort_by_key(|(_, _, e)| e.frame.header.msg_id);
         if !durable {
+            let first_held = held.first().map(|(_, _, e)| e.frame.header.msg_id);
             if let Some(through) = first_held.and_then(|m| m.checked_sub(1)).filter(|&t| t > 0) {
                 conn.ack_due = Some(through);
             }
