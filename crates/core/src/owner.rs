@@ -455,12 +455,16 @@ impl Nms {
 
     #[inline]
     fn add(&self, n: u64) {
-        self.total.fetch_add(n, Ordering::Relaxed);
+        if n > 0 {
+            self.total.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     #[inline]
     fn release(&self, n: u64) {
-        self.total.fetch_sub(n, Ordering::Relaxed);
+        if n > 0 {
+            self.total.fetch_sub(n, Ordering::Relaxed);
+        }
     }
 }
 
@@ -933,6 +937,9 @@ impl<L: Log> Owner<L> {
             tracing::error!(worker = self.index, error = %e, "cannot write the log; refusing frames (NACK 5) until it can");
         }
         let mut staged = std::mem::take(&mut self.staged);
+        // Added to the NMS once per batch: its total is shared by every worker, and an atomic
+        // add per frame bounced its cache line between them.
+        let mut held_now = 0;
         for s in staged.drain(..) {
             let Staged {
                 peer,
@@ -977,8 +984,9 @@ impl<L: Log> Owner<L> {
                 tracing::error!(peer = %state.label, "scheduler bound reached; frame dropped");
                 continue;
             }
-            self.nms.add(1);
+            held_now += 1;
         }
+        self.nms.add(held_now);
         self.staged = staged;
         written.is_ok()
     }

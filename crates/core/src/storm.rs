@@ -61,10 +61,14 @@
 //!
 //! # Hashing
 //!
-//! Keys come from the network (device ids in CSP frames), so the index hashes with std's keyed
-//! SipHash (`RandomState`) rather than a fixed mixer that crafted ids could collide in.
+//! Keys come from the network (device ids in CSP frames), so the index hashes with a hasher
+//! seeded at random for each detector (foldhash's `RandomState`) rather than a fixed mixer that
+//! crafted ids could collide in: without the seed, nobody can choose ids that share a slot. It is
+//! foldhash rather than std's SipHash because every alert is hashed: SipHash cost about 50
+//! instructions per alert in the owner's pipeline (`perf/instructions.sh`, mode `owner`),
+//! foldhash about 10. A probe is bounded all the same: the index has at least twice as many
+//! slots as `max_tracked_keys`.
 
-use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
 
@@ -322,7 +326,7 @@ pub struct StormDetector {
     /// Open addressing over ring sequence numbers: `seq mod 2³¹ + 1`, 0 = empty. Length a power
     /// of two, at least twice the most keys it may hold.
     index: Box<[u32]>,
-    hasher: RandomState,
+    hasher: foldhash::fast::RandomState,
     /// Summaries made and not yet polled.
     pending: VecDeque<StormSummary>,
     /// The latest `now` seen.
@@ -340,7 +344,7 @@ impl StormDetector {
             ring: VecDeque::new(),
             head_seq: 0,
             index: vec![0u32; slots].into_boxed_slice(),
-            hasher: RandomState::new(),
+            hasher: foldhash::fast::RandomState::default(),
             pending: VecDeque::new(),
             clock: now,
             stats: StormStats::default(),
