@@ -538,6 +538,10 @@ pub struct Owner<L> {
     events: VecDeque<Event>,
     /// Earliest instant a rate-limited peer may send again, from the last pump.
     rate_wake: Option<Nanos>,
+    /// When the peer of the last [`Owner::poll_transmit_ref`] that gave nothing may send again,
+    /// if that was for want of tokens (`None` after one that gave a frame, or stopped for
+    /// another reason).
+    last_rate_block: Option<Nanos>,
     /// Frames were handed out since the last load from the SURB (see `take_load_due`).
     sent_since_load: bool,
     /// `poll_transmit` stopped before a load so that what it handed out is written first.
@@ -669,6 +673,7 @@ impl<L: Log> Owner<L> {
             acks: Vec::new(),
             events: VecDeque::new(),
             rate_wake: None,
+            last_rate_block: None,
             sent_since_load: false,
             load_due: false,
             next_housekeeping: now,
@@ -1216,6 +1221,7 @@ impl<L: Log> Owner<L> {
         now: Nanos,
         unix: u64,
     ) -> Option<(usize, Header)> {
+        self.last_rate_block = None;
         for _ in 0..limits::LOADS_PER_POLL_MAX {
             let state = peer_in(&mut self.sus, &mut self.csps, peer)?;
             if !state.connected {
@@ -1238,6 +1244,7 @@ impl<L: Log> Owner<L> {
                 }
                 Err(Blocked::Rate(at)) => {
                     self.rate_wake = Some(self.rate_wake.map_or(at, |w| w.min(at)));
+                    self.last_rate_block = Some(at);
                     return None;
                 }
                 Err(Blocked::Load(lane)) => {
@@ -1381,6 +1388,15 @@ impl<L: Log> Owner<L> {
     /// worker may stay awake for it (a short spin) but never for housekeeping.
     pub fn rate_wake(&self) -> Option<Nanos> {
         self.rate_wake
+    }
+
+    /// Whether the last [`Owner::poll_transmit_ref`] (or [`Owner::poll_transmit_to`]) gave
+    /// nothing because its peer had no token, and if so from when it may send again. A worker
+    /// whose pump took long enough for that instant to pass may ask again at a later `now`
+    /// rather than wait for its next turn: a bucket of 100 tokens at 10 M/s refills in 10 µs,
+    /// less than a busy turn lasts.
+    pub fn rate_blocked_until(&self) -> Option<Nanos> {
+        self.last_rate_block
     }
 
     /// Time passed: storm windows that closed send their summaries; every

@@ -36,7 +36,7 @@ use super::conn::{Conn, ConnState};
 use super::shared::{Adopt, Control, Shared};
 use super::timer::{Timer, WORKER_TIMER};
 use crate::ids::Level;
-use crate::limits::{LINGER, RING_BATCH_MAX};
+use crate::limits::{LINGER, PUMP_CLOCK_READS_MAX, RING_BATCH_MAX};
 use crate::owner::{Envelope, Event, Owner, PeerRef, Ticket};
 use crate::ring;
 use crate::store::Store;
@@ -402,25 +402,47 @@ impl Worker {
 
     /// Moves the owner's next frames for `peer` into its connection while it has room, and
     /// writes them out; before each load from the SURB, what was queued is written first.
+    ///
+    /// When the peer's bucket runs dry while frames went out, the clock is read again (at most
+    /// [`PUMP_CLOCK_READS_MAX`] times): if its next tokens are due by then, the pump carries on
+    /// at the later instant. A bucket of 100 tokens at 10 M/s refills in 10 µs, less than a busy
+    /// turn lasts, so a pump held to the turn's clock would send one burst per turn and throw
+    /// the rest of the rate away.
     fn pump(&mut self, peer: PeerRef, slot: usize, now: Nanos) {
+        let mut now = now;
+        let mut clock_reads = 0;
         for _ in 0..crate::limits::LOADS_PER_POLL_MAX {
             let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
                 return;
             };
             let mut queued = false;
-            while conn.has_room() {
-                let Some(t) = self.owner.poll_transmit_ref(peer, now, self.unix_turn) else {
-                    break;
-                };
-                conn.queue_parts(&t.header, t.payload);
-                queued = true;
-                if conn.unwritten() >= WRITE_BYTES_MIN {
-                    // Start the peer reading while the rest is being copied.
-                    if let Err(e) = conn.flush() {
-                        let reason = format!("write failed: {e}");
-                        return self.close(slot, &reason);
+            loop {
+                while conn.has_room() {
+                    let Some(t) = self.owner.poll_transmit_ref(peer, now, self.unix_turn) else {
+                        break;
+                    };
+                    conn.queue_parts(&t.header, t.payload);
+                    queued = true;
+                    if conn.unwritten() >= WRITE_BYTES_MIN {
+                        // Start the peer reading while the rest is being copied.
+                        if let Err(e) = conn.flush() {
+                            let reason = format!("write failed: {e}");
+                            return self.close(slot, &reason);
+                        }
                     }
                 }
+                let Some(due) = self.owner.rate_blocked_until() else {
+                    break;
+                };
+                if !queued || clock_reads == PUMP_CLOCK_READS_MAX || !conn.has_room() {
+                    break;
+                }
+                clock_reads += 1;
+                let later = self.shared.now();
+                if later < due {
+                    break;
+                }
+                now = later;
             }
             if queued {
                 self.on_writable(slot);

@@ -135,9 +135,14 @@ impl Log for MemLog {
 }
 
 fn config(extra: &str) -> Config {
+    config_with("rate = 1000\nburst = 1000", extra)
+}
+
+/// The test configuration with `rate` and `burst` given (`rate_burst`) as well as `extra`.
+fn config_with(rate_burst: &str, extra: &str) -> Config {
     let text = format!(
         "[engine]\nlevels = 4\ndurability = \"batch\"\n\
-         [delivery]\nrate = 1000\nburst = 1000\nwindow = 8\nwindow_reserved_top = 1\nrelease_start = 1.0\n{extra}\n\
+         [delivery]\n{rate_burst}\nwindow = 8\nwindow_reserved_top = 1\nrelease_start = 1.0\n{extra}\n\
          [[service_user]]\nid = \"{SU}\"\ntoken = \"owner-test-su\"\n\
          [[csp]]\nname = \"csp-a\"\ntoken = \"owner-test-csp\"\ndevice_ranges = []\n\
          [priority]\nrules = [{{ srv = \"2.2\", level = 1 }}]\n\
@@ -147,7 +152,10 @@ fn config(extra: &str) -> Config {
 }
 
 fn owner_with(extra: &str) -> Owner<MemLog> {
-    let config = config(extra);
+    owner_of(config(extra))
+}
+
+fn owner_of(config: Config) -> Owner<MemLog> {
     let setup = OwnerSetup::from_config(&config, 0, 1).unwrap();
     let nms = Nms::new(Arc::new(AtomicU64::new(0)), config.delivery.nms_total);
     Owner::new(setup, MemLog::default(), nms, 0).unwrap()
@@ -424,6 +432,38 @@ fn a_load_that_fails_keeps_the_frames_and_is_tried_again() {
     o.surb_mut().log_mut().fail_loads = false;
     o.on_peer_ack(PeerRef::Su(0), 1);
     assert_eq!(sent(&mut o, 0), vec![(2, 2), (3, 2), (9, 3)]);
+}
+
+#[test]
+fn a_poll_that_ran_out_of_tokens_says_when_they_are_due_and_only_then() {
+    // 1,000/s with a burst of 2: two frames go at once, the third when a token is due.
+    let mut o = owner_of(config_with("rate = 1000\nburst = 2", ""));
+    for counter in 1..=4 {
+        let taken = o.take(to_su(alert(0x8001 + counter as u16, counter), 2, None), 0);
+        assert_eq!(taken, Taken::Staged(Level::new(2).unwrap()));
+    }
+    assert!(o.commit());
+    o.on_connect(PeerRef::Su(0), 0);
+    o.start_pump();
+    let su = PeerRef::Su(0);
+    assert!(o.poll_transmit_ref(su, 0, UNIX).is_some());
+    assert_eq!(o.rate_blocked_until(), None, "a frame was given");
+    assert!(o.poll_transmit_ref(su, 0, UNIX).is_some());
+    assert!(o.poll_transmit_ref(su, 0, UNIX).is_none());
+    let due = o.rate_blocked_until().expect("out of tokens");
+    assert_eq!(due, 1_000_000, "one token at 1,000/s");
+    assert_eq!(o.rate_wake(), Some(due));
+    // Asked again before then: still nothing, and still the same instant.
+    assert!(o.poll_transmit_ref(su, due - 1, UNIX).is_none());
+    assert_eq!(o.rate_blocked_until(), Some(due));
+    // At that instant (a later clock within the same pump round), the next frame goes.
+    let t = o.poll_transmit_ref(su, due, UNIX).expect("a token is due");
+    assert_eq!(t.header.counter, 3);
+    assert_eq!(o.rate_blocked_until(), None);
+    // Nothing for another reason (disconnected) is not a rate block.
+    o.on_disconnect(su);
+    assert!(o.poll_transmit_ref(su, 10 * due, UNIX).is_none());
+    assert_eq!(o.rate_blocked_until(), None);
 }
 
 #[test]
