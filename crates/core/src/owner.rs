@@ -1181,14 +1181,35 @@ impl<L: Log> Owner<L> {
         now: Nanos,
         unix: u64,
     ) -> Option<(usize, Frame)> {
+        self.poll_transmit_to_ref(peer, conns, now, unix)
+            .map(|(conn, t)| {
+                (
+                    conn,
+                    Frame {
+                        header: t.header,
+                        payload: t.payload.clone(),
+                    },
+                )
+            })
+    }
+
+    /// [`Owner::poll_transmit_to`] with the payload lent, as [`Owner::poll_transmit_ref`]
+    /// does: the I/O copies it out, or clones it only to hand it to another thread.
+    pub fn poll_transmit_to_ref(
+        &mut self,
+        peer: PeerRef,
+        conns: u64,
+        now: Nanos,
+        unix: u64,
+    ) -> Option<(usize, Transmit<'_>)> {
         let (conn, header) = self.next_header(peer, conns, now, unix)?;
         let state = peer_in(&mut self.sus, &mut self.csps, peer)?;
         let held = state.sched.newest_unacked(conn)?;
         Some((
             conn,
-            Frame {
+            Transmit {
                 header,
-                payload: held.frame.payload.clone(),
+                payload: &held.frame.payload,
             },
         ))
     }

@@ -24,7 +24,7 @@
 //! A connection held by the owner itself is written directly, as an SU's is.
 
 use super::{Control, Worker};
-use crate::limits::LOADS_PER_POLL_MAX;
+use crate::limits::{LOADS_PER_POLL_MAX, PUMP_CLOCK_READS_MAX};
 use crate::owner::PeerRef;
 use crate::shared::LinkAck;
 use crate::wire::Frame;
@@ -302,8 +302,11 @@ impl Worker {
     }
 
     /// On the link's owner: moves the link's next requests to its connections while they have
-    /// room, as [`Worker::pump`] does for one connection; before each load from the SURB,
-    /// what was handed out is written (or handed to its holder) first.
+    /// room, as [`Worker::pump`] does for one connection (the clock read again when the link's
+    /// bucket runs dry mid-pump, the same way); before each load from the SURB, what was handed
+    /// out is written (or handed to its holder) first. Frames for a connection on this worker
+    /// are copied from the owner's (no reference count); those for another worker's are cloned
+    /// to cross to it.
     pub(super) fn pump_link(&mut self, csp: u32, now: Nanos) {
         let peer = PeerRef::Csp(csp);
         if !self.owns_link(csp)
@@ -314,41 +317,69 @@ impl Worker {
         {
             return;
         }
+        let mut now = now;
+        let mut clock_reads = 0;
         for _ in 0..LOADS_PER_POLL_MAX {
             let mut written = 0u64;
             let mut outbox: Vec<(usize, Vec<Frame>)> = Vec::new();
+            // Connections with room, kept up to date as frames are queued (only the one just
+            // queued to can have filled up).
+            let mut room = self.link_room(csp);
             loop {
-                let room = self.link_room(csp);
-                if room == 0 {
-                    break;
+                while room != 0 {
+                    let Some((k, t)) =
+                        self.owner
+                            .poll_transmit_to_ref(peer, room, now, self.unix_turn)
+                    else {
+                        break;
+                    };
+                    let at = self.links.get(csp as usize).and_then(|c| c.get(k)).copied();
+                    match at.flatten() {
+                        Some(LinkConn::Here(slot)) => {
+                            match self.conns.get_mut(slot).and_then(Option::as_mut) {
+                                Some(c) => {
+                                    c.queue_parts(&t.header, t.payload);
+                                    written |= 1 << k;
+                                    if !c.has_room() {
+                                        room &= !(1 << k);
+                                    }
+                                }
+                                None => room &= !(1 << k),
+                            }
+                        }
+                        Some(LinkConn::There { .. }) => {
+                            let frame = Frame {
+                                header: t.header,
+                                payload: t.payload.clone(),
+                            };
+                            match outbox.iter_mut().find(|(c, _)| *c == k) {
+                                Some((_, frames)) => frames.push(frame),
+                                None => outbox.push((k, vec![frame])),
+                            }
+                        }
+                        // Cannot happen (the owner picks open connections only, and this table
+                        // follows them); if it did, the frame goes back rather than be lost.
+                        None => {
+                            self.owner.on_disconnect_conn(peer, k);
+                            room &= !(1 << k);
+                        }
+                    }
                 }
-                let Some((k, frame)) = self.owner.poll_transmit_to(peer, room, now, self.unix_turn)
-                else {
+                let Some(due) = self.owner.rate_blocked_until() else {
                     break;
                 };
-                match self
-                    .links
-                    .get(csp as usize)
-                    .and_then(|c| c.get(k))
-                    .copied()
-                    .flatten()
+                if (written == 0 && outbox.is_empty())
+                    || clock_reads == PUMP_CLOCK_READS_MAX
+                    || room == 0
                 {
-                    Some(LinkConn::Here(slot)) => {
-                        if let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) {
-                            c.queue(&frame);
-                            written |= 1 << k;
-                        }
-                    }
-                    Some(LinkConn::There { .. }) => {
-                        match outbox.iter_mut().find(|(c, _)| *c == k) {
-                            Some((_, frames)) => frames.push(frame),
-                            None => outbox.push((k, vec![frame])),
-                        }
-                    }
-                    // Cannot happen (the owner picks open connections only, and this table
-                    // follows them); if it did, the frame goes back rather than be lost.
-                    None => self.owner.on_disconnect_conn(peer, k),
+                    break;
                 }
+                clock_reads += 1;
+                let later = self.shared.now();
+                if later < due {
+                    break;
+                }
+                now = later;
             }
             for k in 0..64usize {
                 if written & (1 << k) != 0 {
