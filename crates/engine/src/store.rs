@@ -194,6 +194,17 @@ pub struct Store<D: Disk = OsDisk> {
     uncommitted_seq: Option<u64>,
     /// (peer, lane) whose DONE is in the buffer: written again if the write fails.
     uncommitted_done: Vec<(PeerKey, u8)>,
+    /// The lane of the latest [`Store::done`] and the highest seq acknowledged of it since,
+    /// not yet in `watermarks`: acknowledgements come in runs of one lane, so a run costs no
+    /// hash lookup per frame ([`Store::settle`] folds it in).
+    done_run: Option<((PeerKey, u8), u64)>,
+    /// The segment of the latest frames marked done and how many, not yet taken off `live`.
+    done_segment: Option<(u64, u64)>,
+    /// Frames appended to the segment being written, not yet counted in `live`.
+    appended: u64,
+    /// (peer, lane) whose watermark rose since its last DONE record was buffered: one DONE of
+    /// each, with its watermark, goes in the next batch (may hold duplicates).
+    dirty: Vec<(PeerKey, u8)>,
     /// The `durable_through` of the last COMMIT written.
     recorded_durable: LogPos,
     /// Where the last batch holding more than a COMMIT ends.
@@ -376,6 +387,10 @@ impl<D: Disk> Store<D> {
             uncommitted: Vec::new(),
             uncommitted_seq: None,
             uncommitted_done: Vec::new(),
+            done_run: None,
+            done_segment: None,
+            appended: 0,
+            dirty: Vec::new(),
             recorded_durable: 0,
             // What is already in the log counts as data: once it is durable, an idle COMMIT
             // says so.
@@ -418,7 +433,9 @@ impl<D: Disk> Store<D> {
         self.uncommitted_seq.get_or_insert(seq);
         let record_start = self.offset + self.buf.len() as u64;
         Record::encode_enqueue(&mut self.buf, peer, level, seq, enqueued_unix_ns, frame);
-        *self.live.entry(self.segment).or_insert(0) += 1;
+        // Counted in `live` by `settle`: every append until then is to this segment (only
+        // `write_out` rolls).
+        self.appended += 1;
         self.uncommitted.push(Uncommitted {
             peer,
             lane,
@@ -456,23 +473,76 @@ impl<D: Disk> Store<D> {
         self.spills.iter().map(|((p, l), s)| (*p, *l, s.count))
     }
 
-    /// (peer, lane) is acknowledged through the frame `stored`: writes the watermark and frees
-    /// the frame's place in its segment.
+    /// (peer, lane) is acknowledged through the frame `stored`: raises the watermark (its
+    /// DONE record goes in the next batch, one per lane whatever the number of frames) and
+    /// frees the frame's place in its segment.
+    #[inline]
     pub fn done(&mut self, peer: PeerKey, lane: u8, stored: Stored) {
-        self.mark_done(peer, lane, stored.seq);
-        if let Some(live) = self.live.get_mut(&stored.segment) {
-            *live = live.saturating_sub(1);
+        match &mut self.done_run {
+            Some((run, seq)) if *run == (peer, lane) => *seq = (*seq).max(stored.seq),
+            _ => {
+                if let Some(((peer, lane), seq)) = self.done_run.take() {
+                    self.mark_done(peer, lane, seq);
+                }
+                self.done_run = Some(((peer, lane), stored.seq));
+            }
+        }
+        match &mut self.done_segment {
+            Some((segment, n)) if *segment == stored.segment => *n += 1,
+            _ => {
+                self.settle_segment();
+                self.done_segment = Some((stored.segment, 1));
+            }
+        }
+    }
+
+    /// Folds what `append` and `done` keep aside (the run of acknowledgements, the counts of
+    /// live frames) into `watermarks` and `live`: before anything reads them.
+    fn settle(&mut self) {
+        if let Some(((peer, lane), seq)) = self.done_run.take() {
+            self.mark_done(peer, lane, seq);
+        }
+        self.settle_segment();
+    }
+
+    fn settle_segment(&mut self) {
+        let appended = std::mem::take(&mut self.appended);
+        if appended > 0 {
+            *self.live.entry(self.segment).or_insert(0) += appended;
+        }
+        if let Some((segment, n)) = self.done_segment.take() {
+            if let Some(live) = self.live.get_mut(&segment) {
+                *live = live.saturating_sub(n);
+            }
         }
     }
 
     /// Raises the watermark of (peer, lane) to `seq` (recovery: frames of a peer no longer
-    /// configured).
+    /// configured); its DONE record goes in the next batch.
     pub(crate) fn mark_done(&mut self, peer: PeerKey, lane: u8, seq: u64) {
         let mark = self.watermarks.entry((peer, lane)).or_insert(0);
         if seq > *mark {
             *mark = seq;
-            self.write_done(peer, lane, seq);
+            self.dirty.push((peer, lane));
         }
+    }
+
+    /// Buffers one DONE record, with its watermark, of every lane whose watermark rose since
+    /// the last batch.
+    fn write_dones(&mut self) {
+        if self.dirty.is_empty() {
+            return;
+        }
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        for &(peer, lane) in &dirty {
+            if let Some(&seq) = self.watermarks.get(&(peer, lane)) {
+                self.write_done(peer, lane, seq);
+            }
+        }
+        dirty.clear();
+        self.dirty = dirty;
     }
 
     /// Buffers the DONE record of (peer, lane) through `seq`.
@@ -492,6 +562,8 @@ impl<D: Disk> Store<D> {
     /// (a full disk), the partial write is cut off and the buffered frames are forgotten: the
     /// caller refuses them (NACK 5). Watermarks are written again with the next batch.
     pub fn write_out(&mut self) -> io::Result<LogPos> {
+        self.settle();
+        self.write_dones();
         self.name_dead_segments();
         let durable = self.flushed_pos();
         let idle_commit = self.is_durable()
@@ -587,14 +659,8 @@ impl<D: Disk> Store<D> {
         // DROPPED records not written: named again next time.
         self.dropping.retain(|_, pos| pos.is_some());
         // The watermarks stay in memory; their DONE records go with the next batch.
-        let mut done = std::mem::take(&mut self.uncommitted_done);
-        done.sort_unstable();
-        done.dedup();
-        for (peer, lane) in done {
-            if let Some(&seq) = self.watermarks.get(&(peer, lane)) {
-                self.write_done(peer, lane, seq);
-            }
-        }
+        let done = std::mem::take(&mut self.uncommitted_done);
+        self.dirty.extend(done);
     }
 
     /// The position the flusher has made durable (0 with durability `none`: nothing is known).
