@@ -56,6 +56,7 @@ use crate::disk::{Disk, DiskFile, Open, OsDisk};
 use crate::log::{LaneMap, Log};
 use crate::wal::{self, PeerKey, Record, SegmentReader, WalError, SEGMENT_HEADER_LEN};
 use crate::wire::Frame;
+use dsplane_core::work_queue::WorkQueue;
 
 /// Bytes after which a segment is closed and a new one started.
 pub const SEGMENT_BYTES_MAX: u64 = 64 << 20;
@@ -189,6 +190,10 @@ pub struct Store<D: Disk = OsDisk> {
     spills: LaneMap<Spill>,
     flush: Arc<FlushShared<D::File>>,
     flusher: Option<std::thread::JoinHandle<()>>,
+    /// The reaper thread and its queue of segment files to delete (with [`Flusher::Thread`]):
+    /// deleting a full segment takes the kernel tens of milliseconds, not to be spent on the
+    /// worker's thread.
+    reaper: Option<(Arc<WorkQueue<PathBuf>>, std::thread::JoinHandle<()>)>,
     uncommitted: Vec<Uncommitted>,
     /// The seq of the first append since the last successful write (seqs stay gapless).
     uncommitted_seq: Option<u64>,
@@ -244,7 +249,7 @@ pub struct StoreStats {
     pub spilled: u64,
     /// Frames loaded back from a spill.
     pub loaded: u64,
-    /// Segments deleted.
+    /// Segments deleted (or handed to the reaper thread to delete).
     pub segments_deleted: u64,
     /// Writes that failed (e.g. disk full).
     pub write_errors: u64,
@@ -351,6 +356,18 @@ impl<D: Disk> Store<D> {
             stop: AtomicBool::new(false),
             failed: AtomicBool::new(false),
         });
+        let reaper = match &flusher {
+            Flusher::Thread(_) => {
+                let queue = Arc::new(WorkQueue::new());
+                let work = Arc::clone(&queue);
+                let disk = disk.clone();
+                let thread = std::thread::Builder::new()
+                    .name("dsplane-reaper".into())
+                    .spawn(move || run_reaper(&disk, &work))?;
+                Some((queue, thread))
+            }
+            Flusher::Manual => None,
+        };
         let flusher = match flusher {
             Flusher::Thread(notify) if options.durability != Durability::None => {
                 let shared = Arc::clone(&flush);
@@ -384,6 +401,7 @@ impl<D: Disk> Store<D> {
             spills: resume.spills,
             flush,
             flusher,
+            reaper,
             uncommitted: Vec::new(),
             uncommitted_seq: None,
             uncommitted_done: Vec::new(),
@@ -773,7 +791,26 @@ impl<D: Disk> Store<D> {
             .collect();
         let mut freed = false;
         for seg in ready {
-            match self.disk.remove_file(&wal::segment_path(&self.dir, seg)) {
+            let mut path = wal::segment_path(&self.dir, seg);
+            // Off this thread, unless the disk is short of room (the reserve is gone, or a write
+            // failed): then the space is wanted before the next write, and the reserve is made
+            // again from it.
+            if let Some((queue, _)) = self
+                .reaper
+                .as_ref()
+                .filter(|_| self.reserve_present && !self.write_failed)
+            {
+                match queue.push(path) {
+                    Ok(()) => {
+                        self.stats.segments_deleted += 1;
+                        self.live.remove(&seg);
+                        self.dropping.remove(&seg);
+                        continue;
+                    }
+                    Err(back) => path = back,
+                }
+            }
+            match self.disk.remove_file(&path) {
                 Ok(()) => {
                     self.stats.segments_deleted += 1;
                     freed = true;
@@ -998,6 +1035,26 @@ impl<D: Disk> Store<D> {
         }
         if let Some(t) = self.flusher.take() {
             let _ = t.join();
+        }
+        // The segments handed to the reaper are deleted before this returns.
+        if let Some((queue, t)) = self.reaper.take() {
+            queue.close();
+            let _ = t.join();
+        }
+    }
+}
+
+/// The reaper thread: deletes the segment files it is given, in order, until the queue closes.
+/// A file it cannot delete is left (and logged): nothing reads it again, and the next start's
+/// recovery, which copies what is live into a new generation, leaves it behind with the old one.
+fn run_reaper<D: Disk>(disk: &D, queue: &WorkQueue<PathBuf>) {
+    while let Some(path) = queue.next() {
+        match disk.remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot delete WAL segment");
+            }
         }
     }
 }
