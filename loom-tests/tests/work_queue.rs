@@ -44,6 +44,31 @@ fn every_item_is_taken_once_in_order_then_the_helper_returns() {
     });
 }
 
+/// A push is taken without a close behind it (the worker goes on without closing for hours): the
+/// helper answers on a second queue, which `main` waits on. A push whose wake-up is lost leaves
+/// both waiting: a deadlock. (The models above would not see it: the close's wake-up covers it.)
+#[test]
+fn a_push_alone_wakes_the_helper() {
+    model(|| {
+        let q = Arc::new(WorkQueue::new());
+        let reply = Arc::new(WorkQueue::new());
+        let t = {
+            let (q, reply) = (Arc::clone(&q), Arc::clone(&reply));
+            thread::spawn(move || {
+                while let Some(i) = q.next() {
+                    reply.push(i).unwrap();
+                }
+            })
+        };
+        q.push(1).unwrap();
+        assert_eq!(reply.next(), Some(1));
+        q.push(2).unwrap();
+        assert_eq!(reply.next(), Some(2));
+        q.close();
+        t.join().unwrap();
+    });
+}
+
 /// A close with nothing queued, racing a helper about to wait: it returns.
 #[test]
 fn a_close_wakes_an_idle_helper() {
