@@ -17,7 +17,9 @@
 //!
 //! Each segment counts its live frames (written, not yet acknowledged or expired). A segment
 //! other than the one being written whose count reaches zero is named in a DROPPED record and
-//! deleted once that record is durable. The segment being written is rolled when it is full,
+//! deleted once that record is durable: by the store's reaper thread (unlinking a full segment
+//! blocks for tens of milliseconds), or in place when the disk is short of room or there is no
+//! thread ([`Flusher::Manual`]). The segment being written is rolled when it is full,
 //! and also as soon as everything in it is acknowledged and it holds at least
 //! [`RECLAIM_ROLL_BYTES`] (or a write has just failed), so that acknowledged frames never keep a
 //! full disk full. A roll on a full disk takes its room from a small reserve file kept in the
@@ -1046,7 +1048,7 @@ impl<D: Disk> Store<D> {
 
 /// The reaper thread: deletes the segment files it is given, in order, until the queue closes.
 /// A file it cannot delete is left (and logged): nothing reads it again, and the next start's
-/// recovery, which copies what is live into a new generation, leaves it behind with the old one.
+/// recovery deletes it (a segment left over that nothing needs, see `docs/durability.md`).
 fn run_reaper<D: Disk>(disk: &D, queue: &WorkQueue<PathBuf>) {
     while let Some(path) = queue.next() {
         match disk.remove_file(&path) {
