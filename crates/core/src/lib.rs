@@ -37,6 +37,7 @@ pub mod ring;
 pub mod storm;
 pub mod sync;
 pub mod throttle;
+pub mod work_queue;
 
 /// Time on the message path: nanoseconds from an arbitrary, monotonic origin.
 ///

@@ -21,6 +21,9 @@ pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsiz
 pub(crate) use loom::sync::Arc;
 #[cfg(loom)]
 #[allow(unused_imports)]
+pub(crate) use loom::sync::{Condvar, Mutex};
+#[cfg(loom)]
+#[allow(unused_imports)]
 pub(crate) use loom::thread;
 
 #[cfg(not(loom))]
@@ -28,6 +31,9 @@ pub(crate) use loom::thread;
 pub(crate) use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 #[cfg(not(loom))]
 pub(crate) use std::sync::Arc;
+#[cfg(not(loom))]
+#[allow(unused_imports)]
+pub(crate) use std::sync::{Condvar, Mutex};
 #[cfg(not(loom))]
 #[allow(unused_imports)]
 pub(crate) use std::thread;

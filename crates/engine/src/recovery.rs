@@ -1183,6 +1183,62 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_of_acknowledgements_writes_one_done_per_lane_which_recovery_reads_as_the_watermark()
+    {
+        let dir = temp_dir("done-per-lane");
+        let (mut stores, _) = recover_into(&dir, 1);
+        let store = &mut stores[0];
+        let mut stored = Vec::new();
+        for i in 0..12u64 {
+            let level = if i % 2 == 0 { 2 } else { 4 };
+            stored.push((
+                level,
+                store.append(SU, lane(level), level, &frame(i), 0, false).0,
+            ));
+        }
+        store.write_out().unwrap();
+        // Level 2 through counter 8 and level 4 through counter 3, acknowledged alternately
+        // (each switch of lane ends a run), and one acknowledgement again (a re-sent frame).
+        for (level, s) in [0, 1, 2, 3, 4, 6, 8, 8].map(|i| stored[i]) {
+            store.done(SU, lane(level), s);
+        }
+        store.write_out().unwrap();
+        let path = newest_segment(store.dir());
+        let mut reader = SegmentReader::open(&path, 0).unwrap();
+        let mut dones = Vec::new();
+        while let Some((_, record)) = reader.next_record().unwrap() {
+            if let Record::Done { peer, level, seq } = record {
+                dones.push((peer, level, seq));
+            }
+        }
+        dones.sort_unstable();
+        assert_eq!(
+            dones,
+            vec![
+                (SU, lane(2), stored[8].1.seq),
+                (SU, lane(4), stored[3].1.seq)
+            ],
+            "one DONE per lane, with the highest seq acknowledged"
+        );
+        drop(stores);
+        let (mut stores, report) = recover_into(&dir, 1);
+        assert_eq!(
+            report.frames_recovered,
+            12 - 7,
+            "5 of level 2 and 2 of level 4 acknowledged"
+        );
+        let store = &mut stores[0];
+        assert_eq!(
+            counters(&store.load(SU, lane(2), 100, lane).unwrap()),
+            vec![10]
+        );
+        assert_eq!(
+            counters(&store.load(SU, lane(4), 100, lane).unwrap()),
+            vec![5, 7, 9, 11]
+        );
+    }
+
+    #[test]
     fn spilled_frames_load_in_order_and_acknowledged_ones_are_not_recovered() {
         let dir = temp_dir("spill");
         let (mut stores, report) = recover_into(&dir, 1);

@@ -17,7 +17,9 @@
 //!
 //! Each segment counts its live frames (written, not yet acknowledged or expired). A segment
 //! other than the one being written whose count reaches zero is named in a DROPPED record and
-//! deleted once that record is durable. The segment being written is rolled when it is full,
+//! deleted once that record is durable: by the store's reaper thread (unlinking a full segment
+//! blocks for tens of milliseconds), or in place when the disk is short of room or there is no
+//! thread ([`Flusher::Manual`]). The segment being written is rolled when it is full,
 //! and also as soon as everything in it is acknowledged and it holds at least
 //! [`RECLAIM_ROLL_BYTES`] (or a write has just failed), so that acknowledged frames never keep a
 //! full disk full. A roll on a full disk takes its room from a small reserve file kept in the
@@ -56,6 +58,7 @@ use crate::disk::{Disk, DiskFile, Open, OsDisk};
 use crate::log::{LaneMap, Log};
 use crate::wal::{self, PeerKey, Record, SegmentReader, WalError, SEGMENT_HEADER_LEN};
 use crate::wire::Frame;
+use dsplane_core::work_queue::WorkQueue;
 
 /// Bytes after which a segment is closed and a new one started.
 pub const SEGMENT_BYTES_MAX: u64 = 64 << 20;
@@ -189,11 +192,26 @@ pub struct Store<D: Disk = OsDisk> {
     spills: LaneMap<Spill>,
     flush: Arc<FlushShared<D::File>>,
     flusher: Option<std::thread::JoinHandle<()>>,
+    /// The reaper thread and its queue of segment files to delete (with [`Flusher::Thread`]):
+    /// deleting a full segment takes the kernel tens of milliseconds, not to be spent on the
+    /// worker's thread.
+    reaper: Option<(Arc<WorkQueue<PathBuf>>, std::thread::JoinHandle<()>)>,
     uncommitted: Vec<Uncommitted>,
     /// The seq of the first append since the last successful write (seqs stay gapless).
     uncommitted_seq: Option<u64>,
     /// (peer, lane) whose DONE is in the buffer: written again if the write fails.
     uncommitted_done: Vec<(PeerKey, u8)>,
+    /// The lane of the latest [`Store::done`] and the highest seq acknowledged of it since,
+    /// not yet in `watermarks`: acknowledgements come in runs of one lane, so a run costs no
+    /// hash lookup per frame ([`Store::settle`] folds it in).
+    done_run: Option<((PeerKey, u8), u64)>,
+    /// The segment of the latest frames marked done and how many, not yet taken off `live`.
+    done_segment: Option<(u64, u64)>,
+    /// Frames appended to the segment being written, not yet counted in `live`.
+    appended: u64,
+    /// (peer, lane) whose watermark rose since its last DONE record was buffered: one DONE of
+    /// each, with its watermark, goes in the next batch (may hold duplicates).
+    dirty: Vec<(PeerKey, u8)>,
     /// The `durable_through` of the last COMMIT written.
     recorded_durable: LogPos,
     /// Where the last batch holding more than a COMMIT ends.
@@ -233,7 +251,7 @@ pub struct StoreStats {
     pub spilled: u64,
     /// Frames loaded back from a spill.
     pub loaded: u64,
-    /// Segments deleted.
+    /// Segments deleted (or handed to the reaper thread to delete).
     pub segments_deleted: u64,
     /// Writes that failed (e.g. disk full).
     pub write_errors: u64,
@@ -340,6 +358,18 @@ impl<D: Disk> Store<D> {
             stop: AtomicBool::new(false),
             failed: AtomicBool::new(false),
         });
+        let reaper = match &flusher {
+            Flusher::Thread(_) => {
+                let queue = Arc::new(WorkQueue::new());
+                let work = Arc::clone(&queue);
+                let disk = disk.clone();
+                let thread = std::thread::Builder::new()
+                    .name("dsplane-reaper".into())
+                    .spawn(move || run_reaper(&disk, &work))?;
+                Some((queue, thread))
+            }
+            Flusher::Manual => None,
+        };
         let flusher = match flusher {
             Flusher::Thread(notify) if options.durability != Durability::None => {
                 let shared = Arc::clone(&flush);
@@ -373,9 +403,14 @@ impl<D: Disk> Store<D> {
             spills: resume.spills,
             flush,
             flusher,
+            reaper,
             uncommitted: Vec::new(),
             uncommitted_seq: None,
             uncommitted_done: Vec::new(),
+            done_run: None,
+            done_segment: None,
+            appended: 0,
+            dirty: Vec::new(),
             recorded_durable: 0,
             // What is already in the log counts as data: once it is durable, an idle COMMIT
             // says so.
@@ -418,7 +453,9 @@ impl<D: Disk> Store<D> {
         self.uncommitted_seq.get_or_insert(seq);
         let record_start = self.offset + self.buf.len() as u64;
         Record::encode_enqueue(&mut self.buf, peer, level, seq, enqueued_unix_ns, frame);
-        *self.live.entry(self.segment).or_insert(0) += 1;
+        // Counted in `live` by `settle`: every append until then is to this segment (only
+        // `write_out` rolls).
+        self.appended += 1;
         self.uncommitted.push(Uncommitted {
             peer,
             lane,
@@ -456,23 +493,76 @@ impl<D: Disk> Store<D> {
         self.spills.iter().map(|((p, l), s)| (*p, *l, s.count))
     }
 
-    /// (peer, lane) is acknowledged through the frame `stored`: writes the watermark and frees
-    /// the frame's place in its segment.
+    /// (peer, lane) is acknowledged through the frame `stored`: raises the watermark (its
+    /// DONE record goes in the next batch, one per lane whatever the number of frames) and
+    /// frees the frame's place in its segment.
+    #[inline]
     pub fn done(&mut self, peer: PeerKey, lane: u8, stored: Stored) {
-        self.mark_done(peer, lane, stored.seq);
-        if let Some(live) = self.live.get_mut(&stored.segment) {
-            *live = live.saturating_sub(1);
+        match &mut self.done_run {
+            Some((run, seq)) if *run == (peer, lane) => *seq = (*seq).max(stored.seq),
+            _ => {
+                if let Some(((peer, lane), seq)) = self.done_run.take() {
+                    self.mark_done(peer, lane, seq);
+                }
+                self.done_run = Some(((peer, lane), stored.seq));
+            }
+        }
+        match &mut self.done_segment {
+            Some((segment, n)) if *segment == stored.segment => *n += 1,
+            _ => {
+                self.settle_segment();
+                self.done_segment = Some((stored.segment, 1));
+            }
+        }
+    }
+
+    /// Folds what `append` and `done` keep aside (the run of acknowledgements, the counts of
+    /// live frames) into `watermarks` and `live`: before anything reads them.
+    fn settle(&mut self) {
+        if let Some(((peer, lane), seq)) = self.done_run.take() {
+            self.mark_done(peer, lane, seq);
+        }
+        self.settle_segment();
+    }
+
+    fn settle_segment(&mut self) {
+        let appended = std::mem::take(&mut self.appended);
+        if appended > 0 {
+            *self.live.entry(self.segment).or_insert(0) += appended;
+        }
+        if let Some((segment, n)) = self.done_segment.take() {
+            if let Some(live) = self.live.get_mut(&segment) {
+                *live = live.saturating_sub(n);
+            }
         }
     }
 
     /// Raises the watermark of (peer, lane) to `seq` (recovery: frames of a peer no longer
-    /// configured).
+    /// configured); its DONE record goes in the next batch.
     pub(crate) fn mark_done(&mut self, peer: PeerKey, lane: u8, seq: u64) {
         let mark = self.watermarks.entry((peer, lane)).or_insert(0);
         if seq > *mark {
             *mark = seq;
-            self.write_done(peer, lane, seq);
+            self.dirty.push((peer, lane));
         }
+    }
+
+    /// Buffers one DONE record, with its watermark, of every lane whose watermark rose since
+    /// the last batch.
+    fn write_dones(&mut self) {
+        if self.dirty.is_empty() {
+            return;
+        }
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        for &(peer, lane) in &dirty {
+            if let Some(&seq) = self.watermarks.get(&(peer, lane)) {
+                self.write_done(peer, lane, seq);
+            }
+        }
+        dirty.clear();
+        self.dirty = dirty;
     }
 
     /// Buffers the DONE record of (peer, lane) through `seq`.
@@ -492,6 +582,8 @@ impl<D: Disk> Store<D> {
     /// (a full disk), the partial write is cut off and the buffered frames are forgotten: the
     /// caller refuses them (NACK 5). Watermarks are written again with the next batch.
     pub fn write_out(&mut self) -> io::Result<LogPos> {
+        self.settle();
+        self.write_dones();
         self.name_dead_segments();
         let durable = self.flushed_pos();
         let idle_commit = self.is_durable()
@@ -587,14 +679,8 @@ impl<D: Disk> Store<D> {
         // DROPPED records not written: named again next time.
         self.dropping.retain(|_, pos| pos.is_some());
         // The watermarks stay in memory; their DONE records go with the next batch.
-        let mut done = std::mem::take(&mut self.uncommitted_done);
-        done.sort_unstable();
-        done.dedup();
-        for (peer, lane) in done {
-            if let Some(&seq) = self.watermarks.get(&(peer, lane)) {
-                self.write_done(peer, lane, seq);
-            }
-        }
+        let done = std::mem::take(&mut self.uncommitted_done);
+        self.dirty.extend(done);
     }
 
     /// The position the flusher has made durable (0 with durability `none`: nothing is known).
@@ -707,7 +793,26 @@ impl<D: Disk> Store<D> {
             .collect();
         let mut freed = false;
         for seg in ready {
-            match self.disk.remove_file(&wal::segment_path(&self.dir, seg)) {
+            let mut path = wal::segment_path(&self.dir, seg);
+            // Off this thread, unless the disk is short of room (the reserve is gone, or a write
+            // failed): then the space is wanted before the next write, and the reserve is made
+            // again from it.
+            if let Some((queue, _)) = self
+                .reaper
+                .as_ref()
+                .filter(|_| self.reserve_present && !self.write_failed)
+            {
+                match queue.push(path) {
+                    Ok(()) => {
+                        self.stats.segments_deleted += 1;
+                        self.live.remove(&seg);
+                        self.dropping.remove(&seg);
+                        continue;
+                    }
+                    Err(back) => path = back,
+                }
+            }
+            match self.disk.remove_file(&path) {
                 Ok(()) => {
                     self.stats.segments_deleted += 1;
                     freed = true;
@@ -932,6 +1037,26 @@ impl<D: Disk> Store<D> {
         }
         if let Some(t) = self.flusher.take() {
             let _ = t.join();
+        }
+        // The segments handed to the reaper are deleted before this returns.
+        if let Some((queue, t)) = self.reaper.take() {
+            queue.close();
+            let _ = t.join();
+        }
+    }
+}
+
+/// The reaper thread: deletes the segment files it is given, in order, until the queue closes.
+/// A file it cannot delete is left (and logged): nothing reads it again, and the next start's
+/// recovery deletes it (a segment left over that nothing needs, see `docs/durability.md`).
+fn run_reaper<D: Disk>(disk: &D, queue: &WorkQueue<PathBuf>) {
+    while let Some(path) = queue.next() {
+        match disk.remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot delete WAL segment");
+            }
         }
     }
 }
