@@ -409,8 +409,7 @@ impl Worker {
     /// turn lasts, so a pump held to the turn's clock would send one burst per turn and throw
     /// the rest of the rate away.
     fn pump(&mut self, peer: PeerRef, slot: usize, now: Nanos) {
-        let mut now = now;
-        let mut clock_reads = 0;
+        let mut clock = PumpClock::new(now);
         for _ in 0..crate::limits::LOADS_PER_POLL_MAX {
             let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
                 return;
@@ -418,7 +417,10 @@ impl Worker {
             let mut queued = false;
             loop {
                 while conn.has_room() {
-                    let Some(t) = self.owner.poll_transmit_ref(peer, now, self.unix_turn) else {
+                    let Some(t) = self
+                        .owner
+                        .poll_transmit_ref(peer, clock.now, self.unix_turn)
+                    else {
                         break;
                     };
                     conn.queue_parts(&t.header, t.payload);
@@ -431,18 +433,10 @@ impl Worker {
                         }
                     }
                 }
-                let Some(due) = self.owner.rate_blocked_until() else {
-                    break;
-                };
-                if !queued || clock_reads == PUMP_CLOCK_READS_MAX || !conn.has_room() {
+                let going = queued && conn.has_room();
+                if !clock.carry_on(&self.owner, &self.shared, going) {
                     break;
                 }
-                clock_reads += 1;
-                let later = self.shared.now();
-                if later < due {
-                    break;
-                }
-                now = later;
             }
             if queued {
                 self.on_writable(slot);
@@ -664,5 +658,38 @@ impl Worker {
             frames_held = self.owner.held(),
             "worker stopped"
         );
+    }
+}
+
+/// A pump's clock: the turn's instant, moved on when the peer's bucket runs dry mid-pump and a
+/// fresh read of the clock finds its next tokens due (see [`Worker::pump`]); at most
+/// [`PUMP_CLOCK_READS_MAX`] reads per pump.
+pub(super) struct PumpClock {
+    pub(super) now: Nanos,
+    reads: usize,
+}
+
+impl PumpClock {
+    pub(super) fn new(now: Nanos) -> PumpClock {
+        PumpClock { now, reads: 0 }
+    }
+
+    /// Whether the pump carries on, at the later [`PumpClock::now`]: only if the last poll gave
+    /// nothing for want of tokens, `going` (the pump sent something and still has room), reads
+    /// are left, and the tokens are due by the clock now.
+    pub(super) fn carry_on(&mut self, owner: &Owner<Store>, shared: &Shared, going: bool) -> bool {
+        let Some(due) = owner.rate_blocked_until() else {
+            return false;
+        };
+        if !going || self.reads == PUMP_CLOCK_READS_MAX {
+            return false;
+        }
+        self.reads += 1;
+        let later = shared.now();
+        if later < due {
+            return false;
+        }
+        self.now = later;
+        true
     }
 }

@@ -23,8 +23,8 @@
 //!
 //! A connection held by the owner itself is written directly, as an SU's is.
 
-use super::{Control, Worker};
-use crate::limits::{LOADS_PER_POLL_MAX, PUMP_CLOCK_READS_MAX};
+use super::{Control, PumpClock, Worker};
+use crate::limits::LOADS_PER_POLL_MAX;
 use crate::owner::PeerRef;
 use crate::shared::LinkAck;
 use crate::wire::Frame;
@@ -317,8 +317,7 @@ impl Worker {
         {
             return;
         }
-        let mut now = now;
-        let mut clock_reads = 0;
+        let mut clock = PumpClock::new(now);
         for _ in 0..LOADS_PER_POLL_MAX {
             let mut written = 0u64;
             let mut outbox: Vec<(usize, Vec<Frame>)> = Vec::new();
@@ -329,7 +328,7 @@ impl Worker {
                 while room != 0 {
                     let Some((k, t)) =
                         self.owner
-                            .poll_transmit_to_ref(peer, room, now, self.unix_turn)
+                            .poll_transmit_to_ref(peer, room, clock.now, self.unix_turn)
                     else {
                         break;
                     };
@@ -365,21 +364,10 @@ impl Worker {
                         }
                     }
                 }
-                let Some(due) = self.owner.rate_blocked_until() else {
-                    break;
-                };
-                if (written == 0 && outbox.is_empty())
-                    || clock_reads == PUMP_CLOCK_READS_MAX
-                    || room == 0
-                {
+                let going = (written != 0 || !outbox.is_empty()) && room != 0;
+                if !clock.carry_on(&self.owner, &self.shared, going) {
                     break;
                 }
-                clock_reads += 1;
-                let later = self.shared.now();
-                if later < due {
-                    break;
-                }
-                now = later;
             }
             for k in 0..64usize {
                 if written & (1 << k) != 0 {
