@@ -678,7 +678,7 @@ impl<T> DeliveryScheduler<T> {
     /// Hands out the next frame to send on one of the connections in `conns` (bit i:
     /// connection i has room now), or says why none may go now ([`Blocked::Window`] when none of
     /// those connections may take one).
-    #[inline]
+    #[inline(always)]
     pub fn next_send_to(&mut self, conns: u64, now: Nanos) -> Result<Outgoing<'_, T>, Blocked> {
         if self.nonempty == 0 {
             return Err(Blocked::Empty);
