@@ -195,6 +195,16 @@ impl Ring {
         Some(v)
     }
 
+    /// Drops the first `n` (at most all).
+    #[inline]
+    fn skip(&mut self, n: usize) {
+        let n = n.min(self.len);
+        if n > 0 {
+            self.head = (self.head + n) & (self.buf.len() - 1);
+            self.len -= n;
+        }
+    }
+
     /// Front to back.
     fn iter(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.len).filter_map(|i| self.get(i))
@@ -261,6 +271,10 @@ impl Sender {
 #[derive(Debug)]
 pub struct DeliveryScheduler<T> {
     settings: DeliverySettings,
+    /// The in-flight window, frames (`settings.window`).
+    window: usize,
+    /// The part of the window every level may use (`window - window_reserved_top`).
+    window_routine: usize,
     /// Every frame held in memory (waiting, in flight), by slot; never more slots than the most
     /// frames held at once (at most `frames_max`, plus what `load` and a disconnect put back).
     slots: Vec<Slot<T>>,
@@ -310,6 +324,8 @@ impl<T> DeliveryScheduler<T> {
         };
         DeliveryScheduler {
             settings,
+            window: settings.window as usize,
+            window_routine: settings.window.saturating_sub(settings.window_reserved_top) as usize,
             slots: Vec::new(),
             free: Vec::new(),
             queues: (0..queue_count).map(|_| Ring::default()).collect(),
@@ -693,15 +709,16 @@ impl<T> DeliveryScheduler<T> {
         let Some(at) = self.queues.get(i).and_then(Ring::front) else {
             return Err(self.nothing_in_memory(i));
         };
-        let level = self.level_of(at);
-        let limit = if level == Level::URGENT || !self.settings.prioritised {
-            self.settings.window
-        } else {
-            self.settings
-                .window
-                .saturating_sub(self.settings.window_reserved_top)
+        let Some(slot) = self.slots.get(at) else {
+            return Err(Blocked::Empty);
         };
-        if self.in_flight >= limit as usize {
+        let (level, resend) = (slot.level, slot.resend);
+        let limit = if level == Level::URGENT || !self.settings.prioritised {
+            self.window
+        } else {
+            self.window_routine
+        };
+        if self.in_flight >= limit {
             return Err(Blocked::Window);
         }
         let Some(conn) = self.pick_connection(conns) else {
@@ -726,14 +743,15 @@ impl<T> DeliveryScheduler<T> {
         let msg_id = sender.next_msg_id;
         sender.next_msg_id += 1;
         sender.unacked.push_back(at);
-        let slot = self.slots.get(at).ok_or(Blocked::Empty)?;
         self.stats.sent += 1;
-        self.stats.resent += u64::from(slot.resend);
+        self.stats.resent += u64::from(resend);
+        // The slot was looked at above and has not moved.
+        let item = self.slots.get(at).and_then(|s| s.item.as_ref());
         Ok(Outgoing {
             conn,
             msg_id,
             level,
-            item: slot.item.as_ref().ok_or(Blocked::Empty)?,
+            item: item.ok_or(Blocked::Empty)?,
         })
     }
 
@@ -798,8 +816,8 @@ impl<T> DeliveryScheduler<T> {
                 .min(sender.unacked.len() as u64) as usize
         };
         let mut n = 0;
-        for _ in 0..acked {
-            let Some(at) = sender.unacked.pop_front() else {
+        for k in 0..acked {
+            let Some(at) = sender.unacked.get(k) else {
                 break;
             };
             let Some(slot) = self.slots.get_mut(at) else {
@@ -818,6 +836,7 @@ impl<T> DeliveryScheduler<T> {
                 self.retired.insert(slot.arrival, (slot.level, item));
             }
         }
+        sender.unacked.skip(acked);
         self.in_flight -= acked;
         self.stats.acked += acked as u64;
         n + self.release_retired(released)
