@@ -945,6 +945,60 @@ mod tests {
     }
 
     #[test]
+    fn the_slot_ring_keeps_its_order_across_wrap_around_and_growth() {
+        let mut r = Ring::default();
+        let mut model = std::collections::VecDeque::new();
+        let mut next = 0;
+        // Pushes and pops in uneven runs, so the front moves round the ring and the ring grows
+        // while it is wrapped.
+        for round in 0..200 {
+            for _ in 0..(round % 7 + 1) {
+                r.push_back(next);
+                model.push_back(next);
+                next += 1;
+            }
+            for _ in 0..(round % 5) {
+                assert_eq!(r.pop_front(), model.pop_front());
+            }
+            if round % 11 == 0 {
+                let n = round % 3;
+                r.skip(n);
+                for _ in 0..n.min(model.len()) {
+                    model.pop_front();
+                }
+            }
+            assert_eq!(r.len(), model.len());
+            assert_eq!(r.front(), model.front().copied());
+            assert_eq!(r.back(), model.back().copied());
+            assert!(r.iter().eq(model.iter().copied()));
+        }
+        let all: Vec<usize> = model.iter().copied().collect();
+        r.set(&all[1..]);
+        assert!(r.iter().eq(all[1..].iter().copied()));
+        assert_eq!(r.take_all(), all[1..].to_vec());
+        assert!(r.is_empty() && r.pop_front().is_none() && r.back().is_none());
+    }
+
+    #[test]
+    fn slots_are_reused_and_a_drain_frees_them_all() {
+        let mut s = connected(settings());
+        for round in 0..50 {
+            for i in 0..5 {
+                s.enqueue(level(1 + (i % 4) as u8), round * 10 + i).unwrap();
+            }
+            let sent = send_all(&mut s, 0);
+            assert_eq!(sent.len(), 5);
+        }
+        // Never more slots than frames held at once.
+        assert!(s.slots.len() <= 5, "{} slots", s.slots.len());
+        s.enqueue(level(2), 1).unwrap();
+        assert!(s.next_send(0).is_ok());
+        s.enqueue(level(3), 2).unwrap();
+        assert_eq!(s.drain().len(), 2);
+        assert!(s.slots.is_empty() && s.free.is_empty());
+    }
+
+    #[test]
     fn strict_priority_then_fifo_within_level() {
         let mut s = connected(settings());
         for (l, item) in [
