@@ -816,24 +816,34 @@ impl<T> DeliveryScheduler<T> {
                 .min(sender.unacked.len() as u64) as usize
         };
         let mut n = 0;
-        for k in 0..acked {
-            let Some(at) = sender.unacked.get(k) else {
-                break;
-            };
-            let Some(slot) = self.slots.get_mut(at) else {
-                continue;
-            };
-            let Some(item) = slot.item.take() else {
-                continue;
-            };
-            self.free.push(at);
-            if single {
-                // One connection: ACKs come in send order, and within a lane that is arrival
-                // order, so nothing older of the lane can still be held.
-                released(slot.level, item);
-                n += 1;
-            } else {
-                self.retired.insert(slot.arrival, (slot.level, item));
+        if single {
+            // One connection: ACKs come in send order, and within a lane that is arrival
+            // order, so nothing older of the lane can still be held.
+            for k in 0..acked {
+                let Some(at) = sender.unacked.get(k) else {
+                    break;
+                };
+                let Some(slot) = self.slots.get_mut(at) else {
+                    continue;
+                };
+                if let Some(item) = slot.item.take() {
+                    self.free.push(at);
+                    released(slot.level, item);
+                    n += 1;
+                }
+            }
+        } else {
+            for k in 0..acked {
+                let Some(at) = sender.unacked.get(k) else {
+                    break;
+                };
+                let Some(slot) = self.slots.get_mut(at) else {
+                    continue;
+                };
+                if let Some(item) = slot.item.take() {
+                    self.free.push(at);
+                    self.retired.insert(slot.arrival, (slot.level, item));
+                }
             }
         }
         sender.unacked.skip(acked);
