@@ -53,7 +53,7 @@
 //! NACK 5 (overloaded) or moves it to a lower tier. Re-queuing unacknowledged frames on a
 //! disconnect never exceeds the bound, since they were already counted.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
 use crate::ids::Level;
 use crate::limiter::{ReleaseStart, TokenBucket};
@@ -120,41 +120,149 @@ pub struct DeliveryStats {
     pub acked: u64,
 }
 
-/// A frame waiting in a queue.
+/// A frame held in memory, waiting or in flight: it stays in its slot from `enqueue` until it
+/// is released, and the queues and unacknowledged lists hold slot numbers, so a frame is moved
+/// in once and out once rather than from queue to queue.
 #[derive(Debug)]
-struct Waiting<T> {
+struct Slot<T> {
+    /// `None` while the slot is free.
+    item: Option<T>,
     level: Level,
-    item: T,
     /// It was sent before, on a connection that went.
     resend: bool,
     /// When it joined the scheduler (a count): every queue is in this order.
     arrival: u64,
 }
 
-/// A frame sent and not yet acknowledged.
-#[derive(Debug)]
-struct InFlight<T> {
-    msg_id: u64,
-    level: Level,
-    item: T,
-    arrival: u64,
+/// A FIFO of slot numbers: a ring whose capacity is a power of two, so that a push or a pop is
+/// a few instructions, inlined on the send path (std's `VecDeque` push and pop were calls). It
+/// grows like a `VecDeque` (doubling) and, like one, keeps its capacity.
+#[derive(Debug, Default)]
+struct Ring {
+    /// The slots; its length is the capacity, 0 or a power of two.
+    buf: Vec<usize>,
+    /// Where the front is.
+    head: usize,
+    len: usize,
+}
+
+impl Ring {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The `i`th from the front.
+    #[inline]
+    fn get(&self, i: usize) -> Option<usize> {
+        if i >= self.len {
+            return None;
+        }
+        self.buf
+            .get((self.head + i) & (self.buf.len() - 1))
+            .copied()
+    }
+
+    #[inline]
+    fn front(&self) -> Option<usize> {
+        self.get(0)
+    }
+
+    fn back(&self) -> Option<usize> {
+        self.len.checked_sub(1).and_then(|i| self.get(i))
+    }
+
+    #[inline]
+    fn push_back(&mut self, v: usize) {
+        if self.len == self.buf.len() {
+            self.grow();
+        }
+        let at = (self.head + self.len) & (self.buf.len() - 1);
+        if let Some(slot) = self.buf.get_mut(at) {
+            *slot = v;
+            self.len += 1;
+        }
+    }
+
+    #[inline]
+    fn pop_front(&mut self) -> Option<usize> {
+        let v = self.front()?;
+        self.head = (self.head + 1) & (self.buf.len() - 1);
+        self.len -= 1;
+        Some(v)
+    }
+
+    /// Drops the first `n` (at most all).
+    #[inline]
+    fn skip(&mut self, n: usize) {
+        let n = n.min(self.len);
+        if n > 0 {
+            self.head = (self.head + n) & (self.buf.len() - 1);
+            self.len -= n;
+        }
+    }
+
+    /// Front to back.
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.len).filter_map(|i| self.get(i))
+    }
+
+    /// Replaces the contents with `items`, front first.
+    fn set(&mut self, items: &[usize]) {
+        let capacity = items.len().next_power_of_two().max(self.buf.len()).max(8);
+        let mut buf = Vec::with_capacity(capacity);
+        buf.extend_from_slice(items);
+        buf.resize(capacity, 0);
+        self.buf = buf;
+        self.head = 0;
+        self.len = items.len();
+    }
+
+    /// Takes everything out, front first (the capacity is kept).
+    fn take_all(&mut self) -> Vec<usize> {
+        let all: Vec<usize> = self.iter().collect();
+        self.head = 0;
+        self.len = 0;
+        all
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn grow(&mut self) {
+        let items: Vec<usize> = self.iter().collect();
+        let capacity = (self.buf.len() * 2).max(8);
+        let mut buf = Vec::with_capacity(capacity);
+        buf.extend_from_slice(&items);
+        buf.resize(capacity, 0);
+        self.buf = buf;
+        self.head = 0;
+    }
 }
 
 /// One connection's sending side.
 #[derive(Debug)]
-struct Sender<T> {
+struct Sender {
     open: bool,
     next_msg_id: u64,
-    /// In send order.
-    unacked: VecDeque<InFlight<T>>,
+    /// Slots of the frames sent and not yet acknowledged, in send order: the front one has
+    /// `msg_id` `next_msg_id - unacked.len()` (a connection's `msg_id`s are consecutive).
+    unacked: Ring,
 }
 
-impl<T> Sender<T> {
+impl Sender {
+    /// The `msg_id` of the oldest unacknowledged frame (if there is one).
+    fn first_unacked_msg_id(&self) -> u64 {
+        self.next_msg_id - self.unacked.len() as u64
+    }
+
     fn new() -> Self {
         Sender {
             open: false,
             next_msg_id: 1,
-            unacked: VecDeque::new(),
+            unacked: Ring::default(),
         }
     }
 }
@@ -163,15 +271,25 @@ impl<T> Sender<T> {
 #[derive(Debug)]
 pub struct DeliveryScheduler<T> {
     settings: DeliverySettings,
-    /// Per level (index 0 = level 1), or one queue when not prioritised; each in arrival order.
-    queues: Vec<VecDeque<Waiting<T>>>,
+    /// The in-flight window, frames (`settings.window`).
+    window: usize,
+    /// The part of the window every level may use (`window - window_reserved_top`).
+    window_routine: usize,
+    /// Every frame held in memory (waiting, in flight), by slot; never more slots than the most
+    /// frames held at once (at most `frames_max`, plus what `load` and a disconnect put back).
+    slots: Vec<Slot<T>>,
+    /// Free slots, the most recently freed last.
+    free: Vec<usize>,
+    /// Per level (index 0 = level 1), or one queue when not prioritised: slots, each queue in
+    /// arrival order.
+    queues: Vec<Ring>,
     /// Bit i set = `queues[i]` is non-empty or lane i has spilled frames.
     nonempty: u32,
     waiting: usize,
     /// Per lane: frames waiting on disk only (the SURB), behind those in `queues`.
     spilled: Vec<u64>,
     /// Per connection (0 first; more only for a peer that opens several).
-    senders: Vec<Sender<T>>,
+    senders: Vec<Sender>,
     /// Connections open.
     open: usize,
     /// Frames in flight on every connection together.
@@ -206,7 +324,11 @@ impl<T> DeliveryScheduler<T> {
         };
         DeliveryScheduler {
             settings,
-            queues: (0..queue_count).map(|_| VecDeque::new()).collect(),
+            window: settings.window as usize,
+            window_routine: settings.window.saturating_sub(settings.window_reserved_top) as usize,
+            slots: Vec::new(),
+            free: Vec::new(),
+            queues: (0..queue_count).map(|_| Ring::default()).collect(),
             nonempty: 0,
             waiting: 0,
             spilled: vec![0; queue_count],
@@ -248,7 +370,7 @@ impl<T> DeliveryScheduler<T> {
 
     /// Frames waiting in memory in a lane.
     pub fn waiting_in(&self, lane: usize) -> usize {
-        self.queues.get(lane).map_or(0, VecDeque::len)
+        self.queues.get(lane).map_or(0, Ring::len)
     }
 
     /// Number of lanes (levels, or 1 in FIFO mode).
@@ -270,17 +392,48 @@ impl<T> DeliveryScheduler<T> {
     }
 
     /// Queues a frame at the back of queue `i`, as the newest arrival.
+    #[inline(always)]
     fn push_back(&mut self, i: usize, level: Level, item: T) {
         let arrival = self.next_arrival;
         self.next_arrival += 1;
-        self.queues[i].push_back(Waiting {
+        let slot = Slot {
+            item: Some(item),
             level,
-            item,
             resend: false,
             arrival,
-        });
+        };
+        let at = match self.free.pop() {
+            Some(at) => {
+                self.slots[at] = slot;
+                at
+            }
+            None => {
+                self.slots.push(slot);
+                self.slots.len() - 1
+            }
+        };
+        self.queues[i].push_back(at);
         self.nonempty |= 1 << i;
         self.waiting += 1;
+    }
+
+    /// Takes the frame out of slot `at` and frees the slot.
+    #[inline]
+    fn take_slot(&mut self, at: usize) -> Option<(Level, T)> {
+        let slot = self.slots.get_mut(at)?;
+        let item = slot.item.take()?;
+        self.free.push(at);
+        Some((slot.level, item))
+    }
+
+    /// The level of the frame in slot `at`.
+    fn level_of(&self, at: usize) -> Level {
+        self.slots.get(at).map_or(Level::URGENT, |s| s.level)
+    }
+
+    /// The arrival of the frame in slot `at`.
+    fn arrival_of(&self, at: usize) -> u64 {
+        self.slots.get(at).map_or(u64::MAX, |s| s.arrival)
     }
 
     /// Whether a frame of `lane` has been sent and not yet acknowledged, on any connection.
@@ -290,7 +443,7 @@ impl<T> DeliveryScheduler<T> {
         self.senders
             .iter()
             .flat_map(|s| s.unacked.iter())
-            .any(|f| self.queue_index(f.level) == lane)
+            .any(|at| self.queue_index(self.level_of(at)) == lane)
     }
 
     /// Takes out, from the front of every lane, the waiting frames for which `expired` says
@@ -307,10 +460,19 @@ impl<T> DeliveryScheduler<T> {
             if self.unacked_in(i) {
                 continue;
             }
-            while self.queues[i].front().is_some_and(|w| expired(&w.item)) {
-                if let Some(w) = self.queues[i].pop_front() {
-                    out.push((w.level, w.item));
-                    self.waiting -= 1;
+            while let Some(at) = self.queues[i].front() {
+                let is_expired = self
+                    .slots
+                    .get(at)
+                    .and_then(|s| s.item.as_ref())
+                    .is_some_and(&mut expired);
+                if !is_expired {
+                    break;
+                }
+                self.queues[i].pop_front();
+                self.waiting -= 1;
+                if let Some(taken) = self.take_slot(at) {
+                    out.push(taken);
                 }
             }
             if self.queues[i].is_empty() && self.spilled[i] == 0 {
@@ -329,6 +491,7 @@ impl<T> DeliveryScheduler<T> {
     }
 
     /// Queues a frame at the back of its level, or hands it back when the scheduler is full.
+    #[inline(always)]
     pub fn enqueue(&mut self, level: Level, item: T) -> Result<(), T> {
         if self.held() >= self.settings.frames_max {
             return Err(item);
@@ -351,9 +514,12 @@ impl<T> DeliveryScheduler<T> {
     /// Frames waiting at one level (in FIFO mode every frame is counted at its own level).
     pub fn waiting_at(&self, level: Level) -> usize {
         if self.settings.prioritised {
-            self.queues.get(level.index()).map_or(0, VecDeque::len)
+            self.queues.get(level.index()).map_or(0, Ring::len)
         } else {
-            self.queues[0].iter().filter(|w| w.level == level).count()
+            self.queues[0]
+                .iter()
+                .filter(|&at| self.level_of(at) == level)
+                .count()
         }
     }
 
@@ -426,23 +592,29 @@ impl<T> DeliveryScheduler<T> {
         }
         sender.open = false;
         self.open -= 1;
-        let back = std::mem::take(&mut sender.unacked);
+        let back = sender.unacked.take_all();
         self.in_flight -= back.len();
-        for f in back {
-            let i = self.queue_index(f.level);
-            let queue = &mut self.queues[i];
-            let at = queue.partition_point(|w| w.arrival < f.arrival);
-            queue.insert(
-                at,
-                Waiting {
-                    level: f.level,
-                    item: f.item,
-                    resend: true,
-                    arrival: f.arrival,
-                },
-            );
+        // Each lane's queue, merged with what comes back to it, in arrival order.
+        let mut merged: Vec<Vec<usize>> = vec![Vec::new(); self.queues.len()];
+        for at in back {
+            let Some(slot) = self.slots.get_mut(at) else {
+                continue;
+            };
+            slot.resend = true;
+            let level = slot.level;
+            let i = self.queue_index(level);
+            merged[i].push(at);
             self.nonempty |= 1 << i;
             self.waiting += 1;
+        }
+        for (i, mut lane) in merged.into_iter().enumerate() {
+            if lane.is_empty() {
+                continue;
+            }
+            lane.extend(self.queues[i].iter());
+            let slots = &self.slots;
+            lane.sort_by_key(|&at| slots.get(at).map_or(u64::MAX, |s| s.arrival));
+            self.queues[i].set(&lane);
         }
     }
 
@@ -490,12 +662,18 @@ impl<T> DeliveryScheduler<T> {
 
     /// The open connection among `conns` (bit i: connection i may take a frame now) with the
     /// fewest frames in flight and room in its share of the window; ties go in turn.
+    #[inline]
     fn pick_connection(&self, conns: u64) -> Option<usize> {
         if let [only] = self.senders.as_slice() {
             // One connection (every SU, and a link with `connections_max = 1`): the window is
             // all its own, and the caller has checked it. No division on this, the usual path.
             return (only.open && conns & 1 != 0).then_some(0);
         }
+        self.pick_among_connections(conns)
+    }
+
+    /// [`Self::pick_connection`] for a peer with several connections.
+    fn pick_among_connections(&self, conns: u64) -> Option<usize> {
         let n = self.senders.len();
         // `open` ≥ 1 here (the caller checked availability).
         let share = (self.settings.window as usize).div_ceil(self.open.max(1));
@@ -516,6 +694,7 @@ impl<T> DeliveryScheduler<T> {
     /// Hands out the next frame to send on one of the connections in `conns` (bit i:
     /// connection i has room now), or says why none may go now ([`Blocked::Window`] when none of
     /// those connections may take one).
+    #[inline(always)]
     pub fn next_send_to(&mut self, conns: u64, now: Nanos) -> Result<Outgoing<'_, T>, Blocked> {
         if self.nonempty == 0 {
             return Err(Blocked::Empty);
@@ -527,71 +706,88 @@ impl<T> DeliveryScheduler<T> {
         // The simulator's deliberate bug (docs/simulation.md): level 2 goes before level 1.
         #[cfg(dsplane_mutation = "level2_before_level1")]
         let i = if self.nonempty & 0b11 == 0b11 { 1 } else { i };
-        let level = match self.queues[i].front() {
-            Some(w) => w.level,
-            None if self.spilled[i] > 0 => return Err(Blocked::Load(i)),
-            None => {
-                // Cannot happen (the bit says non-empty); repair the bitmap rather than stall.
-                self.nonempty &= !(1 << i);
-                return Err(Blocked::Empty);
-            }
+        let Some(at) = self.queues.get(i).and_then(Ring::front) else {
+            return Err(self.nothing_in_memory(i));
         };
+        let Some(slot) = self.slots.get(at) else {
+            return Err(Blocked::Empty);
+        };
+        let (level, resend) = (slot.level, slot.resend);
         let limit = if level == Level::URGENT || !self.settings.prioritised {
-            self.settings.window
+            self.window
         } else {
-            self.settings
-                .window
-                .saturating_sub(self.settings.window_reserved_top)
+            self.window_routine
         };
-        if self.in_flight >= limit as usize {
+        if self.in_flight >= limit {
             return Err(Blocked::Window);
         }
         let Some(conn) = self.pick_connection(conns) else {
             return Err(Blocked::Window);
         };
-        if self.paced {
-            if self.limiter.available(now) < self.limiter.wake_tokens(now) {
-                return Err(Blocked::Rate(self.limiter.next_wake(now)));
-            }
-            self.paced = false;
-        }
-        if !self.limiter.try_acquire(now) {
-            self.paced = self.batch_wakes;
+        if self.paced && !self.unpace(now) {
             return Err(Blocked::Rate(self.limiter.next_wake(now)));
         }
-        let Some(w) = self.queues[i].pop_front() else {
-            return Err(Blocked::Empty);
-        };
-        if self.queues[i].is_empty() && self.spilled[i] == 0 {
+        if !self.limiter.try_acquire(now) {
+            return Err(self.out_of_tokens(now));
+        }
+        // The front of queue `i` (looked at above) leaves it.
+        let queue = &mut self.queues[i];
+        queue.pop_front();
+        if queue.is_empty() && self.spilled[i] == 0 {
             self.nonempty &= !(1 << i);
         }
         self.waiting -= 1;
         self.in_flight += 1;
         self.turn = conn + 1;
-        self.stats.sent += 1;
-        self.stats.resent += u64::from(w.resend);
         let sender = &mut self.senders[conn];
         let msg_id = sender.next_msg_id;
         sender.next_msg_id += 1;
-        sender.unacked.push_back(InFlight {
-            msg_id,
-            level: w.level,
-            item: w.item,
-            arrival: w.arrival,
-        });
-        let sent = sender.unacked.back().ok_or(Blocked::Empty)?;
+        sender.unacked.push_back(at);
+        self.stats.sent += 1;
+        self.stats.resent += u64::from(resend);
+        // The slot was looked at above and has not moved.
+        let item = self.slots.get(at).and_then(|s| s.item.as_ref());
         Ok(Outgoing {
             conn,
             msg_id,
-            level: sent.level,
-            item: &sent.item,
+            level,
+            item: item.ok_or(Blocked::Empty)?,
         })
+    }
+
+    /// Why lane `i`, whose bit is set, has nothing in memory to send.
+    #[cold]
+    fn nothing_in_memory(&mut self, i: usize) -> Blocked {
+        if self.spilled.get(i).is_some_and(|&n| n > 0) {
+            return Blocked::Load(i);
+        }
+        // Cannot happen (the bit says non-empty); repair the bitmap rather than stall.
+        self.nonempty &= !(1 << i);
+        Blocked::Empty
+    }
+
+    /// A paced peer may send again once a wake-up's worth of tokens is in.
+    #[cold]
+    fn unpace(&mut self, now: Nanos) -> bool {
+        if self.limiter.available(now) < self.limiter.wake_tokens(now) {
+            return false;
+        }
+        self.paced = false;
+        true
+    }
+
+    /// The limiter has no token: the peer is paced from now on (with batched wake-ups).
+    #[cold]
+    fn out_of_tokens(&mut self, now: Nanos) -> Blocked {
+        self.paced = self.batch_wakes;
+        Blocked::Rate(self.limiter.next_wake(now))
     }
 
     /// The frame [`DeliveryScheduler::next_send_to`] handed out last on connection `conn`,
     /// while it is unacknowledged.
     pub fn newest_unacked(&self, conn: usize) -> Option<&T> {
-        self.senders.get(conn)?.unacked.back().map(|f| &f.item)
+        let at = self.senders.get(conn)?.unacked.back()?;
+        self.slots.get(at)?.item.as_ref()
     }
 
     /// A cumulative ACK on connection 0: see [`Self::ack`].
@@ -610,22 +806,47 @@ impl<T> DeliveryScheduler<T> {
         let Some(sender) = self.senders.get_mut(conn) else {
             return 0;
         };
-        let mut acked = 0;
+        // The frames up to `msg_id` are the first `acked` of the list (msg_ids are consecutive).
+        let first = sender.first_unacked_msg_id();
+        let acked = if msg_id < first {
+            0
+        } else {
+            (msg_id - first)
+                .saturating_add(1)
+                .min(sender.unacked.len() as u64) as usize
+        };
         let mut n = 0;
-        while sender.unacked.front().is_some_and(|f| f.msg_id <= msg_id) {
-            let Some(f) = sender.unacked.pop_front() else {
-                break;
-            };
-            acked += 1;
-            if single {
-                // One connection: ACKs come in send order, and within a lane that is arrival
-                // order, so nothing older of the lane can still be held.
-                released(f.level, f.item);
-                n += 1;
-            } else {
-                self.retired.insert(f.arrival, (f.level, f.item));
+        if single {
+            // One connection: ACKs come in send order, and within a lane that is arrival
+            // order, so nothing older of the lane can still be held.
+            for k in 0..acked {
+                let Some(at) = sender.unacked.get(k) else {
+                    break;
+                };
+                let Some(slot) = self.slots.get_mut(at) else {
+                    continue;
+                };
+                if let Some(item) = slot.item.take() {
+                    self.free.push(at);
+                    released(slot.level, item);
+                    n += 1;
+                }
+            }
+        } else {
+            for k in 0..acked {
+                let Some(at) = sender.unacked.get(k) else {
+                    break;
+                };
+                let Some(slot) = self.slots.get_mut(at) else {
+                    continue;
+                };
+                if let Some(item) = slot.item.take() {
+                    self.free.push(at);
+                    self.retired.insert(slot.arrival, (slot.level, item));
+                }
             }
         }
+        sender.unacked.skip(acked);
         self.in_flight -= acked;
         self.stats.acked += acked as u64;
         n + self.release_retired(released)
@@ -641,11 +862,11 @@ impl<T> DeliveryScheduler<T> {
         let mut oldest: Vec<u64> = self
             .queues
             .iter()
-            .map(|q| q.front().map_or(u64::MAX, |w| w.arrival))
+            .map(|q| q.front().map_or(u64::MAX, |at| self.arrival_of(at)))
             .collect();
-        for f in self.senders.iter().flat_map(|s| s.unacked.iter()) {
-            let i = self.queue_index(f.level);
-            oldest[i] = oldest[i].min(f.arrival);
+        for at in self.senders.iter().flat_map(|s| s.unacked.iter()) {
+            let i = self.queue_index(self.level_of(at));
+            oldest[i] = oldest[i].min(self.arrival_of(at));
         }
         let ready: Vec<u64> = self
             .retired
@@ -671,13 +892,18 @@ impl<T> DeliveryScheduler<T> {
     /// that hands them to a lower tier.
     pub fn drain(&mut self) -> Vec<(Level, T)> {
         let mut out: Vec<(Level, T)> = std::mem::take(&mut self.retired).into_values().collect();
+        let mut order: Vec<usize> = Vec::with_capacity(self.in_flight + self.waiting);
         for sender in &mut self.senders {
-            out.extend(sender.unacked.drain(..).map(|f| (f.level, f.item)));
+            order.extend(sender.unacked.take_all());
         }
         self.in_flight = 0;
         for q in &mut self.queues {
-            out.extend(q.drain(..).map(|w| (w.level, w.item)));
+            order.extend(q.take_all());
         }
+        out.extend(order.into_iter().filter_map(|at| self.take_slot(at)));
+        // Nothing is held in memory any more.
+        self.slots.clear();
+        self.free.clear();
         self.waiting = 0;
         self.nonempty = 0;
         for (i, n) in self.spilled.iter().enumerate() {
@@ -726,6 +952,60 @@ mod tests {
             s.on_ack(id, |_, _| {});
         }
         out
+    }
+
+    #[test]
+    fn the_slot_ring_keeps_its_order_across_wrap_around_and_growth() {
+        let mut r = Ring::default();
+        let mut model = std::collections::VecDeque::new();
+        let mut next = 0;
+        // Pushes and pops in uneven runs, so the front moves round the ring and the ring grows
+        // while it is wrapped.
+        for round in 0..200 {
+            for _ in 0..(round % 7 + 1) {
+                r.push_back(next);
+                model.push_back(next);
+                next += 1;
+            }
+            for _ in 0..(round % 5) {
+                assert_eq!(r.pop_front(), model.pop_front());
+            }
+            if round % 11 == 0 {
+                let n = round % 3;
+                r.skip(n);
+                for _ in 0..n.min(model.len()) {
+                    model.pop_front();
+                }
+            }
+            assert_eq!(r.len(), model.len());
+            assert_eq!(r.front(), model.front().copied());
+            assert_eq!(r.back(), model.back().copied());
+            assert!(r.iter().eq(model.iter().copied()));
+        }
+        let all: Vec<usize> = model.iter().copied().collect();
+        r.set(&all[1..]);
+        assert!(r.iter().eq(all[1..].iter().copied()));
+        assert_eq!(r.take_all(), all[1..].to_vec());
+        assert!(r.is_empty() && r.pop_front().is_none() && r.back().is_none());
+    }
+
+    #[test]
+    fn slots_are_reused_and_a_drain_frees_them_all() {
+        let mut s = connected(settings());
+        for round in 0..50 {
+            for i in 0..5 {
+                s.enqueue(level(1 + (i % 4) as u8), round * 10 + i).unwrap();
+            }
+            let sent = send_all(&mut s, 0);
+            assert_eq!(sent.len(), 5);
+        }
+        // Never more slots than frames held at once.
+        assert!(s.slots.len() <= 5, "{} slots", s.slots.len());
+        s.enqueue(level(2), 1).unwrap();
+        assert!(s.next_send(0).is_ok());
+        s.enqueue(level(3), 2).unwrap();
+        assert_eq!(s.drain().len(), 2);
+        assert!(s.slots.is_empty() && s.free.is_empty());
     }
 
     #[test]

@@ -931,10 +931,13 @@ impl FrameDecoder {
     ///
     /// A [`DecodeError`] as soon as a header is malformed, before its payload has arrived; the
     /// same error again on every later call.
+    #[inline]
     pub fn next_frame(&mut self) -> Result<Option<Frame>, DecodeError> {
         if let Some(error) = self.poisoned {
             return Err(error);
         }
+        // The usual case, a whole frame buffered, leaves `pending` alone: it is written only
+        // when a header's payload has yet to arrive.
         let header = match self.pending {
             Some(header) => header,
             None => {
@@ -942,32 +945,38 @@ impl FrameDecoder {
                     return Ok(None);
                 };
                 match Header::decode(bytes, self.payload_bytes_max) {
-                    Ok(header) => {
-                        self.pending = Some(header);
-                        header
-                    }
-                    Err(error) => {
-                        self.poisoned = Some(error);
-                        // Free the buffer: nothing after a malformed header is ever read.
-                        self.buf = BytesMut::new();
-                        return Err(error);
-                    }
+                    Ok(header) => header,
+                    Err(error) => return Err(self.poison(error)),
                 }
             }
         };
         let payload_len = header.payload_len as usize;
-        if self.buf.len() < HEADER_LEN + payload_len {
+        let total = HEADER_LEN + payload_len;
+        if self.buf.len() < total {
+            self.pending = Some(header);
             return Ok(None);
         }
         self.pending = None;
-        self.buf.advance(HEADER_LEN);
         let payload = if payload_len == 0 {
             // No need to share the buffer (and touch its reference count) for nothing.
+            self.buf.advance(HEADER_LEN);
             Bytes::new()
         } else {
-            self.buf.split_to(payload_len).freeze()
+            // One split for header and payload; the header's bytes are then skipped.
+            let mut frame = self.buf.split_to(total).freeze();
+            frame.advance(HEADER_LEN);
+            frame
         };
         Ok(Some(Frame { header, payload }))
+    }
+
+    /// Ends the stream with `error` (see [`Self::next_frame`]).
+    #[cold]
+    fn poison(&mut self, error: DecodeError) -> DecodeError {
+        self.poisoned = Some(error);
+        // Free the buffer: nothing after a malformed header is ever read.
+        self.buf = BytesMut::new();
+        error
     }
 }
 
