@@ -351,8 +351,11 @@ impl OwnerWorker {
             let mut last = None;
             loop {
                 while let Some(t) = self.owner.poll_transmit_ref(PeerRef::Su(0), self.now, unix) {
-                    encode(&mut self.out, &t.header, t.payload);
-                    last = Some(t.header.msg_id);
+                    // What `Conn::queue_transmit` does: the header stamped straight from the
+                    // owner's, then the payload.
+                    self.out.extend_from_slice(&t.header_bytes());
+                    self.out.extend_from_slice(t.payload);
+                    last = Some(t.msg_id);
                     self.delivered += 1;
                 }
                 // (Never here: nothing spills in this workload.)

@@ -155,14 +155,38 @@ pub enum Taken {
     Refused,
 }
 
-/// A frame to send, from [`Owner::poll_transmit_ref`]: its header stamped with its `msg_id` and
-/// level, its payload borrowed.
+/// A frame to send, from [`Owner::poll_transmit_ref`], lent: the header as the owner holds it,
+/// the `msg_id` and level (`priority`) it goes out with on its connection, and the payload.
+/// Nothing is copied until the I/O writes it ([`Header::to_bytes_stamped`]).
 #[derive(Debug)]
 pub struct Transmit<'a> {
-    /// The header as it goes out.
-    pub header: Header,
+    /// The header as taken in; its `msg_id` and `priority` are not what goes out.
+    pub header: &'a Header,
+    /// The `msg_id` on the connection it goes out on.
+    pub msg_id: u64,
+    /// The level it goes out with, in the header's `priority` field.
+    pub priority: u8,
     /// The payload, as held by the owner until the peer acknowledges it.
     pub payload: &'a Bytes,
+}
+
+impl Transmit<'_> {
+    /// The header as it goes out (a copy, stamped; `payload_len` as taken in).
+    pub fn stamped(&self) -> Header {
+        let mut header = *self.header;
+        header.msg_id = self.msg_id;
+        header.priority = self.priority;
+        header
+    }
+
+    /// The header's 64 bytes as they go out, `payload_len` included.
+    #[inline]
+    pub fn header_bytes(&self) -> [u8; crate::wire::HEADER_LEN] {
+        // Saturating only for a payload over 4 GiB; the peer then refuses it as too long.
+        let len = u32::try_from(self.payload.len()).unwrap_or(u32::MAX);
+        self.header
+            .to_bytes_stamped(self.msg_id, self.priority, len)
+    }
 }
 
 /// What the owner asks of the I/O around it, beside frames to send ([`Owner::poll_transmit`])
@@ -1165,7 +1189,7 @@ impl<L: Log> Owner<L> {
     /// several connections, [`Owner::poll_transmit_to`] says which one it is for.
     pub fn poll_transmit(&mut self, peer: PeerRef, now: Nanos, unix: u64) -> Option<Frame> {
         self.poll_transmit_ref(peer, now, unix).map(|t| Frame {
-            header: t.header,
+            header: t.stamped(),
             payload: t.payload.clone(),
         })
     }
@@ -1186,7 +1210,7 @@ impl<L: Log> Owner<L> {
                 (
                     conn,
                     Frame {
-                        header: t.header,
+                        header: t.stamped(),
                         payload: t.payload.clone(),
                     },
                 )
@@ -1202,13 +1226,15 @@ impl<L: Log> Owner<L> {
         now: Nanos,
         unix: u64,
     ) -> Option<(usize, Transmit<'_>)> {
-        let (conn, header) = self.next_header(peer, conns, now, unix)?;
+        let (conn, msg_id, level) = self.next_header(peer, conns, now, unix)?;
         let state = peer_in(&mut self.sus, &mut self.csps, peer)?;
         let held = state.sched.newest_unacked(conn)?;
         Some((
             conn,
             Transmit {
-                header,
+                header: &held.frame.header,
+                msg_id,
+                priority: level.get(),
                 payload: &held.frame.payload,
             },
         ))
@@ -1223,25 +1249,27 @@ impl<L: Log> Owner<L> {
         now: Nanos,
         unix: u64,
     ) -> Option<Transmit<'_>> {
-        let (conn, header) = self.next_header(peer, u64::MAX, now, unix)?;
+        let (conn, msg_id, level) = self.next_header(peer, u64::MAX, now, unix)?;
         // The frame just handed out is the newest unacknowledged one of its connection.
         let state = peer_in(&mut self.sus, &mut self.csps, peer)?;
         let held = state.sched.newest_unacked(conn)?;
         Some(Transmit {
-            header,
+            header: &held.frame.header,
+            msg_id,
+            priority: level.get(),
             payload: &held.frame.payload,
         })
     }
 
     /// Hands out `peer`'s next frame on one of `conns` (see [`Owner::poll_transmit_to`]) and
-    /// returns its connection and stamped header.
+    /// returns its connection, `msg_id` and level.
     fn next_header(
         &mut self,
         peer: PeerRef,
         conns: u64,
         now: Nanos,
         unix: u64,
-    ) -> Option<(usize, Header)> {
+    ) -> Option<(usize, u64, Level)> {
         self.last_rate_block = None;
         for _ in 0..limits::LOADS_PER_POLL_MAX {
             let state = peer_in(&mut self.sus, &mut self.csps, peer)?;
@@ -1250,18 +1278,16 @@ impl<L: Log> Owner<L> {
             }
             match state.sched.next_send_to(conns, now) {
                 Ok(out) => {
-                    let mut header = out.item.frame.header;
-                    header.msg_id = out.msg_id;
-                    header.priority = out.level.get();
-                    if header.created_ns > 0 {
+                    let created_ns = out.item.frame.header.created_ns;
+                    if created_ns > 0 {
                         self.metrics.latency(
                             peer.direction(),
                             out.level.get(),
-                            unix.saturating_sub(header.created_ns),
+                            unix.saturating_sub(created_ns),
                         );
                     }
                     self.sent_since_load = true;
-                    return Some((out.conn, header));
+                    return Some((out.conn, out.msg_id, out.level));
                 }
                 Err(Blocked::Rate(at)) => {
                     self.rate_wake = Some(self.rate_wake.map_or(at, |w| w.min(at)));

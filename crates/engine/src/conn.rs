@@ -19,6 +19,7 @@ use bytes::{Buf, Bytes};
 use mio::net::TcpStream;
 
 use super::shared::PeerRef;
+use crate::owner::Transmit;
 use crate::wire::{Frame, FrameDecoder, Header, HEADER_LEN};
 use crate::Nanos;
 
@@ -143,6 +144,22 @@ impl Conn {
     /// Queues a frame given as its header and payload: both copied into the buffer, or, for a
     /// payload over [`COPY_BYTES_MAX`], the header copied and the payload queued as it is.
     pub(crate) fn queue_parts(&mut self, header: &Header, payload: &Bytes) {
+        let mut header = *header;
+        // Saturating only for a payload over 4 GiB; the peer then refuses it as too long.
+        header.payload_len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        self.queue_encoded(&header.to_bytes(), payload);
+    }
+
+    /// Queues a frame the owner lends ([`Owner::poll_transmit_ref`]): its header written
+    /// stamped straight from the owner's, with no copy of the header first.
+    ///
+    /// [`Owner::poll_transmit_ref`]: crate::owner::Owner::poll_transmit_ref
+    pub(crate) fn queue_transmit(&mut self, t: &Transmit<'_>) {
+        self.queue_encoded(&t.header_bytes(), t.payload);
+    }
+
+    /// Queues a frame as its encoded header (`payload_len` set) and its payload.
+    fn queue_encoded(&mut self, header: &[u8; HEADER_LEN], payload: &Bytes) {
         if self.tail_at > 0 {
             // After a short write: move the unwritten rest to the front once it is small beside
             // what was written (at most a quarter of a byte moved per byte written), or once a
@@ -154,10 +171,7 @@ impl Conn {
             }
         }
         self.queued_since_tick = true;
-        let mut header = *header;
-        // Saturating only for a payload over 4 GiB; the peer then refuses it as too long.
-        header.payload_len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
-        self.tail.extend_from_slice(&header.to_bytes());
+        self.tail.extend_from_slice(header);
         self.out_bytes += HEADER_LEN + payload.len();
         if payload.len() <= COPY_BYTES_MAX {
             self.tail.extend_from_slice(payload);

@@ -423,7 +423,7 @@ impl Worker {
                     else {
                         break;
                     };
-                    conn.queue_parts(&t.header, t.payload);
+                    conn.queue_transmit(&t);
                     queued = true;
                     if conn.unwritten() >= WRITE_BYTES_MIN {
                         // Start the peer reading while the rest is being copied.

@@ -473,21 +473,44 @@ impl Header {
 
     /// The eight little-endian words of the wire layout.
     const fn words(&self) -> [u64; 8] {
+        self.words_stamped(self.msg_id, self.priority, self.payload_len)
+    }
+
+    /// The words with `msg_id`, `priority` and `payload_len` given rather than the header's own.
+    const fn words_stamped(&self, msg_id: u64, priority: u8, payload_len: u32) -> [u64; 8] {
         [
             MAGIC as u64
                 | (VERSION as u64) << 32
                 | (self.kind as u64) << 40
                 | (self.mode as u64) << 48
-                | (self.priority as u64) << 56,
+                | (priority as u64) << 56,
             self.srv.0 as u64 | (self.alert_code as u64) << 32 | (self.aux as u64) << 48,
             self.su_id.0,
             self.device_id.0,
             self.counter,
-            self.msg_id,
+            msg_id,
             self.created_ns,
             // The reserved high half is always written as 0.
-            self.payload_len as u64,
+            payload_len as u64,
         ]
+    }
+
+    /// The 64-byte wire form with `msg_id`, `priority` and `payload_len` replaced: what a
+    /// sender writes for a frame it holds, stamped for its connection, without copying the
+    /// header first. The same bytes as [`Header::to_bytes`] of a copy with those three fields set.
+    #[inline]
+    pub fn to_bytes_stamped(
+        &self,
+        msg_id: u64,
+        priority: u8,
+        payload_len: u32,
+    ) -> [u8; HEADER_LEN] {
+        let mut out = [0u8; HEADER_LEN];
+        let words = self.words_stamped(msg_id, priority, payload_len);
+        for (chunk, word) in out.chunks_exact_mut(8).zip(words) {
+            chunk.copy_from_slice(&word.to_le_bytes());
+        }
+        out
     }
 
     /// Writes the 64-byte wire form into `out`.
@@ -994,6 +1017,19 @@ mod tests {
                 *from = &from[n..];
                 Ok(n)
             })
+        }
+    }
+
+    #[test]
+    fn a_stamped_header_is_the_header_with_its_three_fields_set() {
+        let mut h = Header::new(Kind::DeviceAlert);
+        (h.su_id, h.device_id, h.counter) = (Eui64(u64::MAX - 3), Eui64(0x0102_0304), 77);
+        (h.msg_id, h.priority, h.payload_len, h.created_ns) = (5, 2, 9, 1_700_000_000);
+        (h.alert_code, h.mode, h.aux) = (0x8F1C, 1, 0xBEEF);
+        for (msg_id, priority, len) in [(6, 1, 0), (u64::MAX, 255, u32::MAX), (5, 2, 9)] {
+            let mut copy = h;
+            (copy.msg_id, copy.priority, copy.payload_len) = (msg_id, priority, len);
+            assert_eq!(h.to_bytes_stamped(msg_id, priority, len), copy.to_bytes());
         }
     }
 

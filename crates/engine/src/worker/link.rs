@@ -337,7 +337,7 @@ impl Worker {
                         Some(LinkConn::Here(slot)) => {
                             match self.conns.get_mut(slot).and_then(Option::as_mut) {
                                 Some(c) => {
-                                    c.queue_parts(&t.header, t.payload);
+                                    c.queue_transmit(&t);
                                     written |= 1 << k;
                                     if !c.has_room() {
                                         room &= !(1 << k);
@@ -348,7 +348,7 @@ impl Worker {
                         }
                         Some(LinkConn::There { .. }) => {
                             let frame = Frame {
-                                header: t.header,
+                                header: t.stamped(),
                                 payload: t.payload.clone(),
                             };
                             match outbox.iter_mut().find(|(c, _)| *c == k) {
