@@ -11,8 +11,9 @@
 //!    rules);
 //! 3. **enqueue** into the Service User's [`DeliveryScheduler`];
 //! 4. **schedule**: `next_send`, which checks the window and takes a **limiter** token;
-//! 5. **encode**: the header, with its `msg_id` and level, and the payload, copied into the
-//!    connection's contiguous output buffer (what `Conn::queue_parts` does);
+//! 5. **encode**: the header, stamped with its `msg_id` and level as it is written, and the
+//!    payload, copied into the connection's contiguous output buffer (what
+//!    `Conn::queue_transmit` does);
 //! 6. the SU's cumulative ACK releases the batch.
 //!
 //! The message mix is fixed by a seed: 70 % RESPONSEs (80 % of them to a request recorded
@@ -204,10 +205,8 @@ impl Worker {
         loop {
             match self.sched.next_send(self.now) {
                 Ok(out) => {
-                    let mut header = out.item.header;
-                    header.msg_id = out.msg_id;
-                    header.priority = out.level.get();
-                    encode(&mut self.out, &header, &out.item.payload);
+                    let (h, p) = (&out.item.header, &out.item.payload);
+                    encode(&mut self.out, h, out.msg_id, out.level.get(), p);
                     last = Some(out.msg_id);
                 }
                 Err(Blocked::Empty) => break,
@@ -351,10 +350,7 @@ impl OwnerWorker {
             let mut last = None;
             loop {
                 while let Some(t) = self.owner.poll_transmit_ref(PeerRef::Su(0), self.now, unix) {
-                    // What `Conn::queue_transmit` does: the header stamped straight from the
-                    // owner's, then the payload.
-                    self.out.extend_from_slice(&t.header_bytes());
-                    self.out.extend_from_slice(t.payload);
+                    encode(&mut self.out, t.header, t.msg_id, t.priority, t.payload);
                     last = Some(t.msg_id);
                     self.delivered += 1;
                 }
@@ -376,13 +372,13 @@ impl OwnerWorker {
     }
 }
 
-/// What `Conn::queue_parts` does: the header, with `payload_len` set, and the payload, copied
+/// What `Conn::queue_transmit` does: the held header written stamped with its `msg_id`, level
+/// and `payload_len` (`Header::to_bytes_stamped`, no copy of the header first), then the payload,
 /// into the connection's contiguous output buffer.
 #[inline(always)]
-fn encode(out: &mut Vec<u8>, header: &Header, payload: &Bytes) {
-    let mut header = *header;
-    header.payload_len = payload.len() as u32;
-    out.extend_from_slice(&header.to_bytes());
+fn encode(out: &mut Vec<u8>, header: &Header, msg_id: u64, priority: u8, payload: &Bytes) {
+    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&header.to_bytes_stamped(msg_id, priority, len));
     out.extend_from_slice(payload);
 }
 
