@@ -29,12 +29,6 @@ pub const HOUSEKEEPING_INTERVAL: Nanos = NANOS_PER_SEC / 4;
 /// 8 ms; beyond that, intake holds the frame and stops reading its connection until it goes in
 /// (TCP flow control then slows the sender), rather than buffer without bound.
 pub const RING_FRAMES_PER_LEVEL: usize = 8192;
-/// How soon an intake worker whose frames did not fit in an owner's full ring tries again, ns.
-/// An owner takes 2-3 M frames/s from its ring, so a full level of
-/// [`RING_FRAMES_PER_LEVEL`] lasts it some 3 ms: retrying every 100 µs tops it up long before it
-/// runs dry (a millisecond, as before, left the owner idle about 5 % of a `batch` run while the
-/// CSP's sender waited on TCP). It costs a wake-up per retry, only while a ring is full.
-pub const STALL_RETRY_NS: Nanos = 100_000;
 /// Envelopes taken from a ring in one go.
 pub const RING_BATCH_MAX: usize = 1024;
 /// Reads from one connection in one turn before the others get theirs.

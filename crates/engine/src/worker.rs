@@ -36,7 +36,7 @@ use super::conn::{Conn, ConnState};
 use super::shared::{Adopt, Control, Shared};
 use super::timer::{Timer, WORKER_TIMER};
 use crate::ids::Level;
-use crate::limits::{LINGER, PUMP_CLOCK_READS_MAX, RING_BATCH_MAX, STALL_RETRY_NS};
+use crate::limits::{LINGER, PUMP_CLOCK_READS_MAX, RING_BATCH_MAX};
 use crate::owner::{Envelope, Event, Owner, PeerRef, Ticket};
 use crate::ring;
 use crate::store::Store;
@@ -172,8 +172,8 @@ impl Worker {
             } else {
                 let mut until = self.owner.poll_timeout();
                 if !self.stalled.is_empty() {
-                    // Frames wait for room in a full ring: try again soon, before it runs dry.
-                    until = until.min(now + STALL_RETRY_NS);
+                    // A full ring drains in well under a millisecond; try again then.
+                    until = until.min(now + NANOS_PER_SEC / 1000);
                 }
                 // Awake for a near deadline only when frames wait for their tokens.
                 let spin = self.owner.rate_wake().is_some_and(|r| r <= until);
