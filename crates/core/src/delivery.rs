@@ -109,6 +109,32 @@ pub struct Outgoing<'a, T> {
     pub item: &'a T,
 }
 
+/// Takes the items of the first `n` slots of `run` out of `slots` (each slot freed to `free`)
+/// and hands each to `each` with its level and arrival: the release loop of an ACK, one copy for
+/// both of its cases so that the one-connection case keeps a loop of its own (no branch per
+/// frame) without a second body to keep in step.
+#[inline(always)]
+fn take_run<T>(
+    slots: &mut [Slot<T>],
+    free: &mut Vec<usize>,
+    run: &Ring,
+    n: usize,
+    mut each: impl FnMut(Level, u64, T),
+) {
+    for k in 0..n {
+        let Some(at) = run.get(k) else {
+            break;
+        };
+        let Some(slot) = slots.get_mut(at) else {
+            continue;
+        };
+        if let Some(item) = slot.item.take() {
+            free.push(at);
+            each(slot.level, slot.arrival, item);
+        }
+    }
+}
+
 /// Counters, for metrics and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DeliveryStats {
@@ -816,35 +842,25 @@ impl<T> DeliveryScheduler<T> {
                 .min(sender.unacked.len() as u64) as usize
         };
         let mut n = 0;
+        let (slots, free) = (&mut self.slots, &mut self.free);
         if single {
             // One connection: ACKs come in send order, and within a lane that is arrival
             // order, so nothing older of the lane can still be held.
-            for k in 0..acked {
-                let Some(at) = sender.unacked.get(k) else {
-                    break;
-                };
-                let Some(slot) = self.slots.get_mut(at) else {
-                    continue;
-                };
-                if let Some(item) = slot.item.take() {
-                    self.free.push(at);
-                    released(slot.level, item);
-                    n += 1;
-                }
-            }
+            take_run(slots, free, &sender.unacked, acked, |level, _, item| {
+                released(level, item);
+                n += 1;
+            });
         } else {
-            for k in 0..acked {
-                let Some(at) = sender.unacked.get(k) else {
-                    break;
-                };
-                let Some(slot) = self.slots.get_mut(at) else {
-                    continue;
-                };
-                if let Some(item) = slot.item.take() {
-                    self.free.push(at);
-                    self.retired.insert(slot.arrival, (slot.level, item));
-                }
-            }
+            let retired = &mut self.retired;
+            take_run(
+                slots,
+                free,
+                &sender.unacked,
+                acked,
+                |level, arrival, item| {
+                    retired.insert(arrival, (level, item));
+                },
+            );
         }
         sender.unacked.skip(acked);
         self.in_flight -= acked;

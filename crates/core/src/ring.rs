@@ -1095,8 +1095,35 @@ mod tests {
             })
             .collect();
         drop(producer);
+        drain_in_order(
+            &mut consumer,
+            handles,
+            count,
+            levels,
+            |level, &(id, seq)| {
+                assert_eq!(
+                    (seq as usize * 7 + id) % levels,
+                    level,
+                    "item on wrong level"
+                );
+                (id, seq)
+            },
+        );
+    }
+
+    /// Pops until every producer's `count` items came, checking that each producer's items of a
+    /// level arrive in the order it sent them (`place` gives an item's producer and sequence
+    /// number, and checks its level), then joins the producers and checks the ring is empty.
+    fn drain_in_order<T>(
+        consumer: &mut Consumer<T>,
+        handles: Vec<std::thread::JoinHandle<()>>,
+        count: u32,
+        levels: usize,
+        place: impl Fn(usize, &T) -> (usize, u32),
+    ) {
+        let producers = handles.len();
         let total = producers * count as usize;
-        // Per (producer, level): the next sequence number expected there, or None before any.
+        // Per (producer, level): the last sequence number seen there, or None before any.
         let mut last: Vec<Vec<Option<u32>>> = vec![vec![None; levels]; producers];
         let mut seen = vec![0u32; producers];
         let mut received = 0;
@@ -1107,19 +1134,15 @@ mod tests {
                 std::thread::yield_now();
                 continue;
             }
-            for &(level, (id, seq)) in &batch {
-                assert_eq!(
-                    (seq as usize * 7 + id) % levels,
-                    level,
-                    "item on wrong level"
-                );
-                if let Some(previous) = last[id][level] {
+            for (level, item) in &batch {
+                let (id, seq) = place(*level, item);
+                if let Some(previous) = last[id][*level] {
                     assert!(
                         seq > previous,
                         "producer {id} level {level}: {seq} after {previous}"
                     );
                 }
-                last[id][level] = Some(seq);
+                last[id][*level] = Some(seq);
                 seen[id] += 1;
                 received += 1;
             }
@@ -1127,7 +1150,7 @@ mod tests {
         for handle in handles {
             handle.join().unwrap();
         }
-        assert_eq!(consumer.pop(), None);
+        assert!(consumer.pop().is_none());
         assert!(
             seen.iter().all(|&n| n == count),
             "per-producer counts {seen:?}"
@@ -1373,37 +1396,15 @@ mod tests {
             })
             .collect();
         drop(producer);
-        let total = producers * count as usize;
-        let mut last: Vec<Vec<Option<u32>>> = vec![vec![None; levels]; producers];
-        let mut seen = vec![0u32; producers];
-        let mut received = 0;
-        let mut batch = Vec::with_capacity(64);
-        while received < total {
-            batch.clear();
-            if consumer.pop_bulk(&mut batch, 64) == 0 {
-                std::thread::yield_now();
-                continue;
-            }
-            for &(level, (id, seq, pushed_at)) in &batch {
-                assert_eq!(level, pushed_at, "item on wrong level");
-                if let Some(previous) = last[id][level] {
-                    assert!(
-                        seq > previous,
-                        "producer {id} level {level}: {seq} after {previous}"
-                    );
-                }
-                last[id][level] = Some(seq);
-                seen[id] += 1;
-                received += 1;
-            }
-        }
-        for handle in handles {
-            handle.join().unwrap();
-        }
-        assert_eq!(consumer.pop(), None);
-        assert!(
-            seen.iter().all(|&n| n == count),
-            "per-producer counts {seen:?}"
+        drain_in_order(
+            &mut consumer,
+            handles,
+            count,
+            levels,
+            |level, &(id, seq, at)| {
+                assert_eq!(level, at, "item on wrong level");
+                (id, seq)
+            },
         );
     }
 

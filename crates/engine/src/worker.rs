@@ -434,7 +434,7 @@ impl Worker {
                     }
                 }
                 let going = queued && conn.has_room();
-                if !clock.carry_on(&self.owner, &self.shared, going) {
+                if !clock.carry_on(self.owner.rate_blocked_until(), going, || self.shared.now()) {
                     break;
                 }
             }
@@ -675,21 +675,52 @@ impl PumpClock {
     }
 
     /// Whether the pump carries on, at the later [`PumpClock::now`]: only if the last poll gave
-    /// nothing for want of tokens, `going` (the pump sent something and still has room), reads
-    /// are left, and the tokens are due by the clock now.
-    pub(super) fn carry_on(&mut self, owner: &Owner<Store>, shared: &Shared, going: bool) -> bool {
-        let Some(due) = owner.rate_blocked_until() else {
+    /// nothing for want of tokens (`due`, from [`Owner::rate_blocked_until`], says until when),
+    /// `going` (the pump sent something and still has room), reads are left, and the tokens
+    /// are due by the clock (`read_clock`, read only then).
+    pub(super) fn carry_on(
+        &mut self,
+        due: Option<Nanos>,
+        going: bool,
+        read_clock: impl FnOnce() -> Nanos,
+    ) -> bool {
+        let Some(due) = due else {
             return false;
         };
         if !going || self.reads == PUMP_CLOCK_READS_MAX {
             return false;
         }
         self.reads += 1;
-        let later = shared.now();
+        let later = read_clock();
         if later < due {
             return false;
         }
         self.now = later;
         true
+    }
+}
+
+#[cfg(test)]
+mod pump_clock_tests {
+    use super::*;
+
+    #[test]
+    fn a_pump_carries_on_only_for_tokens_due_and_at_most_pump_clock_reads_max_times() {
+        let mut clock = PumpClock::new(100);
+        let unread = || -> Nanos { panic!("the clock is read only when it may carry on") };
+        // Stopped for another reason than tokens, or nothing sent, or no room: no clock read.
+        assert!(!clock.carry_on(None, true, unread));
+        assert!(!clock.carry_on(Some(150), false, unread));
+        assert_eq!(clock.now, 100);
+        // Tokens not yet due by the clock: a read spent, the instant kept.
+        assert!(!clock.carry_on(Some(150), true, || 149));
+        assert_eq!(clock.now, 100);
+        // Due: carries on at the later instant, until the reads are spent.
+        for i in 1..PUMP_CLOCK_READS_MAX {
+            let later = 150 + i as Nanos;
+            assert!(clock.carry_on(Some(150), true, || later), "read {i}");
+            assert_eq!(clock.now, later);
+        }
+        assert!(!clock.carry_on(Some(150), true, unread), "reads spent");
     }
 }

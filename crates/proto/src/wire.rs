@@ -862,6 +862,19 @@ impl FrameDecoder {
         taken.len()
     }
 
+    /// How much one read may bring: `max_bytes`, at most [`READ_CHUNK_BYTES_MAX`] and the room
+    /// left. A full buffer asked for more is an error (see [`FrameDecoder::fill_from`]).
+    fn read_size(&self, max_bytes: usize) -> io::Result<usize> {
+        let want = max_bytes.min(READ_CHUNK_BYTES_MAX).min(self.room());
+        if want == 0 && max_bytes != 0 && self.poisoned.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                "FrameDecoder is full: call next_frame until it returns None before reading more",
+            ));
+        }
+        Ok(want)
+    }
+
     /// Reads once from `reader` onto the end of the buffer, at most `max_bytes`,
     /// [`READ_CHUNK_BYTES_MAX`] and the room left, and returns the count read (0 at end of
     /// stream, or if `max_bytes` is 0).
@@ -880,13 +893,7 @@ impl FrameDecoder {
         reader: &mut R,
         max_bytes: usize,
     ) -> io::Result<usize> {
-        let want = max_bytes.min(READ_CHUNK_BYTES_MAX).min(self.room());
-        if want == 0 && max_bytes != 0 && self.poisoned.is_none() {
-            return Err(io::Error::new(
-                io::ErrorKind::OutOfMemory,
-                "FrameDecoder is full: call next_frame until it returns None before reading more",
-            ));
-        }
+        let want = self.read_size(max_bytes)?;
         let start = self.buf.len();
         self.buf.resize(start + want, 0);
         let read = self
@@ -927,13 +934,7 @@ impl FrameDecoder {
         read: impl FnOnce(&mut bytes::buf::UninitSlice) -> io::Result<usize>,
     ) -> io::Result<usize> {
         use bytes::BufMut;
-        let want = max_bytes.min(READ_CHUNK_BYTES_MAX).min(self.room());
-        if want == 0 && max_bytes != 0 && self.poisoned.is_none() {
-            return Err(io::Error::new(
-                io::ErrorKind::OutOfMemory,
-                "FrameDecoder is full: call next_frame until it returns None before reading more",
-            ));
-        }
+        let want = self.read_size(max_bytes)?;
         self.buf.reserve(want);
         let spare = self.buf.chunk_mut();
         let want = want.min(spare.len());

@@ -365,7 +365,7 @@ impl Worker {
                     }
                 }
                 let going = (written != 0 || !outbox.is_empty()) && room != 0;
-                if !clock.carry_on(&self.owner, &self.shared, going) {
+                if !clock.carry_on(self.owner.rate_blocked_until(), going, || self.shared.now()) {
                     break;
                 }
             }
