@@ -109,7 +109,7 @@ fn workload(n: usize, seed: u64) -> (Vec<u8>, Vec<(RequestId, Srv, Mode)>) {
 /// Stands for the socket: `read` copies the next bytes of the workload into the decoder's spare
 /// space, as the engine's `read(2)` does (`Conn::read`, through `FrameDecoder::fill_with`). In
 /// the engine that copy is the kernel's, so `perf/instructions.sh` leaves this function out of
-/// the count (callgrind `--toggle-collect` on its name turns collection off inside it).
+/// the count (it subtracts the function's inclusive cost from the total).
 struct Socket<'a>(&'a [u8]);
 
 impl Socket<'_> {
