@@ -211,8 +211,15 @@ impl Conn {
 
     /// A pending frame's durability is known: `true` durable, `false` refused. Returns whether
     /// the frame was pending here. Then advances the ACK over the durable prefix.
+    ///
+    /// Tickets from one owner come in `msg_id` order, so the usual ticket is for the oldest
+    /// pending frame: that is looked at first, and the binary search is for tickets that
+    /// overtake another owner's (or another level's) frames.
     pub(crate) fn resolve(&mut self, msg_id: u64, durable: bool) -> bool {
-        let i = self.pending.partition_point(|(m, _)| *m < msg_id);
+        let i = match self.pending.front() {
+            Some(&(m, _)) if m == msg_id => 0,
+            _ => self.pending.partition_point(|(m, _)| *m < msg_id),
+        };
         let found = match self.pending.get_mut(i) {
             Some((m, done)) if *m == msg_id => {
                 *done = durable;

@@ -82,6 +82,8 @@ pub(crate) struct Worker {
     popped: Vec<(usize, Envelope)>,
     /// Acknowledgements decided by the owner, by intake worker, to hand over.
     by_origin: Vec<Vec<(Ticket, bool)>>,
+    /// `on_tickets`' list of the slots whose ACK may have moved (kept for its allocation).
+    touched: Vec<usize>,
     /// Connections whose read budget ran out with data left.
     more_to_read: Vec<usize>,
     /// Connections holding frames that did not fit their owners' rings.
@@ -129,6 +131,7 @@ impl Worker {
             conns: Vec::new(),
             popped: Vec::with_capacity(RING_BATCH_MAX),
             by_origin: vec![Vec::new(); workers],
+            touched: Vec::new(),
             more_to_read: Vec::new(),
             stalled: Vec::new(),
             outbox: (0..workers)
@@ -360,7 +363,9 @@ impl Worker {
 
     /// Frames taken in on this worker's connections are durable (or refused) at their owner.
     fn on_tickets(&mut self, tickets: &[(Ticket, bool)]) {
-        let mut touched = Vec::new();
+        // Slots whose ACK may have moved: tickets come in runs of one connection, so only a
+        // change of slot is looked up in the list.
+        let mut touched = std::mem::take(&mut self.touched);
         for &(ticket, durable) in tickets {
             let slot = ticket.slot as usize;
             let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
@@ -377,13 +382,15 @@ impl Worker {
                     "could not be written to disk",
                 ));
             }
-            if !touched.contains(&slot) {
+            if touched.last() != Some(&slot) && !touched.contains(&slot) {
                 touched.push(slot);
             }
         }
-        for slot in touched {
+        for &slot in &touched {
             self.flush_acks(slot);
         }
+        touched.clear();
+        self.touched = touched;
     }
 
     fn pump_all(&mut self, now: Nanos) {
