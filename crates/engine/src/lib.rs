@@ -52,6 +52,7 @@
 #![warn(missing_docs)]
 
 // The I/O around the core: the write-ahead log and the disk it is written on.
+pub mod checksum;
 pub mod datadir;
 pub mod disk;
 pub mod recovery;

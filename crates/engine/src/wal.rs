@@ -281,7 +281,7 @@ impl Record {
     fn seal(out: &mut [u8], start: usize) {
         let body_len = (out.len() - start - RECORD_PREFIX_LEN) as u32;
         let (prefix, body) = out.split_at_mut(start + RECORD_PREFIX_LEN);
-        let crc = crc32c::crc32c(body);
+        let crc = crate::checksum::crc32c(body);
         // The prefix is the RECORD_PREFIX_LEN bytes pushed at `start`: length, then checksum.
         if let Some(p) = prefix.get_mut(start..) {
             let mut encoded = [0u8; RECORD_PREFIX_LEN];
@@ -568,7 +568,7 @@ impl<F: DiskFile> SegmentReader<F> {
         let read = self.read_exact_at(&mut body);
         self.body = body;
         read?;
-        if crc32c::crc32c(&self.body) != crc {
+        if crate::checksum::crc32c(&self.body) != crc {
             self.end = damaged("checksum mismatch");
             return Ok(None);
         }
@@ -658,7 +658,7 @@ pub fn commits_after_on<D: Disk>(disk: &D, path: &Path, from: u64) -> io::Result
                 .and_then(|b| b.try_into().ok())
                 .map(u32::from_le_bytes)
         };
-        if word(0) != Some(body.len() as u32) || word(4) != Some(crc32c::crc32c(body)) {
+        if word(0) != Some(body.len() as u32) || word(4) != Some(crate::checksum::crc32c(body)) {
             continue;
         }
         if let Some(Record::Commit {
