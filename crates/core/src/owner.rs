@@ -98,6 +98,50 @@ pub struct Ticket {
     pub conn_id: u64,
     /// The frame's `msg_id` on that connection.
     pub msg_id: u64,
+    /// The ring it came to this owner through (the engine numbers them per intake worker):
+    /// frames of one connection through one ring are taken in `msg_id` order.
+    pub ring: u16,
+}
+
+/// The acknowledgement of a run of frames: `first` and every later frame of the same
+/// connection through the same ring up to `last_msg_id`.
+///
+/// Frames of one connection through one ring reach the owner in `msg_id` order, so the frames
+/// of that connection and ring with a `msg_id` between two that were committed next to each
+/// other were taken between them: they are in the run, or their acknowledgement (a throttled
+/// alert, a refusal) was handed back before it. The owner merges the tickets of a batch that
+/// way, and one run crosses to the intake worker instead of a ticket per frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TicketRun {
+    /// The ticket of the run's first frame.
+    pub first: Ticket,
+    /// The `msg_id` of its last frame.
+    pub last_msg_id: u64,
+}
+
+impl TicketRun {
+    /// The run of one frame.
+    pub fn one(ticket: Ticket) -> TicketRun {
+        TicketRun {
+            first: ticket,
+            last_msg_id: ticket.msg_id,
+        }
+    }
+
+    /// Takes in `ticket` if it is the next frame of the run's connection and ring.
+    #[inline]
+    fn extend(&mut self, ticket: &Ticket) -> bool {
+        let f = &self.first;
+        let next = f.conn_id == ticket.conn_id
+            && f.slot == ticket.slot
+            && f.origin == ticket.origin
+            && f.ring == ticket.ring
+            && ticket.msg_id > self.last_msg_id;
+        if next {
+            self.last_msg_id = ticket.msg_id;
+        }
+        next
+    }
 }
 
 /// The receiver of an [`Envelope`], with the level decided at intake.
@@ -556,9 +600,10 @@ pub struct Owner<L> {
     durable: bool,
     restricted: bool,
     /// Tickets of frames written, waiting for the log to be durable up to their position.
-    awaiting: VecDeque<(LogPos, Ticket)>,
+    /// Runs of the tickets of one batch each (see [`TicketRun`]).
+    awaiting: VecDeque<(LogPos, TicketRun)>,
     staged: Vec<Staged>,
-    acks: Vec<(Ticket, bool)>,
+    acks: Vec<(TicketRun, bool)>,
     events: VecDeque<Event>,
     /// Earliest instant a rate-limited peer may send again, from the last pump.
     rate_wake: Option<Nanos>,
@@ -848,7 +893,7 @@ impl<L: Log> Owner<L> {
                     // Counted, not delivered: the window's STORM_SUMMARY stands for it. Its
                     // sender's ACK needs nothing written.
                     if let Some(ticket) = ticket {
-                        self.acks.push((ticket, true));
+                        self.acks.push((TicketRun::one(ticket), true));
                     }
                     return Taken::Throttled;
                 }
@@ -863,7 +908,7 @@ impl<L: Log> Owner<L> {
         let Some(state) = peer_in(&mut self.sus, &mut self.csps, peer) else {
             tracing::error!(?peer, "frame for a peer this worker does not own; refused");
             if let Some(ticket) = ticket {
-                self.acks.push((ticket, false));
+                self.acks.push((TicketRun::one(ticket), false));
             }
             return Taken::Refused;
         };
@@ -979,14 +1024,22 @@ impl<L: Log> Owner<L> {
             } = s;
             match (&written, ticket) {
                 (Err(_), Some(ticket)) => {
-                    self.acks.push((ticket, false));
+                    self.acks.push((TicketRun::one(ticket), false));
                     continue;
                 }
                 // The simulator's deliberate bug (docs/simulation.md): ACK before durable.
                 #[cfg(dsplane_mutation = "ack_before_durable")]
-                (Ok(_), Some(ticket)) => self.acks.push((ticket, true)),
+                (Ok(_), Some(ticket)) => self.acks.push((TicketRun::one(ticket), true)),
                 #[cfg(not(dsplane_mutation = "ack_before_durable"))]
-                (Ok(pos), Some(ticket)) => self.awaiting.push_back((*pos, ticket)),
+                (Ok(pos), Some(ticket)) => {
+                    let merged = match self.awaiting.back_mut() {
+                        Some((at, run)) if at == pos => run.extend(&ticket),
+                        _ => false,
+                    };
+                    if !merged {
+                        self.awaiting.push_back((*pos, TicketRun::one(ticket)));
+                    }
+                }
                 _ => {}
             }
             self.metrics.count(
@@ -1028,18 +1081,18 @@ impl<L: Log> Owner<L> {
             return;
         }
         if self.surb.log.flush_failed() {
-            for (_, ticket) in self.awaiting.drain(..) {
-                self.acks.push((ticket, false));
+            for (_, run) in self.awaiting.drain(..) {
+                self.acks.push((run, false));
             }
             return;
         }
         let durable = self.surb.log.durable_pos();
-        while let Some(&(pos, ticket)) = self.awaiting.front() {
+        while let Some(&(pos, run)) = self.awaiting.front() {
             if pos > durable {
                 break;
             }
             self.awaiting.pop_front();
-            self.acks.push((ticket, true));
+            self.acks.push((run, true));
         }
     }
 
@@ -1049,10 +1102,11 @@ impl<L: Log> Owner<L> {
         self.events.pop_front()
     }
 
-    /// The acknowledgements decided since the last call, in order: `(ticket, true)` may be
-    /// ACKed to its sender, `(ticket, false)` must be refused (NACK 5).
+    /// The acknowledgements decided since the last call, in order, as runs ([`TicketRun`]):
+    /// `(run, true)` may be ACKed to its sender, `(run, false)` must be refused (NACK 5). A
+    /// later run may cover a frame an earlier one already decided; the earlier decision holds.
     #[inline]
-    pub fn acks(&mut self) -> std::vec::Drain<'_, (Ticket, bool)> {
+    pub fn acks(&mut self) -> std::vec::Drain<'_, (TicketRun, bool)> {
         self.acks.drain(..)
     }
 

@@ -72,9 +72,9 @@ pub(crate) struct Conn {
     /// Unique within its worker, so that a late durability ticket for a closed connection is
     /// not applied to a new one in the same slot.
     pub id: u64,
-    /// Data frames taken, in msg_id order, waiting to be durable (`false`) or durable (`true`):
-    /// the cumulative ACK advances over the durable prefix only.
-    pub pending: VecDeque<(u64, bool)>,
+    /// Data frames taken, in msg_id order, waiting to be durable or durable: the cumulative ACK
+    /// advances over the durable prefix only.
+    pub pending: VecDeque<Pending>,
     /// Frames of a read batch that did not fit their owners' rings: (owner, ring level,
     /// envelope), in arrival order. While there are any, nothing more is read from this
     /// connection.
@@ -82,6 +82,72 @@ pub(crate) struct Conn {
     /// The last data `msg_id` of the batch `stalled` belongs to: ACKed (durability `none`) once
     /// they are all in.
     pub stalled_through: u64,
+}
+
+/// A data frame taken on a connection whose durability is not known yet, or that waits for an
+/// older one to be durable before it is ACKed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    pub msg_id: u64,
+    /// The ring it went to its owner through (see [`crate::owner::Ticket::ring`]).
+    pub ring: u16,
+    /// Durable: ACKed once every older frame is.
+    pub done: bool,
+}
+
+/// Applies a run's durability ([`crate::owner::TicketRun`]) to a connection's pending frames:
+/// the frames through `ring` with a `msg_id` from `first` to `last` are `durable`, or refused
+/// (taken out, their `msg_id`s pushed on `refused`: each gets a NACK). A frame already decided
+/// keeps its decision. Then the durable prefix leaves: the highest `msg_id` that may now be
+/// ACKed, if it moved.
+///
+/// Runs from one owner come in `msg_id` order, so the usual run starts at the oldest pending
+/// frame: that is looked at first, and the binary search is for runs that overtake another
+/// owner's (or another level's) frames.
+pub(crate) fn resolve_run(
+    pending: &mut VecDeque<Pending>,
+    first: u64,
+    last: u64,
+    ring: u16,
+    durable: bool,
+    refused: &mut Vec<u64>,
+) -> Option<u64> {
+    let start = match pending.front() {
+        Some(p) if p.msg_id == first => 0,
+        _ => pending.partition_point(|p| p.msg_id < first),
+    };
+    if durable {
+        for p in pending.range_mut(start..) {
+            if p.msg_id > last {
+                break;
+            }
+            if p.ring == ring {
+                p.done = true;
+            }
+        }
+    } else {
+        let mut i = start;
+        while let Some(&p) = pending.get(i) {
+            if p.msg_id > last {
+                break;
+            }
+            if p.ring == ring && !p.done {
+                refused.push(p.msg_id);
+                pending.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+    let mut through = None;
+    while let Some(&Pending {
+        msg_id, done: true, ..
+    }) = pending.front()
+    {
+        through = Some(msg_id);
+        pending.pop_front();
+    }
+    through
 }
 
 impl Conn {
@@ -209,32 +275,19 @@ impl Conn {
         self.tail_at = 0;
     }
 
-    /// A pending frame's durability is known: `true` durable, `false` refused. Returns whether
-    /// the frame was pending here. Then advances the ACK over the durable prefix.
-    ///
-    /// Tickets from one owner come in `msg_id` order, so the usual ticket is for the oldest
-    /// pending frame: that is looked at first, and the binary search is for tickets that
-    /// overtake another owner's (or another level's) frames.
-    pub(crate) fn resolve(&mut self, msg_id: u64, durable: bool) -> bool {
-        let i = match self.pending.front() {
-            Some(&(m, _)) if m == msg_id => 0,
-            _ => self.pending.partition_point(|(m, _)| *m < msg_id),
-        };
-        let found = match self.pending.get_mut(i) {
-            Some((m, done)) if *m == msg_id => {
-                *done = durable;
-                true
-            }
-            _ => false,
-        };
-        if found && !durable {
-            self.pending.remove(i);
+    /// The durability of a run of pending frames is known: see [`resolve_run`]. The ACK then
+    /// advances over the durable prefix.
+    pub(crate) fn resolve_run(
+        &mut self,
+        first: u64,
+        last: u64,
+        ring: u16,
+        durable: bool,
+        refused: &mut Vec<u64>,
+    ) {
+        if let Some(through) = resolve_run(&mut self.pending, first, last, ring, durable, refused) {
+            self.ack_due = Some(through);
         }
-        while let Some(&(m, true)) = self.pending.front() {
-            self.ack_due = Some(m);
-            self.pending.pop_front();
-        }
-        found
     }
 
     /// Queues the ACK that is due, if any.
@@ -308,5 +361,64 @@ impl Conn {
                 written = 0;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(frames: &[(u64, u16)]) -> VecDeque<Pending> {
+        frames
+            .iter()
+            .map(|&(msg_id, ring)| Pending {
+                msg_id,
+                ring,
+                done: false,
+            })
+            .collect()
+    }
+
+    fn left(p: &VecDeque<Pending>) -> Vec<(u64, bool)> {
+        p.iter().map(|p| (p.msg_id, p.done)).collect()
+    }
+
+    #[test]
+    fn a_run_marks_only_its_rings_frames_and_the_ack_waits_for_the_oldest() {
+        // 1, 3, 4 went through ring 0; 2 and 5 through ring 1.
+        let mut p = pending(&[(1, 0), (2, 1), (3, 0), (4, 0), (5, 1)]);
+        let mut refused = Vec::new();
+        // Ring 1's run 2-5 is durable first: nothing is ACKed, 1 is not.
+        assert_eq!(resolve_run(&mut p, 2, 5, 1, true, &mut refused), None);
+        assert_eq!(
+            left(&p),
+            [(1, false), (2, true), (3, false), (4, false), (5, true)]
+        );
+        // Ring 0's run 1-4: everything up to 5 may be ACKed.
+        assert_eq!(resolve_run(&mut p, 1, 4, 0, true, &mut refused), Some(5));
+        assert!(p.is_empty());
+        assert!(refused.is_empty());
+    }
+
+    #[test]
+    fn a_refused_run_takes_out_its_undecided_frames_and_names_them() {
+        let mut p = pending(&[(1, 0), (2, 0), (3, 1), (4, 0), (6, 0)]);
+        let mut refused = Vec::new();
+        // 2 was decided durable alone before (a throttled alert).
+        assert_eq!(resolve_run(&mut p, 2, 2, 0, true, &mut refused), None);
+        // The run 1-4 of ring 0 is refused: 1 and 4, not 2 (decided) nor 3 (ring 1) nor 6.
+        assert_eq!(resolve_run(&mut p, 1, 4, 0, false, &mut refused), Some(2));
+        assert_eq!(refused, [1, 4]);
+        assert_eq!(left(&p), [(3, false), (6, false)]);
+    }
+
+    #[test]
+    fn a_run_for_frames_no_longer_pending_changes_nothing() {
+        let mut p = pending(&[(7, 0), (8, 0)]);
+        let mut refused = Vec::new();
+        assert_eq!(resolve_run(&mut p, 1, 6, 0, true, &mut refused), None);
+        assert_eq!(resolve_run(&mut p, 9, 12, 0, false, &mut refused), None);
+        assert_eq!(left(&p), [(7, false), (8, false)]);
+        assert!(refused.is_empty());
     }
 }

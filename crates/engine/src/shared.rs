@@ -13,7 +13,7 @@ use mio::Waker;
 use crate::classify::Rules;
 use crate::config::{Config, Csp, DeviceRange, Secret, ServiceUser};
 use crate::ids::{AlertCode, Eui64, Level};
-pub(crate) use crate::owner::{Envelope, PeerRef, Ticket};
+pub(crate) use crate::owner::{Envelope, PeerRef, TicketRun};
 use crate::ring;
 use crate::wal::PeerKey;
 
@@ -68,8 +68,8 @@ pub(crate) enum Control {
         frames: Vec<crate::wire::Frame>,
     },
     /// Frames this worker took in are now durable at their owner (`true`) or could not be
-    /// written (`false`: NACK 5).
-    Tickets(Vec<(Ticket, bool)>),
+    /// written (`false`: NACK 5), as runs of one connection and ring each.
+    Tickets(Vec<(TicketRun, bool)>),
     /// An operator paused (`true`) or resumed an SU.
     Pause { su: u32, paused: bool },
     /// An operator restricted (`true`) or restored the whole northbound side.

@@ -37,7 +37,7 @@ use super::shared::{Adopt, Control, Shared};
 use super::timer::{Timer, WORKER_TIMER};
 use crate::ids::Level;
 use crate::limits::{LINGER, PUMP_CLOCK_READS_MAX, RING_BATCH_MAX};
-use crate::owner::{Envelope, Event, Owner, PeerRef, Ticket};
+use crate::owner::{Envelope, Event, Owner, PeerRef, TicketRun};
 use crate::ring;
 use crate::store::Store;
 use crate::wire::{Frame, NackReason};
@@ -81,9 +81,11 @@ pub(crate) struct Worker {
     link_acks_due: Vec<usize>,
     popped: Vec<(usize, Envelope)>,
     /// Acknowledgements decided by the owner, by intake worker, to hand over.
-    by_origin: Vec<Vec<(Ticket, bool)>>,
-    /// `on_tickets`' list of the slots whose ACK may have moved (kept for its allocation).
+    by_origin: Vec<Vec<(TicketRun, bool)>>,
+    /// `on_tickets`' list of the slots whose ACK may have moved, and of the `msg_id`s a run
+    /// refused (kept for their allocations).
     touched: Vec<usize>,
+    refused: Vec<u64>,
     /// Connections whose read budget ran out with data left.
     more_to_read: Vec<usize>,
     /// Connections holding frames that did not fit their owners' rings.
@@ -132,6 +134,7 @@ impl Worker {
             popped: Vec::with_capacity(RING_BATCH_MAX),
             by_origin: vec![Vec::new(); workers],
             touched: Vec::new(),
+            refused: Vec::new(),
             more_to_read: Vec::new(),
             stalled: Vec::new(),
             outbox: (0..workers)
@@ -296,9 +299,9 @@ impl Worker {
     /// frames in (this one directly), expiry records to this worker's expiry file.
     fn carry_out(&mut self) {
         let mut any = false;
-        for (ticket, durable) in self.owner.acks() {
-            if let Some(list) = self.by_origin.get_mut(usize::from(ticket.origin)) {
-                list.push((ticket, durable));
+        for (run, durable) in self.owner.acks() {
+            if let Some(list) = self.by_origin.get_mut(usize::from(run.first.origin)) {
+                list.push((run, durable));
                 any = true;
             }
         }
@@ -362,11 +365,13 @@ impl Worker {
     }
 
     /// Frames taken in on this worker's connections are durable (or refused) at their owner.
-    fn on_tickets(&mut self, tickets: &[(Ticket, bool)]) {
-        // Slots whose ACK may have moved: tickets come in runs of one connection, so only a
+    fn on_tickets(&mut self, runs: &[(TicketRun, bool)]) {
+        // Slots whose ACK may have moved: runs come one connection after another, so only a
         // change of slot is looked up in the list.
         let mut touched = std::mem::take(&mut self.touched);
-        for &(ticket, durable) in tickets {
+        let mut refused = std::mem::take(&mut self.refused);
+        for &(run, durable) in runs {
+            let ticket = run.first;
             let slot = ticket.slot as usize;
             let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
                 continue;
@@ -374,10 +379,17 @@ impl Worker {
             if conn.id != ticket.conn_id {
                 continue;
             }
-            if conn.resolve(ticket.msg_id, durable) && !durable {
+            conn.resolve_run(
+                ticket.msg_id,
+                run.last_msg_id,
+                ticket.ring,
+                durable,
+                &mut refused,
+            );
+            for msg_id in refused.drain(..) {
                 self.owner.counters().nack(NackReason::Overloaded);
                 conn.queue(&Frame::nack(
-                    ticket.msg_id,
+                    msg_id,
                     NackReason::Overloaded,
                     "could not be written to disk",
                 ));
@@ -391,6 +403,7 @@ impl Worker {
         }
         touched.clear();
         self.touched = touched;
+        self.refused = refused;
     }
 
     fn pump_all(&mut self, now: Nanos) {

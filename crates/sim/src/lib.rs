@@ -372,8 +372,8 @@ pub struct World {
     known: HashMap<u64, Known>,
     /// (kind, device, counter) of each frame: expiry records name frames by these.
     by_key: HashMap<(String, u64, u64), u64>,
-    /// Tickets handed out: (origin, slot, conn epoch, msg_id) → frame id.
-    tickets: HashMap<(u16, u32, u64, u64), u64>,
+    /// Tickets handed out: (origin, slot, conn epoch, msg_id) → (frame id, ring).
+    tickets: HashMap<(u16, u32, u64, u64), (u64, u16)>,
     /// Frames ACKed to their senders: the promise.
     acked: HashSet<u64>,
     /// Alerts throttled: ACKed, and stood for by a summary, not delivered.
@@ -869,15 +869,19 @@ impl World {
             return Ok(());
         }
         let durable = self.config.engine.durability != Durability::None;
+        // Numbered as the engine numbers its rings: one per (owner, level).
+        let ring =
+            (receiver_owner * usize::from(self.config.engine.levels) + ring_level.index()) as u16;
         let ticket = durable.then_some(Ticket {
             origin: reader as u16,
             slot: p as u32,
             conn_id: epoch,
             msg_id: h.msg_id,
+            ring,
         });
         if let Some(t) = ticket {
             self.tickets
-                .insert((t.origin, t.slot, t.conn_id, t.msg_id), id);
+                .insert((t.origin, t.slot, t.conn_id, t.msg_id), (id, ring));
         } else {
             // Durability `none`: ACKed once it is in the ring.
             self.acked.insert(id);
@@ -1268,16 +1272,35 @@ impl World {
         let Some(owner) = self.owners.get_mut(w) else {
             return Ok(());
         };
-        let acks: Vec<(Ticket, bool)> = owner.acks().collect();
+        // Each run as the frames it covers: those of its connection and ring still waiting
+        // (a frame decided before keeps its decision), as the engine's intake applies it.
+        let acks: Vec<(Ticket, bool)> = owner
+            .acks()
+            .flat_map(|(run, durable)| {
+                (run.first.msg_id..=run.last_msg_id).map(move |msg_id| {
+                    (
+                        Ticket {
+                            msg_id,
+                            ..run.first
+                        },
+                        durable,
+                    )
+                })
+            })
+            .collect();
         let mut events = Vec::new();
         while let Some(e) = owner.poll_event() {
             events.push(e);
         }
         for (ticket, durable) in acks {
             let key = (ticket.origin, ticket.slot, ticket.conn_id, ticket.msg_id);
-            let Some(id) = self.tickets.remove(&key) else {
+            let Some(&(id, ring)) = self.tickets.get(&key) else {
                 continue;
             };
+            if ring != ticket.ring {
+                continue;
+            }
+            self.tickets.remove(&key);
             let sender = self.peers.get(ticket.slot as usize);
             let open = sender.is_some_and(|p| {
                 [p.conn.as_ref(), p.extra.as_ref()]

@@ -192,6 +192,7 @@ fn ticket(msg_id: u64) -> Ticket {
         slot: 3,
         conn_id: 1,
         msg_id,
+        ring: 0,
     }
 }
 
@@ -217,9 +218,19 @@ fn events(o: &mut Owner<MemLog>) -> Vec<Event> {
     std::iter::from_fn(|| o.poll_event()).collect()
 }
 
-/// The acknowledgements decided: (msg_id, durable).
+/// The acknowledgements decided: (msg_id, durable), each run as the frames it covers (the
+/// tests' msg_ids of one connection are consecutive).
 fn acks(o: &mut Owner<MemLog>) -> Vec<(u64, bool)> {
-    o.acks().map(|(t, durable)| (t.msg_id, durable)).collect()
+    o.acks()
+        .flat_map(|(run, durable)| (run.first.msg_id..=run.last_msg_id).map(move |m| (m, durable)))
+        .collect()
+}
+
+/// The acknowledgements decided, as runs: (first msg_id, last msg_id, durable).
+fn runs(o: &mut Owner<MemLog>) -> Vec<(u64, u64, bool)> {
+    o.acks()
+        .map(|(run, durable)| (run.first.msg_id, run.last_msg_id, durable))
+        .collect()
 }
 
 #[test]
@@ -260,6 +271,78 @@ fn an_ack_goes_out_only_once_the_log_is_durable_through_the_frame() {
     o.surb_mut().log_mut().sync_failed = true;
     o.resolve_durable();
     assert_eq!(acks(&mut o), vec![(11, false)]);
+}
+
+#[test]
+fn the_tickets_of_a_batch_come_back_as_runs_of_one_connection_and_ring() {
+    let mut o = owner();
+    let on = |msg_id: u64, ring: u16, conn_id: u64| Ticket {
+        ring,
+        conn_id,
+        ..ticket(msg_id)
+    };
+    // One batch: 1-3 through ring 0, 4 through ring 1, 5 through ring 0 again, 6 on another
+    // connection, 7 back on the first.
+    for (counter, t) in [
+        (1, on(1, 0, 1)),
+        (2, on(2, 0, 1)),
+        (3, on(3, 0, 1)),
+        (4, on(4, 1, 1)),
+        (5, on(5, 0, 1)),
+        (6, on(1, 0, 2)),
+        (7, on(6, 0, 1)),
+    ] {
+        // A code of its own each, so that no storm throttles them.
+        let _ = o.take(
+            to_su(alert(0x8001 + counter as u16, counter), 2, Some(t)),
+            0,
+        );
+    }
+    assert!(o.commit());
+    // The next batch is a run of its own, even on the same connection and ring.
+    let _ = o.take(to_su(alert(0x8011, 8), 2, Some(on(7, 0, 1))), 0);
+    let _ = o.take(to_su(alert(0x8012, 9), 2, Some(on(8, 0, 1))), 0);
+    assert!(o.commit());
+    // The log's position counts appends: 9 is the end of both batches.
+    o.surb_mut().log_mut().durable = 9;
+    o.resolve_durable();
+    let runs: Vec<(TicketRun, bool)> = o.acks().collect();
+    let shape: Vec<(u64, u64, u16, u64)> = runs
+        .iter()
+        .map(|(r, durable)| {
+            assert!(durable);
+            (r.first.msg_id, r.last_msg_id, r.first.ring, r.first.conn_id)
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            (1, 3, 0, 1),
+            (4, 4, 1, 1),
+            (5, 5, 0, 1),
+            (1, 1, 0, 2),
+            (6, 6, 0, 1),
+            (7, 8, 0, 1)
+        ]
+    );
+}
+
+#[test]
+fn a_throttled_alert_inside_a_run_is_acked_before_the_run() {
+    let mut o = owner();
+    o.on_connect(PeerRef::Su(0), 0);
+    // Magnetic alerts of one device: the first two pass, the rest are throttled (ACKed at
+    // once); a different code passes and joins the run.
+    for counter in 1..=4 {
+        let _ = o.take(to_su(alert(MAGNETIC, counter), 3, Some(ticket(counter))), S);
+    }
+    let _ = o.take(to_su(alert(0x8001, 5), 3, Some(ticket(5))), S);
+    assert!(o.commit());
+    // Three appends (1, 2 and 5): the batch ends at 3.
+    o.surb_mut().log_mut().durable = 3;
+    o.resolve_durable();
+    // 3 and 4 first, alone; then one run over 1-5 whose 3 and 4 are already decided.
+    assert_eq!(runs(&mut o), vec![(3, 3, true), (4, 4, true), (1, 5, true)]);
 }
 
 #[test]

@@ -7,6 +7,7 @@ use std::io;
 
 use super::Worker;
 use crate::conn::ConnState;
+use crate::conn::Pending;
 use crate::limits::READS_PER_TURN_MAX;
 use crate::owner::{Destination, Envelope, PeerRef, Ticket};
 use crate::wire::{Frame, Kind, NackReason};
@@ -256,14 +257,28 @@ impl Worker {
         let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
+        let group = owner * self.levels + level.index();
+        // The ring's number on this worker (one per owner and level) goes in the ticket: the
+        // owner's acknowledgements come back as runs of one connection and ring.
+        const _: () = assert!(
+            crate::config::CORES_MAX as usize * crate::ids::LEVELS_MAX as usize
+                <= u16::MAX as usize + 1,
+            "every ring number fits a ticket's u16"
+        );
+        let ring = group as u16;
         let ticket = self.ticket_origin.map(|origin| Ticket {
             origin,
             slot: slot as u32,
             conn_id: conn.id,
             msg_id,
+            ring,
         });
         if ticket.is_some() {
-            conn.pending.push_back((msg_id, false));
+            conn.pending.push_back(Pending {
+                msg_id,
+                ring,
+                done: false,
+            });
         }
         let envelope = Envelope {
             to,
@@ -271,7 +286,6 @@ impl Worker {
             ticket,
             enqueued_unix_ns: self.unix_turn,
         };
-        let group = owner * self.levels + level.index();
         let Some(out) = self.outbox.get_mut(group) else {
             return;
         };
