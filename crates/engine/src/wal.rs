@@ -257,9 +257,25 @@ impl Record {
         enqueued_unix_ns: u64,
         frame: &Frame,
     ) {
+        // The prefix and the body's fixed part (the same bytes `enqueue_body` writes) built
+        // on the stack, then one reservation for them and the payload: a capacity check per
+        // field showed in the owner's profile.
+        let (peer_kind, peer_id) = peer.parts();
+        let mut head = [0u8; RECORD_PREFIX_LEN + ENQUEUE_FIXED_LEN];
+        let (_prefix, body) = head.split_at_mut(RECORD_PREFIX_LEN);
+        let (fixed, rest) = body.split_at_mut(BODY_FIXED_LEN);
+        let (kinds, ids) = fixed.split_at_mut(8);
+        kinds.copy_from_slice(&[1, level, peer_kind, 0, 0, 0, 0, 0]);
+        let (id, seq_bytes) = ids.split_at_mut(8);
+        id.copy_from_slice(&peer_id.to_le_bytes());
+        seq_bytes.copy_from_slice(&seq.to_le_bytes());
+        let (stamp, header) = rest.split_at_mut(8);
+        stamp.copy_from_slice(&enqueued_unix_ns.to_le_bytes());
+        header.copy_from_slice(&frame.header_bytes());
         let start = out.len();
-        out.extend_from_slice(&[0; RECORD_PREFIX_LEN]);
-        Self::enqueue_body(out, peer, level, seq, enqueued_unix_ns, frame);
+        out.reserve(head.len() + frame.payload.len());
+        out.extend_from_slice(&head);
+        out.extend_from_slice(&frame.payload);
         Self::seal(out, start);
     }
 
