@@ -79,7 +79,6 @@ pub(crate) struct Worker {
     held_links: Vec<Option<HeldLink>>,
     /// Slots of held link connections with an ACK to hand to their link's owner this turn.
     link_acks_due: Vec<usize>,
-    popped: Vec<(usize, Envelope)>,
     /// Acknowledgements decided by the owner, by intake worker, to hand over.
     by_origin: Vec<Vec<(TicketRun, bool)>>,
     /// `on_tickets`' list of the slots whose ACK may have moved, and of the `msg_id`s a run
@@ -131,7 +130,6 @@ impl Worker {
             control,
             owner,
             conns: Vec::new(),
-            popped: Vec::with_capacity(RING_BATCH_MAX),
             by_origin: vec![Vec::new(); workers],
             touched: Vec::new(),
             refused: Vec::new(),
@@ -278,14 +276,14 @@ impl Worker {
 
     fn drain_ring(&mut self) {
         loop {
-            self.popped.clear();
-            let n = self.ring.pop_bulk(&mut self.popped, RING_BATCH_MAX);
+            // Each envelope goes from its ring slot straight into `take`, not through a list.
+            let mut taker = TakeEach {
+                owner: &mut self.owner,
+                now: self.turn_now,
+            };
+            let n = self.ring.pop_bulk(&mut taker, RING_BATCH_MAX);
             if n == 0 {
                 return;
-            }
-            let now = self.turn_now;
-            for (_, envelope) in self.popped.drain(..) {
-                let _ = self.owner.take(envelope, now);
             }
             let _ = self.owner.commit();
             self.carry_out();
@@ -717,6 +715,21 @@ impl PumpClock {
         }
         self.now = later;
         true
+    }
+}
+
+/// What `Consumer::pop_bulk` extends with the ring's envelopes: each is taken by the owner as it
+/// comes out of its slot.
+struct TakeEach<'a> {
+    owner: &'a mut Owner<Store>,
+    now: Nanos,
+}
+
+impl Extend<(usize, Envelope)> for TakeEach<'_> {
+    fn extend<I: IntoIterator<Item = (usize, Envelope)>>(&mut self, items: I) {
+        for (_, envelope) in items {
+            let _ = self.owner.take(envelope, self.now);
+        }
     }
 }
 
