@@ -303,7 +303,22 @@ impl InflightRequests {
     }
 
     /// Drops entries older than the expiry age.
+    #[inline]
     pub fn expire(&mut self, now: Nanos) {
+        // The usual case, nothing old enough, is one look at the front, inline: every
+        // response asks.
+        if self
+            .ages
+            .front()
+            .is_some_and(|&(_, _, at)| now.saturating_sub(at) >= self.age_max)
+        {
+            self.expire_oldest(now);
+        }
+    }
+
+    /// [`Self::expire`]'s loop, once the oldest entry is known to be old enough.
+    #[inline(never)]
+    fn expire_oldest(&mut self, now: Nanos) {
         while let Some(&(id, seq, at)) = self.ages.front() {
             if now.saturating_sub(at) < self.age_max {
                 break;
