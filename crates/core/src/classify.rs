@@ -232,6 +232,9 @@ pub struct InflightRequests {
     /// (id, seq, recorded at), oldest first. Items whose seq no longer matches the table are
     /// stale and skipped; the queue is compacted when stale items make up half of it.
     ages: VecDeque<(RequestId, u64, Nanos)>,
+    /// When the front of `ages` is old enough to expire (`u64::MAX` when `ages` is empty): kept
+    /// in step with the front, so that the check every response makes is one compare.
+    expire_at: Nanos,
     requests_max: usize,
     age_max: Nanos,
     next_seq: u64,
@@ -251,6 +254,7 @@ impl InflightRequests {
                 foldhash::fast::RandomState::default(),
             ),
             ages: VecDeque::with_capacity(requests_max.min(1 << 10)),
+            expire_at: Nanos::MAX,
             requests_max,
             age_max,
             next_seq: 0,
@@ -285,6 +289,7 @@ impl InflightRequests {
             self.ages
                 .retain(|(id, seq, _)| entries.get(id).is_some_and(|e| e.seq == *seq));
         }
+        self.front_moved();
     }
 
     /// The level recorded for a response's request, forgetting it unless more responses are due.
@@ -305,15 +310,22 @@ impl InflightRequests {
     /// Drops entries older than the expiry age.
     #[inline]
     pub fn expire(&mut self, now: Nanos) {
-        // The usual case, nothing old enough, is one look at the front, inline: every
-        // response asks.
-        if self
-            .ages
-            .front()
-            .is_some_and(|&(_, _, at)| now.saturating_sub(at) >= self.age_max)
-        {
+        // The usual case, nothing old enough, is one compare, inline: every response asks.
+        if now >= self.expire_at {
             self.expire_oldest(now);
         }
+    }
+
+    /// Sets `expire_at` from the front of `ages`, after anything that may have changed it.
+    fn front_moved(&mut self) {
+        self.expire_at = match self.ages.front() {
+            None => Nanos::MAX,
+            // With no age allowed, everything is old enough whatever the clock says.
+            Some(_) if self.age_max == 0 => 0,
+            // Never later than the front's expiry, so none is missed; `expire_oldest` checks
+            // the age itself.
+            Some(&(_, _, at)) => at.saturating_add(self.age_max),
+        };
     }
 
     /// [`Self::expire`]'s loop, once the oldest entry is known to be old enough.
@@ -328,9 +340,16 @@ impl InflightRequests {
                 self.stats.expired += 1;
             }
         }
+        self.front_moved();
     }
 
     fn evict_oldest(&mut self) -> bool {
+        let evicted = self.evict_oldest_entry();
+        self.front_moved();
+        evicted
+    }
+
+    fn evict_oldest_entry(&mut self) -> bool {
         while let Some((id, seq, _)) = self.ages.pop_front() {
             if self.remove_if_current(&id, seq) {
                 self.stats.evicted_full += 1;
@@ -667,6 +686,38 @@ high_priority_alerts = [ { code = 0x8F1C, level = 1 }, { code = 0x8F75, level = 
         assert_eq!(t.take(&id(1), 10 * SEC), None);
         assert_eq!(t.take(&id(2), 10 * SEC), Some(lvl(2)));
         assert_eq!(t.stats().expired, 1);
+    }
+
+    #[test]
+    fn the_expiry_instant_follows_the_front_of_the_age_queue() {
+        // Records, answers, evictions (a table of 4), compactions and expiries, with a clock
+        // that now and then steps back: after each, the cached instant is the front's.
+        for age in [0, 5, 40] {
+            let mut t = InflightRequests::new(4, age);
+            let mut now: Nanos = 100;
+            for n in 0..2_000u64 {
+                let x = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+                now = if x % 17 == 0 { now - 3 } else { now + x % 4 };
+                match x % 5 {
+                    0 | 1 => t.record(id(x % 9), lvl(1), Mode::OnDemand, now),
+                    2 => t.record(id(x % 9), lvl(1), Mode::FutureDated, now),
+                    3 => drop(t.take(&id(x % 9), now)),
+                    _ => t.expire(now),
+                }
+                let front = t.ages.front().map(|&(_, _, at)| at);
+                let want = match front {
+                    None => Nanos::MAX,
+                    Some(_) if age == 0 => 0,
+                    Some(at) => at + age,
+                };
+                assert_eq!(t.expire_at, want, "age {age}, step {n}");
+                // Nothing left that the old check would have expired.
+                t.expire(now);
+                if let Some(&(_, _, at)) = t.ages.front() {
+                    assert!(now.saturating_sub(at) < age, "age {age}, step {n}");
+                }
+            }
+        }
     }
 
     #[test]
