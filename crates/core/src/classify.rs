@@ -38,8 +38,8 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
-use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use crate::config::{Priority, SrvPattern};
@@ -227,8 +227,12 @@ struct Inflight {
 pub struct InflightRequests {
     /// Keyed by RequestIds that SUs choose, so the hash is seeded at random (no collision
     /// flooding), and it is foldhash rather than SipHash: SipHash cost ~235 instructions per
-    /// message in the sans-IO pipeline (`perf/instructions.sh`).
-    entries: HashMap<RequestId, Inflight, foldhash::fast::RandomState>,
+    /// message in the sans-IO pipeline (`perf/instructions.sh`). A `hashbrown::HashTable`
+    /// rather than std's `HashMap` (the same table) so that a response finds and removes its
+    /// entry in one probe (`find_entry`), without the reservation `HashMap::entry` makes for
+    /// an insert that never comes.
+    entries: hashbrown::HashTable<(RequestId, Inflight)>,
+    hasher: foldhash::fast::RandomState,
     /// (id, seq, recorded at), oldest first. Items whose seq no longer matches the table are
     /// stale and skipped; the queue is compacted when stale items make up half of it.
     ages: VecDeque<(RequestId, u64, Nanos)>,
@@ -249,10 +253,8 @@ impl InflightRequests {
             // Grown as needed, not allocated at the bound: a table allocated for its bound
             // becomes resident page by page as random slots are written, which looks like (and
             // for the operator is) memory growth.
-            entries: HashMap::with_capacity_and_hasher(
-                requests_max.min(1 << 10),
-                foldhash::fast::RandomState::default(),
-            ),
+            entries: hashbrown::HashTable::with_capacity(requests_max.min(1 << 10)),
+            hasher: foldhash::fast::RandomState::default(),
             ages: VecDeque::with_capacity(requests_max.min(1 << 10)),
             expire_at: Nanos::MAX,
             requests_max,
@@ -265,7 +267,8 @@ impl InflightRequests {
     /// Records the level a request was given.
     pub fn record(&mut self, id: RequestId, level: Level, mode: Mode, now: Nanos) {
         self.expire(now);
-        if !self.entries.contains_key(&id) {
+        let hash = self.hasher.hash_one(id);
+        if self.entries.find(hash, |(k, _)| *k == id).is_none() {
             while self.entries.len() >= self.requests_max {
                 if !self.evict_oldest() {
                     break;
@@ -274,20 +277,28 @@ impl InflightRequests {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.entries.insert(
-            id,
-            Inflight {
-                level,
-                keep_after_response: mode == Mode::FutureDated,
-                seq,
-            },
-        );
+        let entry = Inflight {
+            level,
+            keep_after_response: mode == Mode::FutureDated,
+            seq,
+        };
+        let hasher = &self.hasher;
+        match self
+            .entries
+            .entry(hash, |(k, _)| *k == id, |(k, _)| hasher.hash_one(k))
+        {
+            hashbrown::hash_table::Entry::Occupied(mut e) => e.get_mut().1 = entry,
+            hashbrown::hash_table::Entry::Vacant(e) => drop(e.insert((id, entry))),
+        }
         self.ages.push_back((id, seq, now));
         self.stats.recorded += 1;
         if self.ages.len() > 2 * self.requests_max {
-            let entries = &self.entries;
-            self.ages
-                .retain(|(id, seq, _)| entries.get(id).is_some_and(|e| e.seq == *seq));
+            let (entries, hasher) = (&self.entries, &self.hasher);
+            self.ages.retain(|(id, seq, _)| {
+                entries
+                    .find(hasher.hash_one(id), |(k, _)| k == id)
+                    .is_some_and(|(_, e)| e.seq == *seq)
+            });
         }
         self.front_moved();
     }
@@ -295,10 +306,11 @@ impl InflightRequests {
     /// The level recorded for a response's request, forgetting it unless more responses are due.
     pub fn take(&mut self, id: &RequestId, now: Nanos) -> Option<Level> {
         self.expire(now);
-        let found = match self.entries.entry(*id) {
-            Entry::Occupied(e) if e.get().keep_after_response => Some(e.get().level),
-            Entry::Occupied(e) => Some(e.remove().level),
-            Entry::Vacant(_) => None,
+        let hash = self.hasher.hash_one(id);
+        let found = match self.entries.find_entry(hash, |(k, _)| k == id) {
+            Ok(e) if e.get().1.keep_after_response => Some(e.get().1.level),
+            Ok(e) => Some(e.remove().0 .1.level),
+            Err(_) => None,
         };
         match found {
             Some(_) => self.stats.inherited += 1,
@@ -368,8 +380,9 @@ impl InflightRequests {
     }
 
     fn remove_if_current(&mut self, id: &RequestId, seq: u64) -> bool {
-        match self.entries.entry(*id) {
-            Entry::Occupied(e) if e.get().seq == seq => {
+        let hash = self.hasher.hash_one(id);
+        match self.entries.find_entry(hash, |(k, _)| k == id) {
+            Ok(e) if e.get().1.seq == seq => {
                 e.remove();
                 true
             }
