@@ -390,13 +390,11 @@ impl OwnerWorker {
 }
 
 /// What `Conn::queue_transmit` does: the held header written stamped with its `msg_id`, level
-/// and `payload_len` (`Header::to_bytes_stamped`, no copy of the header first), then the payload,
-/// into the connection's contiguous output buffer.
+/// and `payload_len` (no copy of the header first), then the payload, into the connection's
+/// contiguous output buffer (`Header::encode_stamped_into`).
 #[inline(always)]
 fn encode(out: &mut Vec<u8>, header: &Header, msg_id: u64, priority: u8, payload: &Bytes) {
-    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
-    out.extend_from_slice(&header.to_bytes_stamped(msg_id, priority, len));
-    out.extend_from_slice(payload);
+    header.encode_stamped_into(out, msg_id, priority, payload);
 }
 
 #[inline(never)]

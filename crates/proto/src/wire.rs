@@ -514,6 +514,35 @@ impl Header {
         out
     }
 
+    /// Appends the frame of this header and `payload` to `out`: the header stamped with
+    /// `msg_id`, `priority` and `payload.len()` ([`Header::to_bytes_stamped`]), then the
+    /// payload. One reservation for both, rather than a capacity check for each: what a sender
+    /// does to queue a frame it holds into a connection's contiguous buffer.
+    #[inline]
+    pub fn encode_stamped_into(
+        &self,
+        out: &mut Vec<u8>,
+        msg_id: u64,
+        priority: u8,
+        payload: &[u8],
+    ) {
+        // Saturating only for a payload over 4 GiB; the peer then refuses it as too long.
+        let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        let header = self.to_bytes_stamped(msg_id, priority, len);
+        let total = HEADER_LEN + payload.len();
+        out.reserve(total);
+        // SAFETY: `reserve` made room for `total` bytes past `out.len()`, and the two copies
+        // write exactly those, the header then the payload; neither source can overlap `out`'s
+        // spare capacity (`header` is a local, `payload` a shared borrow while `out` is
+        // borrowed mutably), and `set_len` then covers only the bytes just written.
+        unsafe {
+            let end = out.as_mut_ptr().add(out.len());
+            std::ptr::copy_nonoverlapping(header.as_ptr(), end, HEADER_LEN);
+            std::ptr::copy_nonoverlapping(payload.as_ptr(), end.add(HEADER_LEN), payload.len());
+            out.set_len(out.len() + total);
+        }
+    }
+
     /// Writes the 64-byte wire form into `out`.
     pub fn encode(&self, out: &mut [u8; HEADER_LEN]) {
         for (chunk, word) in out.chunks_exact_mut(8).zip(self.words()) {
@@ -1175,6 +1204,24 @@ mod tests {
             (copy.msg_id, copy.priority, copy.payload_len) = (msg_id, priority, len);
             assert_eq!(h.to_bytes_stamped(msg_id, priority, len), copy.to_bytes());
         }
+    }
+
+    #[test]
+    fn encode_stamped_into_appends_the_stamped_header_and_the_payload() {
+        let mut h = Header::new(Kind::Response);
+        (h.su_id, h.counter, h.msg_id, h.payload_len) = (Eui64(9), 4, 1, 999);
+        let mut out = b"before".to_vec();
+        for (msg_id, priority, payload) in [(7, 2, &b"abc"[..]), (8, 1, b""), (9, 4, &[5; 300])] {
+            let start = out.len();
+            h.encode_stamped_into(&mut out, msg_id, priority, payload);
+            let len = payload.len() as u32;
+            assert_eq!(
+                out[start..start + HEADER_LEN],
+                h.to_bytes_stamped(msg_id, priority, len)
+            );
+            assert_eq!(&out[start + HEADER_LEN..], payload);
+        }
+        assert_eq!(&out[..6], b"before");
     }
 
     #[test]
