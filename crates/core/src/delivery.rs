@@ -187,9 +187,14 @@ impl Ring {
         if i >= self.len {
             return None;
         }
-        self.buf
-            .get((self.head + i) & (self.buf.len() - 1))
-            .copied()
+        let at = (self.head + i) & (self.buf.len() - 1);
+        debug_assert!(at < self.buf.len());
+        // SAFETY: a ring never holds more than its capacity (`len <= buf.len()`: `push_back`
+        // grows a full ring before it adds, `grow` and `set` allocate more than they put in),
+        // so `i < len` means `buf.len()` is not 0; it is a power of two (`grow` doubles or
+        // takes 8, `set` takes a power of two), so the index masked with `buf.len() - 1` is
+        // below it.
+        Some(unsafe { *self.buf.get_unchecked(at) })
     }
 
     #[inline]
@@ -207,18 +212,26 @@ impl Ring {
             self.grow();
         }
         let at = (self.head + self.len) & (self.buf.len() - 1);
-        if let Some(slot) = self.buf.get_mut(at) {
-            *slot = v;
-            self.len += 1;
-        }
+        debug_assert!(at < self.buf.len());
+        // SAFETY: after the grow above `len < buf.len()`, so `buf.len()` is not 0, and it is a
+        // power of two (see `get`): the masked index is below it.
+        unsafe { *self.buf.get_unchecked_mut(at) = v };
+        self.len += 1;
     }
 
     #[inline]
     fn pop_front(&mut self) -> Option<usize> {
         let v = self.front()?;
-        self.head = (self.head + 1) & (self.buf.len() - 1);
-        self.len -= 1;
+        self.drop_front();
         Some(v)
+    }
+
+    /// Drops the front, which the caller has just seen (`front` was `Some`).
+    #[inline]
+    fn drop_front(&mut self) {
+        debug_assert!(self.len > 0, "drop_front on an empty ring");
+        self.head = (self.head + 1) & self.buf.len().wrapping_sub(1);
+        self.len -= 1;
     }
 
     /// Drops the first `n` (at most all).
@@ -236,7 +249,8 @@ impl Ring {
         (0..self.len).filter_map(|i| self.get(i))
     }
 
-    /// Replaces the contents with `items`, front first.
+    /// Replaces the contents with `items`, front first. The capacity stays a power of two and
+    /// at least what it holds, which `get` and `push_back` rely on.
     fn set(&mut self, items: &[usize]) {
         let capacity = items.len().next_power_of_two().max(self.buf.len()).max(8);
         let mut buf = Vec::with_capacity(capacity);
@@ -255,6 +269,8 @@ impl Ring {
         all
     }
 
+    /// Doubles the capacity (8 at first): always a power of two, always more than it holds,
+    /// which `get` and `push_back` rely on.
     #[cold]
     #[inline(never)]
     fn grow(&mut self) {
@@ -758,7 +774,7 @@ impl<T> DeliveryScheduler<T> {
         }
         // The front of queue `i` (looked at above) leaves it.
         let queue = &mut self.queues[i];
-        queue.pop_front();
+        queue.drop_front();
         if queue.is_empty() && self.spilled[i] == 0 {
             self.nonempty &= !(1 << i);
         }
