@@ -109,17 +109,21 @@ impl Worker {
         // The decoder leaves the connection for the batch, so that each frame goes to
         // `on_frame` (which takes the whole worker) as it is decoded (`decode_each`: no
         // `Result<Option<Frame>>` per frame). Nothing reads a connection's decoder meanwhile.
+        // The closure is inlined into the decoder's loop (it is only the glue around `on_frame`).
         let mut decoder = std::mem::replace(&mut conn.decoder, FrameDecoder::unallocated(0));
-        let decoded = decoder.decode_each(|frame| {
-            self.on_frame(slot, frame);
-            // The frame may have closed the connection: then the rest is not taken.
-            match self.conns.get(slot).and_then(Option::as_ref) {
-                Some(conn) if conn.state == ConnState::Open && conn.stalled.is_empty() => {
-                    ControlFlow::Continue(())
+        let decoded = decoder.decode_each(
+            #[inline(always)]
+            |frame| {
+                self.on_frame(slot, frame);
+                // The frame may have closed the connection: then the rest is not taken.
+                match self.conns.get(slot).and_then(Option::as_ref) {
+                    Some(conn) if conn.state == ConnState::Open && conn.stalled.is_empty() => {
+                        ControlFlow::Continue(())
+                    }
+                    _ => ControlFlow::Break(()),
                 }
-                _ => ControlFlow::Break(()),
-            }
-        });
+            },
+        );
         let open = match self.conns.get_mut(slot).and_then(Option::as_mut) {
             Some(conn) if conn.id == conn_id => {
                 conn.decoder = decoder;
