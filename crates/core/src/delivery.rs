@@ -751,10 +751,18 @@ impl<T> DeliveryScheduler<T> {
         let Some(at) = self.queues.get(i).and_then(Ring::front) else {
             return Err(self.nothing_in_memory(i));
         };
-        let Some(slot) = self.slots.get(at) else {
+        // The frame is borrowed here, once, and handed out at the end: nothing below takes the
+        // whole scheduler mutably while it is held (only other fields).
+        let Some(Slot {
+            item: Some(item),
+            level,
+            resend,
+            ..
+        }) = self.slots.get(at)
+        else {
             return Err(Blocked::Empty);
         };
-        let (level, resend) = (slot.level, slot.resend);
+        let (level, resend) = (*level, *resend);
         let limit = if level == Level::URGENT || !self.settings.prioritised {
             self.window
         } else {
@@ -766,11 +774,16 @@ impl<T> DeliveryScheduler<T> {
         let Some(conn) = self.pick_connection(conns) else {
             return Err(Blocked::Window);
         };
-        if self.paced && !self.unpace(now) {
+        if self.paced && !Self::unpace(&mut self.limiter, &mut self.paced, now) {
             return Err(Blocked::Rate(self.limiter.next_wake(now)));
         }
         if !self.limiter.try_acquire(now) {
-            return Err(self.out_of_tokens(now));
+            return Err(Self::out_of_tokens(
+                &mut self.limiter,
+                &mut self.paced,
+                self.batch_wakes,
+                now,
+            ));
         }
         // The front of queue `i` (looked at above) leaves it.
         let queue = &mut self.queues[i];
@@ -787,13 +800,11 @@ impl<T> DeliveryScheduler<T> {
         sender.unacked.push_back(at);
         self.stats.sent += 1;
         self.stats.resent += u64::from(resend);
-        // The slot was looked at above and has not moved.
-        let item = self.slots.get(at).and_then(|s| s.item.as_ref());
         Ok(Outgoing {
             conn,
             msg_id,
             level,
-            item: item.ok_or(Blocked::Empty)?,
+            item,
         })
     }
 
@@ -808,21 +819,28 @@ impl<T> DeliveryScheduler<T> {
         Blocked::Empty
     }
 
-    /// A paced peer may send again once a wake-up's worth of tokens is in.
+    /// A paced peer may send again once a wake-up's worth of tokens is in. (On the fields it
+    /// needs, so that `next_send_to` can call it while it holds the frame it is looking at.)
     #[cold]
-    fn unpace(&mut self, now: Nanos) -> bool {
-        if self.limiter.available(now) < self.limiter.wake_tokens(now) {
+    fn unpace(limiter: &mut TokenBucket, paced: &mut bool, now: Nanos) -> bool {
+        if limiter.available(now) < limiter.wake_tokens(now) {
             return false;
         }
-        self.paced = false;
+        *paced = false;
         true
     }
 
-    /// The limiter has no token: the peer is paced from now on (with batched wake-ups).
+    /// The limiter has no token: the peer is paced from now on (with batched wake-ups). (On
+    /// the fields it needs, as `unpace`.)
     #[cold]
-    fn out_of_tokens(&mut self, now: Nanos) -> Blocked {
-        self.paced = self.batch_wakes;
-        Blocked::Rate(self.limiter.next_wake(now))
+    fn out_of_tokens(
+        limiter: &mut TokenBucket,
+        paced: &mut bool,
+        batch_wakes: bool,
+        now: Nanos,
+    ) -> Blocked {
+        *paced = batch_wakes;
+        Blocked::Rate(limiter.next_wake(now))
     }
 
     /// The frame [`DeliveryScheduler::next_send_to`] handed out last on connection `conn`,
