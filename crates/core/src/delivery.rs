@@ -341,6 +341,9 @@ pub struct DeliveryScheduler<T> {
     next_arrival: u64,
     /// Where the search for the least loaded connection starts, so that ties go in turn.
     turn: usize,
+    /// The last lane (`queues.len() - 1`; 0 when not prioritised): a level's lane is its index,
+    /// at most this.
+    lane_max: usize,
     paused: bool,
     limiter: TokenBucket,
     /// Set when the limiter ran out of tokens: the peer is being paced, and sending resumes only
@@ -380,6 +383,7 @@ impl<T> DeliveryScheduler<T> {
             retired: BTreeMap::new(),
             next_arrival: 0,
             turn: 0,
+            lane_max: queue_count - 1,
             paused: false,
             limiter,
             paced: false,
@@ -524,12 +528,9 @@ impl<T> DeliveryScheduler<T> {
         out
     }
 
+    #[inline]
     fn queue_index(&self, level: Level) -> usize {
-        if self.settings.prioritised {
-            level.index().min(self.queues.len() - 1)
-        } else {
-            0
-        }
+        level.index().min(self.lane_max)
     }
 
     /// Queues a frame at the back of its level, or hands it back when the scheduler is full.
