@@ -345,6 +345,8 @@ pub struct DeliveryScheduler<T> {
     /// at most this.
     lane_max: usize,
     paused: bool,
+    /// `open > 0 && !paused`, kept in step with both: what every send checks first.
+    available: bool,
     limiter: TokenBucket,
     /// Set when the limiter ran out of tokens: the peer is being paced, and sending resumes only
     /// once a wake-up's worth of tokens ([`TokenBucket::wake_tokens`]) is in. A paced peer then
@@ -385,6 +387,7 @@ impl<T> DeliveryScheduler<T> {
             turn: 0,
             lane_max: queue_count - 1,
             paused: false,
+            available: false,
             limiter,
             paced: false,
             batch_wakes: true,
@@ -577,8 +580,14 @@ impl<T> DeliveryScheduler<T> {
     }
 
     /// Whether frames may be sent: a connection is open and the peer is not paused.
+    #[inline]
     pub fn is_available(&self) -> bool {
-        self.open > 0 && !self.paused
+        self.available
+    }
+
+    /// Sets `available` after `open` or `paused` changed.
+    fn availability_changed(&mut self) {
+        self.available = self.open > 0 && !self.paused;
     }
 
     /// Whether a connection is open.
@@ -611,6 +620,7 @@ impl<T> DeliveryScheduler<T> {
         sender.open = true;
         sender.next_msg_id = 1;
         self.open += 1;
+        self.availability_changed();
         if self.open == 1 {
             self.start_release_if_backlog(now);
         }
@@ -635,6 +645,8 @@ impl<T> DeliveryScheduler<T> {
         }
         sender.open = false;
         self.open -= 1;
+        // `availability_changed`, written out: `sender` is still borrowed.
+        self.available = self.open > 0 && !self.paused;
         let back = sender.unacked.take_all();
         self.in_flight -= back.len();
         // Each lane's queue, merged with what comes back to it, in arrival order.
@@ -666,6 +678,7 @@ impl<T> DeliveryScheduler<T> {
     pub fn set_paused(&mut self, paused: bool, now: Nanos) {
         let was = self.paused;
         self.paused = paused;
+        self.availability_changed();
         if was && !paused && self.open > 0 {
             self.start_release_if_backlog(now);
         }
