@@ -5,7 +5,8 @@
 //! The pipeline, per northbound message, as the engine's worker does it:
 //!
 //! 1. **decode**: bytes are read into a [`FrameDecoder`] 64 KiB at a time (`fill_with`) and
-//!    taken out as frames (`next_frame`: header decode and validation, zero-copy payload);
+//!    taken out as frames (`decode_each`, as the engine's intake: header decode and validation,
+//!    zero-copy payload);
 //! 2. **classify**: a RESPONSE inherits its request's level from the in-flight table (or falls
 //!    back to the REQUEST rules), an alert gets its code's level (the demo configuration's
 //!    rules);
@@ -30,6 +31,7 @@
 mod common;
 
 use std::hint::black_box;
+use std::ops::ControlFlow;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
@@ -176,9 +178,15 @@ impl Worker {
         }
     }
 
-    /// Steps 2 and 3: classify a frame and queue it for its SU.
+    /// Steps 2 and 3: classify a frame and queue it for its SU (a function of the fields it
+    /// needs, so that the decoder, another field, can hand it frames).
     #[inline(always)]
-    fn take(&mut self, frame: Frame) {
+    fn take(
+        classifier: &mut Classifier,
+        sched: &mut DeliveryScheduler<Frame>,
+        now: Nanos,
+        frame: Frame,
+    ) {
         let h = &frame.header;
         let level = match h.kind {
             Kind::Response => {
@@ -188,12 +196,12 @@ impl Worker {
                     counter: h.counter,
                 };
                 let mode = Mode::from_wire(h.mode).unwrap_or(Mode::OnDemand);
-                self.classifier.response(id, h.srv, mode, self.now).0
+                classifier.response(id, h.srv, mode, now).0
             }
-            Kind::DeviceAlert | Kind::DccAlert => self.classifier.alert(h.alert_code),
-            _ => self.classifier.storm_summary(),
+            Kind::DeviceAlert | Kind::DccAlert => classifier.alert(h.alert_code),
+            _ => classifier.storm_summary(),
         };
-        if self.sched.enqueue(level, frame).is_err() {
+        if sched.enqueue(level, frame).is_err() {
             panic!("scheduler full: the workload is sized so that it never is");
         }
     }
@@ -229,9 +237,17 @@ impl Worker {
             let read = socket.fill(&mut self.decoder).unwrap();
             // One millisecond per read: the limiter earns 10,000 tokens, more than a read holds.
             self.now += 1_000_000;
-            while let Some(frame) = self.decoder.next_frame().unwrap() {
-                self.take(frame);
-            }
+            let (classifier, sched, now) = (&mut self.classifier, &mut self.sched, self.now);
+            // Inlined into the decoder's loop, as the engine's intake does with its own: the
+            // frame goes from the decoder to its slot without a call in between.
+            let taken = self.decoder.decode_each(
+                #[inline(always)]
+                |frame| {
+                    Self::take(classifier, sched, now, frame);
+                    ControlFlow::<()>::Continue(())
+                },
+            );
+            assert_eq!(taken, Ok(ControlFlow::Continue(())));
             self.pump();
             if read == 0 {
                 break;
@@ -245,9 +261,15 @@ impl Worker {
         let mut socket = Socket(bytes);
         loop {
             let read = socket.fill(&mut self.decoder).unwrap();
-            while let Some(frame) = self.decoder.next_frame().unwrap() {
-                self.delivered += u64::from(frame.header.payload_len > 0);
-            }
+            let delivered = &mut self.delivered;
+            let taken = self.decoder.decode_each(
+                #[inline(always)]
+                |frame| {
+                    *delivered += u64::from(frame.header.payload_len > 0);
+                    ControlFlow::<()>::Continue(())
+                },
+            );
+            assert_eq!(taken, Ok(ControlFlow::Continue(())));
             if read == 0 {
                 break;
             }
@@ -331,19 +353,25 @@ impl OwnerWorker {
             let read = socket.fill(&mut self.decoder).unwrap();
             self.now += 1_000_000;
             let unix = UNIX_START + self.now;
-            while let Some(frame) = self.decoder.next_frame().unwrap() {
-                let level = self.owner.intake_level(&frame.header);
-                let taken = self.owner.take(
-                    Envelope {
-                        to: Destination::Northbound { su: 0, level },
-                        frame,
-                        ticket: None,
-                        enqueued_unix_ns: unix,
-                    },
-                    self.now,
-                );
-                assert!(matches!(taken, Taken::Staged(_)), "{taken:?}");
-            }
+            let (owner, now) = (&mut self.owner, self.now);
+            let decoded = self.decoder.decode_each(
+                #[inline(always)]
+                |frame| {
+                    let level = owner.intake_level(&frame.header);
+                    let taken = owner.take(
+                        Envelope {
+                            to: Destination::Northbound { su: 0, level },
+                            frame,
+                            ticket: None,
+                            enqueued_unix_ns: unix,
+                        },
+                        now,
+                    );
+                    assert!(matches!(taken, Taken::Staged(_)), "{taken:?}");
+                    ControlFlow::<()>::Continue(())
+                },
+            );
+            assert_eq!(decoded, Ok(ControlFlow::Continue(())));
             assert!(self.owner.commit());
             let _ = self.owner.handle_timeout(self.now, unix);
             self.owner.start_pump();
@@ -373,13 +401,11 @@ impl OwnerWorker {
 }
 
 /// What `Conn::queue_transmit` does: the held header written stamped with its `msg_id`, level
-/// and `payload_len` (`Header::to_bytes_stamped`, no copy of the header first), then the payload,
-/// into the connection's contiguous output buffer.
+/// and `payload_len` (no copy of the header first), then the payload, into the connection's
+/// contiguous output buffer (`Header::encode_stamped_into`).
 #[inline(always)]
 fn encode(out: &mut Vec<u8>, header: &Header, msg_id: u64, priority: u8, payload: &Bytes) {
-    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
-    out.extend_from_slice(&header.to_bytes_stamped(msg_id, priority, len));
-    out.extend_from_slice(payload);
+    header.encode_stamped_into(out, msg_id, priority, payload);
 }
 
 #[inline(never)]

@@ -37,7 +37,7 @@ for mode in header header-naive frames pipeline owner; do
     ir=$(sed -n 's/^summary: *\([0-9]*\).*/\1/p' "$out/$mode.out" | head -1)
     [[ -n "$ir" ]] || ir=$(sed -n 's/^totals: *\([0-9]*\).*/\1/p' "$out/$mode.out" | head -1)
     socket=$(callgrind_annotate --inclusive=yes "$out/$mode.out" 2>/dev/null |
-        awk '/:pipeline::simulated_socket_read \[/ { gsub(",", "", $1); print $1; exit }')
+        awk '/:pipeline::simulated_socket_read \[/ && !seen { gsub(",", "", $1); print $1; seen = 1 }')
     socket=${socket:-0}
     ir=$((ir - socket))
     awk -v m="$mode" -v n="$n" -v ir="$ir" -v u="$unit" \

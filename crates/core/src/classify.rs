@@ -38,8 +38,8 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
-use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use crate::config::{Priority, SrvPattern};
@@ -227,11 +227,18 @@ struct Inflight {
 pub struct InflightRequests {
     /// Keyed by RequestIds that SUs choose, so the hash is seeded at random (no collision
     /// flooding), and it is foldhash rather than SipHash: SipHash cost ~235 instructions per
-    /// message in the sans-IO pipeline (`perf/instructions.sh`).
-    entries: HashMap<RequestId, Inflight, foldhash::fast::RandomState>,
+    /// message in the sans-IO pipeline (`perf/instructions.sh`). A `hashbrown::HashTable`
+    /// rather than std's `HashMap` (the same table) so that a response finds and removes its
+    /// entry in one probe (`find_entry`), without the reservation `HashMap::entry` makes for
+    /// an insert that never comes.
+    entries: hashbrown::HashTable<(RequestId, Inflight)>,
+    hasher: foldhash::fast::RandomState,
     /// (id, seq, recorded at), oldest first. Items whose seq no longer matches the table are
     /// stale and skipped; the queue is compacted when stale items make up half of it.
     ages: VecDeque<(RequestId, u64, Nanos)>,
+    /// When the front of `ages` is old enough to expire (`u64::MAX` when `ages` is empty): kept
+    /// in step with the front, so that the check every response makes is one compare.
+    expire_at: Nanos,
     requests_max: usize,
     age_max: Nanos,
     next_seq: u64,
@@ -246,11 +253,10 @@ impl InflightRequests {
             // Grown as needed, not allocated at the bound: a table allocated for its bound
             // becomes resident page by page as random slots are written, which looks like (and
             // for the operator is) memory growth.
-            entries: HashMap::with_capacity_and_hasher(
-                requests_max.min(1 << 10),
-                foldhash::fast::RandomState::default(),
-            ),
+            entries: hashbrown::HashTable::with_capacity(requests_max.min(1 << 10)),
+            hasher: foldhash::fast::RandomState::default(),
             ages: VecDeque::with_capacity(requests_max.min(1 << 10)),
+            expire_at: Nanos::MAX,
             requests_max,
             age_max,
             next_seq: 0,
@@ -261,7 +267,8 @@ impl InflightRequests {
     /// Records the level a request was given.
     pub fn record(&mut self, id: RequestId, level: Level, mode: Mode, now: Nanos) {
         self.expire(now);
-        if !self.entries.contains_key(&id) {
+        let hash = self.hasher.hash_one(id);
+        if self.entries.find(hash, |(k, _)| *k == id).is_none() {
             while self.entries.len() >= self.requests_max {
                 if !self.evict_oldest() {
                     break;
@@ -270,30 +277,40 @@ impl InflightRequests {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.entries.insert(
-            id,
-            Inflight {
-                level,
-                keep_after_response: mode == Mode::FutureDated,
-                seq,
-            },
-        );
+        let entry = Inflight {
+            level,
+            keep_after_response: mode == Mode::FutureDated,
+            seq,
+        };
+        let hasher = &self.hasher;
+        match self
+            .entries
+            .entry(hash, |(k, _)| *k == id, |(k, _)| hasher.hash_one(k))
+        {
+            hashbrown::hash_table::Entry::Occupied(mut e) => e.get_mut().1 = entry,
+            hashbrown::hash_table::Entry::Vacant(e) => drop(e.insert((id, entry))),
+        }
         self.ages.push_back((id, seq, now));
         self.stats.recorded += 1;
         if self.ages.len() > 2 * self.requests_max {
-            let entries = &self.entries;
-            self.ages
-                .retain(|(id, seq, _)| entries.get(id).is_some_and(|e| e.seq == *seq));
+            let (entries, hasher) = (&self.entries, &self.hasher);
+            self.ages.retain(|(id, seq, _)| {
+                entries
+                    .find(hasher.hash_one(id), |(k, _)| k == id)
+                    .is_some_and(|(_, e)| e.seq == *seq)
+            });
         }
+        self.front_moved();
     }
 
     /// The level recorded for a response's request, forgetting it unless more responses are due.
     pub fn take(&mut self, id: &RequestId, now: Nanos) -> Option<Level> {
         self.expire(now);
-        let found = match self.entries.entry(*id) {
-            Entry::Occupied(e) if e.get().keep_after_response => Some(e.get().level),
-            Entry::Occupied(e) => Some(e.remove().level),
-            Entry::Vacant(_) => None,
+        let hash = self.hasher.hash_one(id);
+        let found = match self.entries.find_entry(hash, |(k, _)| k == id) {
+            Ok(e) if e.get().1.keep_after_response => Some(e.get().1.level),
+            Ok(e) => Some(e.remove().0 .1.level),
+            Err(_) => None,
         };
         match found {
             Some(_) => self.stats.inherited += 1,
@@ -303,7 +320,29 @@ impl InflightRequests {
     }
 
     /// Drops entries older than the expiry age.
+    #[inline]
     pub fn expire(&mut self, now: Nanos) {
+        // The usual case, nothing old enough, is one compare, inline: every response asks.
+        if now >= self.expire_at {
+            self.expire_oldest(now);
+        }
+    }
+
+    /// Sets `expire_at` from the front of `ages`, after anything that may have changed it.
+    fn front_moved(&mut self) {
+        self.expire_at = match self.ages.front() {
+            None => Nanos::MAX,
+            // With no age allowed, everything is old enough whatever the clock says.
+            Some(_) if self.age_max == 0 => 0,
+            // Never later than the front's expiry, so none is missed; `expire_oldest` checks
+            // the age itself.
+            Some(&(_, _, at)) => at.saturating_add(self.age_max),
+        };
+    }
+
+    /// [`Self::expire`]'s loop, once the oldest entry is known to be old enough.
+    #[inline(never)]
+    fn expire_oldest(&mut self, now: Nanos) {
         while let Some(&(id, seq, at)) = self.ages.front() {
             if now.saturating_sub(at) < self.age_max {
                 break;
@@ -313,9 +352,16 @@ impl InflightRequests {
                 self.stats.expired += 1;
             }
         }
+        self.front_moved();
     }
 
     fn evict_oldest(&mut self) -> bool {
+        let evicted = self.evict_oldest_entry();
+        self.front_moved();
+        evicted
+    }
+
+    fn evict_oldest_entry(&mut self) -> bool {
         while let Some((id, seq, _)) = self.ages.pop_front() {
             if self.remove_if_current(&id, seq) {
                 self.stats.evicted_full += 1;
@@ -334,8 +380,9 @@ impl InflightRequests {
     }
 
     fn remove_if_current(&mut self, id: &RequestId, seq: u64) -> bool {
-        match self.entries.entry(*id) {
-            Entry::Occupied(e) if e.get().seq == seq => {
+        let hash = self.hasher.hash_one(id);
+        match self.entries.find_entry(hash, |(k, _)| k == id) {
+            Ok(e) if e.get().1.seq == seq => {
                 e.remove();
                 true
             }
@@ -652,6 +699,38 @@ high_priority_alerts = [ { code = 0x8F1C, level = 1 }, { code = 0x8F75, level = 
         assert_eq!(t.take(&id(1), 10 * SEC), None);
         assert_eq!(t.take(&id(2), 10 * SEC), Some(lvl(2)));
         assert_eq!(t.stats().expired, 1);
+    }
+
+    #[test]
+    fn the_expiry_instant_follows_the_front_of_the_age_queue() {
+        // Records, answers, evictions (a table of 4), compactions and expiries, with a clock
+        // that now and then steps back: after each, the cached instant is the front's.
+        for age in [0, 5, 40] {
+            let mut t = InflightRequests::new(4, age);
+            let mut now: Nanos = 100;
+            for n in 0..2_000u64 {
+                let x = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+                now = if x % 17 == 0 { now - 3 } else { now + x % 4 };
+                match x % 5 {
+                    0 | 1 => t.record(id(x % 9), lvl(1), Mode::OnDemand, now),
+                    2 => t.record(id(x % 9), lvl(1), Mode::FutureDated, now),
+                    3 => drop(t.take(&id(x % 9), now)),
+                    _ => t.expire(now),
+                }
+                let front = t.ages.front().map(|&(_, _, at)| at);
+                let want = match front {
+                    None => Nanos::MAX,
+                    Some(_) if age == 0 => 0,
+                    Some(at) => at + age,
+                };
+                assert_eq!(t.expire_at, want, "age {age}, step {n}");
+                // Nothing left that the old check would have expired.
+                t.expire(now);
+                if let Some(&(_, _, at)) = t.ages.front() {
+                    assert!(now.saturating_sub(at) < age, "age {age}, step {n}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -187,9 +187,14 @@ impl Ring {
         if i >= self.len {
             return None;
         }
-        self.buf
-            .get((self.head + i) & (self.buf.len() - 1))
-            .copied()
+        let at = (self.head + i) & (self.buf.len() - 1);
+        debug_assert!(at < self.buf.len());
+        // SAFETY: a ring never holds more than its capacity (`len <= buf.len()`: `push_back`
+        // grows a full ring before it adds, `grow` and `set` allocate more than they put in),
+        // so `i < len` means `buf.len()` is not 0; it is a power of two (`grow` doubles or
+        // takes 8, `set` takes a power of two), so the index masked with `buf.len() - 1` is
+        // below it.
+        Some(unsafe { *self.buf.get_unchecked(at) })
     }
 
     #[inline]
@@ -207,18 +212,26 @@ impl Ring {
             self.grow();
         }
         let at = (self.head + self.len) & (self.buf.len() - 1);
-        if let Some(slot) = self.buf.get_mut(at) {
-            *slot = v;
-            self.len += 1;
-        }
+        debug_assert!(at < self.buf.len());
+        // SAFETY: after the grow above `len < buf.len()`, so `buf.len()` is not 0, and it is a
+        // power of two (see `get`): the masked index is below it.
+        unsafe { *self.buf.get_unchecked_mut(at) = v };
+        self.len += 1;
     }
 
     #[inline]
     fn pop_front(&mut self) -> Option<usize> {
         let v = self.front()?;
-        self.head = (self.head + 1) & (self.buf.len() - 1);
-        self.len -= 1;
+        self.drop_front();
         Some(v)
+    }
+
+    /// Drops the front, which the caller has just seen (`front` was `Some`).
+    #[inline]
+    fn drop_front(&mut self) {
+        debug_assert!(self.len > 0, "drop_front on an empty ring");
+        self.head = (self.head + 1) & self.buf.len().wrapping_sub(1);
+        self.len -= 1;
     }
 
     /// Drops the first `n` (at most all).
@@ -236,7 +249,8 @@ impl Ring {
         (0..self.len).filter_map(|i| self.get(i))
     }
 
-    /// Replaces the contents with `items`, front first.
+    /// Replaces the contents with `items`, front first. The capacity stays a power of two and
+    /// at least what it holds, which `get` and `push_back` rely on.
     fn set(&mut self, items: &[usize]) {
         let capacity = items.len().next_power_of_two().max(self.buf.len()).max(8);
         let mut buf = Vec::with_capacity(capacity);
@@ -255,6 +269,8 @@ impl Ring {
         all
     }
 
+    /// Doubles the capacity (8 at first): always a power of two, always more than it holds,
+    /// which `get` and `push_back` rely on.
     #[cold]
     #[inline(never)]
     fn grow(&mut self) {
@@ -325,7 +341,12 @@ pub struct DeliveryScheduler<T> {
     next_arrival: u64,
     /// Where the search for the least loaded connection starts, so that ties go in turn.
     turn: usize,
+    /// The last lane (`queues.len() - 1`; 0 when not prioritised): a level's lane is its index,
+    /// at most this.
+    lane_max: usize,
     paused: bool,
+    /// `open > 0 && !paused`, kept in step with both: what every send checks first.
+    available: bool,
     limiter: TokenBucket,
     /// Set when the limiter ran out of tokens: the peer is being paced, and sending resumes only
     /// once a wake-up's worth of tokens ([`TokenBucket::wake_tokens`]) is in. A paced peer then
@@ -364,7 +385,9 @@ impl<T> DeliveryScheduler<T> {
             retired: BTreeMap::new(),
             next_arrival: 0,
             turn: 0,
+            lane_max: queue_count - 1,
             paused: false,
+            available: false,
             limiter,
             paced: false,
             batch_wakes: true,
@@ -508,12 +531,9 @@ impl<T> DeliveryScheduler<T> {
         out
     }
 
+    #[inline]
     fn queue_index(&self, level: Level) -> usize {
-        if self.settings.prioritised {
-            level.index().min(self.queues.len() - 1)
-        } else {
-            0
-        }
+        level.index().min(self.lane_max)
     }
 
     /// Queues a frame at the back of its level, or hands it back when the scheduler is full.
@@ -560,8 +580,14 @@ impl<T> DeliveryScheduler<T> {
     }
 
     /// Whether frames may be sent: a connection is open and the peer is not paused.
+    #[inline]
     pub fn is_available(&self) -> bool {
-        self.open > 0 && !self.paused
+        self.available
+    }
+
+    /// Sets `available` after `open` or `paused` changed.
+    fn availability_changed(&mut self) {
+        self.available = self.open > 0 && !self.paused;
     }
 
     /// Whether a connection is open.
@@ -594,6 +620,7 @@ impl<T> DeliveryScheduler<T> {
         sender.open = true;
         sender.next_msg_id = 1;
         self.open += 1;
+        self.availability_changed();
         if self.open == 1 {
             self.start_release_if_backlog(now);
         }
@@ -618,6 +645,8 @@ impl<T> DeliveryScheduler<T> {
         }
         sender.open = false;
         self.open -= 1;
+        // `availability_changed`, written out: `sender` is still borrowed.
+        self.available = self.open > 0 && !self.paused;
         let back = sender.unacked.take_all();
         self.in_flight -= back.len();
         // Each lane's queue, merged with what comes back to it, in arrival order.
@@ -649,6 +678,7 @@ impl<T> DeliveryScheduler<T> {
     pub fn set_paused(&mut self, paused: bool, now: Nanos) {
         let was = self.paused;
         self.paused = paused;
+        self.availability_changed();
         if was && !paused && self.open > 0 {
             self.start_release_if_backlog(now);
         }
@@ -735,10 +765,18 @@ impl<T> DeliveryScheduler<T> {
         let Some(at) = self.queues.get(i).and_then(Ring::front) else {
             return Err(self.nothing_in_memory(i));
         };
-        let Some(slot) = self.slots.get(at) else {
+        // The frame is borrowed here, once, and handed out at the end: nothing below takes the
+        // whole scheduler mutably while it is held (only other fields).
+        let Some(Slot {
+            item: Some(item),
+            level,
+            resend,
+            ..
+        }) = self.slots.get(at)
+        else {
             return Err(Blocked::Empty);
         };
-        let (level, resend) = (slot.level, slot.resend);
+        let (level, resend) = (*level, *resend);
         let limit = if level == Level::URGENT || !self.settings.prioritised {
             self.window
         } else {
@@ -750,15 +788,20 @@ impl<T> DeliveryScheduler<T> {
         let Some(conn) = self.pick_connection(conns) else {
             return Err(Blocked::Window);
         };
-        if self.paced && !self.unpace(now) {
+        if self.paced && !Self::unpace(&mut self.limiter, &mut self.paced, now) {
             return Err(Blocked::Rate(self.limiter.next_wake(now)));
         }
         if !self.limiter.try_acquire(now) {
-            return Err(self.out_of_tokens(now));
+            return Err(Self::out_of_tokens(
+                &mut self.limiter,
+                &mut self.paced,
+                self.batch_wakes,
+                now,
+            ));
         }
         // The front of queue `i` (looked at above) leaves it.
         let queue = &mut self.queues[i];
-        queue.pop_front();
+        queue.drop_front();
         if queue.is_empty() && self.spilled[i] == 0 {
             self.nonempty &= !(1 << i);
         }
@@ -771,13 +814,11 @@ impl<T> DeliveryScheduler<T> {
         sender.unacked.push_back(at);
         self.stats.sent += 1;
         self.stats.resent += u64::from(resend);
-        // The slot was looked at above and has not moved.
-        let item = self.slots.get(at).and_then(|s| s.item.as_ref());
         Ok(Outgoing {
             conn,
             msg_id,
             level,
-            item: item.ok_or(Blocked::Empty)?,
+            item,
         })
     }
 
@@ -792,21 +833,28 @@ impl<T> DeliveryScheduler<T> {
         Blocked::Empty
     }
 
-    /// A paced peer may send again once a wake-up's worth of tokens is in.
+    /// A paced peer may send again once a wake-up's worth of tokens is in. (On the fields it
+    /// needs, so that `next_send_to` can call it while it holds the frame it is looking at.)
     #[cold]
-    fn unpace(&mut self, now: Nanos) -> bool {
-        if self.limiter.available(now) < self.limiter.wake_tokens(now) {
+    fn unpace(limiter: &mut TokenBucket, paced: &mut bool, now: Nanos) -> bool {
+        if limiter.available(now) < limiter.wake_tokens(now) {
             return false;
         }
-        self.paced = false;
+        *paced = false;
         true
     }
 
-    /// The limiter has no token: the peer is paced from now on (with batched wake-ups).
+    /// The limiter has no token: the peer is paced from now on (with batched wake-ups). (On
+    /// the fields it needs, as `unpace`.)
     #[cold]
-    fn out_of_tokens(&mut self, now: Nanos) -> Blocked {
-        self.paced = self.batch_wakes;
-        Blocked::Rate(self.limiter.next_wake(now))
+    fn out_of_tokens(
+        limiter: &mut TokenBucket,
+        paced: &mut bool,
+        batch_wakes: bool,
+        now: Nanos,
+    ) -> Blocked {
+        *paced = batch_wakes;
+        Blocked::Rate(limiter.next_wake(now))
     }
 
     /// The frame [`DeliveryScheduler::next_send_to`] handed out last on connection `conn`,

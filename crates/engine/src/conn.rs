@@ -221,11 +221,31 @@ impl Conn {
     ///
     /// [`Owner::poll_transmit_ref`]: crate::owner::Owner::poll_transmit_ref
     pub(crate) fn queue_transmit(&mut self, t: &Transmit<'_>) {
-        self.queue_encoded(&t.header_bytes(), t.payload);
+        if t.payload.len() <= COPY_BYTES_MAX {
+            // Header and payload written into `tail` together (one reservation).
+            self.before_queue(t.payload.len());
+            t.header
+                .encode_stamped_into(&mut self.tail, t.msg_id, t.priority, t.payload);
+        } else {
+            self.queue_encoded(&t.header_bytes(), t.payload);
+        }
     }
 
     /// Queues a frame as its encoded header (`payload_len` set) and its payload.
     fn queue_encoded(&mut self, header: &[u8; HEADER_LEN], payload: &Bytes) {
+        self.before_queue(payload.len());
+        self.tail.extend_from_slice(header);
+        if payload.len() <= COPY_BYTES_MAX {
+            self.tail.extend_from_slice(payload);
+        } else {
+            self.seal_tail();
+            self.out.push_back(payload.clone());
+        }
+    }
+
+    /// What queueing a frame of `payload_len` bytes does before its bytes go in: the unwritten
+    /// rest moved to the front if it is time, and the counts.
+    fn before_queue(&mut self, payload_len: usize) {
         if self.tail_at > 0 {
             // After a short write: move the unwritten rest to the front once it is small beside
             // what was written (at most a quarter of a byte moved per byte written), or once a
@@ -237,14 +257,7 @@ impl Conn {
             }
         }
         self.queued_since_tick = true;
-        self.tail.extend_from_slice(header);
-        self.out_bytes += HEADER_LEN + payload.len();
-        if payload.len() <= COPY_BYTES_MAX {
-            self.tail.extend_from_slice(payload);
-        } else {
-            self.seal_tail();
-            self.out.push_back(payload.clone());
-        }
+        self.out_bytes += HEADER_LEN + payload_len;
     }
 
     /// Bytes queued and not yet written.

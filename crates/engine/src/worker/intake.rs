@@ -4,13 +4,14 @@
 //! durable). A full ring stalls the connection: it is not read until its frame goes in.
 
 use std::io;
+use std::ops::ControlFlow;
 
 use super::Worker;
 use crate::conn::ConnState;
 use crate::conn::Pending;
 use crate::limits::READS_PER_TURN_MAX;
 use crate::owner::{Destination, Envelope, PeerRef, Ticket};
-use crate::wire::{Frame, Kind, NackReason};
+use crate::wire::{Frame, FrameDecoder, Kind, NackReason};
 
 impl Worker {
     pub(super) fn on_readable(&mut self, slot: usize) {
@@ -97,22 +98,43 @@ impl Worker {
     /// their owners' rings together, one bulk push per (owner, level), then the batch is ACKed
     /// (durability `none`). `false` when the connection is gone.
     pub(super) fn process_frames(&mut self, slot: usize) -> bool {
-        let open = loop {
-            let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
-                break false;
-            };
-            if conn.state != ConnState::Open || !conn.stalled.is_empty() {
-                break true;
-            }
-            match conn.decoder.next_frame() {
-                Ok(None) => break true,
-                Ok(Some(frame)) => self.on_frame(slot, frame),
-                Err(e) => {
+        let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+            self.hand_over(slot);
+            return false;
+        };
+        if conn.state != ConnState::Open || !conn.stalled.is_empty() {
+            self.hand_over(slot);
+            return true;
+        }
+        let conn_id = conn.id;
+        // The decoder leaves the connection for the batch, so that each frame goes to
+        // `on_frame` (which takes the whole worker) as it is decoded (`decode_each`: no
+        // `Result<Option<Frame>>` per frame). Nothing reads a connection's decoder meanwhile.
+        // The closure is inlined into the decoder's loop (it is only the glue around `on_frame`).
+        let mut decoder = std::mem::replace(&mut conn.decoder, FrameDecoder::unallocated(0));
+        let decoded = decoder.decode_each(
+            #[inline(always)]
+            |frame| {
+                self.on_frame(slot, frame);
+                // The frame may have closed the connection: then the rest is not taken.
+                match self.conns.get(slot).and_then(Option::as_ref) {
+                    Some(conn) if conn.state == ConnState::Open && conn.stalled.is_empty() => {
+                        ControlFlow::Continue(())
+                    }
+                    _ => ControlFlow::Break(()),
+                }
+            },
+        );
+        let open = match self.conns.get_mut(slot).and_then(Option::as_mut) {
+            Some(conn) if conn.id == conn_id => {
+                conn.decoder = decoder;
+                if let Err(e) = decoded {
                     tracing::info!(addr = %conn.addr, error = %e, "malformed frame; closing the connection");
                     self.close_with(slot, e.msg_id, NackReason::Malformed, &e.to_string());
-                    break true;
                 }
+                true
             }
+            _ => false,
         };
         self.hand_over(slot);
         open
