@@ -646,6 +646,16 @@ fn peer_in<'a>(
     }
 }
 
+/// The acknowledgement of a frame decided as it is taken (a throttled alert, a refusal). Out
+/// of line and cold, so that `take`'s usual path is compiled without it.
+#[cold]
+#[inline(never)]
+fn ack_at_once(acks: &mut Vec<(TicketRun, bool)>, ticket: Option<Ticket>, durable: bool) {
+    if let Some(ticket) = ticket {
+        acks.push((TicketRun::one(ticket), durable));
+    }
+}
+
 /// A frame its peer acknowledged leaves: counted, and its log record marked done.
 fn delivered<L: Log>(
     metrics: &mut WorkerMetrics,
@@ -892,9 +902,7 @@ impl<L: Log> Owner<L> {
                 {
                     // Counted, not delivered: the window's STORM_SUMMARY stands for it. Its
                     // sender's ACK needs nothing written.
-                    if let Some(ticket) = ticket {
-                        self.acks.push((TicketRun::one(ticket), true));
-                    }
+                    ack_at_once(&mut self.acks, ticket, true);
                     return Taken::Throttled;
                 }
                 (PeerRef::Su(su), level)
@@ -907,9 +915,7 @@ impl<L: Log> Owner<L> {
         let log = &mut self.surb.log;
         let Some(state) = peer_in(&mut self.sus, &mut self.csps, peer) else {
             tracing::error!(?peer, "frame for a peer this worker does not own; refused");
-            if let Some(ticket) = ticket {
-                self.acks.push((TicketRun::one(ticket), false));
-            }
+            ack_at_once(&mut self.acks, ticket, false);
             return Taken::Refused;
         };
         let spill = log.is_spilled(state.key, lane)
