@@ -101,9 +101,10 @@ pub struct Pending {
 /// keeps its decision. Then the durable prefix leaves: the highest `msg_id` that may now be
 /// ACKed, if it moved.
 ///
-/// Runs from one owner come in `msg_id` order, so the usual run starts at the oldest pending
-/// frame: that is looked at first, and the binary search is for runs that overtake another
-/// owner's (or another level's) frames.
+/// Runs from one owner come in `msg_id` order, so the usual durable run starts at the oldest
+/// pending frame: that is looked at first, and the binary search is for runs that overtake
+/// another owner's (or another level's) frames. A refusal (a failed write: rare) takes its
+/// frames out in one pass over the pending frames.
 pub(crate) fn resolve_run(
     pending: &mut VecDeque<Pending>,
     first: u64,
@@ -112,11 +113,11 @@ pub(crate) fn resolve_run(
     durable: bool,
     refused: &mut Vec<u64>,
 ) -> Option<u64> {
-    let start = match pending.front() {
-        Some(p) if p.msg_id == first => 0,
-        _ => pending.partition_point(|p| p.msg_id < first),
-    };
     if durable {
+        let start = match pending.front() {
+            Some(p) if p.msg_id == first => 0,
+            _ => pending.partition_point(|p| p.msg_id < first),
+        };
         for p in pending.range_mut(start..) {
             if p.msg_id > last {
                 break;
@@ -126,18 +127,13 @@ pub(crate) fn resolve_run(
             }
         }
     } else {
-        let mut i = start;
-        while let Some(&p) = pending.get(i) {
-            if p.msg_id > last {
-                break;
-            }
-            if p.ring == ring && !p.done {
+        pending.retain(|p| {
+            let out = (first..=last).contains(&p.msg_id) && p.ring == ring && !p.done;
+            if out {
                 refused.push(p.msg_id);
-                pending.remove(i);
-            } else {
-                i += 1;
             }
-        }
+            !out
+        });
     }
     let mut through = None;
     while let Some(&Pending {

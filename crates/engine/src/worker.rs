@@ -364,8 +364,7 @@ impl Worker {
 
     /// Frames taken in on this worker's connections are durable (or refused) at their owner.
     fn on_tickets(&mut self, runs: &[(TicketRun, bool)]) {
-        // Slots whose ACK may have moved: runs come one connection after another, so only a
-        // change of slot is looked up in the list.
+        // Slots whose ACK may have moved (a run per batch: the list stays short).
         let mut touched = std::mem::take(&mut self.touched);
         let mut refused = std::mem::take(&mut self.refused);
         for &(run, durable) in runs {
@@ -392,7 +391,7 @@ impl Worker {
                     "could not be written to disk",
                 ));
             }
-            if touched.last() != Some(&slot) && !touched.contains(&slot) {
+            if !touched.contains(&slot) {
                 touched.push(slot);
             }
         }
