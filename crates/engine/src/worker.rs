@@ -40,6 +40,7 @@ use crate::limits::{LINGER, PUMP_CLOCK_READS_MAX, RING_BATCH_MAX};
 use crate::owner::{Envelope, Event, Owner, PeerRef, TicketRun};
 use crate::ring;
 use crate::store::Store;
+use crate::wire::ChunkPool;
 use crate::wire::{Frame, NackReason};
 use crate::{Nanos, NANOS_PER_SEC};
 
@@ -104,7 +105,15 @@ pub(crate) struct Worker {
     turn_now: Nanos,
     /// Wall-clock time of this turn, ns since the Unix epoch.
     unix_turn: u64,
+    /// The read chunks of this worker's connections, given back by whichever worker drops the
+    /// last frame cut from one ([`ChunkPool`]).
+    chunks: ChunkPool,
 }
+
+/// The most free read chunks a worker keeps ([`ChunkPool`]): 16 MiB of 64 KiB chunks, enough
+/// that a backlog of frames being released while new ones are read does not go back to the
+/// allocator (and fault its memory in again) chunk by chunk.
+pub(crate) const READ_CHUNKS_FREE_MAX: usize = 256;
 
 impl Worker {
     pub(crate) fn new(
@@ -154,6 +163,7 @@ impl Worker {
             expiry_log: None,
             turn_now: 0,
             unix_turn: crate::unix_now(),
+            chunks: ChunkPool::new(READ_CHUNKS_FREE_MAX),
         }
     }
 
@@ -496,7 +506,7 @@ impl Worker {
     fn adopt(&mut self, adopt: Adopt) {
         let Adopt {
             mut stream,
-            decoder,
+            mut decoder,
             peer,
             addr,
             link_conn,
@@ -524,6 +534,7 @@ impl Worker {
         let now = self.turn_now;
         let id = self.next_conn_id;
         self.next_conn_id += 1;
+        decoder.use_pool(self.chunks.clone());
         let mut conn = Conn::new(stream, decoder, peer, addr, now, id);
         conn.queue(&Frame::hello_ok());
         if let Some(s) = self.conns.get_mut(slot) {

@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 #![doc = include_str!("../README.md")]
 
+pub mod chunk;
 pub mod client;
 pub mod ids;
 pub mod wire;

@@ -36,15 +36,15 @@
 //!
 //! # The zero-copy path
 //!
-//! [`FrameDecoder`] owns one [`BytesMut`] receive buffer. Bytes are read (or fed) onto its end;
-//! as soon as 64 bytes are present the header is validated, before the payload arrives, so a
-//! frame announcing a payload over the limit is refused after 64 bytes rather than after the
-//! decoder has buffered megabytes of it. Once the payload is complete, it is split off the front
-//! of the buffer with [`BytesMut::split_to`] and frozen: the [`Frame::payload`] handed out is a
-//! reference-counted view of the receive buffer, not a copy. It travels through the queues and
-//! out again as the second slice of a vectored write, so the payload bytes are never copied
-//! between the socket read and the socket write.
-//!
+//! [`FrameDecoder`] reads into fixed-size chunks ([`crate::chunk`]). Bytes are read (or fed)
+//! onto the end of the chunk being filled; as soon as 64 bytes are present the header is
+//! validated, before the payload arrives, so a frame announcing a payload over the limit is
+//! refused after 64 bytes rather than after the decoder has buffered megabytes of it. Once the
+//! payload is complete it is cut out of the chunk: the [`Frame::payload`] handed out is a
+//! reference-counted view of the chunk (one [`Bytes`] per decode call, sliced per frame), not a
+//! copy. The chunk goes back to its [`ChunkPool`] when the last frame cut from it is dropped, and
+//! is read into again, so a steady stream allocates nothing and faults in no fresh memory.
+
 //! # Limits
 //!
 //! A payload is at most `payload_bytes_max` bytes (default [`PAYLOAD_BYTES_MAX_DEFAULT`], never
@@ -62,7 +62,10 @@ use std::fmt;
 use std::io;
 use std::ops::ControlFlow;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::chunk::Chunk;
+pub use crate::chunk::{ChunkPool, CHUNK_BYTES};
 
 use crate::ids::{Eui64, Mode, Srv};
 
@@ -859,9 +862,10 @@ impl Frame {
 /// **Bounded.** The decoder never holds more than [`buffered_bytes_max`] bytes: one whole frame
 /// (`HEADER_LEN + payload_bytes_max`) plus one read chunk ([`READ_CHUNK_BYTES_MAX`]). `feed` and
 /// `fill_from` take only what fits and say how much they took; when nothing fits, a whole frame
-/// is waiting, so draining `next_frame` always makes room. The allocation behind the buffer can
-/// be larger than what it holds (growth doubles), and frames the caller still holds keep their
-/// part of earlier allocations alive until they are dropped.
+/// is waiting, so draining `next_frame` always makes room. Chunks are [`CHUNK_BYTES`] (a frame
+/// larger than that gets a chunk of its own size, not pooled), and a frame the caller still
+/// holds keeps its whole chunk alive: a chunk is freed, or goes back to its pool, when the last
+/// frame cut from it is dropped. A pool keeps at most its `chunks_max` free chunks.
 ///
 /// **Poisoned by errors.** After a malformed header nothing later in the stream can be trusted,
 /// so the decoder drops what it holds and every later `next_frame` returns the same error.
@@ -882,39 +886,59 @@ impl Frame {
 /// [`buffered_bytes_max`]: FrameDecoder::buffered_bytes_max
 #[derive(Debug)]
 pub struct FrameDecoder {
-    /// Received bytes not yet handed out as frames; starts at a frame boundary.
-    buf: BytesMut,
-    /// The header at the front of `buf`, once validated, while its payload is still arriving.
+    /// The chunk being read into and cut from (see [`crate::chunk`]); `None` until the first
+    /// read, and after an error.
+    chunk: Option<Chunk>,
+    /// Where chunks come from and go back to.
+    pool: Option<ChunkPool>,
+    /// The header at the front of the bytes, once validated, while its payload is still arriving.
     pending: Option<Header>,
     payload_bytes_max: u32,
     /// Set by the first error; returned by every later call.
     poisoned: Option<DecodeError>,
 }
 
+/// A read is made into the chunk being filled only if at least this much of it is spare (or
+/// all it asks for is); otherwise a new chunk is started, so that reads stay large.
+const READ_SPARE_MIN: usize = 4096;
+
 impl FrameDecoder {
     /// A decoder refusing payloads over `payload_bytes_max` (capped at
-    /// [`PAYLOAD_BYTES_MAX_CEILING`]).
+    /// [`PAYLOAD_BYTES_MAX_CEILING`]), with a pool of its own that keeps one free chunk.
     ///
-    /// Allocates one read chunk plus a header up front, so that typical frames need no growth.
+    /// Allocates one read chunk up front, so that typical frames need no growth.
     pub fn new(payload_bytes_max: u32) -> FrameDecoder {
+        let pool = ChunkPool::new(1);
         FrameDecoder {
-            buf: BytesMut::with_capacity(HEADER_LEN + READ_CHUNK_BYTES_MAX),
+            chunk: Some(Chunk::new(CHUNK_BYTES, Some(&pool))),
+            ..FrameDecoder::with_pool(payload_bytes_max, pool)
+        }
+    }
+
+    /// A decoder like [`FrameDecoder::new`]'s whose chunks come from, and go back to, `pool`,
+    /// which other decoders may share. Allocates nothing until its first read or feed.
+    pub fn with_pool(payload_bytes_max: u32, pool: ChunkPool) -> FrameDecoder {
+        FrameDecoder {
+            pool: Some(pool),
+            ..FrameDecoder::unallocated(payload_bytes_max)
+        }
+    }
+
+    /// A decoder like [`FrameDecoder::new`]'s that has allocated nothing yet, and has no pool:
+    /// its first read or feed allocates. A placeholder for a decoder moved out for a while.
+    pub fn unallocated(payload_bytes_max: u32) -> FrameDecoder {
+        FrameDecoder {
+            chunk: None,
+            pool: None,
             pending: None,
             payload_bytes_max: payload_bytes_max.min(PAYLOAD_BYTES_MAX_CEILING),
             poisoned: None,
         }
     }
 
-    /// A decoder like [`FrameDecoder::new`]'s that has allocated nothing yet: its first read
-    /// or feed allocates. A placeholder for a decoder moved out for a while, or for a
-    /// connection that may never send.
-    pub fn unallocated(payload_bytes_max: u32) -> FrameDecoder {
-        FrameDecoder {
-            buf: BytesMut::new(),
-            pending: None,
-            payload_bytes_max: payload_bytes_max.min(PAYLOAD_BYTES_MAX_CEILING),
-            poisoned: None,
-        }
+    /// Takes its next chunks from `pool`, and gives them back there.
+    pub fn use_pool(&mut self, pool: ChunkPool) {
+        self.pool = Some(pool);
     }
 
     /// The payload limit in force.
@@ -929,7 +953,7 @@ impl FrameDecoder {
 
     /// Bytes received and not yet handed out as frames.
     pub fn buffered_len(&self) -> usize {
-        self.buf.len()
+        self.chunk.as_ref().map_or(0, |c| c.data().len())
     }
 
     /// Whether an error has ended this stream.
@@ -939,7 +963,37 @@ impl FrameDecoder {
 
     /// Room left before the bound.
     fn room(&self) -> usize {
-        self.buffered_bytes_max().saturating_sub(self.buf.len())
+        self.buffered_bytes_max()
+            .saturating_sub(self.buffered_len())
+    }
+
+    /// Makes the chunk being filled one with at least `spare` bytes spare and room for the
+    /// whole frame at the front, starting a new chunk (and copying into it what is buffered,
+    /// usually one partial frame) if this one has not.
+    fn make_room(&mut self, spare: usize) {
+        let front = HEADER_LEN + self.pending.map_or(0, |h| h.payload_len as usize);
+        let buffered = match &self.chunk {
+            Some(c) => {
+                let fits = c.consumed() + front <= c.capacity();
+                if fits && c.capacity() - c.consumed() - c.data().len() >= spare {
+                    return;
+                }
+                c.data().len()
+            }
+            None => 0,
+        };
+        let capacity = if buffered + spare <= CHUNK_BYTES && front <= CHUNK_BYTES {
+            CHUNK_BYTES
+        } else {
+            CHUNK_BYTES.max(buffered + spare).max(front)
+        };
+        let mut chunk = Chunk::new(capacity, self.pool.as_ref());
+        if let Some(old) = &self.chunk {
+            // (All of it fits: the capacity is at least `buffered`.)
+            chunk.append(old.data());
+        }
+        // The old chunk goes back to the pool once the frames cut from it are dropped.
+        self.chunk = Some(chunk);
     }
 
     /// Appends as much of `data` as fits under the bound and returns how many bytes it took.
@@ -953,8 +1007,12 @@ impl FrameDecoder {
             return data.len();
         }
         let taken = data.get(..self.room()).unwrap_or(data);
-        self.buf.extend_from_slice(taken);
-        taken.len()
+        if taken.is_empty() {
+            return 0;
+        }
+        self.make_room(taken.len());
+        // (All of it fits: `make_room` made the spare part at least that large.)
+        self.chunk.as_mut().map_or(0, |chunk| chunk.append(taken))
     }
 
     /// How much one read may bring: `max_bytes`, at most [`READ_CHUNK_BYTES_MAX`] and the room
@@ -970,12 +1028,33 @@ impl FrameDecoder {
         Ok(want)
     }
 
+    /// The spare space of the chunk for one read of at most `want` bytes.
+    fn read_space(&mut self, want: usize) -> &mut [std::mem::MaybeUninit<u8>] {
+        self.make_room(want.min(READ_SPARE_MIN));
+        match &mut self.chunk {
+            Some(chunk) => {
+                let spare = chunk.spare();
+                let n = want.min(spare.len());
+                spare.get_mut(..n).unwrap_or_default()
+            }
+            None => &mut [],
+        }
+    }
+
+    /// Marks `n` bytes read (and drops them if the stream was poisoned meanwhile).
+    fn read_done(&mut self, n: usize) {
+        if let Some(chunk) = &mut self.chunk {
+            chunk.commit(n);
+        }
+        if self.poisoned.is_some() {
+            self.chunk = None;
+        }
+    }
+
     /// Reads once from `reader` onto the end of the buffer, at most `max_bytes`,
     /// [`READ_CHUNK_BYTES_MAX`] and the room left, and returns the count read (0 at end of
-    /// stream, or if `max_bytes` is 0).
-    ///
-    /// The spare space is zeroed before the read, which keeps this safe code; it costs a
-    /// `memset` of at most one chunk.
+    /// stream, or if `max_bytes` is 0). A read may bring less than that when it lands at the end
+    /// of a chunk.
     ///
     /// # Errors
     ///
@@ -989,27 +1068,23 @@ impl FrameDecoder {
         max_bytes: usize,
     ) -> io::Result<usize> {
         let want = self.read_size(max_bytes)?;
-        let start = self.buf.len();
-        self.buf.resize(start + want, 0);
-        let read = self
-            .buf
-            .get_mut(start..)
-            .map_or(Ok(0), |spare| reader.read(spare));
-        // A reader claiming more than it was given is buggy; never keep bytes it did not write.
-        let kept = match &read {
-            Ok(n) => (*n).min(want),
-            Err(_) => 0,
-        };
-        self.buf.truncate(start + kept);
-        if self.poisoned.is_some() {
-            self.buf.clear();
+        if want == 0 {
+            return Ok(0);
         }
-        read.map(|_| kept)
+        let len = self.read_space(want).len();
+        let Some(chunk) = self.chunk.as_mut() else {
+            return Ok(0);
+        };
+        // The spare space is zeroed before the read, which keeps this safe for any reader; it
+        // costs a `memset` of at most one read. A reader claiming more than it was given is
+        // buggy; never keep bytes it did not write.
+        let read = reader.read(chunk.spare_zeroed(len)).map(|n| n.min(len));
+        self.read_done(*read.as_ref().unwrap_or(&0));
+        read
     }
 
-    /// Like [`fill_from`](FrameDecoder::fill_from), but `read` writes straight into the
-    /// buffer's spare capacity, which is not zeroed first: the engine's intake reads sockets this
-    /// way (a `read(2)` into the uninitialised space), saving a `memset` of each chunk.
+    /// Like [`fill_from`](FrameDecoder::fill_from), but `read` is given the spare space as
+    /// uninitialised memory (`read(2)` writes it). The engine's intake reads sockets this way.
     ///
     /// `read` gets the spare space, at most `max_bytes`, [`READ_CHUNK_BYTES_MAX`] and the room
     /// left, and returns how many bytes it wrote there (0 at end of stream).
@@ -1028,18 +1103,14 @@ impl FrameDecoder {
         max_bytes: usize,
         read: impl FnOnce(&mut bytes::buf::UninitSlice) -> io::Result<usize>,
     ) -> io::Result<usize> {
-        use bytes::BufMut;
         let want = self.read_size(max_bytes)?;
-        self.buf.reserve(want);
-        let spare = self.buf.chunk_mut();
-        let want = want.min(spare.len());
-        let n = read(&mut spare[..want])?.min(want);
-        // SAFETY: the caller's contract: `read` initialised the first `n` bytes of the spare
-        // space (and `n` is clamped to the space it was given).
-        unsafe { self.buf.advance_mut(n) };
-        if self.poisoned.is_some() {
-            self.buf.clear();
+        if want == 0 {
+            return Ok(0);
         }
+        let space = self.read_space(want);
+        let len = space.len();
+        let n = read(bytes::buf::UninitSlice::uninit(space))?.min(len);
+        self.read_done(n);
         Ok(n)
     }
 
@@ -1099,70 +1170,67 @@ impl FrameDecoder {
         if let Some(error) = self.poisoned {
             return Err(error);
         }
+        let Some(chunk) = &mut self.chunk else {
+            return Ok(ControlFlow::Continue(()));
+        };
+        let data = chunk.data();
+        // One view of the chunk per call, made at the first payload; each payload is a slice of
+        // it (a reference count each, no allocation).
+        let mut window = None;
+        // How far into `data` the frames handed out reach.
+        let mut at = 0;
+        let mut flow = ControlFlow::Continue(());
+        let mut failed = None;
         if let Some(header) = self.pending {
             // The header at the front was validated by an earlier call; its payload may be in now.
-            if self.buf.len() < HEADER_LEN + header.payload_len as usize {
+            if data.len() < HEADER_LEN + header.payload_len as usize {
                 return Ok(ControlFlow::Continue(()));
             }
             self.pending = None;
-            let payload = self.split_payload(header.payload_len);
-            if let ControlFlow::Break(b) = each(Frame { header, payload }) {
-                return Ok(ControlFlow::Break(b));
-            }
+            let payload = cut(&mut window, chunk, at, header.payload_len);
+            at = HEADER_LEN + header.payload_len as usize;
+            flow = each(Frame { header, payload });
         }
         // The usual case, a whole frame buffered, leaves `pending` alone: it is written only
         // when a header's payload has yet to arrive.
-        while let Some(bytes) = self.buf.first_chunk::<HEADER_LEN>() {
+        while flow.is_continue() {
+            let Some(bytes) = data.get(at..).and_then(<[u8]>::first_chunk::<HEADER_LEN>) else {
+                break;
+            };
             // The header's words are kept, not the header, until the frame is handed out: the
             // header is then built once, where `each` takes it, rather than built here and
-            // copied about the stack around the payload's split.
+            // copied about the stack around the payload's cut.
             let words = header_words(bytes);
             let [w0, .., msg_id, _, w7] = words;
             // (`payload_bytes_max` was capped at the ceiling when the decoder was made.)
             let Some(kind) = Header::valid_kind(w0, w7, self.payload_bytes_max) else {
-                let error = DecodeError {
+                failed = Some(DecodeError {
                     msg_id,
                     error: reject(w0, w7, self.payload_bytes_max),
-                };
-                return Err(self.poison(error));
+                });
+                break;
             };
             // Checked: the reserved half above it is 0.
             let payload_len = w7 as u32;
-            if self.buf.len() < HEADER_LEN + payload_len as usize {
+            let end = at + HEADER_LEN + payload_len as usize;
+            if data.len() < end {
                 self.pending = Some(Header::from_words(kind, words));
                 break;
             }
-            let payload = self.split_payload(payload_len);
-            let frame = Frame {
+            let payload = cut(&mut window, chunk, at, payload_len);
+            at = end;
+            flow = each(Frame {
                 header: Header::from_words(kind, words),
                 payload,
-            };
-            if let ControlFlow::Break(b) = each(frame) {
-                return Ok(ControlFlow::Break(b));
-            }
+            });
         }
-        Ok(ControlFlow::Continue(()))
-    }
-
-    /// Takes the frame at the front of the buffer, whose header says `payload_len` and which the
-    /// caller has checked is all there, and returns its payload.
-    ///
-    /// Out of line on purpose: inlined into a caller's large loop (`decode_each` with what its
-    /// closure does), LLVM left `BytesMut::split_to` out of line instead, which cost more.
-    #[inline(never)]
-    fn split_payload(&mut self, payload_len: u32) -> Bytes {
-        if payload_len == 0 {
-            // No need to share the buffer (and touch its reference count) for nothing.
-            self.buf.advance(HEADER_LEN);
-            Bytes::new()
-        } else {
-            // One split for header and payload; the header's bytes are then skipped.
-            let mut frame = self
-                .buf
-                .split_to(HEADER_LEN + payload_len as usize)
-                .freeze();
-            frame.advance(HEADER_LEN);
-            frame
+        chunk.consume(at);
+        if let Some(error) = failed {
+            return Err(self.poison(error));
+        }
+        match flow {
+            ControlFlow::Break(b) => Ok(ControlFlow::Break(b)),
+            ControlFlow::Continue(()) => Ok(ControlFlow::Continue(())),
         }
     }
 
@@ -1171,9 +1239,24 @@ impl FrameDecoder {
     fn poison(&mut self, error: DecodeError) -> DecodeError {
         self.poisoned = Some(error);
         // Free the buffer: nothing after a malformed header is ever read.
-        self.buf = BytesMut::new();
+        self.chunk = None;
         error
     }
+}
+
+/// The payload of the frame at `at` in the chunk's unconsumed bytes, whose header says
+/// `payload_len` and which the caller has checked is all there: a slice of the call's window
+/// (made here at the first payload), not a copy.
+#[inline(always)]
+fn cut(window: &mut Option<Bytes>, chunk: &Chunk, at: usize, payload_len: u32) -> Bytes {
+    if payload_len == 0 {
+        // No need to share the chunk (and touch its reference count) for nothing.
+        return Bytes::new();
+    }
+    let start = at + HEADER_LEN;
+    window
+        .get_or_insert_with(|| chunk.window())
+        .slice(start..start + payload_len as usize)
 }
 
 #[cfg(test)]
@@ -1283,8 +1366,8 @@ mod tests {
         }
         let mut decoder = FrameDecoder::new(PAYLOAD_BYTES_MAX_DEFAULT);
         assert_eq!(decoder.feed(&wire), wire.len());
-        let start = decoder.buf.as_ptr() as usize;
-        let end = start + decoder.buf.len();
+        let start = decoder.chunk.as_ref().unwrap().data().as_ptr() as usize;
+        let end = start + decoder.buffered_len();
 
         let first = decoder.next_frame().unwrap().unwrap();
         let second = decoder.next_frame().unwrap().unwrap();
@@ -1365,6 +1448,97 @@ mod tests {
         assert_eq!(seen, frames[..2]);
         assert_eq!(decoder.decode_each(ControlFlow::Break), Err(error));
         assert_eq!(decoder.next_frame(), Err(error));
+    }
+
+    /// `n` RESPONSE frames with payloads of `len` bytes, numbered from 1.
+    fn responses(n: u64, len: usize) -> (Vec<u8>, Vec<Frame>) {
+        let mut wire = BytesMut::new();
+        let mut frames = Vec::new();
+        for i in 1..=n {
+            let mut h = Header::new(Kind::Response);
+            h.msg_id = i;
+            let f = Frame::new(h, Bytes::from(vec![i as u8; len])).unwrap();
+            f.encode_into(&mut wire);
+            frames.push(f);
+        }
+        (wire.to_vec(), frames)
+    }
+
+    #[test]
+    fn read_chunks_go_back_to_the_pool_when_their_frames_are_dropped_and_are_read_into_again() {
+        // 1,000 frames of 192 bytes: about three chunks' worth, read 10,000 bytes at a time, so
+        // that frames straddle reads and chunks.
+        let (wire, frames) = responses(1000, 128);
+        let pool = ChunkPool::new(8);
+        let mut d = FrameDecoder::with_pool(PAYLOAD_BYTES_MAX_DEFAULT, pool.clone());
+        let mut from = &wire[..];
+        let mut got = Vec::new();
+        let mut chunks = std::collections::HashSet::new();
+        loop {
+            let n = fill_with_from(&mut d, &mut from, 10_000).unwrap();
+            chunks.insert(
+                d.chunk.as_ref().unwrap().data().as_ptr() as usize
+                    - d.chunk.as_ref().unwrap().consumed(),
+            );
+            while let Some(f) = d.next_frame().unwrap() {
+                got.push(f);
+            }
+            if n == 0 {
+                break;
+            }
+            if got.len() > 500 {
+                // The frames so far are delivered and dropped: their chunks are free again.
+                got.drain(..)
+                    .zip(&frames)
+                    .for_each(|(f, want)| assert_eq!(&f, want));
+                assert!(pool.free_chunks() >= 1, "a dropped chunk went back");
+            }
+        }
+        drop(got);
+        assert!(
+            chunks.len() <= 8,
+            "{} distinct chunks for 26 reads: the pool's came back",
+            chunks.len()
+        );
+        assert_eq!(d.buffered_len(), 0);
+        // Every chunk is free once the decoder lets go of the last one too.
+        drop(d);
+        assert!(pool.free_chunks() >= 2);
+        assert!(pool.free_chunks() <= pool.chunks_max());
+    }
+
+    #[test]
+    fn frames_straddling_chunks_and_frames_larger_than_a_chunk_are_whole() {
+        // Payloads of 0, 100 KiB (over a chunk) and 33 KiB (over half of one), mixed.
+        let mut wire = BytesMut::new();
+        let mut frames = Vec::new();
+        for (i, len) in [0, 100 * 1024, 33 * 1024, 7, 0, 100 * 1024, 40_000]
+            .into_iter()
+            .enumerate()
+        {
+            let mut h = Header::new(Kind::DeviceAlert);
+            h.msg_id = i as u64 + 1;
+            let f = Frame::new(h, Bytes::from(vec![i as u8 + 1; len])).unwrap();
+            f.encode_into(&mut wire);
+            frames.push(f);
+        }
+        for read in [1, 63, 64, 4096, 65_536] {
+            let pool = ChunkPool::new(4);
+            let mut d = FrameDecoder::with_pool(200 * 1024, pool);
+            let mut from = &wire[..];
+            let mut got = Vec::new();
+            loop {
+                let n = fill_with_from(&mut d, &mut from, read).unwrap();
+                assert!(d.buffered_len() <= d.buffered_bytes_max());
+                while let Some(f) = d.next_frame().unwrap() {
+                    got.push(f);
+                }
+                if n == 0 {
+                    break;
+                }
+            }
+            assert_eq!(got, frames, "reads of {read}");
+        }
     }
 
     #[test]
