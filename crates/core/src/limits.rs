@@ -31,6 +31,18 @@ pub const HOUSEKEEPING_INTERVAL: Nanos = NANOS_PER_SEC / 4;
 pub const RING_FRAMES_PER_LEVEL: usize = 8192;
 /// Envelopes taken from a ring in one go.
 pub const RING_BATCH_MAX: usize = 1024;
+/// Ring batches an owner takes in one drain of its ring (a turn drains twice) before it goes on
+/// to read its peers, send and take their ACKs. Intake workers on other cores can keep a ring
+/// full for as long as their senders send; without a bound the owner took frames for the whole
+/// of a line-rate `batch` run and sent almost nothing meanwhile (43 pumps for 2 M frames, up to
+/// 930,000 frames held in memory, BENCHMARKS.md). Frames left in the ring wait for the next
+/// turn, which comes at once (a worker with items in its ring does not sleep); a full ring makes
+/// intake stop reading, and TCP slows the sender.
+pub const RING_BATCHES_PER_DRAIN_MAX: usize = 4;
+const _: () = assert!(
+    RING_BATCHES_PER_DRAIN_MAX >= 1,
+    "a drain takes at least one batch"
+);
 /// Reads from one connection in one turn before the others get theirs.
 pub const READS_PER_TURN_MAX: usize = 16;
 /// How long a connection being closed is kept, half-closed, so its peer reads the last NACK.

@@ -36,7 +36,7 @@ use super::conn::{Conn, ConnState};
 use super::shared::{Adopt, Control, Shared};
 use super::timer::{Timer, WORKER_TIMER};
 use crate::ids::Level;
-use crate::limits::{LINGER, PUMP_CLOCK_READS_MAX, RING_BATCH_MAX};
+use crate::limits::{LINGER, PUMP_CLOCK_READS_MAX, RING_BATCHES_PER_DRAIN_MAX, RING_BATCH_MAX};
 use crate::owner::{Envelope, Event, Owner, PeerRef, TicketRun};
 use crate::ring;
 use crate::store::Store;
@@ -285,22 +285,19 @@ impl Worker {
     }
 
     fn drain_ring(&mut self) {
-        loop {
+        drain_batches(RING_BATCHES_PER_DRAIN_MAX, || {
             // Each envelope goes from its ring slot straight into `take`, not through a list.
             let mut taker = TakeEach {
                 owner: &mut self.owner,
                 now: self.turn_now,
             };
             let n = self.ring.pop_bulk(&mut taker, RING_BATCH_MAX);
-            if n == 0 {
-                return;
+            if n > 0 {
+                let _ = self.owner.commit();
+                self.carry_out();
             }
-            let _ = self.owner.commit();
-            self.carry_out();
-            if n < RING_BATCH_MAX {
-                return;
-            }
-        }
+            n
+        });
     }
 
     /// Carries out what the owner decided: acknowledgements go to the workers that took the
@@ -743,6 +740,21 @@ impl Extend<(usize, Envelope)> for TakeEach<'_> {
     }
 }
 
+/// Runs `take_batch` (which takes one batch of at most [`RING_BATCH_MAX`] from the ring and
+/// returns its size) until the ring is empty, a batch comes back short, or `batches_max`
+/// batches are taken ([`RING_BATCHES_PER_DRAIN_MAX`]); returns how many frames were taken.
+fn drain_batches(batches_max: usize, mut take_batch: impl FnMut() -> usize) -> usize {
+    let mut taken = 0;
+    for _ in 0..batches_max {
+        let n = take_batch();
+        taken += n;
+        if n < RING_BATCH_MAX {
+            break;
+        }
+    }
+    taken
+}
+
 #[cfg(test)]
 mod pump_clock_tests {
     use super::*;
@@ -765,5 +777,43 @@ mod pump_clock_tests {
             assert_eq!(clock.now, later);
         }
         assert!(!clock.carry_on(Some(150), true, unread), "reads spent");
+    }
+}
+
+#[cfg(test)]
+mod drain_tests {
+    use super::*;
+
+    #[test]
+    fn a_drain_stops_after_its_batches_even_when_the_ring_stays_full() {
+        // A ring its producers keep full: every batch comes back whole.
+        let mut batches = 0;
+        let taken = drain_batches(RING_BATCHES_PER_DRAIN_MAX, || {
+            batches += 1;
+            RING_BATCH_MAX
+        });
+        assert_eq!(batches, RING_BATCHES_PER_DRAIN_MAX);
+        assert_eq!(taken, RING_BATCHES_PER_DRAIN_MAX * RING_BATCH_MAX);
+    }
+
+    #[test]
+    fn a_drain_stops_at_the_first_short_batch_or_an_empty_ring() {
+        let mut sizes = [RING_BATCH_MAX, 17, RING_BATCH_MAX].into_iter();
+        let taken = drain_batches(8, || sizes.next().unwrap_or(0));
+        assert_eq!(taken, RING_BATCH_MAX + 17);
+        assert_eq!(
+            sizes.next(),
+            Some(RING_BATCH_MAX),
+            "nothing taken after the short batch"
+        );
+        let mut calls = 0;
+        assert_eq!(
+            drain_batches(8, || {
+                calls += 1;
+                0
+            }),
+            0
+        );
+        assert_eq!(calls, 1);
     }
 }
