@@ -235,7 +235,9 @@ impl Worker {
             self.retry_stalled();
             self.forward_link_acks();
             // The ring first: what is in it entered before any reload now waiting in the control
-            // channel (its level, decided at intake, travels with it).
+            // channel (its level, decided at intake, travels with it). A drain takes at most
+            // `RING_BATCHES_PER_DRAIN_MAX` batches: from a ring kept full, the rest waits for
+            // the next turn (and meets the reload's storm thresholds and rates, not its levels).
             self.drain_ring();
             self.drain_control();
             self.drain_ring();
@@ -285,7 +287,19 @@ impl Worker {
     }
 
     fn drain_ring(&mut self) {
-        drain_batches(RING_BATCHES_PER_DRAIN_MAX, || {
+        self.drain_ring_up_to(RING_BATCHES_PER_DRAIN_MAX);
+    }
+
+    /// Takes in everything the ring holds now, for a peer that connects: its frames there belong
+    /// to its backlog, and its release (with the ramp) must see them. At most twice the ring's
+    /// capacity, so that intake refilling the ring meanwhile cannot hold the connect up.
+    fn drain_ring_held(&mut self) {
+        let held = self.ring.levels() * self.ring.capacity_per_level();
+        self.drain_ring_up_to(2 * held.div_ceil(RING_BATCH_MAX) + 1);
+    }
+
+    fn drain_ring_up_to(&mut self, batches_max: usize) {
+        drain_batches(batches_max, || {
             // Each envelope goes from its ring slot straight into `take`, not through a list.
             let mut taker = TakeEach {
                 owner: &mut self.owner,
@@ -548,7 +562,7 @@ impl Worker {
         } else {
             // Frames already in the ring for this peer belong to its backlog: take them in
             // first, so that the release (and its ramp) sees them.
-            self.drain_ring();
+            self.drain_ring_held();
             self.owner.on_connect(peer, now);
             if let Some(c) = self.conn_of(peer) {
                 *c = Some(slot);

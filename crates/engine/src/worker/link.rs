@@ -113,7 +113,7 @@ impl Worker {
             *entry = Some(at);
         }
         // Requests already in the ring for the link are taken in first, as for any connect.
-        self.drain_ring();
+        self.drain_ring_held();
         let now = self.now();
         self.owner.on_connect_conn(PeerRef::Csp(csp), conn, now);
     }
