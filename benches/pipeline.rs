@@ -11,7 +11,9 @@
 //!    back to the REQUEST rules), an alert gets its code's level (the demo configuration's
 //!    rules);
 //! 3. **enqueue** into the Service User's [`DeliveryScheduler`];
-//! 4. **schedule**: `next_send`, which checks the window and takes a **limiter** token;
+//! 4. **schedule**: `send_each`, which hands out runs of frames from the most urgent lane,
+//!    checking the window and taking **limiter** tokens once per run (as the engine's
+//!    `Owner::transmit_each` does);
 //! 5. **encode**: the header, stamped with its `msg_id` and level as it is written, and the
 //!    payload, copied into the connection's contiguous output buffer (what
 //!    `Conn::queue_transmit` does);
@@ -210,17 +212,17 @@ impl Worker {
     #[inline(always)]
     fn pump(&mut self) {
         let mut last = None;
-        loop {
-            match self.sched.next_send(self.now) {
-                Ok(out) => {
-                    let (h, p) = (&out.item.header, &out.item.payload);
-                    encode(&mut self.out, h, out.msg_id, out.level.get(), p);
-                    last = Some(out.msg_id);
-                }
-                Err(Blocked::Empty) => break,
-                Err(other) => {
-                    panic!("blocked by {other:?}: the workload is sized so that it never is")
-                }
+        let out = &mut self.out;
+        let (_, blocked) = self.sched.send_each(self.now, usize::MAX, |o| {
+            let (h, p) = (&o.item.header, &o.item.payload);
+            encode(out, h, o.msg_id, o.level.get(), p);
+            last = Some(o.msg_id);
+            true
+        });
+        match blocked {
+            None | Some(Blocked::Empty) => {}
+            Some(other) => {
+                panic!("blocked by {other:?}: the workload is sized so that it never is")
             }
         }
         self.out.clear();
@@ -280,7 +282,7 @@ impl Worker {
 /// The same path through the engine's real owner (`dsplane::owner::Owner` over the real
 /// `Store`, durability `none`): the level decided at intake (`intake_level`), `take` (response
 /// inheritance, Alert Storm Protection, the alert report, the NMS/SURB tier), one `commit` per
-/// read, the turn's `handle_timeout`, then `poll_transmit`, the encode and the peer's ACK. It
+/// read, the turn's `handle_timeout`, then `transmit_each`, the encode and the peer's ACK. It
 /// does what the engine's worker does per message, where the `pipeline` mode above is a copy of
 /// its scheduling core.
 struct OwnerWorker {
@@ -377,11 +379,14 @@ impl OwnerWorker {
             self.owner.start_pump();
             let mut last = None;
             loop {
-                while let Some(t) = self.owner.poll_transmit_ref(PeerRef::Su(0), self.now, unix) {
-                    encode(&mut self.out, t.header, t.msg_id, t.priority, t.payload);
-                    last = Some(t.msg_id);
-                    self.delivered += 1;
-                }
+                let (out, delivered) = (&mut self.out, &mut self.delivered);
+                self.owner
+                    .transmit_each(PeerRef::Su(0), self.now, unix, |t| {
+                        encode(out, t.header, t.msg_id, t.priority, t.payload);
+                        last = Some(t.msg_id);
+                        *delivered += 1;
+                        true
+                    });
                 // (Never here: nothing spills in this workload.)
                 if !self.owner.take_load_due() {
                     break;

@@ -1321,6 +1321,70 @@ impl<L: Log> Owner<L> {
         })
     }
 
+    /// [`Owner::poll_transmit_ref`] for as many frames as `each` takes, in the same order: `each`
+    /// gets each frame lent, stamped, and returns whether it has room for another. Returns how
+    /// many went. The engine's send path: with one connection the scheduler hands out runs of
+    /// frames (`DeliveryScheduler::send_each`), checking the window, the pacing and the tokens
+    /// once per run. As with `poll_transmit_ref`, it may stop to have what it gave written
+    /// before it reads the SURB ([`Owner::take_load_due`]).
+    pub fn transmit_each(
+        &mut self,
+        peer: PeerRef,
+        now: Nanos,
+        unix: u64,
+        mut each: impl FnMut(&Transmit<'_>) -> bool,
+    ) -> usize {
+        self.last_rate_block = None;
+        let direction = peer.direction();
+        let mut sent = 0;
+        for _ in 0..limits::LOADS_PER_POLL_MAX {
+            let Some(state) = peer_in(&mut self.sus, &mut self.csps, peer) else {
+                return sent;
+            };
+            if !state.connected {
+                return sent;
+            }
+            let metrics = &mut self.metrics;
+            let (n, blocked) = state.sched.send_each(now, usize::MAX, |out| {
+                let created_ns = out.item.frame.header.created_ns;
+                if created_ns > 0 {
+                    metrics.latency(direction, out.level.get(), unix.saturating_sub(created_ns));
+                }
+                each(&Transmit {
+                    header: &out.item.frame.header,
+                    msg_id: out.msg_id,
+                    priority: out.level.get(),
+                    payload: &out.item.frame.payload,
+                })
+            });
+            sent += n;
+            if n > 0 {
+                self.sent_since_load = true;
+            }
+            match blocked {
+                Some(Blocked::Rate(at)) => {
+                    self.rate_wake = Some(self.rate_wake.map_or(at, |w| w.min(at)));
+                    self.last_rate_block = Some(at);
+                    return sent;
+                }
+                Some(Blocked::Load(lane)) => {
+                    // As `next_header`: what was sent goes out before the disk is read.
+                    if self.sent_since_load {
+                        self.sent_since_load = false;
+                        self.load_due = true;
+                        return sent;
+                    }
+                    if !self.load_spilled(peer, lane, unix) {
+                        return sent;
+                    }
+                }
+                // `each` has no room, or nothing more may go.
+                _ => return sent,
+            }
+        }
+        sent
+    }
+
     /// Hands out `peer`'s next frame on one of `conns` (see [`Owner::poll_transmit_to`]) and
     /// returns its connection, `msg_id` and level.
     fn next_header(

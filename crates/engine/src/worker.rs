@@ -454,21 +454,24 @@ impl Worker {
             };
             let mut queued = false;
             loop {
-                while conn.has_room() {
-                    let Some(t) = self
-                        .owner
-                        .poll_transmit_ref(peer, clock.now, self.unix_turn)
-                    else {
-                        break;
-                    };
-                    conn.queue_transmit(&t);
-                    queued = true;
-                    if conn.unwritten() >= WRITE_BYTES_MIN {
-                        // Start the peer reading while the rest is being copied.
-                        if let Err(e) = conn.flush() {
-                            let reason = format!("write failed: {e}");
-                            return self.close(slot, &reason);
-                        }
+                if conn.has_room() {
+                    let mut failed = None;
+                    self.owner
+                        .transmit_each(peer, clock.now, self.unix_turn, |t| {
+                            conn.queue_transmit(t);
+                            queued = true;
+                            if conn.unwritten() >= WRITE_BYTES_MIN {
+                                // Start the peer reading while the rest is being copied.
+                                if let Err(e) = conn.flush() {
+                                    failed = Some(e);
+                                    return false;
+                                }
+                            }
+                            conn.has_room()
+                        });
+                    if let Some(e) = failed {
+                        let reason = format!("write failed: {e}");
+                        return self.close(slot, &reason);
                     }
                 }
                 let going = queued && conn.has_room();

@@ -531,16 +531,21 @@ impl Header {
     ) {
         // Saturating only for a payload over 4 GiB; the peer then refuses it as too long.
         let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
-        let header = self.to_bytes_stamped(msg_id, priority, len);
+        let words = self.words_stamped(msg_id, priority, len);
         let total = HEADER_LEN + payload.len();
         out.reserve(total);
-        // SAFETY: `reserve` made room for `total` bytes past `out.len()`, and the two copies
-        // write exactly those, the header then the payload; neither source can overlap `out`'s
-        // spare capacity (`header` is a local, `payload` a shared borrow while `out` is
-        // borrowed mutably), and `set_len` then covers only the bytes just written.
+        // SAFETY: `reserve` made room for `total` bytes past `out.len()`, and the writes fill
+        // exactly those: the header's eight words (unaligned little-endian stores, written
+        // where they go rather than into a local first), then the payload, which cannot overlap
+        // `out`'s spare capacity (a shared borrow while `out` is borrowed mutably); `set_len`
+        // then covers only the bytes just written.
         unsafe {
             let end = out.as_mut_ptr().add(out.len());
-            std::ptr::copy_nonoverlapping(header.as_ptr(), end, HEADER_LEN);
+            for (i, word) in words.into_iter().enumerate() {
+                end.add(8 * i)
+                    .cast::<[u8; 8]>()
+                    .write_unaligned(word.to_le_bytes());
+            }
             std::ptr::copy_nonoverlapping(payload.as_ptr(), end.add(HEADER_LEN), payload.len());
             out.set_len(out.len() + total);
         }

@@ -1366,6 +1366,10 @@ impl World {
             if self.peers[p].owner != w {
                 continue;
             }
+            if let PeerRef::Su(_) = self.peers[p].peer {
+                self.pump_su(w, p, unix)?;
+                continue;
+            }
             loop {
                 let peer = &self.peers[p];
                 // The connections with room: bit 0 the first, bit 1 a CSP link's second.
@@ -1420,6 +1424,59 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// An SU's pump, as the engine's: the owner lends runs of frames (`Owner::transmit_each`)
+    /// while its one connection's inbox has room; each is then checked and delivered as the
+    /// CSP links' frames are, one by one.
+    fn pump_su(&mut self, w: usize, p: usize, unix: u64) -> Result<(), Failure> {
+        loop {
+            let peer = &self.peers[p];
+            let free = peer
+                .conn
+                .as_ref()
+                .map_or(0, |c| INBOX_MAX.saturating_sub(c.inbox.len()));
+            if free == 0 {
+                return Ok(());
+            }
+            let who = peer.peer;
+            let mut frames = Vec::new();
+            self.owners[w].transmit_each(who, self.now, unix, |t| {
+                frames.push(Frame {
+                    header: t.stamped(),
+                    payload: t.payload.clone(),
+                });
+                frames.len() < free
+            });
+            // A load from the SURB may have expired older frames: their records first.
+            self.carry_out(w)?;
+            let full = frames.len() == free;
+            for frame in frames {
+                if let Some(id) = frame_id(&frame) {
+                    self.watch(id, || {
+                        format!(
+                            "sent to {who:?} as msg_id {} level {}",
+                            frame.header.msg_id, frame.header.priority
+                        )
+                    });
+                }
+                self.check_send(p, 0, &frame)?;
+                let latency = MS / 10 + self.rng.below(3 * MS);
+                let Some(conn) = self.peers[p].conn.as_mut() else {
+                    return Err(self.fail(format!("{who:?}: a frame sent while disconnected")));
+                };
+                let at = conn
+                    .inbox
+                    .back()
+                    .map_or(0, |(t, _)| *t)
+                    .max(self.now + latency);
+                conn.inbox.push_back((at, frame));
+            }
+            // It stopped to have what it gave written before a load: ask again.
+            if !full && !self.owners[w].take_load_due() {
+                return Ok(());
+            }
+        }
     }
 
     /// Strict priority, FIFO within a level, and the rate, for one frame the owner sends on
