@@ -1179,9 +1179,13 @@ impl FrameDecoder {
             return Ok(ControlFlow::Continue(()));
         };
         let data = chunk.data();
-        // One view of the chunk per call, made at the first payload; each payload is a slice of
+        // One view of the chunk per call, if it may hold a payload; each payload is a slice of
         // it (a reference count each, no allocation).
-        let mut window = None;
+        let window = if data.len() > HEADER_LEN {
+            chunk.window()
+        } else {
+            Bytes::new()
+        };
         // How far into `data` the frames handed out reach.
         let mut at = 0;
         let mut flow = ControlFlow::Continue(());
@@ -1192,7 +1196,7 @@ impl FrameDecoder {
                 return Ok(ControlFlow::Continue(()));
             }
             self.pending = None;
-            let payload = cut(&mut window, chunk, at, header.payload_len);
+            let payload = cut(&window, at, header.payload_len);
             at = HEADER_LEN + header.payload_len as usize;
             flow = each(Frame { header, payload });
         }
@@ -1222,7 +1226,7 @@ impl FrameDecoder {
                 self.pending = Some(Header::from_words(kind, words));
                 break;
             }
-            let payload = cut(&mut window, chunk, at, payload_len);
+            let payload = cut(&window, at, payload_len);
             at = end;
             flow = each(Frame {
                 header: Header::from_words(kind, words),
@@ -1251,17 +1255,15 @@ impl FrameDecoder {
 
 /// The payload of the frame at `at` in the chunk's unconsumed bytes, whose header says
 /// `payload_len` and which the caller has checked is all there: a slice of the call's window
-/// (made here at the first payload), not a copy.
+/// (a view of those bytes), not a copy.
 #[inline(always)]
-fn cut(window: &mut Option<Bytes>, chunk: &Chunk, at: usize, payload_len: u32) -> Bytes {
+fn cut(window: &Bytes, at: usize, payload_len: u32) -> Bytes {
     if payload_len == 0 {
         // No need to share the chunk (and touch its reference count) for nothing.
         return Bytes::new();
     }
     let start = at + HEADER_LEN;
-    window
-        .get_or_insert_with(|| chunk.window())
-        .slice(start..start + payload_len as usize)
+    window.slice(start..start + payload_len as usize)
 }
 
 #[cfg(test)]
