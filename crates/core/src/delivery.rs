@@ -775,11 +775,10 @@ impl<T> DeliveryScheduler<T> {
         best.map(|(c, _)| c)
     }
 
-    /// Hands out the next frame to send on one of the connections in `conns` (bit i:
-    /// connection i has room now), or says why none may go now ([`Blocked::Window`] when none of
-    /// those connections may take one).
+    /// The most urgent lane with a frame waiting and the slot of its front frame, or why no
+    /// frame may go: what [`Self::next_send_to`] and a send run start with.
     #[inline(always)]
-    pub fn next_send_to(&mut self, conns: u64, now: Nanos) -> Result<Outgoing<'_, T>, Blocked> {
+    fn front_lane(&mut self) -> Result<(usize, usize), Blocked> {
         if self.nonempty == 0 {
             return Err(Blocked::Empty);
         }
@@ -790,9 +789,18 @@ impl<T> DeliveryScheduler<T> {
         // The simulator's deliberate bug (docs/simulation.md): level 2 goes before level 1.
         #[cfg(dsplane_mutation = "level2_before_level1")]
         let i = if self.nonempty & 0b11 == 0b11 { 1 } else { i };
-        let Some(at) = self.queues.get(i).and_then(Ring::front) else {
-            return Err(self.nothing_in_memory(i));
-        };
+        match self.queues.get(i).and_then(Ring::front) {
+            Some(at) => Ok((i, at)),
+            None => Err(self.nothing_in_memory(i)),
+        }
+    }
+
+    /// Hands out the next frame to send on one of the connections in `conns` (bit i:
+    /// connection i has room now), or says why none may go now ([`Blocked::Window`] when none of
+    /// those connections may take one).
+    #[inline(always)]
+    pub fn next_send_to(&mut self, conns: u64, now: Nanos) -> Result<Outgoing<'_, T>, Blocked> {
+        let (i, at) = self.front_lane()?;
         // The frame is borrowed here, once, and handed out at the end: nothing below takes the
         // whole scheduler mutably while it is held (only other fields).
         let Some(Slot {
@@ -897,19 +905,7 @@ impl<T> DeliveryScheduler<T> {
         each: &mut impl FnMut(Outgoing<'_, T>) -> bool,
     ) -> Result<(usize, bool), Blocked> {
         // The checks of `next_send_to`, in its order, once.
-        if self.nonempty == 0 {
-            return Err(Blocked::Empty);
-        }
-        if !self.is_available() {
-            return Err(Blocked::Unavailable);
-        }
-        let i = self.nonempty.trailing_zeros() as usize;
-        // The simulator's deliberate bug (docs/simulation.md): level 2 goes before level 1.
-        #[cfg(dsplane_mutation = "level2_before_level1")]
-        let i = if self.nonempty & 0b11 == 0b11 { 1 } else { i };
-        let Some(at) = self.queues.get(i).and_then(Ring::front) else {
-            return Err(self.nothing_in_memory(i));
-        };
+        let (i, at) = self.front_lane()?;
         let Some(Slot {
             item: Some(_),
             level,

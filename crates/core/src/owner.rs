@@ -1361,28 +1361,36 @@ impl<L: Log> Owner<L> {
             if n > 0 {
                 self.sent_since_load = true;
             }
+            // `None`: `each` has no room.
             match blocked {
-                Some(Blocked::Rate(at)) => {
-                    self.rate_wake = Some(self.rate_wake.map_or(at, |w| w.min(at)));
-                    self.last_rate_block = Some(at);
-                    return sent;
-                }
-                Some(Blocked::Load(lane)) => {
-                    // As `next_header`: what was sent goes out before the disk is read.
-                    if self.sent_since_load {
-                        self.sent_since_load = false;
-                        self.load_due = true;
-                        return sent;
-                    }
-                    if !self.load_spilled(peer, lane, unix) {
-                        return sent;
-                    }
-                }
-                // `each` has no room, or nothing more may go.
+                Some(blocked) if self.blocked_retry(peer, blocked, unix) => {}
                 _ => return sent,
             }
         }
         sent
+    }
+
+    /// What a send that stopped on `blocked` leaves to do; `true` when it may ask again at
+    /// once (the lane it needed was loaded from the SURB). Out of tokens: the rate wake-up.
+    /// On the SURB: what was sent goes out before the disk is read (the I/O writes it, sees
+    /// `load_due`, and asks again; the receiver's ACKs then come back sooner), else the load.
+    fn blocked_retry(&mut self, peer: PeerRef, blocked: Blocked, unix: u64) -> bool {
+        match blocked {
+            Blocked::Rate(at) => {
+                self.rate_wake = Some(self.rate_wake.map_or(at, |w| w.min(at)));
+                self.last_rate_block = Some(at);
+                false
+            }
+            Blocked::Load(lane) => {
+                if self.sent_since_load {
+                    self.sent_since_load = false;
+                    self.load_due = true;
+                    return false;
+                }
+                self.load_spilled(peer, lane, unix)
+            }
+            Blocked::Empty | Blocked::Unavailable | Blocked::Window => false,
+        }
     }
 
     /// Hands out `peer`'s next frame on one of `conns` (see [`Owner::poll_transmit_to`]) and
@@ -1413,24 +1421,11 @@ impl<L: Log> Owner<L> {
                     self.sent_since_load = true;
                     return Some((out.conn, out.msg_id, out.level));
                 }
-                Err(Blocked::Rate(at)) => {
-                    self.rate_wake = Some(self.rate_wake.map_or(at, |w| w.min(at)));
-                    self.last_rate_block = Some(at);
-                    return None;
-                }
-                Err(Blocked::Load(lane)) => {
-                    // What was sent goes out before the disk is read: the I/O writes it, sees
-                    // `load_due`, and asks again (the receiver's ACKs then come back sooner).
-                    if self.sent_since_load {
-                        self.sent_since_load = false;
-                        self.load_due = true;
-                        return None;
-                    }
-                    if !self.load_spilled(peer, lane, unix) {
+                Err(blocked) => {
+                    if !self.blocked_retry(peer, blocked, unix) {
                         return None;
                     }
                 }
-                Err(_) => return None,
             }
         }
         None

@@ -1392,38 +1392,48 @@ impl World {
                     }
                     break;
                 };
-                if let Some(id) = frame_id(&frame) {
-                    self.watch(id, || {
-                        format!(
-                            "sent to {who:?} as msg_id {} level {}",
-                            frame.header.msg_id, frame.header.priority
-                        )
-                    });
-                }
                 if room & (1 << k) == 0 {
                     return Err(self.fail(format!(
                         "{who:?}: a frame for connection {k}, which had no room"
                     )));
                 }
-                self.check_send(p, k, &frame)?;
-                let latency = MS / 10 + self.rng.below(3 * MS);
-                let peer = &mut self.peers[p];
-                let Some(conn) = (if k == 0 {
-                    peer.conn.as_mut()
-                } else {
-                    peer.extra.as_mut()
-                }) else {
+                if !self.deliver(p, k, frame)? {
                     break;
-                };
-                let at = conn
-                    .inbox
-                    .back()
-                    .map_or(0, |(t, _)| *t)
-                    .max(self.now + latency);
-                conn.inbox.push_back((at, frame));
+                }
             }
         }
         Ok(())
+    }
+
+    /// A frame the owner sent on connection `k` of peer `p`: checked, then put in that
+    /// connection's inbox to arrive after a random latency. `false` if the connection is gone.
+    fn deliver(&mut self, p: usize, k: usize, frame: Frame) -> Result<bool, Failure> {
+        let who = self.peers[p].peer;
+        if let Some(id) = frame_id(&frame) {
+            self.watch(id, || {
+                format!(
+                    "sent to {who:?} as msg_id {} level {}",
+                    frame.header.msg_id, frame.header.priority
+                )
+            });
+        }
+        self.check_send(p, k, &frame)?;
+        let latency = MS / 10 + self.rng.below(3 * MS);
+        let peer = &mut self.peers[p];
+        let Some(conn) = (if k == 0 {
+            peer.conn.as_mut()
+        } else {
+            peer.extra.as_mut()
+        }) else {
+            return Ok(false);
+        };
+        let at = conn
+            .inbox
+            .back()
+            .map_or(0, |(t, _)| *t)
+            .max(self.now + latency);
+        conn.inbox.push_back((at, frame));
+        Ok(true)
     }
 
     /// An SU's pump, as the engine's: the owner lends runs of frames (`Owner::transmit_each`)
@@ -1452,25 +1462,9 @@ impl World {
             self.carry_out(w)?;
             let full = frames.len() == free;
             for frame in frames {
-                if let Some(id) = frame_id(&frame) {
-                    self.watch(id, || {
-                        format!(
-                            "sent to {who:?} as msg_id {} level {}",
-                            frame.header.msg_id, frame.header.priority
-                        )
-                    });
-                }
-                self.check_send(p, 0, &frame)?;
-                let latency = MS / 10 + self.rng.below(3 * MS);
-                let Some(conn) = self.peers[p].conn.as_mut() else {
+                if !self.deliver(p, 0, frame)? {
                     return Err(self.fail(format!("{who:?}: a frame sent while disconnected")));
-                };
-                let at = conn
-                    .inbox
-                    .back()
-                    .map_or(0, |(t, _)| *t)
-                    .max(self.now + latency);
-                conn.inbox.push_back((at, frame));
+                }
             }
             // It stopped to have what it gave written before a load: ask again.
             if !full && !self.owners[w].take_load_due() {
