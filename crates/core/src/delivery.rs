@@ -79,6 +79,15 @@ pub struct DeliverySettings {
     pub release_ramp: Nanos,
 }
 
+impl DeliverySettings {
+    /// Whether frames of `level` may fill the whole window (urgent ones, or every one in FIFO
+    /// mode) rather than stop `window_reserved_top` short of it.
+    #[inline]
+    fn full_window(&self, level: Level) -> bool {
+        level == Level::URGENT || !self.prioritised
+    }
+}
+
 /// Why a frame may not be sent now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Blocked {
@@ -813,7 +822,7 @@ impl<T> DeliveryScheduler<T> {
             return Err(Blocked::Empty);
         };
         let (level, resend) = (*level, *resend);
-        let limit = if level == Level::URGENT || !self.settings.prioritised {
+        let limit = if self.settings.full_window(level) {
             self.window
         } else {
             self.window_routine
@@ -914,9 +923,11 @@ impl<T> DeliveryScheduler<T> {
         else {
             return Err(Blocked::Empty);
         };
-        // Every frame of a lane has the same limit: with priority a lane is one level, and in
-        // FIFO every level has the whole window.
-        let limit = if *level == Level::URGENT || !self.settings.prioritised {
+        // Every frame of a lane has the same limit: with priority, lane 0 holds the urgent
+        // level alone (a level's lane is its index), and in FIFO every level has the whole
+        // window.
+        let full_window = self.settings.full_window(*level);
+        let limit = if full_window {
             self.window
         } else {
             self.window_routine
@@ -964,10 +975,9 @@ impl<T> DeliveryScheduler<T> {
             else {
                 break;
             };
-            debug_assert!(
-                *level == Level::URGENT
-                    || !self.settings.prioritised
-                    || limit == self.window_routine,
+            debug_assert_eq!(
+                self.settings.full_window(*level),
+                full_window,
                 "a lane mixes limits"
             );
             stats.resent += u64::from(*resend);

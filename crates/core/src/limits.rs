@@ -43,6 +43,10 @@ const _: () = assert!(
     RING_BATCHES_PER_DRAIN_MAX >= 1,
     "a drain takes at least one batch"
 );
+/// The most free read chunks a worker keeps (`dsplane_proto::chunk::ChunkPool`): 16 MiB of
+/// 64 KiB chunks, so that frames released while new ones are read hand their chunks to the
+/// next reads rather than back to the allocator; a chunk returned beyond it is freed.
+pub const READ_CHUNKS_FREE_MAX: usize = 256;
 /// Reads from one connection in one turn before the others get theirs.
 pub const READS_PER_TURN_MAX: usize = 16;
 /// How long a connection being closed is kept, half-closed, so its peer reads the last NACK.

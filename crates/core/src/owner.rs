@@ -646,6 +646,22 @@ fn peer_in<'a>(
     }
 }
 
+/// Counts a frame going out in the latency histogram of its direction and level: its age since
+/// the sender stamped it (`created_ns`; a frame without a stamp is not counted).
+#[inline]
+fn record_latency(
+    metrics: &mut WorkerMetrics,
+    direction: Direction,
+    level: Level,
+    held: &Held,
+    unix: u64,
+) {
+    let created_ns = held.frame.header.created_ns;
+    if created_ns > 0 {
+        metrics.latency(direction, level.get(), unix.saturating_sub(created_ns));
+    }
+}
+
 /// The acknowledgement of a frame decided as it is taken (a throttled alert, a refusal). Out
 /// of line and cold, so that `take`'s usual path is compiled without it.
 #[cold]
@@ -1346,10 +1362,7 @@ impl<L: Log> Owner<L> {
             }
             let metrics = &mut self.metrics;
             let (n, blocked) = state.sched.send_each(now, usize::MAX, |out| {
-                let created_ns = out.item.frame.header.created_ns;
-                if created_ns > 0 {
-                    metrics.latency(direction, out.level.get(), unix.saturating_sub(created_ns));
-                }
+                record_latency(metrics, direction, out.level, out.item, unix);
                 each(&Transmit {
                     header: &out.item.frame.header,
                     msg_id: out.msg_id,
@@ -1410,14 +1423,13 @@ impl<L: Log> Owner<L> {
             }
             match state.sched.next_send_to(conns, now) {
                 Ok(out) => {
-                    let created_ns = out.item.frame.header.created_ns;
-                    if created_ns > 0 {
-                        self.metrics.latency(
-                            peer.direction(),
-                            out.level.get(),
-                            unix.saturating_sub(created_ns),
-                        );
-                    }
+                    record_latency(
+                        &mut self.metrics,
+                        peer.direction(),
+                        out.level,
+                        out.item,
+                        unix,
+                    );
                     self.sent_since_load = true;
                     return Some((out.conn, out.msg_id, out.level));
                 }

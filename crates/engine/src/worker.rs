@@ -36,7 +36,9 @@ use super::conn::{Conn, ConnState};
 use super::shared::{Adopt, Control, Shared};
 use super::timer::{Timer, WORKER_TIMER};
 use crate::ids::Level;
-use crate::limits::{LINGER, PUMP_CLOCK_READS_MAX, RING_BATCHES_PER_DRAIN_MAX, RING_BATCH_MAX};
+use crate::limits::{
+    LINGER, PUMP_CLOCK_READS_MAX, READ_CHUNKS_FREE_MAX, RING_BATCHES_PER_DRAIN_MAX, RING_BATCH_MAX,
+};
 use crate::owner::{Envelope, Event, Owner, PeerRef, TicketRun};
 use crate::ring;
 use crate::store::Store;
@@ -109,11 +111,6 @@ pub(crate) struct Worker {
     /// last frame cut from one ([`ChunkPool`]).
     chunks: ChunkPool,
 }
-
-/// The most free read chunks a worker keeps ([`ChunkPool`]): 16 MiB of 64 KiB chunks, enough
-/// that a backlog of frames being released while new ones are read does not go back to the
-/// allocator (and fault its memory in again) chunk by chunk.
-pub(crate) const READ_CHUNKS_FREE_MAX: usize = 256;
 
 impl Worker {
     pub(crate) fn new(

@@ -195,6 +195,11 @@ impl Chunk {
         }
     }
 
+    /// How many bytes the spare part holds.
+    pub(crate) fn spare_len(&self) -> usize {
+        self.memory.len - self.filled
+    }
+
     /// The spare part, for a read to write into.
     pub(crate) fn spare(&mut self) -> &mut [MaybeUninit<u8>] {
         // SAFETY: `filled <= len`; the region is alive, and no window covers it (windows end at

@@ -980,7 +980,7 @@ impl FrameDecoder {
         let buffered = match &self.chunk {
             Some(c) => {
                 let fits = c.consumed() + front <= c.capacity();
-                if fits && c.capacity() - c.consumed() - c.data().len() >= spare {
+                if fits && c.spare_len() >= spare {
                     return;
                 }
                 c.data().len()
