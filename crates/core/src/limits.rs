@@ -43,6 +43,15 @@ const _: () = assert!(
     RING_BATCHES_PER_DRAIN_MAX >= 1,
     "a drain takes at least one batch"
 );
+/// Envelopes an owner takes from its ring in one go while a rate-limited peer waits for its
+/// tokens (`Owner::rate_wake`): between two such pieces it reads the clock, and once the tokens
+/// are due it writes what it took and pumps, rather than take a whole [`RING_BATCH_MAX`] first.
+/// A bucket of 100 tokens at 10 M/s is full again 10 µs after it ran dry, and a `batch` owner
+/// takes a frame in some 0.2–0.3 µs: 32 frames are well inside that, 1,024 are some 25 buckets
+/// thrown away. A line-rate `batch` run with `burst = 100` went from 0.295–0.316× the null
+/// forwarder to 0.365–0.416× (BENCHMARKS.md, with the sweep that chose 32).
+pub const RING_BATCH_PACING: usize = 32;
+const _: () = assert!(RING_BATCH_PACING >= 1 && RING_BATCH_PACING <= RING_BATCH_MAX);
 /// The most free read chunks a worker keeps (`dsplane_proto::chunk::ChunkPool`): 16 MiB of
 /// 64 KiB chunks, so that frames released while new ones are read hand their chunks to the
 /// next reads rather than back to the allocator; a chunk returned beyond it is freed.

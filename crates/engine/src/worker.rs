@@ -38,6 +38,7 @@ use super::timer::{Timer, WORKER_TIMER};
 use crate::ids::Level;
 use crate::limits::{
     LINGER, PUMP_CLOCK_READS_MAX, READ_CHUNKS_FREE_MAX, RING_BATCHES_PER_DRAIN_MAX, RING_BATCH_MAX,
+    RING_BATCH_PACING,
 };
 use crate::owner::{Envelope, Event, Owner, PeerRef, TicketRun};
 use crate::ring;
@@ -284,31 +285,52 @@ impl Worker {
     }
 
     fn drain_ring(&mut self) {
-        self.drain_ring_up_to(RING_BATCHES_PER_DRAIN_MAX);
+        self.drain_ring_up_to(RING_BATCHES_PER_DRAIN_MAX, true);
     }
 
     /// Takes in everything the ring holds now, for a peer that connects: its frames there belong
     /// to its backlog, and its release (with the ramp) must see them. At most twice the ring's
-    /// capacity, so that intake refilling the ring meanwhile cannot hold the connect up.
+    /// capacity, so that intake refilling the ring meanwhile cannot hold the connect up. No
+    /// pump in the middle: the release waits for the whole backlog.
     fn drain_ring_held(&mut self) {
         let held = self.ring.levels() * self.ring.capacity_per_level();
-        self.drain_ring_up_to(2 * held.div_ceil(RING_BATCH_MAX) + 1);
+        self.drain_ring_up_to(2 * held.div_ceil(RING_BATCH_MAX) + 1, false);
     }
 
-    fn drain_ring_up_to(&mut self, batches_max: usize) {
-        drain_batches(batches_max, || {
+    /// Takes at most `batches_max` batches from the ring (see [`Drain`]). With `pace`, while a
+    /// rate-limited peer waits for its tokens, the ring is taken in pieces of
+    /// [`RING_BATCH_PACING`] with a clock read between them, and once the tokens are due what was
+    /// taken is written and the peers are pumped then, not at the end of the turn: a bucket of
+    /// 100 at 10 M/s is full again long before a batch of 1,024 has been taken and written.
+    fn drain_ring_up_to(&mut self, batches_max: usize, pace: bool) {
+        let mut drain = Drain::new(batches_max);
+        loop {
+            let pacing = if pace { self.owner.rate_wake() } else { None };
+            let asked = drain.piece(pacing.is_some());
             // Each envelope goes from its ring slot straight into `take`, not through a list.
             let mut taker = TakeEach {
                 owner: &mut self.owner,
                 now: self.turn_now,
             };
-            let n = self.ring.pop_bulk(&mut taker, RING_BATCH_MAX);
-            if n > 0 {
+            let n = self.ring.pop_bulk(&mut taker, asked);
+            let done = drain.took(n, asked);
+            let pump = match pacing {
+                Some(due) if !done => Some(self.shared.now()).filter(|&now| now >= due),
+                _ => None,
+            };
+            if drain.commit_now(done, pump.is_some()) {
                 let _ = self.owner.commit();
                 self.carry_out();
             }
-            n
-        });
+            if let Some(now) = pump {
+                // The rest of the turn goes on from this instant (the clock only moves on).
+                self.turn_now = now;
+                self.pump_all(now);
+            }
+            if done {
+                return;
+            }
+        }
     }
 
     /// Carries out what the owner decided: acknowledgements go to the workers that took the
@@ -754,19 +776,61 @@ impl Extend<(usize, Envelope)> for TakeEach<'_> {
     }
 }
 
-/// Runs `take_batch` (which takes one batch of at most [`RING_BATCH_MAX`] from the ring and
-/// returns its size) until the ring is empty, a batch comes back short, or `batches_max`
-/// batches are taken ([`RING_BATCHES_PER_DRAIN_MAX`]); returns how many frames were taken.
-fn drain_batches(batches_max: usize, mut take_batch: impl FnMut() -> usize) -> usize {
-    let mut taken = 0;
-    for _ in 0..batches_max {
-        let n = take_batch();
-        taken += n;
-        if n < RING_BATCH_MAX {
-            break;
+/// One drain of the owner's ring ([`Worker::drain_ring_up_to`]), apart from the ring and the
+/// owner so that its rules are tested alone: how much to take next, when to write what was
+/// taken ([`Owner::commit`], before any pump, since only written frames are placed), and when
+/// to stop.
+///
+/// - A piece is a batch of [`RING_BATCH_MAX`], or [`RING_BATCH_PACING`] while a peer waits for
+///   its tokens; never beyond the drain's `batches_max` batches, and never more than a batch
+///   taken and not yet written.
+/// - The drain stops at a short piece (the ring is empty) or at its bound: from a ring kept
+///   full, the rest waits for the next turn ([`RING_BATCHES_PER_DRAIN_MAX`]).
+#[derive(Debug)]
+struct Drain {
+    frames_max: usize,
+    taken: usize,
+    uncommitted: usize,
+}
+
+impl Drain {
+    fn new(batches_max: usize) -> Drain {
+        Drain {
+            frames_max: batches_max * RING_BATCH_MAX,
+            taken: 0,
+            uncommitted: 0,
         }
     }
-    taken
+
+    /// How many envelopes to take next.
+    fn piece(&self, pacing: bool) -> usize {
+        let piece = if pacing {
+            RING_BATCH_PACING
+        } else {
+            RING_BATCH_MAX
+        };
+        piece
+            .min(self.frames_max - self.taken)
+            .min(RING_BATCH_MAX - self.uncommitted)
+    }
+
+    /// `n` taken of `asked`; whether the drain is over.
+    fn took(&mut self, n: usize, asked: usize) -> bool {
+        self.taken += n;
+        self.uncommitted += n;
+        n < asked || self.taken >= self.frames_max
+    }
+
+    /// Whether what was taken is to be written now: at the end, before a pump, or when a whole
+    /// batch waits.
+    fn commit_now(&mut self, done: bool, pumping: bool) -> bool {
+        let commit =
+            self.uncommitted > 0 && (done || pumping || self.uncommitted >= RING_BATCH_MAX);
+        if commit {
+            self.uncommitted = 0;
+        }
+        commit
+    }
 }
 
 #[cfg(test)]
@@ -798,36 +862,178 @@ mod pump_clock_tests {
 mod drain_tests {
     use super::*;
 
+    /// Drives a [`Drain`] as `drain_ring_up_to` does, over a ring that holds `held` envelopes
+    /// (`None`: its producers keep it full), with `pacing` and `due` saying, piece by piece,
+    /// whether a peer waits for tokens and whether they are due. Returns the pieces asked for,
+    /// and the events: `Take(n)`, `Commit(frames)`, `Pump`.
+    fn drive(
+        batches_max: usize,
+        held: Option<usize>,
+        mut pacing: impl FnMut() -> bool,
+        mut due: impl FnMut() -> bool,
+    ) -> Vec<Step> {
+        let mut drain = Drain::new(batches_max);
+        let mut left = held;
+        let mut steps = Vec::new();
+        let mut uncommitted = 0;
+        loop {
+            let pacing = pacing();
+            let asked = drain.piece(pacing);
+            assert!(asked >= 1, "a piece asks for something");
+            let n = left.map_or(asked, |l| l.min(asked));
+            if let Some(l) = left.as_mut() {
+                *l -= n;
+            }
+            steps.push(Step::Take(n));
+            uncommitted += n;
+            let done = drain.took(n, asked);
+            let pump = pacing && !done && due();
+            if drain.commit_now(done, pump) {
+                steps.push(Step::Commit(std::mem::take(&mut uncommitted)));
+            }
+            if pump {
+                steps.push(Step::Pump);
+            }
+            if done {
+                return steps;
+            }
+        }
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Step {
+        Take(usize),
+        Commit(usize),
+        Pump,
+    }
+
+    fn taken(steps: &[Step]) -> usize {
+        steps
+            .iter()
+            .map(|s| match s {
+                Step::Take(n) => *n,
+                _ => 0,
+            })
+            .sum()
+    }
+
     #[test]
     fn a_drain_stops_after_its_batches_even_when_the_ring_stays_full() {
-        // A ring its producers keep full: every batch comes back whole.
-        let mut batches = 0;
-        let taken = drain_batches(RING_BATCHES_PER_DRAIN_MAX, || {
-            batches += 1;
-            RING_BATCH_MAX
-        });
-        assert_eq!(batches, RING_BATCHES_PER_DRAIN_MAX);
-        assert_eq!(taken, RING_BATCHES_PER_DRAIN_MAX * RING_BATCH_MAX);
+        let steps = drive(RING_BATCHES_PER_DRAIN_MAX, None, || false, || false);
+        let batch = [Step::Take(RING_BATCH_MAX), Step::Commit(RING_BATCH_MAX)];
+        assert_eq!(steps, batch.repeat(RING_BATCHES_PER_DRAIN_MAX));
     }
 
     #[test]
     fn a_drain_stops_at_the_first_short_batch_or_an_empty_ring() {
-        let mut sizes = [RING_BATCH_MAX, 17, RING_BATCH_MAX].into_iter();
-        let taken = drain_batches(8, || sizes.next().unwrap_or(0));
-        assert_eq!(taken, RING_BATCH_MAX + 17);
+        let steps = drive(8, Some(RING_BATCH_MAX + 17), || false, || false);
         assert_eq!(
-            sizes.next(),
-            Some(RING_BATCH_MAX),
-            "nothing taken after the short batch"
+            steps,
+            [
+                Step::Take(RING_BATCH_MAX),
+                Step::Commit(RING_BATCH_MAX),
+                Step::Take(17),
+                Step::Commit(17),
+            ]
         );
-        let mut calls = 0;
+        // An empty ring: one look, nothing to write.
+        assert_eq!(drive(8, Some(0), || true, || true), [Step::Take(0)]);
+    }
+
+    #[test]
+    fn while_a_peer_waits_for_tokens_the_ring_is_taken_in_pieces_and_written_only_by_batches() {
+        // Tokens never due: pieces of RING_BATCH_PACING, written once a whole batch waits.
+        let steps = drive(2, None, || true, || false);
+        let per_batch = RING_BATCH_MAX / RING_BATCH_PACING;
+        let mut batch = vec![Step::Take(RING_BATCH_PACING); per_batch];
+        batch.push(Step::Commit(RING_BATCH_MAX));
+        assert_eq!(steps, batch.repeat(2));
+    }
+
+    #[test]
+    fn tokens_due_mid_drain_have_what_was_taken_written_then_a_pump() {
+        // Due after every third piece.
+        let mut pieces = 0;
+        let steps = drive(
+            1,
+            None,
+            || true,
+            || {
+                pieces += 1;
+                pieces % 3 == 0
+            },
+        );
         assert_eq!(
-            drain_batches(8, || {
-                calls += 1;
-                0
-            }),
-            0
+            &steps[..7],
+            [
+                Step::Take(RING_BATCH_PACING),
+                Step::Take(RING_BATCH_PACING),
+                Step::Take(RING_BATCH_PACING),
+                Step::Commit(3 * RING_BATCH_PACING),
+                Step::Pump,
+                Step::Take(RING_BATCH_PACING),
+                Step::Take(RING_BATCH_PACING),
+            ]
         );
-        assert_eq!(calls, 1);
+        assert_eq!(taken(&steps), RING_BATCH_MAX, "the bound holds");
+        // The last piece ends the drain: written, and no pump (the turn's own follows).
+        assert_eq!(
+            steps.last(),
+            Some(&Step::Commit(RING_BATCH_MAX % (3 * RING_BATCH_PACING)))
+        );
+    }
+
+    #[test]
+    fn every_drain_writes_all_it_took_before_a_pump_and_never_holds_more_than_a_batch() {
+        // Pseudo-random pacing, due times and ring contents.
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..2_000 {
+            let batches_max = 1 + (next() % 5) as usize;
+            let held = match next() % 3 {
+                0 => None,
+                _ => Some((next() % (6 * RING_BATCH_MAX as u64)) as usize),
+            };
+            let seed = next();
+            let mut r = seed;
+            let mut bit = move || {
+                r = r.rotate_left(7).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                r >> 63 == 1
+            };
+            let mut r2 = seed ^ 0xFFFF;
+            let mut bit2 = move || {
+                r2 = r2.rotate_left(11).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                r2 >> 62 == 0
+            };
+            let steps = drive(batches_max, held, &mut bit, &mut bit2);
+            let mut uncommitted = 0;
+            let mut written = 0;
+            for s in &steps {
+                match *s {
+                    Step::Take(n) => {
+                        uncommitted += n;
+                        assert!(uncommitted <= RING_BATCH_MAX, "{steps:?}");
+                    }
+                    Step::Commit(n) => {
+                        assert_eq!(n, uncommitted);
+                        written += n;
+                        uncommitted = 0;
+                    }
+                    Step::Pump => assert_eq!(uncommitted, 0, "a pump with frames unwritten"),
+                }
+            }
+            let all = taken(&steps);
+            assert_eq!(written, all, "everything taken is written by the end");
+            assert!(all <= batches_max * RING_BATCH_MAX);
+            let expected = held.map_or(batches_max * RING_BATCH_MAX, |h| {
+                h.min(batches_max * RING_BATCH_MAX)
+            });
+            assert_eq!(all, expected, "a drain takes all it may");
+        }
     }
 }
