@@ -1,0 +1,320 @@
+//! The lease as one node sees it: a sans-IO state machine driven by explicit time.
+//!
+//! PostgreSQL holds the lease (one row: the node, its epoch, when it expires, by the server's
+//! clock; [`crate::pg`]). This side decides when to ask for it and when to renew it, and, the
+//! part that keeps two nodes from delivering at once, until when the node may still act on it.
+//!
+//! # Until when a node may act
+//!
+//! A renewal sets the row's expiry to the server's clock at the update plus the lease. The
+//! update runs after the node sent it, so the row cannot expire, and no other node can take
+//! the lease, before `sent + lease` in real time. The node acts only until
+//! `sent + lease - lease / SAFETY_DIVISOR` on its own monotonic clock: the tenth is for the two
+//! clocks running at different rates. A node that was stopped (SIGSTOP, a long pause) and
+//! wakes past that instant acts on nothing until a renewal says the lease is still its own: a
+//! renewal names the epoch, and a takeover raised it, so after a takeover the renewal fails
+//! and the node is [`Role::Fenced`], for good.
+//!
+//! What this assumes of the clocks: the node's monotonic clock and the server's wall clock run
+//! at rates within 10 % of each other, and the server's clock is not stepped forward by more
+//! than the margin while a lease runs (NTP slews small errors; `docs/ha.md`).
+
+use crate::Nanos;
+
+/// The shortest `lease_ms` accepted: below it a renewal's round trip to PostgreSQL is a large
+/// part of the lease.
+pub const LEASE_MS_MIN: u64 = 100;
+/// The longest `lease_ms` accepted: a takeover waits for the lease to expire.
+pub const LEASE_MS_MAX: u64 = 60_000;
+/// Renewals per lease: the active renews every `lease / RENEWS_PER_LEASE`, so that two renewals
+/// can fail before it must stop acting.
+pub const RENEWS_PER_LEASE: u64 = 3;
+/// The part of the lease a node gives up to clock-rate differences: it acts until
+/// `sent + lease - lease / SAFETY_DIVISOR`.
+pub const SAFETY_DIVISOR: u64 = 10;
+/// After a failed request (PostgreSQL unreachable), the next try comes after
+/// `lease / RETRY_DIVISOR`.
+pub const RETRY_DIVISOR: u64 = 10;
+
+const NANOS_PER_MS: u64 = 1_000_000;
+
+/// A `lease_ms` outside its bounds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("[cluster] lease_ms = {0}: must be from {LEASE_MS_MIN} to {LEASE_MS_MAX} ms")]
+pub struct LeaseMsOutOfRange(pub u64);
+
+/// What the node is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Not holding the lease: it asks for it from time to time.
+    Standby,
+    /// Holding the lease of this epoch (it may act only while [`Lease::may_act`] says so).
+    Active {
+        /// The lease's epoch: every write of the node carries it.
+        epoch: u64,
+    },
+    /// Another node took the lease over (a renewal or a fenced write found a newer epoch). The
+    /// node must stop: close its connections, ACK nothing more, deliver nothing more. Final.
+    Fenced {
+        /// The epoch it held.
+        epoch: u64,
+    },
+}
+
+/// What the node is to ask PostgreSQL now ([`Lease::poll`]); the answer goes back with
+/// [`Lease::on_acquired`], [`Lease::on_renewed`] or [`Lease::on_failed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// Take the lease if it has expired (a new epoch).
+    Acquire,
+    /// Renew the lease of this epoch.
+    Renew {
+        /// The epoch held.
+        epoch: u64,
+    },
+}
+
+/// The lease as one node sees it. See the module documentation.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    lease: Nanos,
+    role: Role,
+    /// When the request in flight was sent.
+    in_flight: Option<(Request, Nanos)>,
+    /// When the next request is due.
+    next_at: Nanos,
+    /// While active: the node may act before this instant.
+    valid_until: Nanos,
+}
+
+impl Lease {
+    /// A standby's lease of `lease_ms`, its first request due at once.
+    ///
+    /// # Errors
+    ///
+    /// `lease_ms` outside [`LEASE_MS_MIN`]..=[`LEASE_MS_MAX`].
+    pub fn new(lease_ms: u64) -> Result<Lease, LeaseMsOutOfRange> {
+        if !(LEASE_MS_MIN..=LEASE_MS_MAX).contains(&lease_ms) {
+            return Err(LeaseMsOutOfRange(lease_ms));
+        }
+        Ok(Lease {
+            lease: lease_ms * NANOS_PER_MS,
+            role: Role::Standby,
+            in_flight: None,
+            next_at: 0,
+            valid_until: 0,
+        })
+    }
+
+    /// What the node is now.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The epoch held, while active (whether or not it may act now).
+    pub fn epoch(&self) -> Option<u64> {
+        match self.role {
+            Role::Active { epoch } => Some(epoch),
+            _ => None,
+        }
+    }
+
+    /// Whether the node may act (accept HELLOs, ACK, deliver) at `now`: it holds the lease and
+    /// `now` is before the instant its last renewal guarantees.
+    pub fn may_act(&self, now: Nanos) -> bool {
+        matches!(self.role, Role::Active { .. }) && now < self.valid_until
+    }
+
+    /// The request due at `now`, if any (one at a time; none once fenced).
+    pub fn poll(&mut self, now: Nanos) -> Option<Request> {
+        if self.in_flight.is_some() || now < self.next_at {
+            return None;
+        }
+        let request = match self.role {
+            Role::Standby => Request::Acquire,
+            Role::Active { epoch } => Request::Renew { epoch },
+            Role::Fenced { .. } => return None,
+        };
+        self.in_flight = Some((request, now));
+        Some(request)
+    }
+
+    /// When the caller must next look ([`Lease::poll`], or stop acting): `None` once fenced.
+    pub fn next_deadline(&self) -> Option<Nanos> {
+        match self.role {
+            Role::Fenced { .. } => None,
+            Role::Standby => Some(self.next_at),
+            Role::Active { .. } if self.valid_until > 0 => Some(self.next_at.min(self.valid_until)),
+            Role::Active { .. } => Some(self.next_at),
+        }
+    }
+
+    /// The answer to [`Request::Acquire`]: the new epoch, or `None` (another node holds a lease
+    /// that has not expired).
+    pub fn on_acquired(&mut self, epoch: Option<u64>, now: Nanos) {
+        let Some((Request::Acquire, sent)) = self.in_flight.take() else {
+            return;
+        };
+        match epoch {
+            Some(epoch) => {
+                self.role = Role::Active { epoch };
+                self.renewed_at(sent);
+            }
+            None => self.next_at = now + self.lease / RENEWS_PER_LEASE,
+        }
+    }
+
+    /// The answer to [`Request::Renew`]: `true` if the row still had this node's epoch.
+    /// `false`: another node took over, and this one is fenced.
+    pub fn on_renewed(&mut self, ok: bool) {
+        let Some((Request::Renew { epoch }, sent)) = self.in_flight.take() else {
+            return;
+        };
+        if ok {
+            self.renewed_at(sent);
+        } else {
+            self.fence(epoch);
+        }
+    }
+
+    /// The request in flight failed (PostgreSQL unreachable, a timeout): tried again after
+    /// `lease / RETRY_DIVISOR`. An active node keeps the lease it has, and may act until its
+    /// last renewal runs out.
+    pub fn on_failed(&mut self, now: Nanos) {
+        if self.in_flight.take().is_some() {
+            self.next_at = now + self.lease / RETRY_DIVISOR;
+        }
+    }
+
+    /// A fenced write (or anything else) found a newer epoch than the one held: fenced, for
+    /// good.
+    pub fn on_fenced(&mut self) {
+        if let Role::Active { epoch } = self.role {
+            self.fence(epoch);
+        }
+    }
+
+    fn fence(&mut self, epoch: u64) {
+        self.role = Role::Fenced { epoch };
+        self.in_flight = None;
+        self.valid_until = 0;
+    }
+
+    fn renewed_at(&mut self, sent: Nanos) {
+        self.valid_until = sent + self.lease - self.lease / SAFETY_DIVISOR;
+        self.next_at = sent + self.lease / RENEWS_PER_LEASE;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Nanos = NANOS_PER_MS;
+    /// A third of a 1 s lease: when renewals come.
+    const THIRD: Nanos = 1_000 * MS / RENEWS_PER_LEASE;
+
+    #[test]
+    fn lease_ms_is_bounded_at_both_edges() {
+        assert!(Lease::new(LEASE_MS_MIN).is_ok());
+        assert!(Lease::new(LEASE_MS_MAX).is_ok());
+        assert_eq!(
+            Lease::new(LEASE_MS_MIN - 1).unwrap_err(),
+            LeaseMsOutOfRange(LEASE_MS_MIN - 1)
+        );
+        let e = Lease::new(LEASE_MS_MAX + 1).unwrap_err();
+        assert!(e.to_string().contains("lease_ms = 60001"), "{e}");
+    }
+
+    #[test]
+    fn a_standby_asks_at_once_then_every_third_of_a_lease_and_one_request_at_a_time() {
+        let mut l = Lease::new(1_000).unwrap();
+        assert_eq!(l.poll(0), Some(Request::Acquire));
+        assert_eq!(l.poll(1), None, "one in flight");
+        l.on_acquired(None, 5 * MS);
+        assert_eq!(l.role(), Role::Standby);
+        assert!(!l.may_act(5 * MS));
+        assert_eq!(l.poll(5 * MS + THIRD - 1), None);
+        assert_eq!(l.poll(5 * MS + THIRD), Some(Request::Acquire));
+    }
+
+    #[test]
+    fn an_active_node_acts_until_its_renewal_guarantees_and_not_a_nanosecond_more() {
+        let mut l = Lease::new(1_000).unwrap();
+        assert_eq!(l.poll(10 * MS), Some(Request::Acquire));
+        // The answer comes late; the guarantee counts from when the request was sent.
+        l.on_acquired(Some(7), 40 * MS);
+        assert_eq!(l.role(), Role::Active { epoch: 7 });
+        assert_eq!(l.epoch(), Some(7));
+        let until = 10 * MS + 900 * MS;
+        assert!(l.may_act(until - 1));
+        assert!(!l.may_act(until));
+        // Renewal due a third of a lease after the request was sent.
+        assert_eq!(l.poll(10 * MS + THIRD - 1), None);
+        assert_eq!(l.next_deadline(), Some(10 * MS + THIRD));
+        assert_eq!(l.poll(10 * MS + THIRD), Some(Request::Renew { epoch: 7 }));
+        l.on_renewed(true);
+        assert!(l.may_act(10 * MS + THIRD + 900 * MS - 1));
+        assert!(!l.may_act(10 * MS + THIRD + 900 * MS));
+    }
+
+    #[test]
+    fn a_node_that_slept_past_its_lease_acts_on_nothing_and_a_failed_renewal_fences_it() {
+        let mut l = Lease::new(1_000).unwrap();
+        l.poll(0);
+        l.on_acquired(Some(3), MS);
+        // SIGSTOP for 5 s: on waking it may not act, whatever it holds in memory.
+        let woke = 5_000 * MS;
+        assert!(!l.may_act(woke));
+        assert_eq!(l.poll(woke), Some(Request::Renew { epoch: 3 }));
+        // Meanwhile another node took epoch 4: the renewal fails.
+        l.on_renewed(false);
+        assert_eq!(l.role(), Role::Fenced { epoch: 3 });
+        assert!(!l.may_act(woke));
+        assert_eq!(l.poll(woke + 10_000 * MS), None, "fenced is final");
+        assert_eq!(l.next_deadline(), None);
+        l.on_acquired(Some(9), woke);
+        assert_eq!(
+            l.role(),
+            Role::Fenced { epoch: 3 },
+            "a stray answer changes nothing"
+        );
+    }
+
+    #[test]
+    fn unreachable_postgres_is_retried_and_the_active_stops_acting_when_its_lease_runs_out() {
+        let mut l = Lease::new(1_000).unwrap();
+        l.poll(0);
+        l.on_acquired(Some(1), 0);
+        assert_eq!(l.poll(THIRD), Some(Request::Renew { epoch: 1 }));
+        l.on_failed(340 * MS);
+        assert_eq!(l.role(), Role::Active { epoch: 1 }, "still its own");
+        assert_eq!(l.poll(340 * MS + 99 * MS), None);
+        assert_eq!(l.poll(440 * MS), Some(Request::Renew { epoch: 1 }));
+        l.on_failed(450 * MS);
+        assert!(l.may_act(899 * MS));
+        assert!(
+            !l.may_act(900 * MS),
+            "the last renewal's guarantee is spent"
+        );
+        // PostgreSQL is back and nobody took over: the renewal succeeds and it acts again.
+        assert_eq!(l.poll(950 * MS), Some(Request::Renew { epoch: 1 }));
+        l.on_renewed(true);
+        assert!(l.may_act(951 * MS));
+        assert!(!l.may_act(950 * MS + 900 * MS));
+    }
+
+    #[test]
+    fn a_write_that_meets_a_newer_epoch_fences_the_node() {
+        let mut l = Lease::new(500).unwrap();
+        l.poll(0);
+        l.on_acquired(Some(2), 0);
+        l.on_fenced();
+        assert_eq!(l.role(), Role::Fenced { epoch: 2 });
+        assert!(!l.may_act(1));
+        // A standby has nothing to fence.
+        let mut s = Lease::new(500).unwrap();
+        s.on_fenced();
+        assert_eq!(s.role(), Role::Standby);
+    }
+}

@@ -1,0 +1,29 @@
+//! High availability on PostgreSQL: several dsplane nodes, one active (issue 17, in progress).
+//!
+//! This crate holds what decides which node is active and what keeps a node that lost that
+//! role from acting on it:
+//!
+//! - [`lease`]: the lease as a sans-IO state machine, driven by explicit time. It says when to
+//!   renew, and until when the node may still act (ACK, deliver) on a lease it last renewed at a
+//!   known instant. No clock is read inside, no database is touched.
+//! - [`pg`]: the lease, its fencing and the schema in PostgreSQL. Every write of the active runs
+//!   in a transaction that first takes a share lock on the lease row and checks its epoch, so a
+//!   takeover (an update of that row) waits for the old node's write in flight and refuses every
+//!   later one.
+//! - [`log`]: the replicated log's frames in PostgreSQL: appended by `COPY` in one fenced
+//!   transaction per batch, deleted by lane once delivered, loaded back in order by a new
+//!   active.
+//! - [`testing`]: a PostgreSQL cluster of its own for a test (`initdb` in a temporary directory,
+//!   on a free loopback port), so that `cargo test` needs no running database.
+//!
+//! The replicated store, the takeover and the engine's use of them come next (`docs/ha.md`).
+
+#![warn(missing_docs)]
+
+pub mod lease;
+pub mod log;
+pub mod pg;
+pub mod testing;
+
+/// Nanoseconds on the caller's monotonic clock.
+pub type Nanos = u64;

@@ -1,0 +1,217 @@
+//! The replicated log's frames in PostgreSQL (`dsplane_frames`, [`crate::pg`]).
+//!
+//! - A batch of frames is appended in one transaction fenced by the writer's epoch
+//!   ([`Db::fenced`]), with `COPY … FROM STDIN BINARY`: one round trip for the rows and one
+//!   commit, whose durability (and, with `synchronous_standby_names`, replication) is
+//!   PostgreSQL's. A frame may be ACKed to its sender once its batch has committed.
+//! - Frames delivered are deleted by lane, through the highest id delivered
+//!   ([`delete_through`]): the table holds what is not yet delivered, and does not grow without
+//!   bound.
+//! - A new active loads what is left ([`pending`]), by peer and lane in id order, and goes on
+//!   from [`next_id`].
+//!
+//! [`append_by_insert`] does the same append with one multi-row `INSERT … SELECT unnest(…)`,
+//! the alternative `benches/append.rs` measures `COPY` against.
+
+use postgres::binary_copy::BinaryCopyInWriter;
+use postgres::types::Type;
+
+use crate::pg::{ClusterError, Db, WriteError};
+
+/// One frame to append: its id (the active's own sequence), its peer, lane and level, when
+/// dsplane took it, and its bytes as on the wire.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameRow<'a> {
+    /// Unique and rising among the frames in the table: an active numbers from [`next_id`],
+    /// read when it takes the lease, so its frames come after every frame left by the ones
+    /// before it (ids of frames deleted may be used again; nothing refers to them).
+    pub id: u64,
+    /// 1: an SU, 2: a CSP link (as in the local log).
+    pub peer_kind: u8,
+    /// The SU's EUI-64 or the link's key.
+    pub peer_id: u64,
+    /// The lane.
+    pub lane: u8,
+    /// The priority level.
+    pub level: u8,
+    /// When dsplane took it, ns since the Unix epoch.
+    pub enqueued_ns: u64,
+    /// Header and payload.
+    pub frame: &'a [u8],
+}
+
+/// A frame loaded back ([`pending`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedRow {
+    /// Its id.
+    pub id: u64,
+    /// The epoch that wrote it.
+    pub epoch: u64,
+    /// 1: an SU, 2: a CSP link.
+    pub peer_kind: u8,
+    /// The peer.
+    pub peer_id: u64,
+    /// The lane.
+    pub lane: u8,
+    /// The level.
+    pub level: u8,
+    /// When dsplane took it.
+    pub enqueued_ns: u64,
+    /// Header and payload.
+    pub frame: Vec<u8>,
+}
+
+/// Bigint columns hold u64s bit for bit (EUI-64s use the whole range).
+fn int8(v: u64) -> i64 {
+    v as i64
+}
+
+fn uint(v: i64) -> u64 {
+    v as u64
+}
+
+fn small(v: i16) -> u8 {
+    u8::try_from(v).unwrap_or(u8::MAX)
+}
+
+/// Appends `rows` in one transaction fenced by `epoch`, by `COPY … BINARY`.
+///
+/// # Errors
+///
+/// [`WriteError::Fenced`]: another node holds the lease, nothing was written. A failed query:
+/// nothing may be taken as written (the transaction rolled back).
+pub fn append(db: &mut Db, epoch: u64, rows: &[FrameRow<'_>]) -> Result<(), WriteError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    db.fenced(epoch, |tx| {
+        let sink = tx.copy_in(
+            "COPY dsplane_frames (id, epoch, peer_kind, peer_id, lane, level, enqueued_ns, frame) \
+             FROM STDIN BINARY",
+        )?;
+        let types = [
+            Type::INT8,
+            Type::INT8,
+            Type::INT2,
+            Type::INT8,
+            Type::INT2,
+            Type::INT2,
+            Type::INT8,
+            Type::BYTEA,
+        ];
+        let mut writer = BinaryCopyInWriter::new(sink, &types);
+        let epoch = int8(epoch);
+        for r in rows {
+            writer.write(&[
+                &int8(r.id),
+                &epoch,
+                &i16::from(r.peer_kind),
+                &int8(r.peer_id),
+                &i16::from(r.lane),
+                &i16::from(r.level),
+                &int8(r.enqueued_ns),
+                &r.frame,
+            ])?;
+        }
+        writer.finish()?;
+        Ok(())
+    })
+}
+
+/// [`append`] by one multi-row `INSERT … SELECT unnest(…)` (the alternative the bench measures).
+///
+/// # Errors
+///
+/// As [`append`].
+pub fn append_by_insert(db: &mut Db, epoch: u64, rows: &[FrameRow<'_>]) -> Result<(), WriteError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = rows.iter().map(|r| int8(r.id)).collect();
+    let kinds: Vec<i16> = rows.iter().map(|r| i16::from(r.peer_kind)).collect();
+    let peers: Vec<i64> = rows.iter().map(|r| int8(r.peer_id)).collect();
+    let lanes: Vec<i16> = rows.iter().map(|r| i16::from(r.lane)).collect();
+    let levels: Vec<i16> = rows.iter().map(|r| i16::from(r.level)).collect();
+    let at: Vec<i64> = rows.iter().map(|r| int8(r.enqueued_ns)).collect();
+    let frames: Vec<&[u8]> = rows.iter().map(|r| r.frame).collect();
+    db.fenced(epoch, |tx| {
+        tx.execute(
+            "INSERT INTO dsplane_frames (id, epoch, peer_kind, peer_id, lane, level, enqueued_ns, frame) \
+             SELECT id, $2, k, p, l, v, t, f \
+               FROM unnest($1::bigint[], $3::smallint[], $4::bigint[], $5::smallint[], \
+                           $6::smallint[], $7::bigint[], $8::bytea[]) AS u(id, k, p, l, v, t, f)",
+            &[&ids, &int8(epoch), &kinds, &peers, &lanes, &levels, &at, &frames],
+        )?;
+        Ok(())
+    })
+}
+
+/// Deletes the frames of (peer, lane) through id `through`, delivered; fenced by `epoch`.
+/// Returns how many went.
+///
+/// # Errors
+///
+/// As [`append`].
+pub fn delete_through(
+    db: &mut Db,
+    epoch: u64,
+    peer_kind: u8,
+    peer_id: u64,
+    lane: u8,
+    through: u64,
+) -> Result<u64, WriteError> {
+    db.fenced(epoch, |tx| {
+        tx.execute(
+            "DELETE FROM dsplane_frames \
+              WHERE peer_kind = $1 AND peer_id = $2 AND lane = $3 AND id <= $4",
+            &[
+                &i16::from(peer_kind),
+                &int8(peer_id),
+                &i16::from(lane),
+                &int8(through),
+            ],
+        )
+    })
+}
+
+/// Every frame not yet delivered, by peer and lane, each lane in id order (a new active's
+/// load).
+///
+/// # Errors
+///
+/// A failed query.
+pub fn pending(db: &mut Db) -> Result<Vec<LoadedRow>, ClusterError> {
+    let rows = db.client().query(
+        "SELECT id, epoch, peer_kind, peer_id, lane, level, enqueued_ns, frame \
+           FROM dsplane_frames ORDER BY peer_kind, peer_id, lane, id",
+        &[],
+    )?;
+    Ok(rows
+        .iter()
+        .map(|r| LoadedRow {
+            id: uint(r.get(0)),
+            epoch: uint(r.get(1)),
+            peer_kind: small(r.get(2)),
+            peer_id: uint(r.get(3)),
+            lane: small(r.get(4)),
+            level: small(r.get(5)),
+            enqueued_ns: uint(r.get(6)),
+            frame: r.get(7),
+        })
+        .collect())
+}
+
+/// The id after the highest in the log (1 for an empty one): where a new active's sequence
+/// goes on. Ids are compared as signed in the table; an active's sequence stays far below
+/// `i64::MAX`.
+///
+/// # Errors
+///
+/// A failed query.
+pub fn next_id(db: &mut Db) -> Result<u64, ClusterError> {
+    let max: Option<i64> = db
+        .client()
+        .query_one("SELECT max(id) FROM dsplane_frames", &[])?
+        .get(0);
+    Ok(max.map_or(1, |m| uint(m) + 1))
+}

@@ -1,0 +1,378 @@
+//! The lease, its fencing and the schema in PostgreSQL.
+//!
+//! # Tables
+//!
+//! - `dsplane_meta (key, value)`: `schema_version`, the version of these tables.
+//! - `dsplane_lease`: one row (`id = 1`): the active node's name, its epoch, and when its lease
+//!   expires, by the server's clock.
+//! - `dsplane_frames`: the replicated log's frames not yet delivered ([`crate::log`]), each
+//!   with the epoch that wrote it, its peer, lane and level, and its bytes on the wire.
+//!
+//! # The lease
+//!
+//! Taken with one `UPDATE` that succeeds only if the row has expired (or was never held), and
+//! raises the epoch; renewed with one that succeeds only while the row still has the node's
+//! epoch. Expiry is by the server's clock (`clock_timestamp()`), so the nodes' clocks need not
+//! agree with each other.
+//!
+//! # Fencing
+//!
+//! Every write of the active runs through [`Db::fenced`]: a transaction that first reads the
+//! lease row `FOR SHARE` and checks its epoch. The share lock conflicts with a takeover's
+//! `UPDATE` of that row, so of a write and a takeover one waits for the other: a write that
+//! got the lock first commits before the new active can load (and the new active sees it), and
+//! every write after the takeover sees the new epoch and is refused with [`Fenced`], before it
+//! changes anything.
+
+use std::fmt;
+
+use postgres::error::SqlState;
+use postgres::{Client, NoTls, Transaction};
+
+/// The version of the tables this build writes. A database with a newer one is refused (a newer
+/// dsplane made it); an older one is upgraded by `init` when that is written.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// What went wrong with PostgreSQL, worded for an operator.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// No connection could be made (down, unreachable, refused).
+    #[error("PostgreSQL at {target} cannot be reached: {}", describe(.source))]
+    Unreachable {
+        /// Host and port, from the connection string (never the password).
+        target: String,
+        /// The driver's error.
+        source: postgres::Error,
+    },
+    /// The server refused this user or password, or the database does not exist.
+    #[error("PostgreSQL at {target} refused the connection: {message}; check [cluster] postgres (user, password, dbname)")]
+    Refused {
+        /// Host and port.
+        target: String,
+        /// The server's message.
+        message: String,
+    },
+    /// The connection string does not parse.
+    #[error("[cluster] postgres is not a valid libpq connection string: {0}")]
+    BadConnectionString(postgres::Error),
+    /// The tables were made by a newer dsplane.
+    #[error("the dsplane tables in PostgreSQL are at schema version {found}, newer than this dsplane's {SCHEMA_VERSION}; run the newer dsplane, or restore a database it did not upgrade")]
+    SchemaTooNew {
+        /// The version found.
+        found: u32,
+    },
+    /// The tables are not there (`dsplane cluster init` creates them).
+    #[error("the dsplane tables are not in this PostgreSQL database; run `dsplane cluster init` (or start a node, which creates them)")]
+    NoSchema,
+    /// The schema version row does not parse.
+    #[error("dsplane_meta.schema_version is {0:?}, not a number; the table was changed by hand")]
+    BadSchemaVersion(String),
+    /// A query failed.
+    #[error("PostgreSQL: {}", describe(.0))]
+    Query(#[from] postgres::Error),
+}
+
+/// A fenced write found the lease at a newer epoch (or held by another node): the node must
+/// stop ([`crate::lease::Role::Fenced`]). Nothing of the write was committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("fenced: this node holds epoch {held}, the lease is at epoch {current}")]
+pub struct Fenced {
+    /// The epoch the node holds.
+    pub held: u64,
+    /// The epoch in the lease row.
+    pub current: u64,
+}
+
+/// A fenced write's outcome.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// Another node holds the lease: stop.
+    #[error(transparent)]
+    Fenced(#[from] Fenced),
+    /// PostgreSQL failed: nothing may be taken as written; try again.
+    #[error(transparent)]
+    Db(#[from] ClusterError),
+}
+
+impl From<postgres::Error> for WriteError {
+    fn from(e: postgres::Error) -> WriteError {
+        WriteError::Db(ClusterError::Query(e))
+    }
+}
+
+/// Who holds the lease, as the row says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    /// The node's name.
+    pub node: String,
+    /// Its epoch.
+    pub epoch: u64,
+    /// Whether its lease has expired, by the server's clock.
+    pub expired: bool,
+}
+
+/// One connection to PostgreSQL.
+pub struct Db {
+    client: Client,
+    target: String,
+}
+
+impl fmt::Debug for Db {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Db").field("target", &self.target).finish()
+    }
+}
+
+/// The driver's error with what it wraps: the server's message and SQLSTATE, or the I/O error
+/// (the driver's own `Display` is only "db error" or "error connecting to server").
+pub fn describe(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} (SQLSTATE {})", db.message(), db.code().code());
+    }
+    match std::error::Error::source(e) {
+        Some(inner) => format!("{e}: {inner}"),
+        None => e.to_string(),
+    }
+}
+
+/// "host:port" of a connection string, for messages (never its password).
+fn target_of(config: &postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}")
+}
+
+/// A server's refusal (authentication, a missing role or database), as opposed to a network
+/// failure.
+fn is_refusal(e: &postgres::Error) -> bool {
+    let Some(code) = e.code() else {
+        return false;
+    };
+    [
+        SqlState::INVALID_PASSWORD,
+        SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+        SqlState::INVALID_CATALOG_NAME,
+        SqlState::INSUFFICIENT_PRIVILEGE,
+    ]
+    .contains(code)
+}
+
+fn epoch_of(v: i64) -> u64 {
+    // The column is CHECKed non-negative.
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl Db {
+    /// Connects with a libpq connection string (`host=… port=… dbname=… user=…`).
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::BadConnectionString`], [`ClusterError::Refused`] (wrong credentials, no
+    /// such database) or [`ClusterError::Unreachable`].
+    pub fn connect(conninfo: &str) -> Result<Db, ClusterError> {
+        let config: postgres::Config = conninfo
+            .parse()
+            .map_err(ClusterError::BadConnectionString)?;
+        let target = target_of(&config);
+        match config.connect(NoTls) {
+            Ok(client) => Ok(Db { client, target }),
+            Err(e) if is_refusal(&e) => Err(ClusterError::Refused {
+                target,
+                message: e
+                    .as_db_error()
+                    .map_or_else(|| e.to_string(), |d| d.message().to_string()),
+            }),
+            Err(source) => Err(ClusterError::Unreachable { target, source }),
+        }
+    }
+
+    /// Creates the tables if they are not there, in one transaction; a database at a newer
+    /// version is refused. Safe to run on every start and from several nodes at once (the
+    /// first to take the advisory lock creates, the others find them made).
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::SchemaTooNew`], or a failed query.
+    pub fn init(&mut self) -> Result<u32, ClusterError> {
+        let mut tx = self.client.transaction()?;
+        // One creator at a time (a constant key: "dsplane" in ASCII).
+        tx.execute("SELECT pg_advisory_xact_lock(7238325376234094437)", &[])?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS dsplane_meta (
+                 key   text PRIMARY KEY,
+                 value text NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS dsplane_lease (
+                 id         integer PRIMARY KEY CHECK (id = 1),
+                 node       text,
+                 epoch      bigint NOT NULL CHECK (epoch >= 0),
+                 expires_at timestamptz NOT NULL
+             );
+             INSERT INTO dsplane_lease (id, node, epoch, expires_at)
+                 VALUES (1, NULL, 0, '-infinity') ON CONFLICT (id) DO NOTHING;
+             CREATE TABLE IF NOT EXISTS dsplane_frames (
+                 id          bigint PRIMARY KEY,
+                 epoch       bigint NOT NULL,
+                 peer_kind   smallint NOT NULL,
+                 peer_id     bigint NOT NULL,
+                 lane        smallint NOT NULL,
+                 level       smallint NOT NULL,
+                 enqueued_ns bigint NOT NULL,
+                 frame       bytea NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS dsplane_frames_lane
+                 ON dsplane_frames (peer_kind, peer_id, lane, id);",
+        )?;
+        let found = read_version(&mut tx)?;
+        let version = match found {
+            Some(v) if v > SCHEMA_VERSION => return Err(ClusterError::SchemaTooNew { found: v }),
+            Some(v) => v,
+            None => {
+                tx.execute(
+                    "INSERT INTO dsplane_meta (key, value) VALUES ('schema_version', $1)",
+                    &[&SCHEMA_VERSION.to_string()],
+                )?;
+                SCHEMA_VERSION
+            }
+        };
+        tx.commit()?;
+        Ok(version)
+    }
+
+    /// Checks, without changing anything, that the tables are there at a version this build
+    /// reads (`check-config`).
+    ///
+    /// # Errors
+    ///
+    /// [`ClusterError::NoSchema`], [`ClusterError::SchemaTooNew`], or a failed query.
+    pub fn check(&mut self) -> Result<u32, ClusterError> {
+        let mut tx = self.client.transaction()?;
+        let there: bool = tx
+            .query_one("SELECT to_regclass('dsplane_meta') IS NOT NULL", &[])?
+            .get(0);
+        if !there {
+            return Err(ClusterError::NoSchema);
+        }
+        match read_version(&mut tx)? {
+            None => Err(ClusterError::NoSchema),
+            Some(v) if v > SCHEMA_VERSION => Err(ClusterError::SchemaTooNew { found: v }),
+            Some(v) => Ok(v),
+        }
+    }
+
+    /// Takes the lease for `node` if it has expired: its new epoch, or `None` while another
+    /// node's lease runs (this node's own too: an earlier run of it may still be alive).
+    ///
+    /// # Errors
+    ///
+    /// A failed query.
+    pub fn try_acquire(&mut self, node: &str, lease_ms: u64) -> Result<Option<u64>, ClusterError> {
+        let row = self.client.query_opt(
+            "UPDATE dsplane_lease
+                 SET node = $1, epoch = epoch + 1,
+                     expires_at = clock_timestamp() + $2::bigint * interval '1 millisecond'
+               WHERE id = 1 AND expires_at < clock_timestamp()
+           RETURNING epoch",
+            &[&node, &i64::try_from(lease_ms).unwrap_or(i64::MAX)],
+        )?;
+        Ok(row.map(|r| epoch_of(r.get(0))))
+    }
+
+    /// Renews `node`'s lease of `epoch`: `false` when the row has another epoch (a takeover;
+    /// the node is fenced). A lease that expired but was not taken over is renewed: nobody
+    /// else acted meanwhile.
+    ///
+    /// # Errors
+    ///
+    /// A failed query.
+    pub fn renew(&mut self, node: &str, epoch: u64, lease_ms: u64) -> Result<bool, ClusterError> {
+        let n = self.client.execute(
+            "UPDATE dsplane_lease
+                 SET expires_at = clock_timestamp() + $3::bigint * interval '1 millisecond'
+               WHERE id = 1 AND node = $1 AND epoch = $2",
+            &[
+                &node,
+                &i64::try_from(epoch).unwrap_or(i64::MAX),
+                &i64::try_from(lease_ms).unwrap_or(i64::MAX),
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Who holds the lease (a standby names the active in its NACK).
+    ///
+    /// # Errors
+    ///
+    /// A failed query.
+    pub fn holder(&mut self) -> Result<Option<Holder>, ClusterError> {
+        let row = self.client.query_one(
+            "SELECT node, epoch, expires_at < clock_timestamp() FROM dsplane_lease WHERE id = 1",
+            &[],
+        )?;
+        let node: Option<String> = row.get(0);
+        Ok(node.map(|node| Holder {
+            node,
+            epoch: epoch_of(row.get(1)),
+            expired: row.get(2),
+        }))
+    }
+
+    /// Runs `write` in a transaction fenced by `epoch` (see the module documentation): it
+    /// commits only if the lease row still has that epoch, and the row stays locked against a
+    /// takeover until it has.
+    ///
+    /// # Errors
+    ///
+    /// [`WriteError::Fenced`] (nothing was written), or a failed query (nothing may be taken
+    /// as written).
+    pub fn fenced<T>(
+        &mut self,
+        epoch: u64,
+        write: impl FnOnce(&mut Transaction<'_>) -> Result<T, postgres::Error>,
+    ) -> Result<T, WriteError> {
+        let mut tx = self.client.transaction()?;
+        let current: i64 = tx
+            .query_one(
+                "SELECT epoch FROM dsplane_lease WHERE id = 1 FOR SHARE",
+                &[],
+            )?
+            .get(0);
+        let current = epoch_of(current);
+        if current != epoch {
+            // Dropping the transaction rolls it back.
+            return Err(Fenced {
+                held: epoch,
+                current,
+            }
+            .into());
+        }
+        let out = write(&mut tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// The connection, for queries this module does not wrap (tests, `cluster init`'s report).
+    pub fn client(&mut self) -> &mut Client {
+        &mut self.client
+    }
+}
+
+fn read_version(tx: &mut Transaction<'_>) -> Result<Option<u32>, ClusterError> {
+    let row = tx.query_opt(
+        "SELECT value FROM dsplane_meta WHERE key = 'schema_version'",
+        &[],
+    )?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let value: String = row.get(0);
+    value
+        .parse::<u32>()
+        .map(Some)
+        .map_err(|_| ClusterError::BadSchemaVersion(value))
+}
