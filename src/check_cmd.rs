@@ -1,5 +1,7 @@
 //! `dsplane check-config FILE`: validates a configuration, checks that its `data_dir` can be
-//! created and written, and prints the effective configuration (tokens redacted).
+//! created and written and, with `[cluster]`, that its PostgreSQL can be reached and holds no
+//! newer schema, and prints the effective configuration (tokens and the connection string
+//! redacted).
 
 use std::io::Write;
 use std::path::Path;
@@ -21,7 +23,18 @@ pub fn run(file: &Path) -> ExitCode {
         eprintln!("{}: {e}", file.display());
         return ExitCode::from(2);
     }
+    let cluster = match config.cluster.as_ref().map(crate::cluster_cmd::check) {
+        Some(Err(e)) => {
+            eprintln!("{}: {e}", file.display());
+            return ExitCode::from(2);
+        }
+        Some(Ok(note)) => Some(note),
+        None => None,
+    };
     print!("{}", config.effective_toml());
+    if let Some(note) = cluster {
+        eprintln!("{}: {note}", file.display());
+    }
     for warning in config.warnings() {
         eprintln!("{}: warning: {warning}", file.display());
     }

@@ -2,6 +2,7 @@
 
 mod check_cmd;
 mod client_cmd;
+mod cluster_cmd;
 mod demo_cmd;
 mod generate_cmd;
 mod recover_cmd;
@@ -58,6 +59,9 @@ enum Command {
         #[command(subcommand)]
         what: ReportWhat,
     },
+    /// High availability on PostgreSQL: `cluster init --config FILE` creates the tables.
+    #[command(subcommand)]
+    Cluster(cluster_cmd::ClusterCommand),
     /// Validate a configuration file and print the effective configuration, tokens redacted.
     CheckConfig {
         /// The TOML configuration file.
@@ -113,6 +117,7 @@ fn main() -> ExitCode {
         Command::Recover(args) => recover_cmd::run(args),
         Command::Completions { shell } => generate_cmd::completions(shell, Cli::command()),
         Command::Man(args) => generate_cmd::man(args, Cli::command()),
+        Command::Cluster(command) => cluster_cmd::run(command),
         Command::CheckConfig { file } => check_cmd::run(&file),
         Command::Run { config } => {
             let embedded = config.is_none();

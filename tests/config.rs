@@ -817,6 +817,26 @@ fn a_reload_that_adds_a_peer_is_refused_as_needing_a_restart() {
     engine.join();
 }
 
+#[test]
+fn a_reload_that_adds_a_cluster_section_is_refused() {
+    let (engine, path, text) = start_engine("cluster");
+    let more = format!(
+        "{text}\n[cluster]\nnode = \"node-a\"\npostgres = \"host=127.0.0.1 password=hunter2\"\n"
+    );
+    let (status, body) = reload(&engine, &path, &more);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("[cluster] is set") && body.contains("single node"),
+        "{body}"
+    );
+    assert!(!body.contains("hunter2"), "{body}");
+    // Without it, the same file reloads.
+    let (status, body) = reload(&engine, &path, &text);
+    assert_eq!(status, 200, "{body}");
+    engine.shutdown();
+    engine.join();
+}
+
 fn refused(result: Result<Client, ClientError>) -> Option<NackReason> {
     match result {
         Err(ClientError::Refused { reason, .. }) => reason,

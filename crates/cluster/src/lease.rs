@@ -21,11 +21,8 @@
 
 use crate::Nanos;
 
-/// The shortest `lease_ms` accepted: below it a renewal's round trip to PostgreSQL is a large
-/// part of the lease.
-pub const LEASE_MS_MIN: u64 = 100;
-/// The longest `lease_ms` accepted: a takeover waits for the lease to expire.
-pub const LEASE_MS_MAX: u64 = 60_000;
+/// The bounds of `lease_ms`, with the configuration's other limits.
+pub use dsplane_core::limits::{LEASE_MS_MAX, LEASE_MS_MIN};
 /// Renewals per lease: the active renews every `lease / RENEWS_PER_LEASE`, so that two renewals
 /// can fail before it must stop acting.
 pub const RENEWS_PER_LEASE: u64 = 3;

@@ -51,6 +51,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{Eui64, Level, Mode, Srv, LEVELS_MAX, LEVELS_MIN};
 use crate::limiter::ReleaseStart;
+use crate::limits;
 
 /// The embedded default configuration, used by `dsplane run` with no `--config`.
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
@@ -346,6 +347,26 @@ pub struct RawConfig {
     pub csp: Vec<RawCsp>,
     pub priority: RawPriority,
     pub alert_storm: RawAlertStorm,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<RawCluster>,
+}
+
+/// `[cluster]` (high availability on PostgreSQL, `docs/ha.md`): absent for a single node.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct RawCluster {
+    pub node: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres_env: Option<String>,
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+}
+
+fn default_lease_ms() -> u64 {
+    1_000
 }
 
 /// `[engine]`.
@@ -628,6 +649,8 @@ pub struct Config {
     pub priority: Priority,
     /// `[alert_storm]`.
     pub alert_storm: AlertStorm,
+    /// `[cluster]`, if the file has one.
+    pub cluster: Option<Cluster>,
     raw: RawConfig,
     /// Every key the file sets (`true` for a table), for [`reload_refusal`].
     keys: BTreeMap<KeyPath, bool>,
@@ -832,6 +855,17 @@ pub struct Priority {
     pub high_priority_alerts: Vec<(u16, Level)>,
 }
 
+/// `[cluster]`, validated.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// This node's name, unique in the cluster.
+    pub node: String,
+    /// The libpq connection string (it may hold a password).
+    pub postgres: Secret,
+    /// How long a lease lasts without renewal, ms.
+    pub lease_ms: u64,
+}
+
 /// `[alert_storm]`, validated.
 #[derive(Debug, Clone)]
 pub struct AlertStorm {
@@ -995,6 +1029,11 @@ impl Config {
         let priority = validate_priority(&raw.priority, engine.levels)?;
         let alert_storm = validate_alert_storm(&raw.alert_storm)?;
         check_tokens_distinct(&raw, admin_token.as_ref(), &service_users, &csps)?;
+        let cluster = raw
+            .cluster
+            .as_ref()
+            .map(|c| validate_cluster(c, env))
+            .transpose()?;
         // Keep the file's form for `effective_toml`, but never a token in it: the validated
         // tokens live in `Secret`s.
         let mut raw = raw;
@@ -1012,6 +1051,12 @@ impl Config {
                 *token = Some(REDACTED.into());
             }
         }
+        if let Some(c) = raw.cluster.as_mut() {
+            // A connection string may hold a password.
+            if c.postgres.is_some() {
+                c.postgres = Some(REDACTED.into());
+            }
+        }
         Ok(Config {
             engine,
             listen,
@@ -1022,6 +1067,7 @@ impl Config {
             csps,
             priority,
             alert_storm,
+            cluster,
             raw,
             keys: BTreeMap::new(),
         })
@@ -1358,6 +1404,78 @@ fn validate_service_requests(raw: &RawServiceRequests) -> Result<ServiceRequests
         )?,
         sr_rate,
         sr_burst: validate_burst("service_requests.sr_burst", raw.sr_burst)?,
+    })
+}
+
+/// `[cluster]`: a node name of letters, digits, `.`, `_` and `-` (at most
+/// [`limits::NODE_NAME_BYTES_MAX`]); exactly one of `postgres` and `postgres_env`; `lease_ms`
+/// from [`limits::LEASE_MS_MIN`] to [`limits::LEASE_MS_MAX`].
+fn validate_cluster(
+    raw: &RawCluster,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Cluster, ConfigError> {
+    let name_ok = !raw.node.is_empty()
+        && raw.node.len() <= limits::NODE_NAME_BYTES_MAX
+        && raw
+            .node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !name_ok {
+        return Err(invalid(
+            "cluster.node",
+            format!("{:?}", raw.node),
+            format!(
+                "1 to {} letters, digits, '.', '_' or '-', unique in the cluster",
+                limits::NODE_NAME_BYTES_MAX
+            ),
+        ));
+    }
+    let postgres = match (&raw.postgres, &raw.postgres_env) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "cluster.postgres_env",
+                "(set)",
+                "give either postgres or postgres_env, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(invalid(
+                "cluster.postgres",
+                "(missing)",
+                "a libpq connection string (postgres) or the environment variable holding one (postgres_env)",
+            ))
+        }
+        (Some(s), None) => s.clone(),
+        (None, Some(name)) => env(name).ok_or_else(|| {
+            invalid(
+                "cluster.postgres_env",
+                shown_env_name(name),
+                "expected the name of a set environment variable",
+            )
+        })?,
+    };
+    if postgres.trim().is_empty() {
+        return Err(invalid(
+            "cluster.postgres",
+            "\"\"",
+            "a libpq connection string, such as \"host=127.0.0.1 port=5432 dbname=dsplane user=dsplane\"",
+        ));
+    }
+    if !(limits::LEASE_MS_MIN..=limits::LEASE_MS_MAX).contains(&raw.lease_ms) {
+        return Err(invalid(
+            "cluster.lease_ms",
+            raw.lease_ms,
+            format!(
+                "from {} to {} (ms)",
+                limits::LEASE_MS_MIN,
+                limits::LEASE_MS_MAX
+            ),
+        ));
+    }
+    Ok(Cluster {
+        node: raw.node.clone(),
+        postgres: Secret(postgres),
+        lease_ms: raw.lease_ms,
     })
 }
 
@@ -2017,6 +2135,82 @@ exclusions = [ 0x8F57 ]
 
     fn refusal(new: &str) -> Option<String> {
         reload_refusal(&config(RUNNING), &config(new), "F")
+    }
+
+    fn with_cluster(cluster: &str) -> Result<Config, ConfigError> {
+        let text = format!("{RUNNING}\n[cluster]\n{cluster}\n");
+        Config::from_toml_with_env(&text, |name| match name {
+            "PG" => Some("host=db password=hunter2".to_owned()),
+            "UNSET" => None,
+            _ => Some("from-env".to_owned()),
+        })
+    }
+
+    fn cluster_error(cluster: &str) -> String {
+        with_cluster(cluster).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn cluster_is_optional_and_validated_at_each_edge() {
+        assert!(config(RUNNING).cluster.is_none());
+        let c = with_cluster("node = \"node-a\"\npostgres = \"host=127.0.0.1 dbname=dsplane\"")
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!((c.node.as_str(), c.lease_ms), ("node-a", 1_000));
+        assert_eq!(c.postgres.expose_str(), "host=127.0.0.1 dbname=dsplane");
+        let c = with_cluster("node = \"b\"\npostgres_env = \"PG\"\nlease_ms = 100")
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(c.postgres.expose_str(), "host=db password=hunter2");
+        let name_max = "n".repeat(limits::NODE_NAME_BYTES_MAX);
+        assert!(with_cluster(&format!("node = \"{name_max}\"\npostgres = \"x\"")).is_ok());
+        assert!(with_cluster("node = \"a\"\npostgres = \"x\"\nlease_ms = 60000").is_ok());
+        for (cluster, says) in [
+            ("node = \"\"\npostgres = \"x\"", "cluster.node"),
+            ("node = \"a b\"\npostgres = \"x\"", "cluster.node"),
+            (
+                &*format!("node = \"{name_max}n\"\npostgres = \"x\""),
+                "cluster.node",
+            ),
+            ("node = \"a\"", "cluster.postgres"),
+            ("node = \"a\"\npostgres = \" \"", "cluster.postgres"),
+            (
+                "node = \"a\"\npostgres = \"x\"\npostgres_env = \"PG\"",
+                "either postgres or postgres_env",
+            ),
+            (
+                "node = \"a\"\npostgres_env = \"UNSET\"",
+                "cluster.postgres_env",
+            ),
+            (
+                "node = \"a\"\npostgres = \"x\"\nlease_ms = 99",
+                "cluster.lease_ms",
+            ),
+            (
+                "node = \"a\"\npostgres = \"x\"\nlease_ms = 60001",
+                "from 100 to 60000",
+            ),
+            ("postgres = \"x\"", "node"),
+            ("node = \"a\"\npostgres = \"x\"\nlease = 5", "lease"),
+        ] {
+            let e = cluster_error(cluster);
+            assert!(e.contains(says), "{cluster:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_effective_configuration_never_shows_the_connection_string() {
+        let c = with_cluster(
+            "node = \"node-a\"\npostgres = \"host=h password=hunter2\"\nlease_ms = 2000",
+        )
+        .unwrap();
+        let shown = c.effective_toml();
+        assert!(shown.contains("[cluster]"), "{shown}");
+        assert!(shown.contains("node = \"node-a\""), "{shown}");
+        assert!(shown.contains("lease_ms = 2000"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
     }
 
     #[test]

@@ -72,6 +72,13 @@ pub const SPIN_NS_MAX: Nanos = 10_000;
 /// letting a small burst keep up with a high rate. A clock read costs some 25 ns, beside the
 /// tens of frames each one lets out.
 pub const PUMP_CLOCK_READS_MAX: usize = 8;
+/// The shortest `[cluster] lease_ms`: below it a renewal's round trip to PostgreSQL is a large
+/// part of the lease.
+pub const LEASE_MS_MIN: u64 = 100;
+/// The longest `[cluster] lease_ms`: a takeover waits for the lease to expire.
+pub const LEASE_MS_MAX: u64 = 60_000;
+/// The longest `[cluster] node` name (it goes into the standby's NACK detail).
+pub const NODE_NAME_BYTES_MAX: usize = 63;
 /// Listen backlog of the SU and CSP ports.
 pub const LISTEN_BACKLOG: i32 = 1024;
 /// Most connections one CSP link may hold at once (`csp.connections_max`). Each is spread to a

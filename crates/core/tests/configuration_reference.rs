@@ -129,12 +129,16 @@ fn the_configuration_reference_stands_on_its_own() {
 }
 
 /// The lines of `crates/core/src/default.toml` under the table header `header` (`[engine]`,
-/// `[[service_user]]`), up to the next header, comments included.
+/// `[[service_user]]`), up to the next header, comments included. A section the demo must not
+/// set (`[cluster]`) is shown commented out, header and all (`# [cluster]`).
 fn default_section(header: &str) -> String {
     let mut out = String::new();
     let mut inside = false;
     for line in DEFAULT_TOML.lines() {
         let trimmed = line.trim();
+        let trimmed = trimmed
+            .strip_prefix("# [")
+            .map_or(trimmed, |_| trimmed.trim_start_matches("# "));
         if trimmed.starts_with('[') {
             inside = trimmed == header;
             continue;

@@ -110,6 +110,11 @@ pub enum EngineError {
         #[source]
         source: crate::owner::OwnerError,
     },
+    /// The configuration has `[cluster]`: this engine runs as a single node only (active and
+    /// standby nodes on PostgreSQL are not built yet, `docs/ha.md`), and must not look as if
+    /// it ran as one of several.
+    #[error("[cluster] is set, but this dsplane runs as a single node only: active and standby nodes on PostgreSQL are not built yet. Remove [cluster] to run this node on its own")]
+    ClusterNotBuilt,
     /// `[service_requests]` cannot give the engine-wide intake measure.
     #[error("[service_requests]: {0}")]
     Intake(#[source] ThrottleError),

@@ -159,6 +159,9 @@ impl Engine {
         config: Config,
         frames_per_level: usize,
     ) -> Result<Engine, EngineError> {
+        if config.cluster.is_some() {
+            return Err(EngineError::ClusterNotBuilt);
+        }
         let workers = worker_count(&config);
         // One engine per data_dir, checked before anything is bound: the lock is held until
         // this engine is joined.

@@ -220,6 +220,13 @@ impl Shared {
         if let Some(why) = crate::config::reload_refusal(running, new, file) {
             return Err(why);
         }
+        if new.cluster.is_some() {
+            // As at start-up ([`EngineError::ClusterNotBuilt`]).
+            return Err(format!(
+                "{file}: {}",
+                crate::error::EngineError::ClusterNotBuilt
+            ));
+        }
         for (changed, key) in [
             (new.listen.su != old.listen.su, "listen.su"),
             (new.listen.csp != old.listen.csp, "listen.csp"),
