@@ -90,7 +90,7 @@ fn run(
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn main() {
@@ -110,7 +110,8 @@ fn main() {
     };
     let mut db = Db::connect(&pg.conninfo()).unwrap();
     db.init().unwrap();
-    let epoch = db.try_acquire("bench", 60_000).unwrap().unwrap();
+    let lease = dsplane_cluster::lease::LeaseMs::new(60_000).unwrap();
+    let epoch = db.try_acquire("bench", lease).unwrap().unwrap();
     let methods = [Method::Insert, Method::Copy, Method::CopyDelete];
     let mut results = vec![vec![Vec::new(); methods.len()]; BATCHES.len()];
     let mut next = 1;

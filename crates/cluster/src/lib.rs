@@ -25,5 +25,7 @@ pub mod log;
 pub mod pg;
 pub mod testing;
 
-/// Nanoseconds on the caller's monotonic clock.
+/// Nanoseconds on the caller's clock. It must count time the node spends suspended or paused
+/// (Linux `CLOCK_BOOTTIME`): a clock that stops while the node is stopped (`CLOCK_MONOTONIC`
+/// does across a system suspend) would let a node that wakes believe its lease still runs.
 pub type Nanos = u64;

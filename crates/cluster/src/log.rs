@@ -16,7 +16,7 @@
 use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::types::Type;
 
-use crate::pg::{ClusterError, Db, WriteError};
+use crate::pg::{col, ClusterError, Db, WriteError};
 
 /// One frame to append: its id (the active's own sequence), its peer, lane and level, when
 /// dsplane took it, and its bytes as on the wire.
@@ -61,17 +61,35 @@ pub struct LoadedRow {
     pub frame: Vec<u8>,
 }
 
-/// Bigint columns hold u64s bit for bit (EUI-64s use the whole range).
-fn int8(v: u64) -> i64 {
+/// Bigint columns of peers and instants hold u64s bit for bit (EUI-64s use the whole range).
+fn bits(v: u64) -> i64 {
     v as i64
 }
 
-fn uint(v: i64) -> u64 {
+fn unbits(v: i64) -> u64 {
     v as u64
 }
 
-fn small(v: i16) -> u8 {
-    u8::try_from(v).unwrap_or(u8::MAX)
+/// A frame id as the column holds it: positive, below 2^63 (`CHECK (id > 0)`).
+fn id_col(id: u64) -> Result<i64, ClusterError> {
+    i64::try_from(id)
+        .ok()
+        .filter(|&v| v > 0)
+        .ok_or(ClusterError::IdOutOfRange(id))
+}
+
+fn id_of(v: i64) -> Result<u64, ClusterError> {
+    u64::try_from(v).map_err(|_| ClusterError::BadRow {
+        table: "dsplane_frames",
+        why: format!("id {v} is negative"),
+    })
+}
+
+fn small(v: i16, what: &str) -> Result<u8, ClusterError> {
+    u8::try_from(v).map_err(|_| ClusterError::BadRow {
+        table: "dsplane_frames",
+        why: format!("{what} {v} is out of range"),
+    })
 }
 
 /// Appends `rows` in one transaction fenced by `epoch`, by `COPY … BINARY`.
@@ -84,6 +102,10 @@ pub fn append(db: &mut Db, epoch: u64, rows: &[FrameRow<'_>]) -> Result<(), Writ
     if rows.is_empty() {
         return Ok(());
     }
+    let ids = rows
+        .iter()
+        .map(|r| id_col(r.id))
+        .collect::<Result<Vec<i64>, _>>()?;
     db.fenced(epoch, |tx| {
         let sink = tx.copy_in(
             "COPY dsplane_frames (id, epoch, peer_kind, peer_id, lane, level, enqueued_ns, frame) \
@@ -100,16 +122,16 @@ pub fn append(db: &mut Db, epoch: u64, rows: &[FrameRow<'_>]) -> Result<(), Writ
             Type::BYTEA,
         ];
         let mut writer = BinaryCopyInWriter::new(sink, &types);
-        let epoch = int8(epoch);
-        for r in rows {
+        let epoch = bits(epoch);
+        for (r, id) in rows.iter().zip(&ids) {
             writer.write(&[
-                &int8(r.id),
+                id,
                 &epoch,
                 &i16::from(r.peer_kind),
-                &int8(r.peer_id),
+                &bits(r.peer_id),
                 &i16::from(r.lane),
                 &i16::from(r.level),
-                &int8(r.enqueued_ns),
+                &bits(r.enqueued_ns),
                 &r.frame,
             ])?;
         }
@@ -127,12 +149,15 @@ pub fn append_by_insert(db: &mut Db, epoch: u64, rows: &[FrameRow<'_>]) -> Resul
     if rows.is_empty() {
         return Ok(());
     }
-    let ids: Vec<i64> = rows.iter().map(|r| int8(r.id)).collect();
+    let ids = rows
+        .iter()
+        .map(|r| id_col(r.id))
+        .collect::<Result<Vec<i64>, _>>()?;
     let kinds: Vec<i16> = rows.iter().map(|r| i16::from(r.peer_kind)).collect();
-    let peers: Vec<i64> = rows.iter().map(|r| int8(r.peer_id)).collect();
+    let peers: Vec<i64> = rows.iter().map(|r| bits(r.peer_id)).collect();
     let lanes: Vec<i16> = rows.iter().map(|r| i16::from(r.lane)).collect();
     let levels: Vec<i16> = rows.iter().map(|r| i16::from(r.level)).collect();
-    let at: Vec<i64> = rows.iter().map(|r| int8(r.enqueued_ns)).collect();
+    let at: Vec<i64> = rows.iter().map(|r| bits(r.enqueued_ns)).collect();
     let frames: Vec<&[u8]> = rows.iter().map(|r| r.frame).collect();
     db.fenced(epoch, |tx| {
         tx.execute(
@@ -140,7 +165,7 @@ pub fn append_by_insert(db: &mut Db, epoch: u64, rows: &[FrameRow<'_>]) -> Resul
              SELECT id, $2, k, p, l, v, t, f \
                FROM unnest($1::bigint[], $3::smallint[], $4::bigint[], $5::smallint[], \
                            $6::smallint[], $7::bigint[], $8::bytea[]) AS u(id, k, p, l, v, t, f)",
-            &[&ids, &int8(epoch), &kinds, &peers, &lanes, &levels, &at, &frames],
+            &[&ids, &bits(epoch), &kinds, &peers, &lanes, &levels, &at, &frames],
         )?;
         Ok(())
     })
@@ -166,9 +191,9 @@ pub fn delete_through(
               WHERE peer_kind = $1 AND peer_id = $2 AND lane = $3 AND id <= $4",
             &[
                 &i16::from(peer_kind),
-                &int8(peer_id),
+                &bits(peer_id),
                 &i16::from(lane),
-                &int8(through),
+                &i64::try_from(through).unwrap_or(i64::MAX),
             ],
         )
     })
@@ -186,32 +211,40 @@ pub fn pending(db: &mut Db) -> Result<Vec<LoadedRow>, ClusterError> {
            FROM dsplane_frames ORDER BY peer_kind, peer_id, lane, id",
         &[],
     )?;
-    Ok(rows
-        .iter()
-        .map(|r| LoadedRow {
-            id: uint(r.get(0)),
-            epoch: uint(r.get(1)),
-            peer_kind: small(r.get(2)),
-            peer_id: uint(r.get(3)),
-            lane: small(r.get(4)),
-            level: small(r.get(5)),
-            enqueued_ns: uint(r.get(6)),
-            frame: r.get(7),
+    const T: &str = "dsplane_frames";
+    rows.iter()
+        .map(|r| {
+            Ok(LoadedRow {
+                id: id_of(col(r, T, 0)?)?,
+                epoch: unbits(col(r, T, 1)?),
+                peer_kind: small(col(r, T, 2)?, "peer_kind")?,
+                peer_id: unbits(col(r, T, 3)?),
+                lane: small(col(r, T, 4)?, "lane")?,
+                level: small(col(r, T, 5)?, "level")?,
+                enqueued_ns: unbits(col(r, T, 6)?),
+                frame: col(r, T, 7)?,
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// The id after the highest in the log (1 for an empty one): where a new active's sequence
-/// goes on. Ids are compared as signed in the table; an active's sequence stays far below
-/// `i64::MAX`.
+/// goes on. Ids are positive and below 2^63 (the column's `CHECK`); an id beyond is refused
+/// ([`ClusterError::IdOutOfRange`]), not wrapped.
 ///
 /// # Errors
 ///
 /// A failed query.
 pub fn next_id(db: &mut Db) -> Result<u64, ClusterError> {
-    let max: Option<i64> = db
+    let row = db
         .client()
-        .query_one("SELECT max(id) FROM dsplane_frames", &[])?
-        .get(0);
-    Ok(max.map_or(1, |m| uint(m) + 1))
+        .query_one("SELECT max(id) FROM dsplane_frames", &[])?;
+    let max: Option<i64> = col(&row, "dsplane_frames", 0)?;
+    match max {
+        None => Ok(1),
+        Some(m) => id_of(m)?
+            .checked_add(1)
+            .filter(|&n| n <= i64::MAX as u64)
+            .ok_or(ClusterError::IdOutOfRange(u64::MAX)),
+    }
 }

@@ -4,7 +4,11 @@
 //!
 //! - `dsplane_meta (key, value)`: `schema_version`, the version of these tables.
 //! - `dsplane_lease`: one row (`id = 1`): the active node's name, its epoch, and when its lease
-//!   expires, by the server's clock.
+//!   expires, by the server's clock. Taking the lease and renewing it update this row.
+//! - `dsplane_fence`: one row (`id = 1`): the epoch again, updated only by a takeover, in the
+//!   same transaction. Writes lock this row, not the lease's, so that the active's renewals never
+//!   wait behind its own writes (a slow commit waiting for a standby would otherwise hold its
+//!   renewal up until the lease ran out).
 //! - `dsplane_frames`: the replicated log's frames not yet delivered ([`crate::log`]), each
 //!   with the epoch that wrote it, its peer, lane and level, and its bytes on the wire.
 //!
@@ -18,15 +22,23 @@
 //! # Fencing
 //!
 //! Every write of the active runs through [`Db::fenced`]: a transaction that first reads the
-//! lease row `FOR SHARE` and checks its epoch. The share lock conflicts with a takeover's
+//! fence row `FOR SHARE` and checks its epoch. The share lock conflicts with a takeover's
 //! `UPDATE` of that row, so of a write and a takeover one waits for the other: a write that
-//! got the lock first commits before the new active can load (and the new active sees it), and
-//! every write after the takeover sees the new epoch and is refused with [`Fenced`], before it
-//! changes anything.
+//! got the lock first commits before the takeover can (and the new active, which loads after
+//! it, sees it), and every write after the takeover sees the new epoch and is refused with
+//! [`Fenced`], before it changes anything.
+//!
+//! # Timeouts
+//!
+//! [`Db::set_timeouts`] bounds every statement and lock wait of a connection, so that a server
+//! that hangs (or a lock held too long) ends in an error the caller can count as a failure
+//! ([`crate::lease::Lease::on_failed`]) rather than a wait without end.
 
 use std::fmt;
 
 use postgres::error::SqlState;
+
+use crate::lease::LeaseMs;
 use postgres::{Client, NoTls, Transaction};
 
 /// The version of the tables this build writes. A database with a newer one is refused (a newer
@@ -71,10 +83,21 @@ pub enum ClusterError {
     /// A query failed.
     #[error("PostgreSQL: {}", describe(.0))]
     Query(#[from] postgres::Error),
+    /// A row does not have the columns this build expects (the tables were changed by hand, or
+    /// by another version).
+    #[error("{table}: {why}; the dsplane tables were changed outside dsplane")]
+    BadRow {
+        /// The table.
+        table: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+    /// A frame's id does not fit the table's column (ids are positive and below 2^63).
+    #[error("frame id {0} is out of range (1 to 2^63 - 1)")]
+    IdOutOfRange(u64),
 }
 
-/// A fenced write found the lease at a newer epoch (or held by another node): the node must
-/// stop ([`crate::lease::Role::Fenced`]). Nothing of the write was committed.
+/// A fenced write found the lease at a newer epoch: the node must stop ([`crate::lease::Role::Fenced`]). Nothing of the write was committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("fenced: this node holds epoch {held}, the lease is at epoch {current}")]
 pub struct Fenced {
@@ -162,9 +185,28 @@ fn is_refusal(e: &postgres::Error) -> bool {
     .contains(code)
 }
 
-fn epoch_of(v: i64) -> u64 {
-    // The column is CHECKed non-negative.
-    u64::try_from(v).unwrap_or(0)
+/// Column `i` of a row of `table`, or [`ClusterError::BadRow`].
+pub(crate) fn col<'a, T: postgres::types::FromSql<'a>>(
+    row: &'a postgres::Row,
+    table: &'static str,
+    i: usize,
+) -> Result<T, ClusterError> {
+    row.try_get(i).map_err(|e| ClusterError::BadRow {
+        table,
+        why: format!("column {i}: {e}"),
+    })
+}
+
+/// An epoch as stored (CHECKed non-negative).
+fn epoch_of(v: i64) -> Result<u64, ClusterError> {
+    u64::try_from(v).map_err(|_| ClusterError::BadRow {
+        table: "dsplane_lease",
+        why: format!("epoch {v} is negative"),
+    })
+}
+
+fn int8(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 impl Db {
@@ -201,7 +243,13 @@ impl Db {
     pub fn init(&mut self) -> Result<u32, ClusterError> {
         let mut tx = self.client.transaction()?;
         // One creator at a time (a constant key: "dsplane" in ASCII).
-        tx.execute("SELECT pg_advisory_xact_lock(7238325376234094437)", &[])?;
+        tx.execute("SELECT pg_advisory_xact_lock(28274424362921573)", &[])?;
+        // A newer dsplane's tables are refused before anything here touches them.
+        if has_meta(&mut tx)? {
+            if let Some(found) = read_version(&mut tx)?.filter(|&v| v > SCHEMA_VERSION) {
+                return Err(ClusterError::SchemaTooNew { found });
+            }
+        }
         tx.batch_execute(
             "CREATE TABLE IF NOT EXISTS dsplane_meta (
                  key   text PRIMARY KEY,
@@ -215,8 +263,13 @@ impl Db {
              );
              INSERT INTO dsplane_lease (id, node, epoch, expires_at)
                  VALUES (1, NULL, 0, '-infinity') ON CONFLICT (id) DO NOTHING;
+             CREATE TABLE IF NOT EXISTS dsplane_fence (
+                 id    integer PRIMARY KEY CHECK (id = 1),
+                 epoch bigint NOT NULL CHECK (epoch >= 0)
+             );
+             INSERT INTO dsplane_fence (id, epoch) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
              CREATE TABLE IF NOT EXISTS dsplane_frames (
-                 id          bigint PRIMARY KEY,
+                 id          bigint PRIMARY KEY CHECK (id > 0),
                  epoch       bigint NOT NULL,
                  peer_kind   smallint NOT NULL,
                  peer_id     bigint NOT NULL,
@@ -252,10 +305,7 @@ impl Db {
     /// [`ClusterError::NoSchema`], [`ClusterError::SchemaTooNew`], or a failed query.
     pub fn check(&mut self) -> Result<u32, ClusterError> {
         let mut tx = self.client.transaction()?;
-        let there: bool = tx
-            .query_one("SELECT to_regclass('dsplane_meta') IS NOT NULL", &[])?
-            .get(0);
-        if !there {
+        if !has_meta(&mut tx)? {
             return Err(ClusterError::NoSchema);
         }
         match read_version(&mut tx)? {
@@ -271,16 +321,29 @@ impl Db {
     /// # Errors
     ///
     /// A failed query.
-    pub fn try_acquire(&mut self, node: &str, lease_ms: u64) -> Result<Option<u64>, ClusterError> {
-        let row = self.client.query_opt(
+    ///
+    /// The fence row takes the new epoch in the same transaction: that update waits for the old
+    /// active's writes in flight, and refuses its later ones.
+    pub fn try_acquire(&mut self, node: &str, lease: LeaseMs) -> Result<Option<u64>, ClusterError> {
+        let mut tx = self.client.transaction()?;
+        let row = tx.query_opt(
             "UPDATE dsplane_lease
                  SET node = $1, epoch = epoch + 1,
                      expires_at = clock_timestamp() + $2::bigint * interval '1 millisecond'
                WHERE id = 1 AND expires_at < clock_timestamp()
            RETURNING epoch",
-            &[&node, &i64::try_from(lease_ms).unwrap_or(i64::MAX)],
+            &[&node, &int8(lease.get())],
         )?;
-        Ok(row.map(|r| epoch_of(r.get(0))))
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let epoch: i64 = col(&row, "dsplane_lease", 0)?;
+        tx.execute(
+            "UPDATE dsplane_fence SET epoch = $1 WHERE id = 1",
+            &[&epoch],
+        )?;
+        tx.commit()?;
+        Ok(Some(epoch_of(epoch)?))
     }
 
     /// Renews `node`'s lease of `epoch`: `false` when the row has another epoch (a takeover;
@@ -290,16 +353,12 @@ impl Db {
     /// # Errors
     ///
     /// A failed query.
-    pub fn renew(&mut self, node: &str, epoch: u64, lease_ms: u64) -> Result<bool, ClusterError> {
+    pub fn renew(&mut self, node: &str, epoch: u64, lease: LeaseMs) -> Result<bool, ClusterError> {
         let n = self.client.execute(
             "UPDATE dsplane_lease
                  SET expires_at = clock_timestamp() + $3::bigint * interval '1 millisecond'
                WHERE id = 1 AND node = $1 AND epoch = $2",
-            &[
-                &node,
-                &i64::try_from(epoch).unwrap_or(i64::MAX),
-                &i64::try_from(lease_ms).unwrap_or(i64::MAX),
-            ],
+            &[&node, &int8(epoch), &int8(lease.get())],
         )?;
         Ok(n == 1)
     }
@@ -314,11 +373,14 @@ impl Db {
             "SELECT node, epoch, expires_at < clock_timestamp() FROM dsplane_lease WHERE id = 1",
             &[],
         )?;
-        let node: Option<String> = row.get(0);
-        Ok(node.map(|node| Holder {
+        let node: Option<String> = col(&row, "dsplane_lease", 0)?;
+        let Some(node) = node else {
+            return Ok(None);
+        };
+        Ok(Some(Holder {
             node,
-            epoch: epoch_of(row.get(1)),
-            expired: row.get(2),
+            epoch: epoch_of(col(&row, "dsplane_lease", 1)?)?,
+            expired: col(&row, "dsplane_lease", 2)?,
         }))
     }
 
@@ -336,13 +398,11 @@ impl Db {
         write: impl FnOnce(&mut Transaction<'_>) -> Result<T, postgres::Error>,
     ) -> Result<T, WriteError> {
         let mut tx = self.client.transaction()?;
-        let current: i64 = tx
-            .query_one(
-                "SELECT epoch FROM dsplane_lease WHERE id = 1 FOR SHARE",
-                &[],
-            )?
-            .get(0);
-        let current = epoch_of(current);
+        let row = tx.query_one(
+            "SELECT epoch FROM dsplane_fence WHERE id = 1 FOR SHARE",
+            &[],
+        )?;
+        let current = epoch_of(col(&row, "dsplane_fence", 0)?)?;
         if current != epoch {
             // Dropping the transaction rolls it back.
             return Err(Fenced {
@@ -356,10 +416,29 @@ impl Db {
         Ok(out)
     }
 
+    /// Bounds every statement and every lock wait of this connection to `ms` (0: no bound), so
+    /// that a hung server or a long-held lock ends in an error. A lease connection uses a third
+    /// of the lease: a renewal that takes longer has lost its use.
+    ///
+    /// # Errors
+    ///
+    /// A failed query.
+    pub fn set_timeouts(&mut self, ms: u64) -> Result<(), ClusterError> {
+        self.client.batch_execute(&format!(
+            "SET statement_timeout = {ms}; SET lock_timeout = {ms}"
+        ))?;
+        Ok(())
+    }
+
     /// The connection, for queries this module does not wrap (tests, `cluster init`'s report).
     pub fn client(&mut self) -> &mut Client {
         &mut self.client
     }
+}
+
+fn has_meta(tx: &mut Transaction<'_>) -> Result<bool, ClusterError> {
+    let row = tx.query_one("SELECT to_regclass('dsplane_meta') IS NOT NULL", &[])?;
+    col(&row, "dsplane_meta", 0)
 }
 
 fn read_version(tx: &mut Transaction<'_>) -> Result<Option<u32>, ClusterError> {
@@ -370,7 +449,7 @@ fn read_version(tx: &mut Transaction<'_>) -> Result<Option<u32>, ClusterError> {
     let Some(row) = row else {
         return Ok(None);
     };
-    let value: String = row.get(0);
+    let value: String = col(&row, "dsplane_meta", 0)?;
     value
         .parse::<u32>()
         .map(Some)

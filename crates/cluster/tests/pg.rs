@@ -3,12 +3,20 @@
 
 use std::time::Duration;
 
+use dsplane_cluster::lease::LeaseMs;
 use dsplane_cluster::pg::{ClusterError, Db, WriteError, SCHEMA_VERSION};
 use dsplane_cluster::testing::TempPostgres;
 
 fn db(pg: &TempPostgres) -> Db {
     Db::connect(&pg.conninfo()).expect("connect")
 }
+
+fn ms(ms: u64) -> LeaseMs {
+    LeaseMs::new(ms).unwrap()
+}
+
+/// Long enough that nothing in a test expires by accident on a slow machine.
+const LONG: u64 = 10_000;
 
 #[test]
 fn init_creates_the_tables_once_and_refuses_a_newer_schema() {
@@ -52,19 +60,18 @@ fn one_node_holds_the_lease_until_it_expires_then_a_takeover_fences_it() {
     };
     let (mut a, mut b) = (db(&pg), db(&pg));
     a.init().unwrap();
-    let lease_ms = 300;
     let ea = a
-        .try_acquire("node-a", lease_ms)
+        .try_acquire("node-a", ms(LONG))
         .unwrap()
         .expect("a free lease");
     assert_eq!(ea, 1);
-    assert_eq!(b.try_acquire("node-b", lease_ms).unwrap(), None, "a's runs");
+    assert_eq!(b.try_acquire("node-b", ms(LONG)).unwrap(), None, "a's runs");
     assert_eq!(
-        a.try_acquire("node-a", lease_ms).unwrap(),
+        a.try_acquire("node-a", ms(LONG)).unwrap(),
         None,
         "not even a's own: an earlier run of it may be alive"
     );
-    assert!(a.renew("node-a", ea, lease_ms).unwrap());
+    assert!(a.renew("node-a", ea, ms(LONG)).unwrap());
     let holder = b.holder().unwrap().unwrap();
     assert_eq!(
         (holder.node.as_str(), holder.epoch, holder.expired),
@@ -78,13 +85,15 @@ fn one_node_holds_the_lease_until_it_expires_then_a_takeover_fences_it() {
         tx.execute("INSERT INTO t VALUES ($1, 'a1')", &[&(ea as i64)])
     })
     .unwrap();
-    // a stops renewing (killed, stopped, cut off); its lease runs out by the server's clock.
-    std::thread::sleep(Duration::from_millis(lease_ms + 100));
+    // a's last renewal is short, and a stops renewing (killed, stopped, cut off): its lease
+    // runs out by the server's clock.
+    assert!(a.renew("node-a", ea, ms(100)).unwrap());
+    std::thread::sleep(Duration::from_millis(300));
     assert!(b.holder().unwrap().unwrap().expired);
-    let eb = b.try_acquire("node-b", lease_ms).unwrap().expect("expired");
+    let eb = b.try_acquire("node-b", ms(LONG)).unwrap().expect("expired");
     assert_eq!(eb, 2);
     // a wakes: its renewal fails, and so does every write it tries.
-    assert!(!a.renew("node-a", ea, lease_ms).unwrap());
+    assert!(!a.renew("node-a", ea, ms(LONG)).unwrap());
     let e = a
         .fenced(ea, |tx| tx.execute("INSERT INTO t VALUES (1, 'a2')", &[]))
         .unwrap_err();
@@ -105,6 +114,60 @@ fn one_node_holds_the_lease_until_it_expires_then_a_takeover_fences_it() {
 }
 
 #[test]
+fn a_new_run_of_the_same_node_fences_the_old_run() {
+    let Some(pg) = TempPostgres::start("same-name") else {
+        return;
+    };
+    let (mut old, mut new) = (db(&pg), db(&pg));
+    old.init().unwrap();
+    let e1 = old.try_acquire("node-a", ms(100)).unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // node-a restarted (the old process only stopped): same name, a new epoch.
+    let e2 = new
+        .try_acquire("node-a", ms(LONG))
+        .unwrap()
+        .expect("expired");
+    assert_eq!(e2, e1 + 1);
+    assert!(
+        !old.renew("node-a", e1, ms(LONG)).unwrap(),
+        "the old run's epoch is gone"
+    );
+    assert!(matches!(
+        old.fenced(e1, |_| Ok(())).unwrap_err(),
+        WriteError::Fenced(_)
+    ));
+    assert!(new.renew("node-a", e2, ms(LONG)).unwrap());
+}
+
+#[test]
+fn renewals_never_wait_behind_the_actives_own_writes_and_timeouts_end_a_hung_wait() {
+    let Some(pg) = TempPostgres::start("renew-vs-write") else {
+        return;
+    };
+    let (mut a, mut lease) = (db(&pg), db(&pg));
+    a.init().unwrap();
+    let ea = a.try_acquire("node-a", ms(LONG)).unwrap().unwrap();
+    lease.set_timeouts(200).unwrap();
+    // A write that stays open (a slow commit waiting for a standby) while the lease is renewed
+    // on the node's other connection: the renewal goes through.
+    a.fenced(ea, |_| {
+        assert!(lease.renew("node-a", ea, ms(LONG)).unwrap());
+        Ok(())
+    })
+    .unwrap();
+    // A lock held on the lease row itself: the renewal ends in an error at the timeout, which
+    // the lease counts as a failure, instead of waiting for ever.
+    let mut other = db(&pg);
+    let mut tx = other.client().transaction().unwrap();
+    tx.execute("SELECT 1 FROM dsplane_lease WHERE id = 1 FOR UPDATE", &[])
+        .unwrap();
+    let e = lease.renew("node-a", ea, ms(LONG)).unwrap_err();
+    assert!(e.to_string().contains("timeout"), "{e}");
+    tx.rollback().unwrap();
+    assert!(lease.renew("node-a", ea, ms(LONG)).unwrap());
+}
+
+#[test]
 fn a_takeover_waits_for_the_old_nodes_write_in_flight() {
     let Some(pg) = TempPostgres::start("fence-race") else {
         return;
@@ -112,7 +175,7 @@ fn a_takeover_waits_for_the_old_nodes_write_in_flight() {
     let (mut a, mut b) = (db(&pg), db(&pg));
     a.init().unwrap();
     a.client().batch_execute("CREATE TABLE t (v text)").unwrap();
-    let ea = a.try_acquire("node-a", 200).unwrap().unwrap();
+    let ea = a.try_acquire("node-a", ms(100)).unwrap().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     // The lease has expired; a's write began before anyone took over, and holds the row.
     b.client()
@@ -121,14 +184,14 @@ fn a_takeover_waits_for_the_old_nodes_write_in_flight() {
     let r = a.fenced(ea, |tx| {
         tx.execute("INSERT INTO t VALUES ('in flight')", &[])?;
         // While it is open, a takeover cannot commit: it waits on the lease row.
-        let blocked = b.try_acquire("node-b", 200);
+        let blocked = b.try_acquire("node-b", ms(LONG));
         Ok(blocked)
     });
     let blocked = r.unwrap();
     let e = blocked.expect_err("the takeover waited for the lock");
     assert!(e.to_string().contains("lock timeout"), "{e}");
     // Once the write has committed, the takeover goes through, and the new active sees it.
-    let eb = b.try_acquire("node-b", 200).unwrap().expect("expired");
+    let eb = b.try_acquire("node-b", ms(LONG)).unwrap().expect("expired");
     assert_eq!(eb, ea + 1);
     let n: i64 = b
         .client()
@@ -193,7 +256,7 @@ mod frames {
         };
         let mut a = db(&pg);
         a.init().unwrap();
-        let epoch = a.try_acquire("node-a", 10_000).unwrap().unwrap();
+        let epoch = a.try_acquire("node-a", ms(LONG)).unwrap().unwrap();
         assert_eq!(log::next_id(&mut a).unwrap(), 1);
         let payload: Vec<u8> = (0..=255).collect();
         log::append(
@@ -231,10 +294,10 @@ mod frames {
         };
         let (mut a, mut b) = (db(&pg), db(&pg));
         a.init().unwrap();
-        let ea = a.try_acquire("node-a", 150).unwrap().unwrap();
+        let ea = a.try_acquire("node-a", ms(100)).unwrap().unwrap();
         log::append(&mut a, ea, &[row(1, 0, b"kept")]).unwrap();
-        std::thread::sleep(Duration::from_millis(250));
-        let eb = b.try_acquire("node-b", 10_000).unwrap().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let eb = b.try_acquire("node-b", ms(LONG)).unwrap().unwrap();
         // The new active goes on after what a left.
         assert_eq!(log::next_id(&mut b).unwrap(), 2);
         for e in [

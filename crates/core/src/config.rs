@@ -1455,8 +1455,13 @@ fn validate_cluster(
         })?,
     };
     if postgres.trim().is_empty() {
+        let key = if raw.postgres_env.is_some() {
+            "cluster.postgres_env"
+        } else {
+            "cluster.postgres"
+        };
         return Err(invalid(
-            "cluster.postgres",
+            key,
             "\"\"",
             "a libpq connection string, such as \"host=127.0.0.1 port=5432 dbname=dsplane user=dsplane\"",
         ));
