@@ -23,13 +23,17 @@ pub fn run(file: &Path) -> ExitCode {
         eprintln!("{}: {e}", file.display());
         return ExitCode::from(2);
     }
-    let cluster = match config.cluster.as_ref().map(crate::cluster_cmd::check) {
-        Some(Err(e)) => {
+    let cluster = match config
+        .cluster
+        .as_ref()
+        .map(crate::cluster_cmd::check)
+        .transpose()
+    {
+        Ok(note) => note,
+        Err(e) => {
             eprintln!("{}: {e}", file.display());
             return ExitCode::from(2);
         }
-        Some(Ok(note)) => Some(note),
-        None => None,
     };
     print!("{}", config.effective_toml());
     if let Some(note) = cluster {

@@ -78,6 +78,17 @@ fn id_col(id: u64) -> Result<i64, ClusterError> {
         .ok_or(ClusterError::IdOutOfRange(id))
 }
 
+/// The rows' ids as the column holds them; `None` for no rows (nothing to write).
+fn ids_of(rows: &[FrameRow<'_>]) -> Result<Option<Vec<i64>>, ClusterError> {
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    rows.iter()
+        .map(|r| id_col(r.id))
+        .collect::<Result<_, _>>()
+        .map(Some)
+}
+
 fn id_of(v: i64) -> Result<u64, ClusterError> {
     u64::try_from(v).map_err(|_| ClusterError::BadRow {
         table: "dsplane_frames",
@@ -99,13 +110,9 @@ fn small(v: i16, what: &str) -> Result<u8, ClusterError> {
 /// [`WriteError::Fenced`]: another node holds the lease, nothing was written. A failed query:
 /// nothing may be taken as written (the transaction rolled back).
 pub fn append(db: &mut Db, epoch: u64, rows: &[FrameRow<'_>]) -> Result<(), WriteError> {
-    if rows.is_empty() {
+    let Some(ids) = ids_of(rows)? else {
         return Ok(());
-    }
-    let ids = rows
-        .iter()
-        .map(|r| id_col(r.id))
-        .collect::<Result<Vec<i64>, _>>()?;
+    };
     db.fenced(epoch, |tx| {
         let sink = tx.copy_in(
             "COPY dsplane_frames (id, epoch, peer_kind, peer_id, lane, level, enqueued_ns, frame) \
@@ -146,13 +153,9 @@ pub fn append(db: &mut Db, epoch: u64, rows: &[FrameRow<'_>]) -> Result<(), Writ
 ///
 /// As [`append`].
 pub fn append_by_insert(db: &mut Db, epoch: u64, rows: &[FrameRow<'_>]) -> Result<(), WriteError> {
-    if rows.is_empty() {
+    let Some(ids) = ids_of(rows)? else {
         return Ok(());
-    }
-    let ids = rows
-        .iter()
-        .map(|r| id_col(r.id))
-        .collect::<Result<Vec<i64>, _>>()?;
+    };
     let kinds: Vec<i16> = rows.iter().map(|r| i16::from(r.peer_kind)).collect();
     let peers: Vec<i64> = rows.iter().map(|r| bits(r.peer_id)).collect();
     let lanes: Vec<i16> = rows.iter().map(|r| i16::from(r.lane)).collect();

@@ -114,21 +114,7 @@ impl TempPostgres {
                 .arg(&data),
             "initdb",
         );
-        let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=on",
-            pg.port,
-            pg.dir.display()
-        );
-        pg.must(
-            pg.program("pg_ctl")
-                .args(["-w", "-t", "60", "-D"])
-                .arg(&data)
-                .arg("-l")
-                .arg(pg.dir.join("server.log"))
-                .args(["-o", &options, "start"]),
-            "pg_ctl start",
-        );
-        pg.wait_ready();
+        pg.restart();
         let mut db = postgres::Client::connect(&pg.conninfo_db("postgres"), postgres::NoTls)
             .expect("connect to the new cluster");
         db.batch_execute("CREATE DATABASE dsplane")
@@ -165,7 +151,8 @@ impl TempPostgres {
         );
     }
 
-    /// Starts the stopped server again, on the same port and data.
+    /// Starts the server (again, once stopped), on its port and data, and waits until it
+    /// accepts connections.
     ///
     /// # Panics
     ///

@@ -303,34 +303,7 @@ impl Worker {
     /// taken is written and the peers are pumped then, not at the end of the turn: a bucket of
     /// 100 at 10 M/s is full again long before a batch of 1,024 has been taken and written.
     fn drain_ring_up_to(&mut self, batches_max: usize, pace: bool) {
-        let mut drain = Drain::new(batches_max);
-        loop {
-            let pacing = if pace { self.owner.rate_wake() } else { None };
-            let asked = drain.piece(pacing.is_some());
-            // Each envelope goes from its ring slot straight into `take`, not through a list.
-            let mut taker = TakeEach {
-                owner: &mut self.owner,
-                now: self.turn_now,
-            };
-            let n = self.ring.pop_bulk(&mut taker, asked);
-            let done = drain.took(n, asked);
-            let pump = match pacing {
-                Some(due) if !done => Some(self.shared.now()).filter(|&now| now >= due),
-                _ => None,
-            };
-            if drain.commit_now(done, pump.is_some()) {
-                let _ = self.owner.commit();
-                self.carry_out();
-            }
-            if let Some(now) = pump {
-                // The rest of the turn goes on from this instant (the clock only moves on).
-                self.turn_now = now;
-                self.pump_all(now);
-            }
-            if done {
-                return;
-            }
-        }
+        drain(&mut RingDrain(self), batches_max, pace);
     }
 
     /// Carries out what the owner decided: acknowledgements go to the workers that took the
@@ -776,7 +749,84 @@ impl Extend<(usize, Envelope)> for TakeEach<'_> {
     }
 }
 
-/// One drain of the owner's ring ([`Worker::drain_ring_up_to`]), apart from the ring and the
+/// What a drain ([`drain`]) does to the worker, apart from its rules: so that the tests drive
+/// the same loop over a ring and an owner of their own.
+trait DrainSteps {
+    /// When the tokens of a rate-limited peer waiting for them are due, if one waits.
+    fn rate_wake(&mut self) -> Option<Nanos>;
+    /// Takes up to `max` envelopes from the ring into the owner; how many.
+    fn take(&mut self, max: usize) -> usize;
+    /// The clock, read again.
+    fn now(&mut self) -> Nanos;
+    /// Writes what was taken and carries out the owner's decisions.
+    fn commit(&mut self);
+    /// Pumps every peer at `now`, the turn going on from that instant.
+    fn pump(&mut self, now: Nanos);
+}
+
+/// The worker as a drain sees it.
+struct RingDrain<'a>(&'a mut Worker);
+
+impl DrainSteps for RingDrain<'_> {
+    fn rate_wake(&mut self) -> Option<Nanos> {
+        self.0.owner.rate_wake()
+    }
+
+    fn take(&mut self, max: usize) -> usize {
+        let w = &mut *self.0;
+        // Each envelope goes from its ring slot straight into `take`, not through a list.
+        let mut taker = TakeEach {
+            owner: &mut w.owner,
+            now: w.turn_now,
+        };
+        w.ring.pop_bulk(&mut taker, max)
+    }
+
+    fn now(&mut self) -> Nanos {
+        self.0.shared.now()
+    }
+
+    fn commit(&mut self) {
+        let _ = self.0.owner.commit();
+        self.0.carry_out();
+    }
+
+    fn pump(&mut self, now: Nanos) {
+        // The clock only moves on.
+        self.0.turn_now = now;
+        self.0.pump_all(now);
+    }
+}
+
+/// Takes at most `batches_max` batches from the ring, by the rules of [`Drain`]. With `pace`,
+/// while a rate-limited peer waits for its tokens, the ring is taken in pieces of
+/// [`RING_BATCH_PACING`] with a clock read between them, and once the tokens are due what was
+/// taken is written and the peers are pumped then, not at the end of the turn: a bucket of 100
+/// at 10 M/s is full again long before a batch of 1,024 has been taken and written.
+fn drain(io: &mut impl DrainSteps, batches_max: usize, pace: bool) {
+    let mut drain = Drain::new(batches_max);
+    loop {
+        let pacing = if pace { io.rate_wake() } else { None };
+        let asked = drain.piece(pacing.is_some());
+        let n = io.take(asked);
+        let done = drain.took(n, asked);
+        let pump = match pacing {
+            Some(due) if !done => Some(io.now()).filter(|&now| now >= due),
+            _ => None,
+        };
+        if drain.commit_now(done, pump.is_some()) {
+            io.commit();
+        }
+        if let Some(now) = pump {
+            io.pump(now);
+        }
+        if done {
+            return;
+        }
+    }
+}
+
+/// One drain of the owner's ring ([`drain`]), apart from the ring and the
 /// owner so that its rules are tested alone: how much to take next, when to write what was
 /// taken ([`Owner::commit`], before any pump, since only written frames are placed), and when
 /// to stop.
@@ -862,42 +912,63 @@ mod pump_clock_tests {
 mod drain_tests {
     use super::*;
 
-    /// Drives a [`Drain`] as `drain_ring_up_to` does, over a ring that holds `held` envelopes
-    /// (`None`: its producers keep it full), with `pacing` and `due` saying, piece by piece,
-    /// whether a peer waits for tokens and whether they are due. Returns the pieces asked for,
-    /// and the events: `Take(n)`, `Commit(frames)`, `Pump`.
+    /// A ring that holds `left` envelopes (`None`: its producers keep it full), with `pacing`
+    /// and `due` saying, piece by piece, whether a peer waits for tokens and whether they are
+    /// due; it records what the drain does: `Take(n)`, `Commit(frames)`, `Pump`.
+    struct Fake<P, D> {
+        left: Option<usize>,
+        pacing: P,
+        due: D,
+        steps: Vec<Step>,
+        uncommitted: usize,
+    }
+
+    impl<P: FnMut() -> bool, D: FnMut() -> bool> DrainSteps for Fake<P, D> {
+        fn rate_wake(&mut self) -> Option<Nanos> {
+            (self.pacing)().then_some(1)
+        }
+
+        fn take(&mut self, max: usize) -> usize {
+            assert!(max >= 1, "a piece asks for something");
+            let n = self.left.map_or(max, |l| l.min(max));
+            if let Some(l) = self.left.as_mut() {
+                *l -= n;
+            }
+            self.steps.push(Step::Take(n));
+            self.uncommitted += n;
+            n
+        }
+
+        fn now(&mut self) -> Nanos {
+            Nanos::from((self.due)())
+        }
+
+        fn commit(&mut self) {
+            let n = std::mem::take(&mut self.uncommitted);
+            self.steps.push(Step::Commit(n));
+        }
+
+        fn pump(&mut self, _now: Nanos) {
+            self.steps.push(Step::Pump);
+        }
+    }
+
+    /// Runs the engine's drain loop over a [`Fake`] ring; what it did.
     fn drive(
         batches_max: usize,
         held: Option<usize>,
-        mut pacing: impl FnMut() -> bool,
-        mut due: impl FnMut() -> bool,
+        pacing: impl FnMut() -> bool,
+        due: impl FnMut() -> bool,
     ) -> Vec<Step> {
-        let mut drain = Drain::new(batches_max);
-        let mut left = held;
-        let mut steps = Vec::new();
-        let mut uncommitted = 0;
-        loop {
-            let pacing = pacing();
-            let asked = drain.piece(pacing);
-            assert!(asked >= 1, "a piece asks for something");
-            let n = left.map_or(asked, |l| l.min(asked));
-            if let Some(l) = left.as_mut() {
-                *l -= n;
-            }
-            steps.push(Step::Take(n));
-            uncommitted += n;
-            let done = drain.took(n, asked);
-            let pump = pacing && !done && due();
-            if drain.commit_now(done, pump) {
-                steps.push(Step::Commit(std::mem::take(&mut uncommitted)));
-            }
-            if pump {
-                steps.push(Step::Pump);
-            }
-            if done {
-                return steps;
-            }
-        }
+        let mut fake = Fake {
+            left: held,
+            pacing,
+            due,
+            steps: Vec::new(),
+            uncommitted: 0,
+        };
+        drain(&mut fake, batches_max, true);
+        fake.steps
     }
 
     #[derive(Debug, Clone, Copy, PartialEq)]
