@@ -23,6 +23,7 @@
 pub mod lease;
 pub mod log;
 pub mod pg;
+pub mod replicated;
 pub mod testing;
 
 /// Nanoseconds on the caller's clock. It must count time the node spends suspended or paused

@@ -79,6 +79,11 @@ pub const LEASE_MS_MIN: u64 = 100;
 pub const LEASE_MS_MAX: u64 = 60_000;
 /// The longest `[cluster] node` name (it goes into the standby's NACK detail).
 pub const NODE_NAME_BYTES_MAX: usize = 63;
+/// Frames one worker may have written out for PostgreSQL and not yet seen committed (durability
+/// `replicated`): while PostgreSQL is unreachable the worker holds them (spilled ones in memory,
+/// the rest in the NMS), and past this it refuses new frames with NACK 5. At 1 KiB a frame, some
+/// 256 MiB; at 50,000 frames/s, five seconds of a full-rate outage.
+pub const REPLICATED_UNCOMMITTED_FRAMES_MAX: usize = 262_144;
 /// Listen backlog of the SU and CSP ports.
 pub const LISTEN_BACKLOG: i32 = 1024;
 /// Most connections one CSP link may hold at once (`csp.connections_max`). Each is spread to a
