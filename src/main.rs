@@ -193,6 +193,36 @@ fn report_alerts(config: Option<PathBuf>, day: Option<String>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `run` with `[cluster]`: a node that stands by until it holds the lease, then is active
+/// (`docs/ha.md`). SIGHUP is not applied to a node: a reload must reach every node alike, and a
+/// restart of one node at a time (each standby first) does that.
+fn run_node(config: Config, mut signals: Signals, json: bool) -> ExitCode {
+    let node = match dsplane::engine::cluster::Node::start(config) {
+        Ok(n) => n,
+        Err(e) => {
+            run_log::error(json, &format!("cannot start: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    let stopper = node.stopper();
+    let handle = signals.handle();
+    std::thread::spawn(move || {
+        for signal in signals.forever() {
+            if signal == SIGHUP {
+                tracing::warn!("SIGHUP: a node of a cluster does not reload; restart the nodes one at a time, standbys first");
+                continue;
+            }
+            tracing::info!(signal, "shutting down");
+            stopper.stop();
+            return;
+        }
+    });
+    node.join();
+    handle.close();
+    tracing::info!("dsplane stopped");
+    ExitCode::SUCCESS
+}
+
 fn run(config: Config, embedded: bool, config_path: Option<PathBuf>, json: bool) -> ExitCode {
     if embedded {
         run_log::banner(&config, json);
@@ -214,6 +244,9 @@ fn run(config: Config, embedded: bool, config_path: Option<PathBuf>, json: bool)
             return ExitCode::FAILURE;
         }
     };
+    if config.cluster.is_some() {
+        return run_node(config, signals, json);
+    }
     let engine = match Engine::start(config) {
         Ok(e) => e,
         Err(e) => {

@@ -1,7 +1,7 @@
 //! `[cluster]` on the command line: `check-config` reaches PostgreSQL (and says whether the
 //! tables are there), `cluster init` creates them, an unreachable server is an error that names
-//! it, the connection string is never printed, and `run` refuses a `[cluster]` it cannot yet
-//! honour. Against a throwaway PostgreSQL (`dsplane_cluster::testing`).
+//! it, the connection string is never printed, and `run` refuses a database that does not
+//! exist or holds a newer schema. Against a throwaway PostgreSQL (`dsplane_cluster::testing`).
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -30,7 +30,7 @@ fn config_file(name: &str, cluster: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
     let text = format!(
-        "[engine]\ndata_dir = \"{}\"\n{PEERS}\n{cluster}",
+        "[engine]\ndurability = \"replicated\"\ndata_dir = \"{}\"\n{PEERS}\n{cluster}",
         dir.join(format!("{name}.data")).display()
     );
     std::fs::write(&path, text).unwrap();
@@ -84,11 +84,35 @@ fn check_config_reaches_postgres_and_cluster_init_creates_the_tables() {
     assert!(out.status.success(), "{err}");
     assert!(err.contains("tables are at schema version 1"), "{err}");
 
-    // The engine does not yet run as one node of several: it says so rather than pretend.
+    // A database that does not exist is refused at start, with the server named.
+    let missing = config_file(
+        "b.toml",
+        &format!(
+            "[cluster]\nnode = \"node-b\"\npostgres = \"{} password=hunter2\"\n",
+            pg.conninfo_db("no_such_db")
+        ),
+    );
+    let (out, err) = dsplane(&["run", "--config"], &missing);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no_such_db"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+    // A schema of a newer dsplane is refused before anything touches it.
+    let mut db = dsplane_cluster::pg::Db::connect(&pg.conninfo()).unwrap();
+    db.client()
+        .execute(
+            "UPDATE dsplane_meta SET value = '99' WHERE key = 'schema_version'",
+            &[],
+        )
+        .unwrap();
     let (out, err) = dsplane(&["run", "--config"], &file);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("[cluster] is set"), "{err}");
-    assert!(!err.contains("hunter2"), "{err}");
+    assert!(err.contains("99"), "{err}");
+    db.client()
+        .execute(
+            "UPDATE dsplane_meta SET value = '1' WHERE key = 'schema_version'",
+            &[],
+        )
+        .unwrap();
 
     // The server goes away: check-config fails and names it.
     pg.stop();
@@ -104,7 +128,8 @@ fn cluster_init_without_a_cluster_section_or_with_a_bad_one_says_what_to_fix() {
     let file = config_file("none.toml", "");
     let (out, err) = dsplane(&["cluster", "init", "--config"], &file);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("no [cluster] section"), "{err}");
+    // durability = "replicated" without [cluster] is refused as the file is read.
+    assert!(err.contains("needs a [cluster] section"), "{err}");
     let file = config_file(
         "bad.toml",
         "[cluster]\nnode = \"a\"\npostgres = \"x\"\nlease_ms = 50\n",

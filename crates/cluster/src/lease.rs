@@ -132,6 +132,15 @@ impl Lease {
         }
     }
 
+    /// The instant before which the node may act, while active (0 otherwise): what the node's
+    /// [`crate::gate::Gate`] is set to.
+    pub fn acts_until(&self) -> Nanos {
+        match self.role {
+            Role::Active { .. } => self.valid_until,
+            _ => 0,
+        }
+    }
+
     /// What the node is now.
     pub fn role(&self) -> Role {
         self.role

@@ -20,9 +20,11 @@
 
 #![warn(missing_docs)]
 
+pub mod gate;
 pub mod lease;
 pub mod log;
 pub mod pg;
+pub mod remote;
 pub mod replicated;
 pub mod testing;
 

@@ -363,6 +363,21 @@ impl Db {
         Ok(n == 1)
     }
 
+    /// Gives up `node`'s lease of `epoch` (a clean stop), so that a standby takes over without
+    /// waiting for it to expire. `false` if the row has moved on.
+    ///
+    /// # Errors
+    ///
+    /// A failed query.
+    pub fn release(&mut self, node: &str, epoch: u64) -> Result<bool, ClusterError> {
+        let n = self.client.execute(
+            "UPDATE dsplane_lease SET expires_at = '-infinity'
+               WHERE id = 1 AND node = $1 AND epoch = $2",
+            &[&node, &int8(epoch)],
+        )?;
+        Ok(n == 1)
+    }
+
     /// Who holds the lease (a standby names the active in its NACK).
     ///
     /// # Errors
@@ -416,16 +431,20 @@ impl Db {
         Ok(out)
     }
 
-    /// Bounds every statement and every lock wait of this connection to `ms` (0: no bound), so
-    /// that a hung server or a long-held lock ends in an error. A lease connection uses a third
-    /// of the lease: a renewal that takes longer has lost its use.
+    /// Bounds every statement, every lock wait, and every pause inside a transaction of this
+    /// connection to `ms` (0: no bound), so that a hung server or a long-held lock ends in an
+    /// error. A lease connection uses a third of the lease: a renewal that takes longer has lost
+    /// its use. The last bound is for a node stopped (SIGSTOP, a pause) inside a fenced write:
+    /// its transaction holds the fence row's share lock, which a takeover must wait for, and
+    /// PostgreSQL ends such a session once it has been idle in its transaction for `ms`.
     ///
     /// # Errors
     ///
     /// A failed query.
     pub fn set_timeouts(&mut self, ms: u64) -> Result<(), ClusterError> {
         self.client.batch_execute(&format!(
-            "SET statement_timeout = {ms}; SET lock_timeout = {ms}"
+            "SET statement_timeout = {ms}; SET lock_timeout = {ms}; \
+             SET idle_in_transaction_session_timeout = {ms}"
         ))?;
         Ok(())
     }

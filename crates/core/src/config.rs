@@ -616,6 +616,9 @@ pub enum Durability {
     Batch,
     /// Flushed before each ACK.
     Sync,
+    /// Committed in PostgreSQL before each ACK, in groups every `flush_interval`; needs
+    /// `[cluster]` (`docs/ha.md`).
+    Replicated,
 }
 
 /// Delivery order.
@@ -1034,6 +1037,23 @@ impl Config {
             .as_ref()
             .map(|c| validate_cluster(c, env))
             .transpose()?;
+        match (engine.durability, &cluster) {
+            (Durability::Replicated, None) => {
+                return Err(invalid(
+                    "engine.durability",
+                    "\"replicated\"",
+                    "needs a [cluster] section: node, and postgres or postgres_env",
+                ))
+            }
+            (d, Some(_)) if d != Durability::Replicated => {
+                return Err(invalid(
+                    "engine.durability",
+                    format!("{:?}", raw.engine.durability),
+                    "a [cluster] node keeps its log in PostgreSQL: set durability = \"replicated\"",
+                ))
+            }
+            _ => {}
+        }
         // Keep the file's form for `effective_toml`, but never a token in it: the validated
         // tokens live in `Secret`s.
         let mut raw = raw;
@@ -1200,11 +1220,12 @@ fn validate_engine(raw: &RawEngine) -> Result<Engine, ConfigError> {
         "none" => Durability::None,
         "batch" => Durability::Batch,
         "sync" => Durability::Sync,
+        "replicated" => Durability::Replicated,
         other => {
             return Err(invalid(
                 "engine.durability",
                 format!("{other:?}"),
-                "expected none, batch or sync",
+                "expected none, batch, sync or replicated",
             ))
         }
     };
@@ -2143,7 +2164,8 @@ exclusions = [ 0x8F57 ]
     }
 
     fn with_cluster(cluster: &str) -> Result<Config, ConfigError> {
-        let text = format!("{RUNNING}\n[cluster]\n{cluster}\n");
+        let text =
+            format!("[engine]\ndurability = \"replicated\"\n{RUNNING}\n[cluster]\n{cluster}\n");
         Config::from_toml_with_env(&text, |name| match name {
             "PG" => Some("host=db password=hunter2".to_owned()),
             "UNSET" => None,

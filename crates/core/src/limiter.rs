@@ -300,6 +300,10 @@ impl TokenBucket {
     /// the most the bucket holds).
     pub fn next_ready_n(&mut self, n: u32, now: Nanos) -> Nanos {
         self.refill(now);
+        // The bucket is as of its last refill: a `now` before it (a caller's instant read before
+        // another's, within one turn) asks from there, so that the ramp's credit below is never
+        // taken before the instant it was last credited to (it would run backwards).
+        let now = now.max(self.last);
         let want = u64::from(n.clamp(1, self.burst)) * NANO;
         if self.level >= want {
             return now;
@@ -461,6 +465,19 @@ mod tests {
         assert_eq!(b.available(0), 5);
         assert_eq!(drain(&mut b, 0), 5);
         assert_eq!(b.available(0), 0);
+    }
+
+    #[test]
+    fn a_wake_asked_for_an_instant_before_the_last_refill_during_a_ramp_is_not_earlier_than_it() {
+        // A release started, and the bucket refilled, at 10 ms; a pump then asks with an
+        // instant read a little earlier in the same turn.
+        let mut b = TokenBucket::new(1000, 100, 0).unwrap();
+        let start = ReleaseStart::from_fraction(0.1).unwrap();
+        b.start_release(10 * MS, start, 1_000 * MS).unwrap();
+        while b.try_acquire(10 * MS) {}
+        let at = b.next_wake(9 * MS);
+        assert!(at > 10 * MS, "{at}");
+        assert_eq!(b.next_ready_n(1, 9 * MS), b.next_ready_n(1, 10 * MS));
     }
 
     #[test]

@@ -139,6 +139,12 @@ pub enum WalError {
         /// What is wrong.
         why: &'static str,
     },
+    /// The `replicated` log's database failed or holds a damaged row (`why` names it).
+    #[error("{why}")]
+    Database {
+        /// What failed, with the table and row.
+        why: String,
+    },
     /// A file or directory the log says must exist is not there, or the data directory's
     /// state cannot be determined.
     #[error("{path}: {why}. dsplane will not start without it; restore it, or run `dsplane recover --salvage` to start from what is intact")]

@@ -14,6 +14,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
+use std::sync::Arc;
 
 use bytes::{Buf, Bytes};
 use mio::net::TcpStream;
@@ -22,6 +23,7 @@ use super::shared::PeerRef;
 use crate::owner::Transmit;
 use crate::wire::{Frame, FrameDecoder, Header, HEADER_LEN};
 use crate::Nanos;
+use dsplane_cluster::gate::Gate;
 
 /// Most chunks handed to one `writev` (Linux's `IOV_MAX` is 1024). Chunks are whole runs of
 /// small frames or large payloads, so 64 is many hundreds of kilobytes.
@@ -48,6 +50,8 @@ pub(crate) enum ConnState {
 
 #[derive(Debug)]
 pub(crate) struct Conn {
+    /// Asked before every write ([`Conn::flush`]).
+    gate: Arc<Gate>,
     pub stream: TcpStream,
     pub decoder: FrameDecoder,
     pub peer: PeerRef,
@@ -154,8 +158,10 @@ impl Conn {
         addr: std::net::SocketAddr,
         now: Nanos,
         id: u64,
+        gate: Arc<Gate>,
     ) -> Conn {
         Conn {
+            gate,
             stream,
             decoder,
             peer,
@@ -310,6 +316,11 @@ impl Conn {
     /// (the common case), else one `writev` of the chunks and the buffer. `Ok(true)` when
     /// everything queued is written.
     pub(crate) fn flush(&mut self) -> io::Result<bool> {
+        // A node whose lease may have passed to another writes nothing to a peer, not even what
+        // is buffered; the worker's housekeeping tries again once the gate is open.
+        if !self.gate.may_act() {
+            return Ok(false);
+        }
         loop {
             let written = if self.out.is_empty() {
                 let Some(rest) = self.tail.get(self.tail_at..) else {

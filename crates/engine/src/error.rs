@@ -110,11 +110,13 @@ pub enum EngineError {
         #[source]
         source: crate::owner::OwnerError,
     },
-    /// The configuration has `[cluster]`: this engine runs as a single node only (active and
-    /// standby nodes on PostgreSQL are not built yet, `docs/ha.md`), and must not look as if
-    /// it ran as one of several.
-    #[error("[cluster] is set, but this dsplane runs as a single node only: active and standby nodes on PostgreSQL are not built yet. Remove [cluster] to run this node on its own")]
-    ClusterNotBuilt,
+    /// The configuration has `[cluster]` but the engine was started on its own, without the
+    /// lease and the replicated log a node of a cluster runs with ([`crate::cluster::Node`]).
+    #[error("[cluster] is set: this configuration runs as a node of a cluster (`dsplane run` starts it as one), not as an engine on its own")]
+    ClusterNeedsNode,
+    /// A node of a cluster could not start or go on (PostgreSQL refused it, a thread).
+    #[error("{0}")]
+    Cluster(String),
     /// `[service_requests]` cannot give the engine-wide intake measure.
     #[error("[service_requests]: {0}")]
     Intake(#[source] ThrottleError),

@@ -53,6 +53,7 @@
 
 // The I/O around the core: the write-ahead log and the disk it is written on.
 pub mod checksum;
+pub mod cluster;
 pub mod datadir;
 pub mod disk;
 pub mod recovery;
@@ -160,8 +161,30 @@ impl Engine {
         frames_per_level: usize,
     ) -> Result<Engine, EngineError> {
         if config.cluster.is_some() {
-            return Err(EngineError::ClusterNotBuilt);
+            return Err(EngineError::ClusterNeedsNode);
         }
+        Engine::start_inner(config, frames_per_level, None)
+    }
+
+    /// The engine of an active node of a cluster ([`crate::cluster::Node`] starts it once it
+    /// holds the lease): a `replicated` log per worker, going on from `setup`'s backlog, and
+    /// every write to a peer asking `setup.gate`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Engine::start`], or a committer thread that cannot be started.
+    pub fn start_replicated(
+        config: Config,
+        setup: crate::cluster::ReplicatedSetup,
+    ) -> Result<Engine, EngineError> {
+        Engine::start_inner(config, RING_FRAMES_PER_LEVEL, Some(setup))
+    }
+
+    fn start_inner(
+        config: Config,
+        frames_per_level: usize,
+        replicated: Option<crate::cluster::ReplicatedSetup>,
+    ) -> Result<Engine, EngineError> {
         let workers = worker_count(&config);
         // One engine per data_dir, checked before anything is bound: the lock is held until
         // this engine is joined.
@@ -202,37 +225,15 @@ impl Engine {
         let intake = crate::throttle::GlobalIntake::from_config(&config.service_requests, 0)
             .map_err(EngineError::Intake)?;
         let report = load_report(&config.engine.data_dir);
-        let shared = Arc::new(Shared::new(config, links, intake, report));
-
-        // Recovery: what the previous run took and its receivers did not acknowledge waits in
-        // this run's logs (in place, or copied per owner) before anything new is taken.
-        let engine = &shared.config.engine;
-        let expiry_path = engine.data_dir.join("expired-recovery.jsonl");
-        let (stores, report) = crate::recovery::recover(
-            &engine.data_dir,
-            log_settings(&shared.config, workers),
-            |key| shared.owner_of_key(key),
-            |w| {
-                let waker = Arc::clone(&wakers[w]);
-                Box::new(move || {
-                    let _ = waker.wake();
-                })
-            },
-            |record| write_orphan(&expiry_path, record),
-        )
-        .map_err(|source| EngineError::Recovery {
-            data_dir: engine.data_dir.clone(),
-            source,
-        })?;
-        tracing::info!(
-            frames = report.frames_recovered,
-            orphaned = report.frames_orphaned,
-            torn_tails = report.torn_tails.len(),
-            generation = report.generation,
-            in_place = report.in_place,
-            data_dir = %engine.data_dir.display(),
-            "log recovered"
+        let gate = replicated.as_ref().map_or_else(
+            || Arc::new(dsplane_cluster::gate::Gate::open()),
+            |r| Arc::clone(&r.gate),
         );
+        let shared = Arc::new(Shared::new(config, links, intake, report, gate));
+        let stores = match replicated {
+            Some(setup) => replicated_stores(&shared, setup, &wakers)?,
+            None => local_stores(&shared, workers, &wakers)?,
+        };
 
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let mut threads = Vec::with_capacity(workers + 1);
@@ -447,6 +448,113 @@ pub fn worker_count(config: &Config) -> usize {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n as usize,
     }
+}
+
+/// The local logs of a single node: recovery's. What the previous run took and its receivers
+/// did not acknowledge waits in this run's logs (in place, or copied per owner) before
+/// anything new is taken.
+fn local_stores(
+    shared: &Shared,
+    workers: usize,
+    wakers: &[Arc<Waker>],
+) -> Result<Vec<crate::cluster::EngineLog>, EngineError> {
+    let engine = &shared.config.engine;
+    let expiry_path = engine.data_dir.join("expired-recovery.jsonl");
+    let (stores, report) = crate::recovery::recover(
+        &engine.data_dir,
+        log_settings(&shared.config, workers),
+        |key| shared.owner_of_key(key),
+        |w| {
+            let waker = wakers.get(w).map(Arc::clone);
+            Box::new(move || {
+                if let Some(waker) = &waker {
+                    let _ = waker.wake();
+                }
+            })
+        },
+        |record| write_orphan(&expiry_path, record),
+    )
+    .map_err(|source| EngineError::Recovery {
+        data_dir: engine.data_dir.clone(),
+        source,
+    })?;
+    tracing::info!(
+        frames = report.frames_recovered,
+        orphaned = report.frames_orphaned,
+        torn_tails = report.torn_tails.len(),
+        generation = report.generation,
+        in_place = report.in_place,
+        data_dir = %engine.data_dir.display(),
+        "log recovered"
+    );
+    Ok(stores
+        .into_iter()
+        .map(crate::cluster::EngineLog::Local)
+        .collect())
+}
+
+/// The `replicated` logs of an active node: a committer per worker, each lane of the backlog
+/// with the worker that owns its peer. Lanes of peers no longer configured stay in the table
+/// (counted in the log line) until a configuration names them again.
+fn replicated_stores(
+    shared: &Shared,
+    setup: crate::cluster::ReplicatedSetup,
+    wakers: &[Arc<Waker>],
+) -> Result<Vec<crate::cluster::EngineLog>, EngineError> {
+    use dsplane_cluster::remote::{PgRemote, RemoteOptions};
+    use dsplane_cluster::replicated::{IdBlocks, ReplicatedLog};
+    let ids = IdBlocks::new(setup.next_id);
+    let mut per_worker: Vec<Vec<_>> = wakers.iter().map(|_| Vec::new()).collect();
+    let mut orphaned = 0;
+    for lane in setup.backlog {
+        match shared
+            .owner_of_key(lane.peer)
+            .and_then(|w| per_worker.get_mut(w))
+        {
+            Some(w) => w.push(lane),
+            None => orphaned += lane.count,
+        }
+    }
+    if orphaned > 0 {
+        tracing::warn!(
+            frames = orphaned,
+            "frames in the log for peers no longer configured; they stay in PostgreSQL until a configuration names their peers again"
+        );
+    }
+    let lease_ms = shared.config.cluster.as_ref().map_or(1_000, |c| c.lease_ms);
+    let mut stores = Vec::with_capacity(wakers.len());
+    for (worker, (waker, backlog)) in wakers.iter().zip(per_worker).enumerate() {
+        let waker = Arc::clone(waker);
+        let fenced = Arc::clone(&setup.fenced);
+        let on_fenced = Arc::clone(&setup.on_fenced);
+        let notify = Box::new(move || {
+            let _ = waker.wake();
+        });
+        let remote = PgRemote::start(
+            RemoteOptions {
+                conninfo: setup.conninfo.clone(),
+                epoch: setup.epoch,
+                flush_interval: shared.config.engine.flush_interval,
+                // A commit that takes half a lease has lost its use; and a node stopped inside
+                // one holds up a takeover (the fence lock) for this long at most.
+                statement_timeout_ms: lease_ms / 2,
+                worker,
+                fenced: Some(dsplane_cluster::remote::FenceSignal {
+                    flag: fenced,
+                    notify: on_fenced,
+                }),
+            },
+            notify,
+        )
+        .map_err(|source| EngineError::Spawn {
+            thread: EngineThread::Worker(worker),
+            source,
+        })?;
+        stores.push(crate::cluster::EngineLog::Replicated(
+            ReplicatedLog::resume(remote, Arc::clone(&ids), backlog),
+        ));
+    }
+    Ok(stores)
 }
 
 /// Writes a recovered frame whose receiver is no longer configured to the expiry record.

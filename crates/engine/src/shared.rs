@@ -152,6 +152,9 @@ pub(crate) struct Shared {
     pub durable: bool,
     pub workers: Vec<WorkerLink>,
     pub shutdown: AtomicBool,
+    /// Until when this node may write to a peer (always, without `[cluster]`): asked before
+    /// every write to a peer's socket ([`Gate`]).
+    pub gate: Arc<Gate>,
     /// The one clock origin of every worker, so that times compare across them.
     pub origin: std::time::Instant,
     /// SECMP0067: the engine-wide intake measure and capacity.
@@ -220,12 +223,17 @@ impl Shared {
         if let Some(why) = crate::config::reload_refusal(running, new, file) {
             return Err(why);
         }
-        if new.cluster.is_some() {
-            // As at start-up ([`EngineError::ClusterNotBuilt`]).
-            return Err(format!(
-                "{file}: {}",
-                crate::error::EngineError::ClusterNotBuilt
-            ));
+        let cluster_of = |c: &Config| {
+            c.cluster.as_ref().map(|c| {
+                (
+                    c.node.clone(),
+                    c.lease_ms,
+                    c.postgres.expose_str().to_owned(),
+                )
+            })
+        };
+        if cluster_of(new) != cluster_of(old) {
+            return Err(format!("{file}: [cluster] changed: restart to apply"));
         }
         for (changed, key) in [
             (new.listen.su != old.listen.su, "listen.su"),
@@ -478,6 +486,7 @@ pub(crate) fn reload_changes(old: &Config, new: &Config) -> Vec<String> {
 }
 
 use crate::owner::owner_of_su;
+use dsplane_cluster::gate::Gate;
 
 impl Shared {
     pub(crate) fn new(
@@ -485,6 +494,7 @@ impl Shared {
         workers: Vec<WorkerLink>,
         intake: crate::throttle::GlobalIntake,
         report: crate::report::AlertReport,
+        gate: Arc<Gate>,
     ) -> Shared {
         let n = workers.len();
         let sus: Vec<SuEntry> = config
@@ -543,6 +553,7 @@ impl Shared {
             memory_frames: Arc::new(AtomicU64::new(0)),
             workers,
             shutdown: AtomicBool::new(false),
+            gate,
             origin: std::time::Instant::now(),
             intake,
             report: std::sync::Mutex::new(report),

@@ -42,7 +42,6 @@ use crate::limits::{
 };
 use crate::owner::{Envelope, Event, Owner, PeerRef, TicketRun};
 use crate::ring;
-use crate::store::Store;
 use crate::wire::ChunkPool;
 use crate::wire::{Frame, NackReason};
 use crate::{Nanos, NANOS_PER_SEC};
@@ -72,7 +71,7 @@ pub(crate) struct Worker {
     shared: Arc<Shared>,
     ring: ring::Consumer<Envelope>,
     control: Receiver<Control>,
-    owner: Owner<Store>,
+    owner: Owner<crate::cluster::EngineLog>,
     conns: Vec<Option<Conn>>,
     /// The connection slot of each SU (by directory index), while connected.
     su_conn: Vec<Option<usize>>,
@@ -120,7 +119,7 @@ impl Worker {
         shared: Arc<Shared>,
         ring: ring::Consumer<Envelope>,
         control: Receiver<Control>,
-        owner: Owner<Store>,
+        owner: Owner<crate::cluster::EngineLog>,
     ) -> Worker {
         let workers = shared.workers.len();
         let levels = shared.config.engine.levels;
@@ -541,7 +540,8 @@ impl Worker {
         let id = self.next_conn_id;
         self.next_conn_id += 1;
         decoder.use_pool(self.chunks.clone());
-        let mut conn = Conn::new(stream, decoder, peer, addr, now, id);
+        let gate = Arc::clone(&self.shared.gate);
+        let mut conn = Conn::new(stream, decoder, peer, addr, now, id, gate);
         conn.queue(&Frame::hello_ok());
         if let Some(s) = self.conns.get_mut(slot) {
             *s = Some(conn);
@@ -663,6 +663,13 @@ impl Worker {
                 continue;
             };
             conn.tick();
+            if conn.unwritten() > 0 {
+                // Output held while the gate was shut (a lease renewal late) goes now.
+                self.on_writable(slot);
+            }
+            let Some(conn) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
             match conn.state {
                 ConnState::Open if now.saturating_sub(conn.last_rx) > idle => {
                     let reason = format!(
@@ -737,7 +744,7 @@ impl PumpClock {
 /// What `Consumer::pop_bulk` extends with the ring's envelopes: each is taken by the owner as it
 /// comes out of its slot.
 struct TakeEach<'a> {
-    owner: &'a mut Owner<Store>,
+    owner: &'a mut Owner<crate::cluster::EngineLog>,
     now: Nanos,
 }
 

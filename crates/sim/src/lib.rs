@@ -235,6 +235,7 @@ impl Params {
             Durability::None => "none",
             Durability::Batch => "batch",
             Durability::Sync => "sync",
+            Durability::Replicated => "replicated",
         };
         let _ = write!(
             t,
