@@ -51,7 +51,8 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// A protocol client: `client su` prints what an SU receives, `client csp` sends it a mix of
-    /// traffic (defaults: the embedded demo configuration's ports, ids and tokens).
+    /// traffic (defaults: the embedded demo configuration's ports, ids and tokens; `--addr A,B,C`
+    /// for every node of several, the active one found again after a takeover).
     #[command(subcommand)]
     Client(client_cmd::ClientCommand),
     /// Reports: `report alerts [--day YYYY-MM-DD]`, the alert monitoring report of a day.

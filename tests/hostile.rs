@@ -71,7 +71,7 @@ fn stop(e: Engine) {
 
 fn refused_with(result: Result<Client, ClientError>) -> (Option<NackReason>, String) {
     match result {
-        Err(ClientError::Refused { reason, detail }) => (reason, detail),
+        Err(ClientError::Refused { reason, detail, .. }) => (reason, detail),
         other => panic!("expected a refusal, got {other:?}"),
     }
 }

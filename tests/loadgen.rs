@@ -234,8 +234,8 @@ window_s = 6
     let opts = Options {
         scenario: ScenarioKind::Storm,
         target: Target::Remote {
-            su_addr: engine.su_addr(),
-            csp_addr: engine.csp_addr(),
+            su_addrs: vec![engine.su_addr()],
+            csp_addrs: vec![engine.csp_addr()],
             sus: vec![(su, "storm-su".into())],
             csp_tokens: vec!["storm-csp".into()],
             config: Some(file),

@@ -34,12 +34,23 @@ struct Cli {
     #[arg(long, conflicts_with_all = ["fifo", "su_addr", "csp_addr"])]
     compare: bool,
 
-    /// SU port of a running engine.
-    #[arg(long, default_value = "127.0.0.1:7100")]
-    su_addr: SocketAddr,
-    /// CSP port of a running engine.
-    #[arg(long, default_value = "127.0.0.1:7200")]
-    csp_addr: SocketAddr,
+    /// SU port of a running engine: one address, or every node's, comma-separated (A,B,C); the
+    /// active node's is found, and found again after a takeover.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "ADDR[,ADDR...]",
+        default_value = "127.0.0.1:7100"
+    )]
+    su_addr: Vec<SocketAddr>,
+    /// CSP port of a running engine: one address, or every node's, comma-separated (A,B,C).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "ADDR[,ADDR...]",
+        default_value = "127.0.0.1:7200"
+    )]
+    csp_addr: Vec<SocketAddr>,
     /// A Service User of the running engine, ID:TOKEN (repeat for more; default: the demo SU).
     #[arg(long = "su", value_name = "ID:TOKEN")]
     su: Vec<String>,
@@ -147,8 +158,8 @@ fn main() -> ExitCode {
             cli.csp_token.clone()
         };
         Target::Remote {
-            su_addr: cli.su_addr,
-            csp_addr: cli.csp_addr,
+            su_addrs: cli.su_addr.clone(),
+            csp_addrs: cli.csp_addr.clone(),
             sus,
             csp_tokens,
             config: cli.config.clone(),

@@ -64,6 +64,13 @@ const RECV_SLICE: Duration = Duration::from_millis(1);
 pub const STALL: Duration = Duration::from_secs(3);
 /// How long an SU going down waits for ACKs of what it sent before it closes.
 const QUIESCE_MAX: Duration = Duration::from_millis(500);
+/// How long the first connection of each peer looks for the active node (a takeover may be
+/// under way when the run starts).
+const CONNECT_DEADLINE: Duration = Duration::from_secs(5);
+/// How long one reconnect looks for the active node before it is noted as failed. The thread
+/// tries again after it until the run ends, so this only bounds how long the thread is deaf to
+/// the end of the run, and how often a failure is noted.
+const RECONNECT_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Which engine a run talks to.
 #[derive(Debug, Clone)]
@@ -73,12 +80,13 @@ pub enum Target {
         /// `[engine] scheduling = "fifo"` instead of priority.
         fifo: bool,
     },
-    /// An engine already running.
+    /// An engine already running, on one node or several (one active, the others standbys).
     Remote {
-        /// Its SU port.
-        su_addr: SocketAddr,
-        /// Its CSP port.
-        csp_addr: SocketAddr,
+        /// Its SU port: every node's address; the active node's is found, and found again
+        /// after a takeover ([`Client::connect_any`]).
+        su_addrs: Vec<SocketAddr>,
+        /// Its CSP port, every node's address likewise.
+        csp_addrs: Vec<SocketAddr>,
         /// Service Users to play, with their tokens.
         sus: Vec<(Eui64, String)>,
         /// CSP tokens, one thread each.
@@ -341,8 +349,8 @@ fn spawned_data_dir() -> PathBuf {
 
 struct Setup {
     label: &'static str,
-    su_addr: SocketAddr,
-    csp_addr: SocketAddr,
+    su_addrs: Vec<SocketAddr>,
+    csp_addrs: Vec<SocketAddr>,
     sus: Vec<(Eui64, String)>,
     csp_tokens: Vec<String>,
     rules: Rules,
@@ -408,8 +416,8 @@ fn setup(opts: &Options, replay: Option<&[ReplayFile]>) -> Result<Setup, RunErro
             };
             Ok(Setup {
                 label: if *fifo { "fifo" } else { "priority" },
-                su_addr: engine.su_addr(),
-                csp_addr: engine.csp_addr(),
+                su_addrs: vec![engine.su_addr()],
+                csp_addrs: vec![engine.csp_addr()],
                 sus: ids
                     .iter()
                     .enumerate()
@@ -426,8 +434,8 @@ fn setup(opts: &Options, replay: Option<&[ReplayFile]>) -> Result<Setup, RunErro
             })
         }
         Target::Remote {
-            su_addr,
-            csp_addr,
+            su_addrs,
+            csp_addrs,
             sus,
             csp_tokens,
             config,
@@ -437,14 +445,19 @@ fn setup(opts: &Options, replay: Option<&[ReplayFile]>) -> Result<Setup, RunErro
                     "at least one --su and one --csp-token".into(),
                 ));
             }
+            if su_addrs.is_empty() || csp_addrs.is_empty() {
+                return Err(RunError::Usage(
+                    "at least one --su-addr and one --csp-addr".into(),
+                ));
+            }
             let config = match config {
                 Some(path) => Config::load(path)?,
                 None => Config::embedded_default()?,
             };
             Ok(Setup {
                 label: "remote",
-                su_addr: *su_addr,
-                csp_addr: *csp_addr,
+                su_addrs: su_addrs.clone(),
+                csp_addrs: csp_addrs.clone(),
                 sus: sus.clone(),
                 csp_tokens: csp_tokens.clone(),
                 rules: Rules::new(&config.priority),
@@ -561,19 +574,22 @@ fn run_once(
     // Connect everybody first, so that traffic starts at one origin.
     let mut su_clients = Vec::new();
     for (id, token) in &setup.sus {
-        let c =
-            Client::connect_su(setup.su_addr, *id, token).map_err(|source| RunError::Connect {
+        let c = Client::connect_any_su(&setup.su_addrs, *id, token, CONNECT_DEADLINE).map_err(
+            |source| RunError::Connect {
                 peer: format!("SU {id}"),
                 source,
-            })?;
+            },
+        )?;
         su_clients.push(c);
     }
     let mut csp_clients = Vec::new();
     for (i, token) in setup.csp_tokens.iter().enumerate() {
-        let c = Client::connect_csp(setup.csp_addr, token).map_err(|source| RunError::Connect {
-            peer: format!("CSP link {i}"),
-            source,
-        })?;
+        let c = Client::connect_any_csp(&setup.csp_addrs, token, CONNECT_DEADLINE).map_err(
+            |source| RunError::Connect {
+                peer: format!("CSP link {i}"),
+                source,
+            },
+        )?;
         csp_clients.push(c);
     }
 
@@ -628,7 +644,7 @@ fn run_once(
         let mut handles = Vec::new();
         for ((i, client), su_plan) in su_clients.into_iter().enumerate().zip(plan.sus) {
             let (id, token) = setup.sus[i].clone();
-            let su_addr = setup.su_addr;
+            let su_addrs = setup.su_addrs.clone();
             let levels = setup.levels;
             handles.push(scope.spawn(move || {
                 let mut peer = Peer::new(
@@ -645,13 +661,15 @@ fn run_once(
                         .map(|f| (f.request.clone(), Template::around_request_id(&f.text)))
                         .collect()
                 });
-                peer.reconnect = Some(Box::new(move || Client::connect_su(su_addr, id, &token)));
+                peer.reconnect = Some(Box::new(move || {
+                    Client::connect_any_su(&su_addrs, id, &token, RECONNECT_DEADLINE)
+                }));
                 peer.run(su_plan.outage)
             }));
         }
         for ((c, client), csp_plan) in csp_clients.into_iter().enumerate().zip(plan.csps) {
             let token = setup.csp_tokens[c].clone();
-            let csp_addr = setup.csp_addr;
+            let csp_addrs = setup.csp_addrs.clone();
             let levels = setup.levels;
             handles.push(scope.spawn(move || {
                 let mut peer = Peer::new(
@@ -663,7 +681,9 @@ fn run_once(
                     Stats::new(levels, bucket_ns),
                 );
                 peer.replies_on = csp_plan.replies;
-                peer.reconnect = Some(Box::new(move || Client::connect_csp(csp_addr, &token)));
+                peer.reconnect = Some(Box::new(move || {
+                    Client::connect_any_csp(&csp_addrs, &token, RECONNECT_DEADLINE)
+                }));
                 peer.run(None)
             }));
         }
