@@ -115,13 +115,17 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 impl TestCluster {
     fn start(name: &str, su_rate: u32) -> Option<TestCluster> {
+        TestCluster::start_nodes(name, su_rate, 3)
+    }
+
+    fn start_nodes(name: &str, su_rate: u32, count: usize) -> Option<TestCluster> {
         let serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let pg = TempPostgres::start(name)?;
         let dir = std::env::temp_dir().join(format!("dsplane-ha-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let mut nodes = Vec::new();
-        for n in ["node-a", "node-b", "node-c"] {
+        for n in ["node-a", "node-b", "node-c"].into_iter().take(count) {
             let (su, csp, admin) = (free_addr(), free_addr(), free_addr());
             let data = dir.join(n);
             let config = dir.join(format!("{n}.toml"));
@@ -248,31 +252,22 @@ fn frame(counter: u64) -> Frame {
     Frame::new(h, Bytes::from(payload)).unwrap()
 }
 
-/// Connects to whichever of `addrs` is active, trying each in turn until `within` runs out.
-/// Every standby refuses with NACK 5 naming itself a standby.
+/// Connects to whichever of `addrs` is active (the client's own search: standbys refuse with
+/// NACK 5, a stopped node does not answer).
 fn connect_active(
     addrs: &[SocketAddr],
-    connect: impl Fn(SocketAddr) -> Result<Client, ClientError>,
-    within: Duration,
-    standby_refusals: &AtomicU64,
+    connect: impl Fn(&[SocketAddr]) -> Result<Client, ClientError>,
+    traffic: &Traffic,
 ) -> Option<Client> {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        for &a in addrs {
-            match connect(a) {
-                Ok(c) => return Some(c),
-                Err(ClientError::Refused {
-                    reason: Some(NackReason::Overloaded),
-                    detail,
-                }) if detail.starts_with("standby; ") => {
-                    standby_refusals.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(_) => {}
+    match connect(addrs) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            if matches!(e, ClientError::NoActiveNode { .. }) {
+                traffic.searches_failed.fetch_add(1, Ordering::Relaxed);
             }
+            None
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
-    None
 }
 
 /// Frames that came on a given-up connection: when (ns since t0), and their kind.
@@ -287,7 +282,8 @@ struct Traffic {
     last_ack_ns: AtomicU64,
     /// When the SU last got a frame, ns since `t0`.
     last_rx_ns: AtomicU64,
-    standby_refusals: AtomicU64,
+    /// Searches for the active node that found none within their deadline.
+    searches_failed: AtomicU64,
     stop_sending: AtomicBool,
     stop: AtomicBool,
     /// Connections given up, kept open: what still arrives on them, with when (ns since t0).
@@ -394,9 +390,8 @@ fn csp_loop(traffic: &Traffic, addrs: &[SocketAddr], t0: Instant, per_batch: u64
         let Some(c) = conn.as_mut() else {
             conn = connect_active(
                 addrs,
-                |a| Client::connect_csp(a, "csp-token"),
-                Duration::from_millis(500),
-                &traffic.standby_refusals,
+                |a| Client::connect_any_csp(a, "csp-token", Duration::from_millis(500)),
+                traffic,
             );
             continue;
         };
@@ -465,9 +460,8 @@ fn su_loop(traffic: &Traffic, addrs: &[SocketAddr], t0: Instant) {
         let Some(c) = conn.as_mut() else {
             conn = connect_active(
                 addrs,
-                |a| Client::connect_su(a, SU1, "su1-token"),
-                Duration::from_millis(500),
-                &traffic.standby_refusals,
+                |a| Client::connect_any_su(a, SU1, "su1-token", Duration::from_millis(500)),
+                traffic,
             );
             quiet_since = Instant::now();
             pinged = false;
@@ -728,7 +722,7 @@ fn a_standby_refuses_hello_with_nack_5_naming_the_active() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match Client::connect_su(cluster.nodes[standby].su, SU1, "su1-token") {
-            Err(ClientError::Refused { reason, detail }) => {
+            Err(ClientError::Refused { reason, detail, .. }) => {
                 assert_eq!(reason, Some(NackReason::Overloaded));
                 // The standby learns the active's name on its next look at the lease.
                 if detail == format!("standby; active node is {}", cluster.nodes[active].name) {
@@ -747,8 +741,55 @@ fn a_standby_refuses_hello_with_nack_5_naming_the_active() {
     // Its CSP port too.
     let r = Client::connect_csp(cluster.nodes[standby].csp, "csp-token");
     assert!(
-        matches!(&r, Err(ClientError::Refused { reason: Some(NackReason::Overloaded), detail }) if detail.starts_with("standby; ")),
+        matches!(&r, Err(ClientError::Refused { reason: Some(NackReason::Overloaded), detail, .. }) if detail.starts_with("standby; ")),
         "{r:?}"
     );
     let _ = Path::new(&cluster.dir);
+}
+
+#[test]
+fn with_a_synchronous_standby_an_ack_waits_for_it() {
+    let Some(cluster) = TestCluster::start_nodes("sync", 100_000, 1) else {
+        return;
+    };
+    let standby = cluster.pg.start_standby("sync");
+    cluster.pg.require_sync_standby();
+    cluster.active(Duration::from_secs(30));
+    let load = Load::start(&cluster, 50, Duration::from_millis(5));
+    assert!(
+        load.acks_after(0, Duration::from_secs(30)).is_some(),
+        "{}",
+        cluster.logs()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    standby.stop();
+    let stopped_at = load.ns();
+    // What was committed before the standby went is ACKed; then nothing more.
+    std::thread::sleep(Duration::from_millis(500));
+    let acked_then = load.traffic.acked.lock().unwrap().len();
+    std::thread::sleep(Duration::from_secs(2));
+    let acked_later = load.traffic.acked.lock().unwrap().len();
+    assert_eq!(
+        acked_later, acked_then,
+        "ACKs went on with the synchronous standby down"
+    );
+    standby.restart();
+    let back_at = load.ns();
+    let resumed = load.acks_after(back_at, Duration::from_secs(30));
+    assert!(resumed.is_some(), "ACKs did not resume\n{}", cluster.logs());
+    std::thread::sleep(Duration::from_millis(500));
+    let (acked, missing, duplicates) = load.finish(Duration::from_secs(60));
+    eprintln!(
+        "synchronous standby: stopped for {:?}, {} ACKs in its last 2 s down; ACKs again {:?} after it was back; {acked} ACKed, {} missing, {duplicates} duplicates",
+        Duration::from_nanos(back_at - stopped_at),
+        acked_later - acked_then,
+        resumed.unwrap(),
+        missing.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "{} ACKed frames lost\n{}",
+        missing.len(),
+        cluster.logs()
+    );
 }

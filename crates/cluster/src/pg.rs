@@ -427,6 +427,10 @@ impl Db {
             .into());
         }
         let out = write(&mut tx)?;
+        // The statement timeout does not bound this: PostgreSQL disarms it before it commits, so
+        // a commit waits for a synchronous standby as long as that takes. Nothing here may send a
+        // cancel request either: a cancelled wait leaves the transaction committed on this host
+        // only, and PostgreSQL answers the COMMIT as a success, with a warning.
         tx.commit()?;
         Ok(out)
     }

@@ -33,7 +33,10 @@ pub struct TempPostgres {
 pub fn find_bin_dir() -> Option<PathBuf> {
     if let Some(paths) = std::env::var_os("PATH") {
         for dir in std::env::split_paths(&paths) {
-            if dir.join("initdb").is_file() && dir.join("pg_ctl").is_file() {
+            if ["initdb", "pg_ctl", "pg_basebackup"]
+                .iter()
+                .all(|p| dir.join(p).is_file())
+            {
                 return Some(dir);
             }
         }
@@ -80,15 +83,7 @@ impl TempPostgres {
             eprintln!("{test}: skipped, PostgreSQL is not installed (apt-get install postgresql)");
             return None;
         };
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "dsplane-pg-{}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed),
-            test.replace(|c: char| !c.is_ascii_alphanumeric(), "-")
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("the cluster's directory");
+        let dir = new_dir(test);
         let as_postgres = is_root();
         let pg = TempPostgres {
             bin,
@@ -120,6 +115,80 @@ impl TempPostgres {
         db.batch_execute("CREATE DATABASE dsplane")
             .expect("create the dsplane database");
         Some(pg)
+    }
+
+    /// A streaming-replication standby of this cluster, made by `pg_basebackup -R` into a
+    /// directory of its own and started on a free port of its own. With
+    /// `synchronous_standby_names` set on this one ([`TempPostgres::require_sync_standby`]), a
+    /// commit here waits until the standby has it.
+    ///
+    /// # Panics
+    ///
+    /// `pg_basebackup` fails, or the standby does not start.
+    pub fn start_standby(&self, test: &str) -> TempPostgres {
+        let standby = TempPostgres {
+            bin: self.bin.clone(),
+            dir: new_dir(&format!("{test}-standby")),
+            port: free_port(),
+            as_postgres: self.as_postgres,
+        };
+        if standby.as_postgres {
+            standby.must(
+                Command::new("chown").arg("postgres:").arg(&standby.dir),
+                "chown",
+            );
+        }
+        standby.must(
+            standby
+                .program("pg_basebackup")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "dsplane",
+                ])
+                .args(["-c", "fast", "-X", "stream", "-R", "--no-sync", "-D"])
+                .arg(standby.data()),
+            "pg_basebackup",
+        );
+        standby.restart();
+        standby
+    }
+
+    /// Makes every commit here wait for a synchronous standby (`synchronous_standby_names =
+    /// '*'`, `synchronous_commit = on`), and waits until one is streaming in sync.
+    ///
+    /// # Panics
+    ///
+    /// No standby is in sync within [`START_TIMEOUT`].
+    pub fn require_sync_standby(&self) {
+        let mut db = postgres::Client::connect(&self.conninfo_db("postgres"), postgres::NoTls)
+            .expect("connect to the primary");
+        // One statement at a time: ALTER SYSTEM refuses to run inside a transaction block.
+        for sql in [
+            "ALTER SYSTEM SET synchronous_standby_names = '*'",
+            "ALTER SYSTEM SET synchronous_commit = 'on'",
+            "SELECT pg_reload_conf()",
+        ] {
+            db.batch_execute(sql)
+                .expect("require a synchronous standby");
+        }
+        let until = Instant::now() + START_TIMEOUT;
+        loop {
+            let row = db
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'",
+                    &[],
+                )
+                .expect("pg_stat_replication");
+            if row.get::<_, i64>(0) > 0 {
+                return;
+            }
+            assert!(Instant::now() < until, "no synchronous standby");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The libpq connection string of the `dsplane` database.
@@ -221,6 +290,20 @@ impl TempPostgres {
             }
         }
     }
+}
+
+/// A fresh directory for one test's cluster.
+fn new_dir(test: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "dsplane-pg-{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        test.replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("the cluster's directory");
+    dir
 }
 
 fn log_tail(path: &Path) -> String {

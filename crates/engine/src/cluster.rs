@@ -271,6 +271,8 @@ pub struct NodeStatus {
     pub takeovers: u64,
     /// Times it found itself fenced.
     pub fenced: u64,
+    /// The SU and CSP ports its engine bound, while active.
+    pub engine: Option<(SocketAddr, SocketAddr)>,
 }
 
 /// Stops a [`Node`] from another thread (a signal handler's).
@@ -354,6 +356,12 @@ impl Node {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// The SU and CSP addresses of its engine, while active (with port 0 in `[listen]`, the
+    /// ones bound).
+    pub fn engine_addrs(&self) -> Option<(SocketAddr, SocketAddr)> {
+        self.status().engine
     }
 
     /// Waits for the node to stop (after [`NodeStopper::stop`]).
@@ -477,6 +485,7 @@ impl NodeLoop {
             let mut s = self.status.lock().unwrap_or_else(PoisonError::into_inner);
             s.active_epoch = Some(epoch);
             s.takeovers += 1;
+            s.engine = Some((engine.su_addr(), engine.csp_addr()));
         }
         let mut renewed_once = false;
         loop {
@@ -525,6 +534,10 @@ impl NodeLoop {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .active_epoch = None;
+        self.status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .engine = None;
         if !was_fenced {
             // A clean stop: the lease goes at once.
             if let Ok(d) = connect(db, || self.lease_db()) {
