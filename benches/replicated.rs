@@ -3,8 +3,11 @@
 //! to the local WAL".
 //!
 //! * One CSP connection sends `FRAMES` RESPONSE frames (128-byte payloads) in writes of 256
-//!   frames, as fast as the engine reads them; a thread reads the engine's ACKs and stops the
-//!   clock at the ACK of the last frame. A NACK spoils the run (it is counted and printed).
+//!   frames, keeping at most `CSP_WINDOW` (65,536) unacknowledged, as a CSP's link would; a
+//!   thread reads the engine's ACKs and stops the clock at the ACK of the last frame. A NACK
+//!   spoils the run (it is counted and printed). Without the window a CSP that writes faster
+//!   than PostgreSQL commits fills the worker's bound on uncommitted frames
+//!   (`REPLICATED_UNCOMMITTED_FRAMES_MAX`) and is refused with NACK 5, as it should be.
 //! * One connected SU reads, parses and sends one cumulative ACK per read, so delivered frames
 //!   are deleted from the log as they would be in service (the replicated store's deletes ride
 //!   in the same group commits as its appends).
@@ -23,6 +26,8 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -37,6 +42,8 @@ use dsplane_cluster::testing::TempPostgres;
 const SU1: Eui64 = Eui64(0x90B3_D51F_3001_0000);
 const PAYLOAD_LEN: usize = 128;
 const FRAMES_PER_WRITE: usize = 256;
+/// Frames the CSP keeps in flight (sent, not yet ACKed).
+const CSP_WINDOW: u64 = 65_536;
 
 fn config(durability: &str, frames: usize, cluster: Option<&str>, run: usize) -> Config {
     let dir = std::env::temp_dir().join(format!(
@@ -83,14 +90,18 @@ burst = 1000000
 
 /// Reads the engine's answers on the CSP connection until the ACK of `last`; returns when it
 /// came, and how many NACKs came before it.
-fn ack_reader(mut stream: TcpStream, last: u64) -> JoinHandle<(Instant, u64)> {
+fn ack_reader(
+    mut stream: TcpStream,
+    last: u64,
+    acked: Arc<AtomicU64>,
+) -> JoinHandle<(Instant, u64)> {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 256 * 1024];
         let mut pending: Vec<u8> = Vec::new();
         let mut nacks = 0;
         loop {
             let n = match stream.read(&mut buf) {
-                Ok(0) | Err(_) => return (Instant::now(), u64::MAX),
+                Ok(0) | Err(_) => panic!("the engine closed the CSP's connection"),
                 Ok(n) => n,
             };
             pending.extend_from_slice(&buf[..n]);
@@ -101,6 +112,9 @@ fn ack_reader(mut stream: TcpStream, last: u64) -> JoinHandle<(Instant, u64)> {
                 let len = HEADER_LEN + h.payload_len as usize;
                 if pending.len() < at + len {
                     break;
+                }
+                if h.kind == Kind::Ack {
+                    acked.fetch_max(h.msg_id, Ordering::Release);
                 }
                 match h.kind {
                     Kind::Ack if h.msg_id >= last => return (Instant::now(), nacks),
@@ -167,11 +181,23 @@ fn run(replicated: Option<&TempPostgres>, bytes: &[u8], frames: usize, n: usize)
         su.stream().try_clone().unwrap(),
     );
     csp_stream.set_nodelay(true).unwrap();
-    let acks = ack_reader(csp_stream.try_clone().unwrap(), frames as u64);
+    let acked = Arc::new(AtomicU64::new(0));
+    let acks = ack_reader(
+        csp_stream.try_clone().unwrap(),
+        frames as u64,
+        Arc::clone(&acked),
+    );
     let reader = su_reader(su_stream.try_clone().unwrap(), su_stream, frames);
     let mut write = csp_stream;
     let started = Instant::now();
-    for part in bytes.chunks(FRAMES_PER_WRITE * (HEADER_LEN + PAYLOAD_LEN)) {
+    for (i, part) in bytes
+        .chunks(FRAMES_PER_WRITE * (HEADER_LEN + PAYLOAD_LEN))
+        .enumerate()
+    {
+        let sent = (i * FRAMES_PER_WRITE) as u64;
+        while sent.saturating_sub(acked.load(Ordering::Acquire)) >= CSP_WINDOW {
+            std::thread::sleep(Duration::from_micros(200));
+        }
         write.write_all(part).unwrap();
     }
     let (acked_at, nacks) = acks.join().unwrap();
@@ -190,6 +216,12 @@ fn run(replicated: Option<&TempPostgres>, bytes: &[u8], frames: usize, n: usize)
 }
 
 fn main() {
+    if let Ok(filter) = std::env::var("DSPLANE_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let args = common::bench_args();
     let quick = args.iter().any(|a| a == "--quick");
     let numbers: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();

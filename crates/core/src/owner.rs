@@ -613,6 +613,9 @@ pub struct Owner<L> {
     last_rate_block: Option<Nanos>,
     /// Frames were handed out since the last load from the SURB (see `take_load_due`).
     sent_since_load: bool,
+    /// Writes to the log are failing: logged once when they start to, and once when they work
+    /// again (a database that stays away would otherwise log every batch refused).
+    write_failing: bool,
     /// `poll_transmit` stopped before a load so that what it handed out is written first.
     load_due: bool,
     next_housekeeping: Nanos,
@@ -770,6 +773,7 @@ impl<L: Log> Owner<L> {
             rate_wake: None,
             last_rate_block: None,
             sent_since_load: false,
+            write_failing: false,
             load_due: false,
             next_housekeeping: now,
             storm: StormDetector::new(setup.storm, now),
@@ -1029,8 +1033,16 @@ impl<L: Log> Owner<L> {
         for state in self.sus.iter_mut().chain(self.csps.iter_mut()).flatten() {
             state.staged_memory = 0;
         }
-        if let Err(e) = &written {
-            tracing::error!(worker = self.index, error = %e, "cannot write the log; refusing frames (NACK 5) until it can");
+        match &written {
+            Err(e) if !self.write_failing => {
+                self.write_failing = true;
+                tracing::error!(worker = self.index, error = %e, "cannot write the log; refusing frames (NACK 5) until it can");
+            }
+            Ok(_) if self.write_failing => {
+                self.write_failing = false;
+                tracing::info!(worker = self.index, "the log takes frames again");
+            }
+            _ => {}
         }
         let mut staged = std::mem::take(&mut self.staged);
         // Added to the NMS once per batch: its total is shared by every worker, and an atomic
