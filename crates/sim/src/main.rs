@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use dsplane_sim::{run, Options};
+use dsplane_sim::{run, Options, StoreKind};
 
 /// dsplane's deterministic simulator.
 #[derive(Debug, Parser)]
@@ -46,6 +46,7 @@ fn main() -> ExitCode {
     let options = Options {
         steps: args.steps,
         trace_len: args.trace,
+        store: StoreKind::Disk,
     };
     let seeds: Vec<u64> = match args.seed {
         Some(s) => vec![s],
@@ -80,15 +81,19 @@ fn main() -> ExitCode {
             .position(|s| Some(s) == failed.first())
             .map_or(seeds.len(), |i| i + 1)
     };
-    println!(
-        "{ran} seeds, {} failed; {:.1} simulated s in {wall:.1} s of wall clock ({:.1} simulated s per s); ACKed {}, delivered {}, expired {}, alerts throttled {}, crashes {} ({} during a recovery), refused logs {}, salvages {}, writes refused {}, requests throttled {}",
+    let simulated = totals.simulated_ns as f64 / 1e9;
+    let head = format!(
+        "{ran} seeds, {} failed; {simulated:.1} simulated s in {wall:.1} s of wall clock ({:.1} simulated s per s); ACKed {}, delivered {} (duplicates {}), expired {}, alerts throttled {}",
         failed.len(),
-        totals.simulated_ns as f64 / 1e9,
-        totals.simulated_ns as f64 / 1e9 / wall.max(1e-9),
+        simulated / wall.max(1e-9),
         totals.acked,
         totals.delivered,
+        totals.duplicates,
         totals.expired,
         totals.throttled,
+    );
+    println!(
+        "{head}, crashes {} ({} during a recovery), refused logs {}, salvages {}, writes refused {}, requests throttled {}",
         totals.crashes,
         totals.deaths_in_recovery,
         totals.refusals,
