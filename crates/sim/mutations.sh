@@ -9,9 +9,16 @@ cd "$(dirname "$0")/../.."
 seeds=${1:-1000}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/mutations}
 printf '%-22s %s\n' mutation result
-for m in ack_before_durable level2_before_level1 forget_spilled_lane skip_storm_count release_ahead_of_older; do
+# name[:simulator flag]: the replicated store's mutations run its model (--replicated).
+for entry in ack_before_durable level2_before_level1 forget_spilled_lane skip_storm_count \
+    release_ahead_of_older act_without_lease:--replicated clock_beyond_margin:--replicated \
+    resume_without_backlog:--replicated; do
+    m=${entry%%:*}
+    flag=${entry#"$m"}
+    flag=${flag#:}
     RUSTFLAGS="--cfg dsplane_mutation=\"$m\"" cargo build --quiet --release -p dsplane-sim
-    out=$("$CARGO_TARGET_DIR/release/dsplane-sim" --seeds "$seeds" 2>&1 || true)
+    # shellcheck disable=SC2086 # $flag is one word or none
+    out=$("$CARGO_TARGET_DIR/release/dsplane-sim" $flag --seeds "$seeds" 2>&1 || true)
     summary=$(printf '%s\n' "$out" | grep -E '^[0-9]+ seeds, ' | tail -1)
     first=$(printf '%s\n' "$out" | grep -E '^seed [0-9]+ failed' | head -1 | cut -c1-160)
     ran=${summary%% seeds*}

@@ -3,13 +3,14 @@
 //! ```text
 //! cargo run --release -p dsplane-sim -- --seeds 1000        seeds 0..1000
 //! cargo run --release -p dsplane-sim -- --seed 42           replay seed 42, with its trace
+//! cargo run --release -p dsplane-sim -- --replicated --seeds 100   the replicated store model
 //! ```
 
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use dsplane_sim::{run, Options};
+use dsplane_sim::{run, Options, StoreKind};
 
 /// dsplane's deterministic simulator.
 #[derive(Debug, Parser)]
@@ -33,6 +34,10 @@ struct Args {
     /// Keep going after a failure (count failing seeds).
     #[arg(long)]
     keep_going: bool,
+    /// Run the owners on the `replicated` store (2 or 3 nodes over a simulated PostgreSQL,
+    /// with takeovers and fencing) instead of one engine's disk store.
+    #[arg(long)]
+    replicated: bool,
 }
 
 fn main() -> ExitCode {
@@ -46,6 +51,11 @@ fn main() -> ExitCode {
     let options = Options {
         steps: args.steps,
         trace_len: args.trace,
+        store: if args.replicated {
+            StoreKind::Replicated
+        } else {
+            StoreKind::Disk
+        },
     };
     let seeds: Vec<u64> = match args.seed {
         Some(s) => vec![s],
@@ -80,22 +90,45 @@ fn main() -> ExitCode {
             .position(|s| Some(s) == failed.first())
             .map_or(seeds.len(), |i| i + 1)
     };
-    println!(
-        "{ran} seeds, {} failed; {:.1} simulated s in {wall:.1} s of wall clock ({:.1} simulated s per s); ACKed {}, delivered {}, expired {}, alerts throttled {}, crashes {} ({} during a recovery), refused logs {}, salvages {}, writes refused {}, requests throttled {}",
+    let simulated = totals.simulated_ns as f64 / 1e9;
+    let head = format!(
+        "{ran} seeds, {} failed; {simulated:.1} simulated s in {wall:.1} s of wall clock ({:.1} simulated s per s); ACKed {}, delivered {} (duplicates {}), expired {}, alerts throttled {} (storms judged in {} runs)",
         failed.len(),
-        totals.simulated_ns as f64 / 1e9,
-        totals.simulated_ns as f64 / 1e9 / wall.max(1e-9),
+        simulated / wall.max(1e-9),
         totals.acked,
         totals.delivered,
+        totals.duplicates,
         totals.expired,
         totals.throttled,
-        totals.crashes,
-        totals.deaths_in_recovery,
-        totals.refusals,
-        totals.salvages,
-        totals.refused_writes,
-        totals.requests_throttled,
+        totals.storms_judged,
     );
+    if args.replicated {
+        println!(
+            "{head}, node crashes {}, pauses {} (woke past the lease {}), database outages {}, leases taken {} (takeovers {}, {} from an active still alive), nodes fenced {}, commits refused for a stale epoch {}, commits with an unknown outcome {}, writes refused {}, requests throttled {}",
+            totals.crashes,
+            totals.pauses,
+            totals.woke_unable,
+            totals.outages,
+            totals.acquisitions,
+            totals.takeovers,
+            totals.superseded,
+            totals.fenced,
+            totals.refused_commits,
+            totals.unknown_commits,
+            totals.refused_writes,
+            totals.requests_throttled,
+        );
+    } else {
+        println!(
+            "{head}, crashes {} ({} during a recovery), refused logs {}, salvages {}, writes refused {}, requests throttled {}",
+            totals.crashes,
+            totals.deaths_in_recovery,
+            totals.refusals,
+            totals.salvages,
+            totals.refused_writes,
+            totals.requests_throttled,
+        );
+    }
     if failed.is_empty() {
         ExitCode::SUCCESS
     } else {
