@@ -45,6 +45,11 @@ use postgres::{Client, NoTls, Transaction};
 /// dsplane made it); an older one is upgraded by `init` when that is written.
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// How long a connection attempt, or unacknowledged data on an open connection
+/// (`TCP_USER_TIMEOUT`), may wait for an unreachable server, unless the connection string says
+/// otherwise (`connect_timeout`, `tcp_user_timeout`).
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What went wrong with PostgreSQL, worded for an operator.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -217,9 +222,19 @@ impl Db {
     /// [`ClusterError::BadConnectionString`], [`ClusterError::Refused`] (wrong credentials, no
     /// such database) or [`ClusterError::Unreachable`].
     pub fn connect(conninfo: &str) -> Result<Db, ClusterError> {
-        let config: postgres::Config = conninfo
+        let mut config: postgres::Config = conninfo
             .parse()
             .map_err(ClusterError::BadConnectionString)?;
+        // A host that drops packets (a cut network) must end in an error, not a wait of
+        // minutes: the server's statement timeout cannot end a wait for a server it cannot
+        // reach. The connection string's own values win.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(CONNECT_TIMEOUT);
+        }
+        config.keepalives(true);
         let target = target_of(&config);
         match config.connect(NoTls) {
             Ok(client) => Ok(Db { client, target }),
@@ -376,6 +391,41 @@ impl Db {
             &[&node, &int8(epoch)],
         )?;
         Ok(n == 1)
+    }
+
+    /// Records `layout` (how the log's lanes are laid out: the scheduling and levels of the
+    /// nodes) for the cluster, or checks it against the one recorded: `Some(recorded)` when that
+    /// differs and the log still holds frames laid out by it. An empty log takes the new layout.
+    ///
+    /// # Errors
+    ///
+    /// A failed query.
+    pub fn claim_layout(&mut self, layout: &str) -> Result<Option<String>, ClusterError> {
+        let mut tx = self.client.transaction()?;
+        let row = tx.query_opt(
+            "SELECT value FROM dsplane_meta WHERE key = 'lane_layout' FOR UPDATE",
+            &[],
+        )?;
+        let recorded: Option<String> = match &row {
+            Some(r) => Some(col(r, "dsplane_meta", 0)?),
+            None => None,
+        };
+        if recorded.as_deref() == Some(layout) {
+            return Ok(None);
+        }
+        if recorded.is_some() {
+            let left = tx.query_one("SELECT EXISTS (SELECT 1 FROM dsplane_frames)", &[])?;
+            if col::<bool>(&left, "dsplane_frames", 0)? {
+                return Ok(recorded);
+            }
+        }
+        tx.execute(
+            "INSERT INTO dsplane_meta (key, value) VALUES ('lane_layout', $1)
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            &[&layout],
+        )?;
+        tx.commit()?;
+        Ok(None)
     }
 
     /// Who holds the lease (a standby names the active in its NACK).

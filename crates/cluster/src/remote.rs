@@ -130,7 +130,15 @@ impl PgRemote {
 impl Drop for PgRemote {
     /// Stops the committer after one last attempt at what is queued.
     fn drop(&mut self) {
+        // Under the queue's lock, so that the committer cannot check `stop` and then sleep
+        // past this wake-up.
+        let queue = self
+            .shared
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         self.shared.stop.store(true, Ordering::Release);
+        drop(queue);
         self.shared.wake.notify_all();
         if let Some(t) = self.committer.take() {
             let _ = t.join();

@@ -89,14 +89,22 @@ impl Batch {
     /// Adds `later` to this batch (a committer merges what waited into one transaction).
     pub fn merge(&mut self, later: Batch) {
         self.rows.extend(later.rows);
-        for (peer, lane, through) in later.done {
-            match self
+        if !later.done.is_empty() {
+            // By lane, so that merging many batches of many lanes stays linear.
+            let mut at: LaneMap<usize> = self
                 .done
-                .iter_mut()
-                .find(|(p, l, _)| *p == peer && *l == lane)
-            {
-                Some(d) => d.2 = d.2.max(through),
-                None => self.done.push((peer, lane, through)),
+                .iter()
+                .enumerate()
+                .map(|(i, &(p, l, _))| ((p, l), i))
+                .collect();
+            for (peer, lane, through) in later.done {
+                match at.get(&(peer, lane)).and_then(|&i| self.done.get_mut(i)) {
+                    Some(d) => d.2 = d.2.max(through),
+                    None => {
+                        at.insert((peer, lane), self.done.len());
+                        self.done.push((peer, lane, through));
+                    }
+                }
             }
         }
         self.upto = self.upto.max(later.upto);

@@ -316,3 +316,40 @@ mod frames {
         assert!(eb > ea);
     }
 }
+
+#[test]
+fn the_lane_layout_is_recorded_and_a_different_one_refused_while_frames_remain() {
+    let Some(pg) = TempPostgres::start("layout") else {
+        return;
+    };
+    let mut a = db(&pg);
+    a.init().unwrap();
+    let priority = "scheduling priority, 4 levels";
+    assert_eq!(
+        a.claim_layout(priority).unwrap(),
+        None,
+        "the first takes it"
+    );
+    assert_eq!(a.claim_layout(priority).unwrap(), None, "the same again");
+    // An empty log takes a new layout.
+    assert_eq!(a.claim_layout("scheduling fifo").unwrap(), None);
+    assert_eq!(a.claim_layout(priority).unwrap(), None);
+    let epoch = a.try_acquire("a", ms(LONG)).unwrap().unwrap();
+    let frame = [0u8; 4];
+    let row = dsplane_cluster::log::FrameRow {
+        id: 1,
+        peer_kind: 1,
+        peer_id: 7,
+        lane: 2,
+        level: 3,
+        enqueued_ns: 0,
+        frame: &frame,
+    };
+    dsplane_cluster::log::append(&mut a, epoch, &[row]).unwrap();
+    // Frames laid out by priority are left: fifo is refused, naming what the log has.
+    assert_eq!(
+        a.claim_layout("scheduling fifo").unwrap().as_deref(),
+        Some(priority)
+    );
+    assert_eq!(a.claim_layout(priority).unwrap(), None);
+}

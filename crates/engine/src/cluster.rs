@@ -171,7 +171,10 @@ impl StandbyPorts {
                     while !stop.load(Ordering::Acquire) {
                         let mut idle = true;
                         for l in &listeners {
-                            while let Ok((stream, _)) = l.accept() {
+                            while !stop.load(Ordering::Acquire) {
+                                let Ok((stream, _)) = l.accept() else {
+                                    break;
+                                };
                                 idle = false;
                                 let name = active
                                     .lock()
@@ -470,7 +473,7 @@ impl NodeLoop {
         gate.set(lease.acts_until());
         let fenced = Arc::new(AtomicBool::new(false));
         tracing::info!(node = %self.cluster.node, epoch, "lease taken: this node is active");
-        let engine = match self.take_over(epoch, db, &gate, &fenced) {
+        let engine = match self.take_over(epoch, db, &mut lease, &gate, &fenced) {
             Ok(e) => e,
             Err(e) => {
                 tracing::error!(node = %self.cluster.node, epoch, error = %e, "cannot become active; giving the lease up");
@@ -495,23 +498,9 @@ impl NodeLoop {
             if self.stopping() || matches!(lease.role(), Role::Fenced { .. }) {
                 break;
             }
-            let now = boottime_ns();
-            if let Some((ticket, Request::Renew { epoch })) = lease.poll(now) {
-                let result = connect(db, || self.lease_db())
-                    .and_then(|d| d.renew(&self.cluster.node, epoch, self.lease));
-                match result {
-                    Ok(ok) => lease.on_renewed(ticket, ok),
-                    Err(e) => {
-                        tracing::warn!(node = %self.cluster.node, epoch, error = %e, "cannot renew the lease; delivering stops when it runs out");
-                        *db = None;
-                        lease.on_failed(ticket, boottime_ns());
-                    }
-                }
-                gate.set(lease.acts_until());
-                if !renewed_once && lease.may_act(boottime_ns()) {
-                    renewed_once = true;
-                    tracing::info!(node = %self.cluster.node, epoch, "active: accepting HELLOs and delivering");
-                }
+            if self.renew_due(&mut lease, db, &gate) && !renewed_once {
+                renewed_once = true;
+                tracing::info!(node = %self.cluster.node, epoch, "active: accepting HELLOs and delivering");
             }
             let now = boottime_ns();
             let wait = lease
@@ -548,22 +537,72 @@ impl NodeLoop {
         }
     }
 
-    /// Loads the backlog and starts the engine on it.
+    /// Renews the lease if a renewal is due, and sets the gate from the answer: whether the node
+    /// may act now.
+    fn renew_due(&self, lease: &mut Lease, db: &mut Option<Db>, gate: &Gate) -> bool {
+        let now = boottime_ns();
+        if let Some((ticket, Request::Renew { epoch })) = lease.poll(now) {
+            let result = connect(db, || self.lease_db())
+                .and_then(|d| d.renew(&self.cluster.node, epoch, self.lease));
+            match result {
+                Ok(ok) => lease.on_renewed(ticket, ok),
+                Err(e) => {
+                    tracing::warn!(node = %self.cluster.node, epoch, error = %e, "cannot renew the lease; delivering stops when it runs out");
+                    *db = None;
+                    lease.on_failed(ticket, boottime_ns());
+                }
+            }
+            gate.set(lease.acts_until());
+        }
+        lease.may_act(boottime_ns())
+    }
+
+    /// What a new active starts from, read on a connection of its own (a large backlog may take
+    /// longer than a lease statement's bound): the layout check, the lanes left, the next id.
+    fn read_log(&self) -> Result<(Vec<dsplane_cluster::log::LaneCount>, u64), EngineError> {
+        let cluster_err = |e: ClusterError| EngineError::Cluster(e.to_string());
+        let mut d = Db::connect(self.conninfo()).map_err(cluster_err)?;
+        let layout = lane_layout(&self.config);
+        if let Some(theirs) = d.claim_layout(&layout).map_err(cluster_err)? {
+            return Err(EngineError::Cluster(format!(
+                "the log's lanes were written by a node with {theirs}, this one has {layout}; every node of a cluster must have the same engine.scheduling and engine.levels (or let the log drain first)"
+            )));
+        }
+        let lanes = dsplane_cluster::log::backlog(&mut d).map_err(cluster_err)?;
+        let next_id = dsplane_cluster::log::next_id(&mut d).map_err(cluster_err)?;
+        Ok((lanes, next_id))
+    }
+
+    /// Loads the backlog, renewing the lease meanwhile, and starts the engine on it.
     fn take_over(
         &self,
         epoch: u64,
         db: &mut Option<Db>,
+        lease: &mut Lease,
         gate: &Arc<Gate>,
         fenced: &Arc<AtomicBool>,
     ) -> Result<Engine, EngineError> {
-        let cluster_err = |e: ClusterError| EngineError::Cluster(e.to_string());
-        let d = connect(db, || self.lease_db()).map_err(cluster_err)?;
-        // Loading a large backlog may take longer than a lease statement's bound.
-        d.set_timeouts(0).map_err(cluster_err)?;
-        let loaded = dsplane_cluster::log::backlog(d)
-            .and_then(|b| Ok((b, dsplane_cluster::log::next_id(d)?)));
-        let _ = d.set_timeouts(self.lease.get() / 3);
-        let (lanes, next_id) = loaded.map_err(cluster_err)?;
+        let loaded = std::thread::scope(|s| {
+            let reading = s.spawn(|| self.read_log());
+            // A table of millions of rows takes a while to count: the lease must not run out
+            // meanwhile, or another standby would take it and do the same.
+            while !reading.is_finished() {
+                self.renew_due(lease, db, gate);
+                if matches!(lease.role(), Role::Fenced { .. }) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            reading
+                .join()
+                .unwrap_or_else(|_| Err(EngineError::Cluster("the log's reader panicked".into())))
+        });
+        if matches!(lease.role(), Role::Fenced { .. }) {
+            return Err(EngineError::Cluster(
+                "fenced while loading the log: another node took the lease".into(),
+            ));
+        }
+        let (lanes, next_id) = loaded?;
         let backlog: Vec<LaneBacklog> = lanes
             .into_iter()
             .filter_map(|l| {
@@ -588,6 +627,15 @@ impl NodeLoop {
             on_fenced: Arc::new(move || control.poke()),
         };
         Engine::start_replicated(self.config.clone(), setup)
+    }
+}
+
+/// How the log's lanes are laid out, which every node of a cluster must share: a lane is a
+/// level, or the one FIFO queue (`dsplane_core::log::lane_of`).
+fn lane_layout(config: &Config) -> String {
+    match config.engine.scheduling {
+        crate::config::Scheduling::Fifo => "scheduling fifo".to_owned(),
+        _ => format!("scheduling priority, {} levels", config.engine.levels),
     }
 }
 
