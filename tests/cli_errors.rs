@@ -4,8 +4,9 @@
 
 use std::process::Command;
 
-use dsplane::config::Config;
 use dsplane::engine::Engine;
+
+mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_dsplane");
 
@@ -23,15 +24,9 @@ fn assert_no_debug_text(text: &str) {
     }
 }
 
-/// A loopback port nothing listens on (bound, then released).
-fn closed_port() -> std::net::SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 #[test]
 fn client_names_the_address_and_what_to_check_when_nothing_listens() {
-    let addr = closed_port().to_string();
+    let addr = common::closed_port().to_string();
     for role in ["su", "csp"] {
         let out = Command::new(BIN)
             .args(["client", role, "--addr", &addr])
@@ -48,12 +43,7 @@ fn client_names_the_address_and_what_to_check_when_nothing_listens() {
 }
 
 fn engine(name: &str) -> Engine {
-    let dir = temp_dir(name);
-    let text = format!(
-        "[engine]\ncores = 1\ndurability = \"none\"\ndata_dir = \"{}\"\n[listen]\nsu = \"127.0.0.1:0\"\ncsp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-00\"\ntoken = \"su-token\"\n[[csp]]\nname = \"c\"\ntoken = \"csp-token\"\n",
-        dir.join("data").display()
-    );
-    Engine::start(Config::from_toml(&text).unwrap()).unwrap()
+    common::small_engine(&temp_dir(name).join("data"))
 }
 
 #[test]

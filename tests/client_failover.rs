@@ -15,10 +15,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dsplane::client::Client;
-use dsplane::config::Config;
 use dsplane::engine::Engine;
 use dsplane::ids::Eui64;
 use dsplane::wire::{Frame, FrameDecoder, Header, Kind, NackReason, PAYLOAD_BYTES_MAX_DEFAULT};
+
+mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_dsplane");
 const SU: Eui64 = Eui64(0x90B3_D51F_3001_0000);
@@ -178,19 +179,7 @@ fn su_active_that_dies(n: u32, mut conn: Conn) {
 fn engine(name: &str) -> Engine {
     let dir = std::env::temp_dir().join(format!("dsplane-failover-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let text = format!(
-        "[engine]\ncores = 1\ndurability = \"none\"\ndata_dir = \"{}\"\n[listen]\nsu = \"127.0.0.1:0\"\ncsp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-00\"\ntoken = \"su-token\"\n[[csp]]\nname = \"c\"\ntoken = \"csp-token\"\n",
-        dir.join("data").display()
-    );
-    Engine::start(Config::from_toml(&text).unwrap()).unwrap()
-}
-
-/// A loopback address nothing listens on (bound, then released).
-fn closed_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    common::small_engine(&dir.join("data"))
 }
 
 fn client(args: &[&str]) -> (Output, String, String) {
@@ -219,7 +208,12 @@ fn counters_received(engine: &Engine) -> Vec<u64> {
 fn client_csp_finds_the_active_node_past_a_closed_port_and_a_standby() {
     let engine = engine("csp-find");
     let standby = FakeNode::start(standby);
-    let addrs = format!("{},{},{}", closed_port(), standby.addr, engine.csp_addr());
+    let addrs = format!(
+        "{},{},{}",
+        common::closed_port(),
+        standby.addr,
+        engine.csp_addr()
+    );
     let (out, _, err) = client(&[
         "csp",
         "--addr",

@@ -1,5 +1,5 @@
-//! Helpers shared by the integration tests: the admin interface over plain HTTP, and the real
-//! `dsplane` binary started with its log read back.
+//! Helpers shared by the integration tests: the admin interface over plain HTTP, the real
+//! `dsplane` binary started with its log read back, a closed port and a small engine.
 
 #![allow(dead_code)] // Each test file uses some of these.
 
@@ -82,4 +82,22 @@ pub fn spawn_dsplane(config: &Path) -> Dsplane {
             };
         }
     }
+}
+
+/// A loopback address nothing listens on (bound, then released).
+pub fn closed_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// An engine of one worker with durability `none` in `data_dir`, on ports of its own, for one
+/// SU (`90-B3-D5-1F-30-01-00-00`, token `su-token`) and one CSP link (`c`, `csp-token`).
+pub fn small_engine(data_dir: &Path) -> dsplane::engine::Engine {
+    let text = format!(
+        "[engine]\ncores = 1\ndurability = \"none\"\ndata_dir = \"{}\"\n[listen]\nsu = \"127.0.0.1:0\"\ncsp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[[service_user]]\nid = \"90-B3-D5-1F-30-01-00-00\"\ntoken = \"su-token\"\n[[csp]]\nname = \"c\"\ntoken = \"csp-token\"\n",
+        data_dir.display()
+    );
+    dsplane::engine::Engine::start(dsplane::config::Config::from_toml(&text).unwrap()).unwrap()
 }

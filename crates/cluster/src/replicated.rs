@@ -57,7 +57,7 @@ pub use dsplane_core::limits::REPLICATED_UNCOMMITTED_FRAMES_MAX as UNCOMMITTED_F
 pub const ID_BLOCK: u64 = 4096;
 
 /// One frame to append.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
     /// Its id.
     pub id: u64,
@@ -71,6 +71,21 @@ pub struct Row {
     pub enqueued_ns: u64,
     /// The frame.
     pub frame: Frame,
+}
+
+/// A row as the owner takes it back.
+impl From<Row> for Loaded {
+    fn from(r: Row) -> Loaded {
+        Loaded {
+            stored: Stored {
+                seq: r.id,
+                segment: 0,
+            },
+            level: r.level,
+            enqueued_unix_ns: r.enqueued_ns,
+            frame: r.frame,
+        }
+    }
 }
 
 /// What one commit writes: appends, then deletions of delivered frames, in one transaction.
@@ -423,15 +438,7 @@ impl<R: Remote> Log for ReplicatedLog<R> {
             let Some(r) = spill.unconfirmed.pop_front() else {
                 break;
             };
-            out.push(Loaded {
-                stored: Stored {
-                    seq: r.id,
-                    segment: 0,
-                },
-                level: r.level,
-                enqueued_unix_ns: r.enqueued_ns,
-                frame: r.frame,
-            });
+            out.push(r.into());
         }
         if let Some(last) = out.last() {
             spill.next_id = last.stored.seq + 1;

@@ -841,7 +841,6 @@ mod tests {
             answers[1].last
         );
         assert_eq!(answers[1].attempts, standby.hellos());
-        assert!(answers.iter().all(|a| a.attempts >= 1));
         let text = e.to_string();
         assert!(text.starts_with("no active dsplane node after"), "{text}");
         assert!(text.contains("2 addresses"), "{text}");

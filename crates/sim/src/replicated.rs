@@ -38,7 +38,7 @@ use std::sync::Arc;
 
 use dsplane_cluster::lease::{Lease, LeaseMs, Request, Role, Ticket as LeaseTicket, LEASE_MS_MIN};
 use dsplane_cluster::replicated::{Batch, IdBlocks, LaneBacklog, Remote, ReplicatedLog, Row};
-use dsplane_core::log::{Loaded, Log, LogPos, PeerKey, Stored, WalError};
+use dsplane_core::log::{Loaded, Log, LogPos, PeerKey, WalError};
 use dsplane_engine::config::Durability;
 use dsplane_engine::disk::SimRng;
 use dsplane_engine::owner::Owner;
@@ -239,11 +239,7 @@ impl SimDb {
                             .lanes
                             .get(&lane)
                             .and_then(|rows| rows.get(&row.id))
-                            .is_some_and(|old| {
-                                old.level == row.level
-                                    && old.enqueued_ns == row.enqueued_ns
-                                    && old.frame == row.frame
-                            });
+                            .is_some_and(|old| old == row);
                     if !same {
                         self.violations.push(format!(
                             "id {} appended twice with different rows (held in {:?} lane {}, appended for {} lane {})",
@@ -374,15 +370,7 @@ impl SimDb {
         Ok(rows
             .range(from..below)
             .take(max)
-            .map(|(&id, r)| Loaded {
-                stored: Stored {
-                    seq: id,
-                    segment: 0,
-                },
-                level: r.level,
-                enqueued_unix_ns: r.enqueued_ns,
-                frame: r.frame.clone(),
-            })
+            .map(|(_, r)| r.clone().into())
             .collect())
     }
 }
@@ -518,7 +506,6 @@ pub(crate) struct Cluster {
     /// The node whose owners are the world's (the peers' connections are to it).
     serving: Option<usize>,
     lease_ms: LeaseMs,
-    lease_ns: Nanos,
     uncommitted_max: usize,
 }
 
@@ -534,6 +521,13 @@ fn acts(c: &Cluster, n: usize, now: Nanos) -> bool {
     node.may_act(now)
 }
 
+impl Cluster {
+    /// The lease, in simulated ns.
+    fn lease_ns(&self) -> Nanos {
+        self.lease_ms.get() * MS
+    }
+}
+
 impl StoreModel for Cluster {
     type Log = ReplicatedLog<SimRemote>;
 
@@ -544,7 +538,6 @@ impl StoreModel for Cluster {
             nodes: Vec::new(),
             serving: None,
             lease_ms,
-            lease_ns: lease_ms.get() * MS,
             uncommitted_max: 0,
         }
     }
@@ -573,7 +566,6 @@ impl StoreModel for Cluster {
         }
         let c = &mut w.store;
         c.lease_ms = lease_ms;
-        c.lease_ns = ms * MS;
         c.uncommitted_max = uncommitted_max;
         c.db = Rc::new(RefCell::new(SimDb::new(ms * MS)));
         c.nodes = clocks.iter().map(|&ppm| Node::new(lease_ms, ppm)).collect();
@@ -584,7 +576,7 @@ impl StoreModel for Cluster {
     }
 
     fn fault(w: &mut World<Self>, r: u64) -> Result<(), Failure> {
-        let lease = w.store.lease_ns;
+        let lease = w.store.lease_ns();
         match r {
             40 if w.params.crashes => {
                 if let Some(n) = w.store.serving {
@@ -775,7 +767,7 @@ fn stop_node(w: &mut World<Cluster>, n: usize) {
             db.committers[c].gone = true;
         }
     }
-    let restart = w.now + w.store.lease_ns / 2 + w.rng.below(2 * w.store.lease_ns);
+    let restart = w.now + w.store.lease_ns() / 2 + w.rng.below(2 * w.store.lease_ns());
     let node = &mut w.store.nodes[n];
     node.superseded.clear();
     node.committers.clear();
@@ -785,21 +777,20 @@ fn stop_node(w: &mut World<Cluster>, n: usize) {
 
 /// A node that found itself fenced stops: it closes its connections and exits, to be
 /// restarted as a standby.
-fn node_fenced(w: &mut World<Cluster>, n: usize, why: &str) -> Result<(), Failure> {
+fn node_fenced(w: &mut World<Cluster>, n: usize, why: &str) {
     w.summary.fenced += 1;
     let epoch = w.store.nodes[n].epoch;
     w.note(format!(
         "node {n} (epoch {epoch:?}) is fenced: {why}; it stops"
     ));
     stop_node(w, n);
-    Ok(())
 }
 
 /// The cluster's part of a step: the database's transactions and requests, node restarts and
 /// wake-ups, each running node's lease, and the check that at most one node may act.
 fn cluster_step(w: &mut World<Cluster>) -> Result<(), Failure> {
     let now = w.now;
-    let lease = w.store.lease_ns;
+    let lease = w.store.lease_ns();
     {
         let db = Rc::clone(&w.store.db);
         let mut db = db.borrow_mut();
@@ -891,14 +882,15 @@ fn lease_step(w: &mut World<Cluster>, n: usize) -> Result<(), Failure> {
             return Ok(());
         }
     }
+    let lease_ns = w.store.lease_ns();
     let node = &mut w.store.nodes[n];
     if node.rpc.is_none() {
         if let Some((ticket, request)) = node.lease.poll(local) {
             node.rpc = Some(Rpc {
                 ticket,
                 request,
-                reaches_db_at: now + one_way(&mut w.rng, w.store.lease_ns),
-                give_up_at: local + w.store.lease_ns / 3,
+                reaches_db_at: now + one_way(&mut w.rng, lease_ns),
+                give_up_at: local + lease_ns / 3,
                 reached: false,
                 answer: None,
             });
@@ -917,7 +909,7 @@ fn lease_step(w: &mut World<Cluster>, n: usize) -> Result<(), Failure> {
         let before = node.lease.role();
         node.lease.on_fenced();
         if node.lease.role() != before {
-            node_fenced(w, n, "a write was refused for its epoch")?;
+            node_fenced(w, n, "a write was refused for its epoch");
         }
     }
     Ok(())
@@ -944,7 +936,10 @@ fn answered(
     }
     match after {
         Role::Active { epoch } => take_over(w, n, epoch),
-        Role::Fenced { .. } => node_fenced(w, n, "its renewal found a newer epoch"),
+        Role::Fenced { .. } => {
+            node_fenced(w, n, "its renewal found a newer epoch");
+            Ok(())
+        }
         Role::Standby => Ok(()),
     }
 }

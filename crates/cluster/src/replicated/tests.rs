@@ -55,15 +55,7 @@ impl Remote for MemRemote {
             .range(from..below)
             .filter(|(_, r)| r.peer == peer && r.lane == lane)
             .take(max)
-            .map(|(&id, r)| Loaded {
-                stored: Stored {
-                    seq: id,
-                    segment: 0,
-                },
-                level: r.level,
-                enqueued_unix_ns: r.enqueued_ns,
-                frame: r.frame.clone(),
-            })
+            .map(|(_, r)| r.clone().into())
             .collect())
     }
 }
