@@ -11,7 +11,7 @@
 //! - A standby answers HELLO with NACK 5 naming the active.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,15 +24,10 @@ use dsplane::ids::{Eui64, Srv};
 use dsplane::wire::{Frame, Header, Kind, NackReason};
 use dsplane_cluster::testing::TempPostgres;
 
+mod common;
+
 const SU1: Eui64 = Eui64(0x90B3_D51F_3001_0000);
 const LEASE_MS: u64 = 500;
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 struct NodeProc {
     name: String,
@@ -126,7 +121,11 @@ impl TestCluster {
         std::fs::create_dir_all(&dir).unwrap();
         let mut nodes = Vec::new();
         for n in ["node-a", "node-b", "node-c"].into_iter().take(count) {
-            let (su, csp, admin) = (free_addr(), free_addr(), free_addr());
+            let (su, csp, admin) = (
+                common::closed_port(),
+                common::closed_port(),
+                common::closed_port(),
+            );
             let data = dir.join(n);
             let config = dir.join(format!("{n}.toml"));
             std::fs::write(
@@ -819,5 +818,135 @@ fn with_a_synchronous_standby_an_ack_waits_for_it() {
         "{} ACKed frames lost\n{}",
         missing.len(),
         cluster.logs()
+    );
+}
+
+#[test]
+fn postgres_down_long_enough_fills_the_bound_then_frames_get_nack_5_logged_once_and_it_resumes() {
+    // While PostgreSQL is down the lease cannot be renewed, so the gate shuts within 0.9 of a
+    // lease and the node sends nothing at all, NACKs included: they wait in its buffers and go
+    // once PostgreSQL is back (a node that cannot show it still holds the lease must not speak).
+    use dsplane::wire::FrameDecoder;
+    use dsplane_cluster::replicated::UNCOMMITTED_FRAMES_MAX;
+    let Some(cluster) = TestCluster::start_nodes("bound", 100_000, 1) else {
+        return;
+    };
+    cluster.active(Duration::from_secs(30));
+    let mut csp =
+        Client::connect_any_csp(&cluster.csp_addrs(), "csp-token", Duration::from_secs(10))
+            .unwrap();
+    let first = csp.send(frame(0)).unwrap();
+    assert!(csp
+        .wait_ack(first, Duration::from_secs(10))
+        .unwrap()
+        .is_empty());
+    cluster.pg.stop();
+    // More frames than one worker may hold uncommitted, with nobody committing them.
+    let total = UNCOMMITTED_FRAMES_MAX as u64 + 40_000;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let mut stream = csp.stream().try_clone().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut decoder = FrameDecoder::new(dsplane::wire::PAYLOAD_BYTES_MAX_DEFAULT);
+            let (mut nack5, mut acked) = (0u64, 0u64);
+            while !stop.load(Ordering::Acquire) {
+                match decoder.fill_from(&mut stream, usize::MAX) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(_) => continue,
+                }
+                while let Ok(Some(f)) = decoder.next_frame() {
+                    match f.header.kind {
+                        Kind::Nack if f.header.nack_reason() == Some(NackReason::Overloaded) => {
+                            nack5 += 1
+                        }
+                        Kind::Ack => acked = acked.max(f.header.msg_id),
+                        _ => {}
+                    }
+                }
+            }
+            (nack5, acked)
+        })
+    };
+    for chunk in (1..=total).collect::<Vec<_>>().chunks(1_000) {
+        csp.send_batch(chunk.iter().map(|&n| frame(n))).unwrap();
+    }
+    // The refusals come once the worker has written out the bound's worth.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let log = &cluster.nodes[0].log;
+    let refusal = "cannot write the log; refusing frames (NACK 5)";
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains(refusal)
+    {
+        assert!(Instant::now() < deadline, "no refusal\n{}", cluster.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Release);
+    let (nack5_down, acked) = reader.join().unwrap();
+    assert!(
+        acked <= first,
+        "ACKs while PostgreSQL was down: through {acked}"
+    );
+    // Back: what was held is committed, and new frames are ACKed again.
+    cluster.pg.restart();
+    let more = csp.send(frame(total + 1)).unwrap();
+    let others = csp.wait_ack(more, Duration::from_secs(60)).unwrap();
+    assert!(
+        !others
+            .iter()
+            .any(|f| f.header.kind == Kind::Nack && f.header.msg_id == more),
+        "{others:?}"
+    );
+    let nack5 = nack5_down
+        + others
+            .iter()
+            .filter(|f| {
+                f.header.kind == Kind::Nack
+                    && f.header.nack_reason() == Some(NackReason::Overloaded)
+            })
+            .count() as u64;
+    let mut later = Vec::new();
+    while let Ok(Some(f)) = csp.recv(Duration::from_secs(1)) {
+        later.push(f);
+    }
+    let nack5 = nack5
+        + later
+            .iter()
+            .filter(|f| {
+                f.header.kind == Kind::Nack
+                    && f.header.nack_reason() == Some(NackReason::Overloaded)
+            })
+            .count() as u64;
+    assert!(nack5 > 0, "no NACK 5 with the bound reached");
+    // Nothing lost: with no SU connected, every frame not refused is in the table, once.
+    let mut db = dsplane_cluster::pg::Db::connect(&cluster.pg.conninfo()).unwrap();
+    let rows: i64 = db
+        .client()
+        .query_one("SELECT count(*) FROM dsplane_frames", &[])
+        .unwrap()
+        .get(0);
+    let sent = total + 2;
+    assert_eq!(
+        u64::try_from(rows).unwrap(),
+        sent - nack5,
+        "{sent} sent, {nack5} refused"
+    );
+    let text = std::fs::read_to_string(log).unwrap();
+    eprintln!(
+        "bound: {total} frames sent with PostgreSQL down, {nack5} refused with NACK 5 ({nack5_down} of them read while it was down), the rest held back and committed once it was up; refusal logged {} time(s), recovery {} time(s)",
+        text.matches(refusal).count(),
+        text.matches("the log takes frames again").count()
+    );
+    assert_eq!(text.matches(refusal).count(), 1, "logged once\n{text}");
+    assert_eq!(
+        text.matches("the log takes frames again").count(),
+        1,
+        "{text}"
     );
 }

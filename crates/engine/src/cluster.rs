@@ -262,21 +262,11 @@ impl Control {
 pub struct Node {
     control: Arc<Control>,
     thread: Option<JoinHandle<()>>,
-    status: Arc<Mutex<NodeStatus>>,
+    engine: EngineAddrs,
 }
 
-/// What a node is, for the log and tests.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NodeStatus {
-    /// The epoch it holds while active.
-    pub active_epoch: Option<u64>,
-    /// Takeovers this node made.
-    pub takeovers: u64,
-    /// Times it found itself fenced.
-    pub fenced: u64,
-    /// The SU and CSP ports its engine bound, while active.
-    pub engine: Option<(SocketAddr, SocketAddr)>,
-}
+/// The SU and CSP addresses an active node's engine bound (none while standing by).
+type EngineAddrs = Arc<Mutex<Option<(SocketAddr, SocketAddr)>>>;
 
 /// Stops a [`Node`] from another thread (a signal handler's).
 #[derive(Clone)]
@@ -316,13 +306,13 @@ impl Node {
             Err(e) => return Err(EngineError::Cluster(e.to_string())),
         }
         let control = Arc::new(Control::default());
-        let status = Arc::new(Mutex::new(NodeStatus::default()));
+        let engine: EngineAddrs = Arc::default();
         let active = Arc::new(Mutex::new(None));
         let ports = StandbyPorts::bind(&config, Arc::clone(&active))?;
         tracing::info!(node = %cluster.node, su = %config.listen.su, csp = %config.listen.csp, "standby: refusing HELLOs until this node holds the lease");
         let thread = {
             let control = Arc::clone(&control);
-            let status = Arc::clone(&status);
+            let engine = Arc::clone(&engine);
             std::thread::Builder::new()
                 .name("dsplane-node".into())
                 .spawn(move || {
@@ -331,8 +321,9 @@ impl Node {
                         cluster,
                         lease,
                         control,
-                        status,
+                        engine,
                         active,
+                        renew_failing: AtomicBool::new(false),
                     }
                     .run(Some(ports));
                 })
@@ -344,7 +335,7 @@ impl Node {
         Ok(Node {
             control,
             thread: Some(thread),
-            status,
+            engine,
         })
     }
 
@@ -353,18 +344,10 @@ impl Node {
         NodeStopper(Arc::clone(&self.control))
     }
 
-    /// What the node is now.
-    pub fn status(&self) -> NodeStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
     /// The SU and CSP addresses of its engine, while active (with port 0 in `[listen]`, the
     /// ones bound).
     pub fn engine_addrs(&self) -> Option<(SocketAddr, SocketAddr)> {
-        self.status().engine
+        *self.engine.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Waits for the node to stop (after [`NodeStopper::stop`]).
@@ -382,9 +365,11 @@ struct NodeLoop {
     cluster: Cluster,
     lease: LeaseMs,
     control: Arc<Control>,
-    status: Arc<Mutex<NodeStatus>>,
+    engine: EngineAddrs,
     /// The active node's name, as the standby last read it (for its NACK).
     active: Arc<Mutex<Option<String>>>,
+    /// Renewals are failing (logged once until one succeeds).
+    renew_failing: AtomicBool,
 }
 
 impl NodeLoop {
@@ -484,13 +469,9 @@ impl NodeLoop {
                 return;
             }
         };
-        {
-            let mut s = self.status.lock().unwrap_or_else(PoisonError::into_inner);
-            s.active_epoch = Some(epoch);
-            s.takeovers += 1;
-            s.engine = Some((engine.su_addr(), engine.csp_addr()));
-        }
-        let mut renewed_once = false;
+        *self.engine.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some((engine.su_addr(), engine.csp_addr()));
+        tracing::info!(node = %self.cluster.node, epoch, "active: accepting HELLOs and delivering");
         loop {
             if fenced.load(Ordering::Acquire) {
                 lease.on_fenced();
@@ -498,10 +479,7 @@ impl NodeLoop {
             if self.stopping() || matches!(lease.role(), Role::Fenced { .. }) {
                 break;
             }
-            if self.renew_due(&mut lease, db, &gate) && !renewed_once {
-                renewed_once = true;
-                tracing::info!(node = %self.cluster.node, epoch, "active: accepting HELLOs and delivering");
-            }
+            self.renew_due(&mut lease, db, &gate);
             let now = boottime_ns();
             let wait = lease
                 .next_deadline(now)
@@ -514,19 +492,10 @@ impl NodeLoop {
         let was_fenced = matches!(lease.role(), Role::Fenced { .. });
         if was_fenced {
             tracing::error!(node = %self.cluster.node, epoch, "fenced: another node took the lease over; closing every connection and standing by");
-            let mut s = self.status.lock().unwrap_or_else(PoisonError::into_inner);
-            s.fenced += 1;
         }
         engine.shutdown();
         engine.join();
-        self.status
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .active_epoch = None;
-        self.status
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .engine = None;
+        *self.engine.lock().unwrap_or_else(PoisonError::into_inner) = None;
         if !was_fenced {
             // A clean stop: the lease goes at once.
             if let Ok(d) = connect(db, || self.lease_db()) {
@@ -537,24 +506,30 @@ impl NodeLoop {
         }
     }
 
-    /// Renews the lease if a renewal is due, and sets the gate from the answer: whether the node
-    /// may act now.
-    fn renew_due(&self, lease: &mut Lease, db: &mut Option<Db>, gate: &Gate) -> bool {
+    /// Renews the lease if a renewal is due, and sets the gate from the answer.
+    fn renew_due(&self, lease: &mut Lease, db: &mut Option<Db>, gate: &Gate) {
         let now = boottime_ns();
         if let Some((ticket, Request::Renew { epoch })) = lease.poll(now) {
             let result = connect(db, || self.lease_db())
                 .and_then(|d| d.renew(&self.cluster.node, epoch, self.lease));
             match result {
-                Ok(ok) => lease.on_renewed(ticket, ok),
+                Ok(ok) => {
+                    if self.renew_failing.swap(false, Ordering::Relaxed) {
+                        tracing::info!(node = %self.cluster.node, epoch, "lease renewed again");
+                    }
+                    lease.on_renewed(ticket, ok);
+                }
                 Err(e) => {
-                    tracing::warn!(node = %self.cluster.node, epoch, error = %e, "cannot renew the lease; delivering stops when it runs out");
+                    // Once per streak: the retries come every tenth of a lease.
+                    if !self.renew_failing.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(node = %self.cluster.node, epoch, error = %e, "cannot renew the lease; delivering stops when it runs out, retrying");
+                    }
                     *db = None;
                     lease.on_failed(ticket, boottime_ns());
                 }
             }
             gate.set(lease.acts_until());
         }
-        lease.may_act(boottime_ns())
     }
 
     /// What a new active starts from, read on a connection of its own (a large backlog may take
